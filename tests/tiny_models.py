@@ -1,0 +1,45 @@
+"""Tiny random-weight configs, one per supported family, small enough to build in milliseconds."""
+
+from __future__ import annotations
+
+from transformers import (
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    NemotronHConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_configs() -> dict:
+    return {
+        "llama": LlamaConfig(num_hidden_layers=2, **COMMON),
+        "llama-bias": LlamaConfig(num_hidden_layers=2, attention_bias=True, mlp_bias=True, **COMMON),
+        "mistral": MistralConfig(num_hidden_layers=2, sliding_window=16, **COMMON),
+        "qwen2": Qwen2Config(num_hidden_layers=2, tie_word_embeddings=True, **COMMON),
+        "qwen3": Qwen3Config(num_hidden_layers=2, head_dim=16, **COMMON),
+        "gemma3": Gemma3TextConfig(
+            num_hidden_layers=6, head_dim=16, sliding_window=8, tie_word_embeddings=True, **COMMON
+        ),
+        "nemotron_h": NemotronHConfig(
+            vocab_size=101,
+            hidden_size=32,
+            layers_block_type=["linear_attention", "mlp", "full_attention", "moe", "linear_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=48,
+            mamba_num_heads=8,
+            mamba_head_dim=8,
+            n_groups=2,
+            ssm_state_size=16,
+            conv_kernel=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            moe_shared_expert_intermediate_size=24,
+        ),
+    }
