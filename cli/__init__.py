@@ -1,0 +1,1 @@
+"""The `shrink` command line: one module per command family, each thin (parse, call, render)."""

@@ -1,0 +1,49 @@
+"""Entry point: the Typer app and the commands it carries."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from shrink import __version__
+from shrink.cli.estimate import estimate_command
+from shrink.cli.inspect import inspect_command
+from shrink.cli.profiles import profiles_app
+
+app = typer.Typer(
+    name="shrink",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    help="Turn a causal language model into one that meets a deployment target, with evidence.\n\n"
+    "Every figure shrink prints is labelled [bold]measured[/] (run here) or [bold]estimated[/] (roofline model).",
+)
+app.command("inspect")(inspect_command)
+app.command("estimate")(estimate_command)
+app.add_typer(profiles_app, name="profiles")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"shrink {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what shrink is doing."),
+) -> None:
+    from rich.logging import RichHandler
+
+    from shrink.cli.render import err_console
+
+    handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    # Progress on one-off slow work (converting the embedded model) is worth showing by default.
+    logging.getLogger("shrink").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main() -> None:
+    app()

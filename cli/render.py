@@ -1,0 +1,77 @@
+"""Shared rendering: one console for people (stderr for messages), JSON for machines, units."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+
+def _width() -> int | None:
+    # Piped output (CI logs, README pastes) gets 120 columns instead of rich's 80, which would
+    # fold the operator tables; a terminal keeps its own width.
+    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 120))
+
+
+console = Console(width=_width())
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    """Plain JSON on stdout, nothing else, so `| jq` always works."""
+    sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value == float("inf"):
+        return None
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_rate(per_s: float, unit: str) -> str:
+    return f"{per_s:,.1f} {unit}/s" if per_s < 1e4 else f"{per_s:,.0f} {unit}/s"
+
+
+def handle_user_errors(fn):
+    """Turn a ShrinkError into one red sentence on stderr and exit code 2 (no traceback)."""
+    import functools
+
+    import typer
+
+    from shrink.errors import ShrinkError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ShrinkError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -1,0 +1,203 @@
+"""Operator costs: FLOPs and bytes moved for one forward pass of an ArchSpec, with no weights.
+
+One pass processes `new` tokens per sequence for `batch` sequences whose caches already hold
+`past` tokens: prefill is (new=prompt, past=0), a decode step is (new=1, past=context).
+Conventions, chosen to match how inference runtimes execute (llama.cpp, FlashAttention-style
+kernels) and stated once here:
+- A matmul reads its weights once per pass and its input/output activations once.
+- Attention reads each layer's K and V once per pass (fused kernel: scores are never written to
+  memory) over the positions it may see: all of them, or the last `sliding_window`; it reads KV
+  heads, not query heads (GQA). A layer that shares another layer's KV cache computes no K/V and
+  writes no cache, but still reads the cache it attends to.
+- lm_head runs only for the last position of each sequence (what generation needs).
+- MoE weight traffic counts the experts a pass is expected to touch under uniform routing.
+- A Mamba2 scan reads and writes its fp32 state once per pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, SSMSpec
+from shrink.numformats import get_format, matmul_compute_class
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # e.g. "attn.qkv"; the same name in every layer so reports can group by it
+    kind: str  # matmul | attention | ssm | norm | embedding
+    flops: float
+    bytes: float
+    compute: str  # compute class whose peak bounds it
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    """Bytes per element of each tensor group, from the spec's formats."""
+
+    weight: float
+    embedding: float
+    act: float
+    kv: float
+    state: float
+    other: float
+    matmul_class: str
+    attention_class: str
+
+
+def _bytes_of(spec: ArchSpec) -> _Bytes:
+    f = spec.formats
+    act = get_format(f.activations)
+    return _Bytes(
+        weight=get_format(f.weights).bytes_per_element,
+        embedding=get_format(f.embeddings).bytes_per_element,
+        act=act.bytes_per_element,
+        kv=get_format(f.kv_cache).bytes_per_element,
+        state=get_format(f.ssm_state).bytes_per_element,
+        other=get_format(f.other).bytes_per_element,
+        matmul_class=matmul_compute_class(get_format(f.weights), act),
+        attention_class=matmul_compute_class(get_format(f.kv_cache), act),
+    )
+
+
+def _matmul(name: str, tokens: int, d_in: int, d_out: int, b: _Bytes, weight_bytes: float | None = None) -> Op:
+    weights = d_in * d_out * b.weight if weight_bytes is None else weight_bytes
+    return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, b.matmul_class)
+
+
+def _norm(name: str, tokens: int, width: int, count: int, b: _Bytes) -> Op:
+    # square, mean, rsqrt-scale, weight multiply: ~4 FLOPs per element; read and write once
+    return Op(name, "norm", 4.0 * tokens * width * count, count * (2 * tokens * width * b.act + width * b.other), "fp32")
+
+
+def visible_positions(past: int, new: int, window: int | None) -> int:
+    """Sum over the `new` query positions of how many key positions each may attend to."""
+    if window is None:
+        return new * past + new * (new + 1) // 2
+    total = 0
+    # positions p = past+1 .. past+new see min(p, window) keys
+    first, last = past + 1, past + new
+    below = max(0, min(last, window) - first + 1)  # positions that see all p keys
+    if below:
+        total += (first + first + below - 1) * below // 2
+    total += (new - below) * window
+    return total
+
+
+def attention_ops(a: AttentionSpec, hidden: int, batch: int, new: int, past: int, b: _Bytes) -> list[Op]:
+    tokens = batch * new
+    q_width = a.num_heads * a.head_dim
+    kv_width = a.num_kv_heads * a.head_dim
+    own_kv = 2 * kv_width if a.owns_kv else 0
+    ops = [_matmul("attn.qkv", tokens, hidden, q_width + own_kv, b)]
+    if a.qk_norm:
+        ops.append(_norm("attn.qk_norm", tokens, q_width + kv_width, 1, b))
+    seen = visible_positions(past, new, a.sliding_window)
+    cached = min(past + new, a.sliding_window or past + new)  # KV positions a kernel must read
+    flops = batch * seen * a.num_heads * (4.0 * a.head_dim + 5.0)  # QK^T, PV, softmax
+    kv_read = batch * cached * 2 * kv_width * b.kv
+    kv_write = batch * new * 2 * kv_width * b.kv if a.owns_kv else 0.0
+    q_and_out = 2 * tokens * q_width * b.act
+    ops.append(Op("attn.sdpa", "attention", flops, kv_read + kv_write + q_and_out, b.attention_class))
+    ops.append(_matmul("attn.o", tokens, q_width, hidden, b))
+    return ops
+
+
+def ssm_ops(s: SSMSpec, hidden: int, batch: int, new: int, b: _Bytes) -> list[Op]:
+    tokens = batch * new
+    conv_state = batch * s.conv_dim * (s.conv_kernel - 1) * b.act
+    state = batch * s.inner * s.state_size * b.state
+    return [
+        _matmul("ssm.in_proj", tokens, hidden, s.in_proj_out, b),
+        Op(
+            "ssm.conv",
+            "ssm",
+            2.0 * tokens * s.conv_dim * s.conv_kernel,
+            s.conv_dim * s.conv_kernel * b.other + 2 * tokens * s.conv_dim * b.act + 2 * conv_state,
+            "fp32",
+        ),
+        # per token and state element: decay, input outer product, readout (~6 FLOPs)
+        Op(
+            "ssm.scan",
+            "ssm",
+            6.0 * tokens * s.inner * s.state_size,
+            2 * state + tokens * (s.conv_dim + s.num_heads + 2 * s.inner) * b.act,
+            "fp32",
+        ),
+        _norm("ssm.gated_norm", tokens, s.inner, 1, b),
+        _matmul("ssm.out_proj", tokens, s.inner, hidden, b),
+    ]
+
+
+def ffn_ops(f: FFNSpec, hidden: int, tokens: int, b: _Bytes) -> list[Op]:
+    up_width = (f.matrices - 1) * f.width
+    if not f.is_moe:
+        return [_matmul("ffn.up", tokens, hidden, up_width, b), _matmul("ffn.down", tokens, f.width, hidden, b)]
+    # Expected distinct experts touched by `tokens` tokens each choosing k of E (uniform routing).
+    touched = f.num_experts * (1 - (1 - f.experts_per_token / f.num_experts) ** tokens)
+    routed = tokens * f.experts_per_token
+    ops = [
+        _matmul("moe.router", tokens, hidden, f.num_experts, b),
+        _matmul("moe.experts_up", routed, hidden, up_width, b, weight_bytes=touched * hidden * up_width * b.weight),
+        _matmul("moe.experts_down", routed, f.width, hidden, b, weight_bytes=touched * f.width * hidden * b.weight),
+    ]
+    if f.shared_width:
+        shared = (f.matrices - 1) * f.shared_width
+        ops += [
+            _matmul("moe.shared_up", tokens, hidden, shared, b),
+            _matmul("moe.shared_down", tokens, f.shared_width, hidden, b),
+        ]
+    return ops
+
+
+@lru_cache(maxsize=4096)
+def layer_ops(layer: LayerSpec, hidden: int, batch: int, new: int, past: int, b: _Bytes) -> tuple[Op, ...]:
+    tokens = batch * new
+    ops = [_norm("norm", tokens, hidden, layer.norms, b)]
+    if isinstance(layer.mixer, AttentionSpec):
+        ops += attention_ops(layer.mixer, hidden, batch, new, past, b)
+    elif isinstance(layer.mixer, SSMSpec):
+        ops += ssm_ops(layer.mixer, hidden, batch, new, b)
+    if layer.ffn is not None:
+        ops += ffn_ops(layer.ffn, hidden, tokens, b)
+    return tuple(ops)
+
+
+def model_edge_ops(spec: ArchSpec, batch: int, new: int, b: _Bytes) -> list[Op]:
+    """Embedding lookup, final norm and lm_head (last position of each sequence only)."""
+    tokens = batch * new
+    h, v = spec.hidden_size, spec.vocab_size
+    return [
+        Op("embedding", "embedding", float(tokens * h), tokens * h * (b.embedding + b.act), "fp32"),
+        _norm("final_norm", batch, h, 1 if spec.final_norm else 0, b),
+        _matmul("lm_head", batch, h, v, b, weight_bytes=h * v * b.embedding),
+    ]
+
+
+def pass_ops(spec: ArchSpec, batch: int, new: int, past: int) -> list[Op]:
+    """Every operator of one forward pass, layer by layer (identical layers are computed once)."""
+    b = _bytes_of(spec)
+    ops = [op for op in model_edge_ops(spec, batch, new, b) if op.name == "embedding"]
+    for layer in spec.layers:
+        ops.extend(layer_ops(layer, spec.hidden_size, batch, new, past, b))
+    ops.extend(op for op in model_edge_ops(spec, batch, new, b) if op.name != "embedding")
+    return ops
+
+
+def linear_params(layer: LayerSpec, hidden: int) -> int:
+    """Parameters held in matrices (what a weight format quantizes); the rest are norms, biases,
+    SSM scalars and conv taps, kept in the `other` format."""
+    n = 0
+    m = layer.mixer
+    if isinstance(m, AttentionSpec):
+        kv = 2 * m.num_kv_heads * m.head_dim if m.owns_kv else 0
+        n += hidden * (m.num_heads * m.head_dim + kv) + m.num_heads * m.head_dim * hidden
+    elif isinstance(m, SSMSpec):
+        n += hidden * m.in_proj_out + m.inner * hidden
+    f = layer.ffn
+    if f is not None:
+        n += f.matrices * hidden * f.width * max(f.num_experts, 1)
+        if f.is_moe:
+            n += f.num_experts * hidden + f.matrices * hidden * f.shared_width
+    return n
