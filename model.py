@@ -257,8 +257,34 @@ def _config_from_json(path: Path) -> Any:
         raise ShrinkError(f"'{path}': {err}") from None
 
 
+def _hub_reachable() -> bool:
+    """One DNS lookup, so that an offline machine fails in milliseconds instead of half a minute of
+    retries; a model already in the local Hugging Face cache still loads offline."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _guard(fn, where: _Source):
     """Run a transformers call, turning the errors a user can cause into one sentence."""
+    import os
+
+    if where.kind == "hub" and not _hub_reachable():
+        import huggingface_hub.constants
+
+        # Read the local hub cache only: no retries. The client reads the flag at import time,
+        # so the module constant is set as well as the variable.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         return fn()
     except ShrinkError:
@@ -273,7 +299,7 @@ def _guard(fn, where: _Source):
     except Exception as err:  # corrupt or truncated files surface as many exception types
         if where.kind in ("gguf", "hf_dir"):
             name = Path(where.location, where.gguf_file or "")
-            raise ShrinkError(f"'{name}' is corrupt or unreadable ({type(err).__name__}: {_first_line(err)}).") from None
+            raise ShrinkError(f"'{name}' is corrupt or truncated ({_first_line(err)}).") from None
         raise
 
 

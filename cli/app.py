@@ -43,6 +43,8 @@ def _root(
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     # Progress on one-off slow work (converting the embedded model) is worth showing by default.
     logging.getLogger("shrink").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The hub client logs every retry; shrink reports the outcome in one sentence instead.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def main() -> None:

@@ -63,7 +63,10 @@ def estimate_command(
         print_json({"model": model, "estimates": [r.to_dict() for r in results]})
         return
     if len(results) == 1:
-        console.print(_summary_table(results[0]))
+        e = results[0]
+        console.print(f"[bold]Estimated (roofline)[/]: {e.model} on {e.target} ({e.target_title})", highlight=False)
+        console.print(_header(e), highlight=False)
+        console.print(_summary_table(e))
         if ops:
             console.print(_ops_table(results[0]))
     else:
@@ -81,7 +84,7 @@ def _header(e: Estimate) -> str:
 
 
 def _summary_table(e: Estimate) -> Table:
-    table = Table(title=f"Estimated (roofline): {e.model} on {e.target} — {e.target_title}\n{_header(e)}", title_justify="left")
+    table = Table()
     table.add_column("metric")
     table.add_column("estimate", justify="right")
     table.add_column("bound / note")
@@ -102,8 +105,9 @@ def _summary_table(e: Estimate) -> Table:
 
 def _ops_table(e: Estimate) -> Table:
     table = Table(title="Per operator (estimated); decode is one step, averaged over the generated tokens", title_justify="left")
+    table.add_column("operator", no_wrap=True)
     for column, justify in (
-        ("operator", "left"), ("n", "right"), ("class", "left"), ("prefill", "right"), ("bound", "left"),
+        ("n", "right"), ("class", "left"), ("prefill", "right"), ("bound", "left"),
         ("decode", "right"), ("bytes/step", "right"), ("FLOPs/step", "right"), ("bound", "left"),
     ):
         table.add_column(column, justify=justify)
@@ -120,9 +124,12 @@ def _ops_table(e: Estimate) -> Table:
 
 
 def _comparison_table(model: str, results: list[Estimate]) -> Table:
-    table = Table(title=f"Estimated (roofline): {model} — {_header(results[0])}", title_justify="left")
+    console.print(f"[bold]Estimated (roofline)[/]: {model} on every target", highlight=False)
+    console.print(_header(results[0]), highlight=False)
+    table = Table()
+    table.add_column("target", no_wrap=True)  # names are typed back in --target: never cut them
     for column, justify in (
-        ("target", "left"), ("time to first token", "right"), ("time per token", "right"),
+        ("time to first token", "right"), ("time per token", "right"),
         ("decode tok/s", "right"), ("memory needed", "right"), ("fits", "left"), ("bound (prefill / decode)", "left"),
     ):
         table.add_column(column, justify=justify)

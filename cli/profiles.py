@@ -33,7 +33,8 @@ def list_profiles(
     for alias, name in ALIASES.items():
         aliases.setdefault(name, []).append(alias)
     table = Table(title="Targets (use with --target; host is measured here, the others are published figures)", title_justify="left")
-    for column in ("name", "aliases", "device", "memory", "bandwidth", "peak dense compute (TFLOPS/TOPS)"):
+    table.add_column("name", no_wrap=True)  # typed back in --target: never cut
+    for column in ("aliases", "device", "memory", "bandwidth", "peak dense compute (TFLOPS/TOPS)"):
         table.add_column(column)
     for p in profiles:
         peaks = ", ".join(f"{cls} {v:g}" for cls, v in p.peak_tflops.items())

@@ -1,0 +1,84 @@
+"""The command line as a user meets it: tables, --json, charts, and one-sentence errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from shrink.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_inspect_json_counts_match_the_instantiated_model(tiny_llama_dir):
+    result = run("inspect", str(tiny_llama_dir), "--load", "--json")
+    assert result.exit_code == 0, result.output
+    params = json.loads(result.stdout)["params"]
+    assert params["total"] == params["instantiated"] == params["embedding"] + params["non_embedding"]
+
+
+def test_inspect_table(tiny_llama_dir):
+    result = run("inspect", str(tiny_llama_dir))
+    assert result.exit_code == 0
+    assert "parameters" in result.stdout and "gated 48" in result.stdout
+
+
+def test_estimate_single_target_table_and_json():
+    result = run("estimate", "llama-3.1-8b", "--target", "jetson-agx-orin", "--weights", "int4")
+    assert result.exit_code == 0, result.output
+    assert "Estimated (roofline)" in result.stdout and "time per output token" in result.stdout
+    data = json.loads(run("estimate", "llama-3.1-8b", "-t", "h100", "--json").stdout)
+    (only,) = data["estimates"]
+    assert only["kind"] == "estimate" and only["target"] == "h100-sxm"
+    assert only["tpot_s"] > 0 and only["memory"]["fits"] is True
+
+
+def test_estimate_all_targets_in_one_table():
+    result = run("estimate", "llama-3.1-8b", "--target", "all")
+    assert result.exit_code == 0
+    for name in ("h100-sxm", "jetson-agx-orin", "jetson-orin-nano", "sg2042", "phone-sd8g3", "host"):
+        assert name in result.stdout
+
+
+def test_estimate_plot_writes_a_png(tmp_path):
+    path = tmp_path / "roofline.png"
+    result = run("estimate", "llama-3.1-8b", "--target", "jetson-orin-nano", "--plot", str(path))
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profiles_list_and_show():
+    assert "sg2042" in run("profiles").stdout
+    shown = run("profiles", "show", "jetson-agx-orin")
+    assert shown.exit_code == 0 and "source: compute" in shown.stdout
+    assert json.loads(run("profiles", "show", "phone", "--json").stdout)["name"] == "phone-sd8g3"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["estimate", "llama-3.1-8b", "--target", "tpu-v9"], "Unknown target 'tpu-v9'"),
+        (["estimate", "/no/such/model", "--target", "h100"], "No such file or directory"),
+        (["estimate", "llama-3.1-8b", "--target", "/no/such.toml"], "does not exist"),
+        (["estimate", "llama-3.1-8b", "--batch", "0"], "batch must be a positive whole number"),
+        (["estimate", "llama-3.1-8b", "--weights", "int3"], "Unknown number format"),
+        (["estimate", "llama-3.1-8b", "--plot", "x.png"], "single --target"),
+        (["profiles", "show", "nope"], "Unknown target 'nope'"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_malformed_profile_via_cli(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('name = "x"\n')
+    result = run("estimate", "llama-3.1-8b", "--target", str(path))
+    assert result.exit_code == 2 and "missing key" in result.output

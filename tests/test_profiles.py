@@ -1,0 +1,97 @@
+"""Profiles: every shipped target validates and cites its numbers; bad files fail naming the key."""
+
+import pytest
+
+from shrink.errors import ShrinkError
+from shrink.hardware.profiles import builtin_names, get_profile, known_targets, load_profile_file, resolve_targets
+
+REQUIRED = {"h100-sxm", "jetson-agx-orin", "jetson-orin-nano", "sg2042", "phone-sd8g3"}
+
+GOOD = """
+name = "custom"
+title = "A custom board"
+kind = "cpu"
+runtimes = ["llama.cpp"]
+[memory]
+bandwidth_GBps = 50.0
+capacity_GB = 16
+source = "board manual"
+[compute]
+fp32 = 1.0
+int8 = 4.0
+source = "vendor sheet"
+[efficiency]
+bandwidth = 0.7
+compute = 0.5
+reasoning = "measured once"
+"""
+
+
+def test_required_targets_ship_and_validate():
+    assert REQUIRED <= set(builtin_names())
+    for name in builtin_names():
+        profile = get_profile(name)
+        assert profile.name == name
+        assert "fp32" in profile.peak_tflops
+        assert all(len(text) > 40 for text in profile.sources.values()), name
+        assert len(profile.reasoning) > 40
+
+
+def test_published_starting_figures():
+    h100 = get_profile("h100-sxm")
+    assert (h100.peak_tflops["bf16"], h100.peak_tflops["fp8"], h100.bandwidth_GBps, h100.capacity_GB) == (989.4, 1978.9, 3350, 80)
+    assert get_profile("jetson-agx-orin").bandwidth_GBps == 204.8
+    assert get_profile("jetson-orin-nano").bandwidth_GBps == 68
+
+
+def test_aliases_and_all():
+    assert get_profile("h100").name == "h100-sxm"
+    assert [p.name for p in resolve_targets("all")] == known_targets()
+
+
+def test_custom_profile_file(tmp_path):
+    path = tmp_path / "custom.toml"
+    path.write_text(GOOD)
+    profile = get_profile(str(path))
+    assert profile.peak_for("int4") == ("int8", 4.0)
+    assert profile.peak_for("bf16") == ("fp32", 1.0)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("bandwidth_GBps", "bandwith_GBps"), "unknown key 'memory.bandwith_GBps'"),
+        (lambda t: t.replace('source = "board manual"\n', ""), "missing key 'memory.source'"),
+        (lambda t: t.replace("fp32 = 1.0\n", ""), "missing key 'compute.fp32'"),
+        (lambda t: t.replace("compute = 0.5", "compute = 1.5"), "efficiency.compute must be in"),
+        (lambda t: t.replace("capacity_GB = 16", 'capacity_GB = "lots"'), "'memory.capacity_GB' must be a positive number"),
+        (lambda t: t.replace('kind = "cpu"', 'kind = "tpu"'), "kind must be"),
+        (lambda t: t + "\nextra = 1\n", "unknown key 'efficiency.extra'"),
+        (lambda t: t.replace("[memory]", "[memory"), "not valid TOML"),
+    ],
+)
+def test_malformed_profile_names_the_problem(tmp_path, edit, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(GOOD))
+    with pytest.raises(ShrinkError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_profile_file(path)
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(ShrinkError) as err:
+        get_profile("tpu-v9")
+    for name in REQUIRED | {"host"}:
+        assert name in str(err.value)
+
+
+def test_missing_profile_file():
+    with pytest.raises(ShrinkError, match="does not exist"):
+        get_profile("/no/such/profile.toml")
+
+
+def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    first = get_profile("host")
+    assert first.measured and first.bandwidth_GBps > 1 and first.peak_tflops["fp32"] > 0.001
+    assert list((tmp_path / "host").glob("*.json"))
+    assert get_profile("host") == first  # second call reads the cache

@@ -1,0 +1,152 @@
+"""Roofline arithmetic: a hand-worked case, bounds, and the KV-cache bug classes (GQA, windows)."""
+
+import tracemalloc
+
+import pytest
+
+from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, Formats, LayerSpec, SSMSpec
+from shrink.errors import ShrinkError
+from shrink.hardware.ops import pass_ops, visible_positions
+from shrink.hardware.profiles import Profile, get_profile
+from shrink.hardware.roofline import Workload, estimate, memory_needed
+from shrink.model import load_spec
+
+FP32 = Formats(weights="fp32", embeddings="fp32", activations="fp32", kv_cache="fp32", other="fp32")
+
+
+def hand_spec(window=None):
+    """hidden 8, one layer: 2 query heads, 1 KV head of dim 4, gated FFN 16, vocab 10, untied, all fp32."""
+    layer = LayerSpec(mixer=AttentionSpec(num_heads=2, num_kv_heads=1, head_dim=4, sliding_window=window),
+                      ffn=FFNSpec(kind="gated", width=16), norms=2)
+    return ArchSpec(family="llama", vocab_size=10, hidden_size=8, tied_embeddings=False, layers=(layer,), formats=FP32)
+
+
+def test_first_decode_step_matches_hand_computation():
+    ops = {op.name: op for op in pass_ops(hand_spec(), batch=1, new=1, past=4)}
+    # FLOPs, worked by hand for one token after a 4-token prompt:
+    # embedding 8 | 2 norms 2*4*8=64 | qkv 2*8*(8+4+4)=256 | sdpa 5 keys*2 heads*(4*4+5)=210
+    # o 2*8*8=128 | ffn.up 2*8*32=512 | ffn.down 2*16*8=256 | final norm 32 | lm_head 2*8*10=160
+    expected_flops = dict(embedding=8, norm=64, **{"attn.qkv": 256, "attn.sdpa": 210, "attn.o": 128},
+                          **{"ffn.up": 512, "ffn.down": 256, "final_norm": 32, "lm_head": 160})
+    # Bytes at 4 bytes per element:
+    # embedding row read + write 8*4*2=64 | norms 2*(read+write 64 + weight 32)=192
+    # qkv weights 8*16*4=512 + act (8+16)*4=96 -> 608 | sdpa: K,V of 5 positions 5*2*4*4=160,
+    #   new K,V written 32, q read + out written 2*8*4=64 -> 256 | o 256+64=320
+    # ffn.up 8*32*4=1024 + (8+32)*4=160 -> 1184 | ffn.down 512+96=608 | final norm 64+32=96
+    # lm_head 8*10*4=320 + (8+10)*4=72 -> 392
+    expected_bytes = dict(embedding=64, norm=192, **{"attn.qkv": 608, "attn.sdpa": 256, "attn.o": 320},
+                          **{"ffn.up": 1184, "ffn.down": 608, "final_norm": 96, "lm_head": 392})
+    assert {k: op.flops for k, op in ops.items()} == expected_flops
+    assert {k: op.bytes for k, op in ops.items()} == expected_bytes
+    assert sum(expected_flops.values()) == 1626 and sum(expected_bytes.values()) == 3720
+
+
+def test_visible_positions_causal_and_windowed():
+    assert visible_positions(past=0, new=4, window=None) == 1 + 2 + 3 + 4
+    assert visible_positions(past=0, new=4, window=2) == 1 + 2 + 2 + 2
+    assert visible_positions(past=10, new=1, window=None) == 11
+    assert visible_positions(past=10, new=1, window=4) == 4
+    assert visible_positions(past=2, new=3, window=4) == 3 + 4 + 4
+
+
+def test_sliding_window_caps_decode_kv_reads():
+    full = {op.name: op for op in pass_ops(hand_spec(), 1, 1, 1000)}["attn.sdpa"]
+    windowed = {op.name: op for op in pass_ops(hand_spec(window=64), 1, 1, 1000)}["attn.sdpa"]
+    kv_per_position = 2 * 1 * 4 * 4  # K and V, 1 KV head of dim 4, fp32
+    assert full.bytes - windowed.bytes == (1001 - 64) * kv_per_position
+
+
+def test_gqa_kv_cache_uses_kv_heads_not_query_heads():
+    # Llama 3.1 8B: 32 layers x 8 KV heads x 128 x (K+V) x 2 bytes = 128 KiB per token, so 1 GiB at 8192.
+    spec = load_spec("llama-3.1-8b")
+    _, kv, _, _ = memory_needed(spec, Workload(batch=1, prompt_len=8192 - 128, gen_len=128))
+    assert kv == 2**30
+
+
+def test_gemma3_kv_cache_respects_sliding_windows():
+    spec = load_spec("gemma-3-270m")
+    _, kv, _, _ = memory_needed(spec, Workload(batch=2, prompt_len=4000, gen_len=96))
+    # 15 layers keep 512 positions, 3 keep all 4096; 1 KV head x 256 x (K+V) x 2 bytes = 1 KiB a position
+    assert kv == 2 * (15 * 512 + 3 * 4096) * 1024
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "gemma-3-270m"])
+def test_memory_bound_decode_is_no_faster_than_reading_the_weights(model):
+    spec = load_spec(model)
+    # A decode step reads every weight once, except an untied input embedding table, of which it
+    # reads one row per token (tied tables are read whole, as lm_head).
+    table = 0 if spec.tied_embeddings else spec.vocab_size * spec.hidden_size * 2
+    for name in ("h100-sxm", "jetson-orin-nano", "phone-sd8g3", "sg2042"):
+        profile = get_profile(name)
+        result = estimate(spec, profile, Workload(batch=1, prompt_len=128, gen_len=16))
+        read = result.memory.weights_bytes - table
+        assert result.decode.bound == "memory"
+        assert result.tpot_s >= read / (profile.bandwidth_GBps * 1e9 * profile.bandwidth_efficiency)
+
+
+def test_quantized_weights_shrink_memory_and_decode_time():
+    spec = load_spec("llama-3.1-8b")
+    profile = get_profile("jetson-agx-orin")
+    bf16 = estimate(spec, profile)
+    int4 = estimate(spec.with_formats(weights="int4"), profile)
+    assert int4.memory.weights_bytes < 0.4 * bf16.memory.weights_bytes
+    assert int4.tpot_s < 0.5 * bf16.tpot_s
+
+
+def test_missing_compute_class_is_costed_as_its_upcast():
+    profile = get_profile("jetson-orin-nano")  # Ampere: no fp8, no fp4
+    assert profile.peak_for("fp8") == ("fp16", 10.0)
+    assert profile.peak_for("fp4") == ("fp16", 10.0)
+    assert profile.peak_for("int4") == ("int8", 20.0)
+
+
+def test_prefill_is_compute_bound_on_a_gpu_and_fit_is_reported():
+    result = estimate(load_spec("llama-3.1-70b"), get_profile("jetson-orin-nano"), Workload(1, 2048, 16))
+    assert result.prefill.bound == "compute"
+    assert not result.memory.fits  # 141 GB of bf16 weights in 8 GB
+
+
+def test_ssm_and_moe_layers_are_costed():
+    ssm = SSMSpec(num_heads=8, head_dim=8, num_groups=2, state_size=16, conv_kernel=4)
+    moe = FFNSpec(kind="mlp", width=24, num_experts=8, experts_per_token=2)
+    spec = ArchSpec(family="nemotron_h", vocab_size=10, hidden_size=32, tied_embeddings=False, formats=FP32,
+                    layers=(LayerSpec(ssm, None, 1), LayerSpec(None, moe, 1)))
+    decode = {op.name: op for op in pass_ops(spec, batch=1, new=1, past=100)}
+    assert decode["ssm.scan"].bytes >= 2 * 64 * 16 * 4  # fp32 state read and written once
+    # one token touches exactly 2 of 8 experts: 2 x (up + down) x 32 x 24 x 4 bytes of weights
+    weights = decode["moe.experts_up"].bytes + decode["moe.experts_down"].bytes
+    assert weights - (2 * (32 + 24) + 2 * (24 + 32)) * 4 == pytest.approx(2 * 2 * 32 * 24 * 4)
+    _, kv, state, _ = memory_needed(spec, Workload(batch=3))
+    assert kv == 0 and state == 3 * (64 * 16 * 4 + (64 + 2 * 2 * 16) * 3 * 4)
+
+
+def test_405b_estimates_from_config_alone_without_allocating_weights():
+    spec = load_spec("llama-3.1-405b")
+    tracemalloc.start()
+    result = estimate(spec, get_profile("h100-sxm"), Workload(batch=1, prompt_len=2048, gen_len=256))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 2**20  # the bf16 weights alone would be 811 GB
+    assert result.memory.weights_bytes == pytest.approx(405_853_388_800 * 2, rel=1e-9)
+    assert not result.memory.fits
+
+
+@pytest.mark.parametrize("field, value", [("batch", 0), ("prompt_len", -5), ("gen_len", 1.5)])
+def test_nonsense_workload_is_refused(field, value):
+    with pytest.raises(ShrinkError, match="positive whole number"):
+        Workload(**{field: value})
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ShrinkError, match="Unknown number format 'int3'"):
+        load_spec("llama-3.1-8b").with_formats(weights="int3")
+
+
+def test_efficiency_scales_time():
+    spec = hand_spec()
+    base = dict(name="t", title="t", kind="cpu", runtimes=(), bandwidth_GBps=1.0, capacity_GB=1.0,
+                peak_tflops={"fp32": 1.0}, compute_efficiency=1.0)
+    fast = estimate(spec, Profile(**base, bandwidth_efficiency=1.0), Workload(1, 4, 1))
+    slow = estimate(spec, Profile(**base, bandwidth_efficiency=0.5), Workload(1, 4, 1))
+    assert slow.tpot_s == pytest.approx(2 * fast.tpot_s)
+    assert fast.tpot_s == pytest.approx(3720 / 1e9)  # memory-bound: every op moves bytes at 1 GB/s
