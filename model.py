@@ -180,6 +180,10 @@ def load_spec(source: str, *, trust_remote_code: bool = False) -> ArchSpec:
     spec = spec_from_config(load_config(source, trust_remote_code=trust_remote_code))
     if where.kind == "embedded":
         spec = replace(spec, formats=EMBEDDED[source].formats)
+    if where.kind == "gguf":  # cost the formats the file stores, not the dequantized config's dtype
+        from shrink.ggufmeta import gguf_formats
+
+        spec = replace(spec, formats=gguf_formats(Path(where.location, where.gguf_file)).formats)
     return replace(spec, name=source)
 
 

@@ -28,16 +28,17 @@ def roofline_chart(estimate: Estimate, profile: Profile, path: str | Path) -> Pa
 
     fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    for cls, tflops in sorted(profile.peak_tflops.items(), key=lambda kv: kv[1]):
+    for tflops, classes in _ceilings(profile):
         peak = tflops * 1e12 * profile.compute_efficiency
-        ax.plot(xs, [min(bandwidth * x, peak) for x in xs], lw=1.2, label=f"{cls} ceiling ({tflops * profile.compute_efficiency:g} T/s achievable)")
+        ax.plot(xs, [min(bandwidth * x, peak) for x in xs], lw=1.2,
+                label=f"{'/'.join(classes)} ceiling: {tflops * profile.compute_efficiency:.3g} TFLOP/s achievable")
     for phase, marker, items in (("prefill", "o", estimate.prefill.ops), ("decode", "^", estimate.decode.ops)):
         shown = [op for op in items if op.flops > 0 and op.bytes > 0]
         ax.scatter([op.intensity for op in shown], [_achieved(op) for op in shown], marker=marker, s=46,
                    edgecolors="black", linewidths=0.5, zorder=3, label=f"{phase} operators")
-        for op in _largest(shown):
-            ax.annotate(f"{op.name} ({phase})", (op.intensity, _achieved(op)), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7)
+        offset = (6, 6) if phase == "prefill" else (6, -12)
+        for (x, y), names in _clusters(shown).items():
+            ax.annotate(f"{', '.join(names)} ({phase})", (x, y), textcoords="offset points", xytext=offset, fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
@@ -49,9 +50,12 @@ def roofline_chart(estimate: Estimate, profile: Profile, path: str | Path) -> Pa
         f"TTFT {estimate.ttft_s * 1e3:.2f} ms, {estimate.tpot_s * 1e3:.2f} ms/token",
         fontsize=10,
     )
-    ax.axvline(profile.peak_for("bf16")[1] * 1e12 * profile.compute_efficiency / bandwidth, color="grey", ls=":", lw=0.8)
+    ridge = profile.peak_for("bf16")[1] * 1e12 * profile.compute_efficiency / bandwidth
+    ax.axvline(ridge, color="grey", ls=":", lw=0.8)
+    ax.annotate(f"bf16 ridge: {ridge:.0f} FLOP/byte", (ridge, ax.get_ylim()[0]), textcoords="offset points",
+                xytext=(4, 8), fontsize=7, color="grey")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=path.suffix.lstrip(".").lower())
@@ -64,6 +68,20 @@ def _achieved(op: OpCost) -> float:
     return op.flops / op.time_s if op.time_s else 0.0
 
 
-def _largest(ops: list[OpCost], n: int = 5) -> list[OpCost]:
-    """Label only the operators that take most of the time, so the chart stays readable."""
-    return sorted(ops, key=lambda op: op.time_s, reverse=True)[:n]
+def _ceilings(profile: Profile) -> list[tuple[float, list[str]]]:
+    """Compute ceilings, merging classes with the same peak (fp16 and bf16 usually) into one line."""
+    merged: dict[float, list[str]] = {}
+    for cls, tflops in profile.peak_tflops.items():
+        merged.setdefault(tflops, []).append(cls)
+    return sorted(merged.items())
+
+
+def _clusters(ops: list[OpCost]) -> dict[tuple[float, float], list[str]]:
+    """Operators that land on nearly the same point share one label, so labels do not overprint."""
+    import math
+
+    groups: dict[tuple[int, int], list[OpCost]] = {}
+    for op in ops:
+        key = (round(math.log10(op.intensity) * 5), round(math.log10(max(_achieved(op), 1.0)) * 5))
+        groups.setdefault(key, []).append(op)
+    return {(group[0].intensity, _achieved(group[0])): [op.name for op in group] for group in groups.values()}
