@@ -8,6 +8,7 @@ import typer
 
 from shrink import __version__
 from shrink.cli.estimate import estimate_command
+from shrink.cli.formats import formats_command
 from shrink.cli.inspect import inspect_command
 from shrink.cli.profiles import profiles_app
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.command("inspect")(inspect_command)
 app.command("estimate")(estimate_command)
 app.add_typer(profiles_app, name="profiles")
+app.command("formats")(formats_command)
 
 
 def _version(value: bool) -> None:

@@ -19,7 +19,7 @@ def estimate_command(
     batch: int = typer.Option(1, help="Sequences decoded together."),
     prompt_len: int = typer.Option(512, help="Prompt tokens per sequence (prefill)."),
     gen_len: int = typer.Option(128, help="Generated tokens per sequence (decode)."),
-    weights: str = typer.Option(None, help="Weight format of linear layers, e.g. bf16, fp8, int8, int4, nvfp4, q4_0 (default: the model's dtype)."),
+    weights: str = typer.Option(None, help="Weight format of linear layers, e.g. bf16, fp8, int8, int4, nvfp4, q4_0 (default: the model's dtype; list: `shrink formats`)."),
     embeddings: str = typer.Option(None, help="Format of the embedding table and lm_head (default: the model's dtype)."),
     activations: str = typer.Option(None, help="Activation format (default: the model's dtype)."),
     kv: str = typer.Option(None, "--kv", help="KV-cache format, e.g. bf16, fp8, int8."),
@@ -30,15 +30,15 @@ def estimate_command(
     """Estimate time to first token, time per output token, throughput and memory with a roofline model.
 
     Reads only the model's config: a 405B model estimates in a fraction of a second without weights.
-    Every figure is an [bold]estimate[/]; `shrink bench` measures artifacts on this machine.
+    Every figure is an [bold]estimate[/]. Formats: `shrink formats`. Targets: `shrink profiles`.
 
     Examples:
 
-      shrink estimate gemma-3-270m --target all
+      shrink estimate gemma-3-270m
 
-      shrink estimate llama-3.1-405b --target h100 --weights fp8 --kv fp8 --batch 8
+      shrink estimate llama-3.1-405b -t h100 --weights fp8 --kv fp8 --batch 8
 
-      shrink estimate gemma-3-270m --target jetson-orin-nano --weights q4_0 --plot roofline.png
+      shrink estimate gemma-3-270m -t orin-nano --weights q4_0 --plot r.png
     """
     from shrink.hardware.profiles import resolve_targets
     from shrink.hardware.roofline import Workload, estimate

@@ -82,3 +82,8 @@ def test_malformed_profile_via_cli(tmp_path):
     path.write_text('name = "x"\n')
     result = run("estimate", "llama-3.1-8b", "--target", str(path))
     assert result.exit_code == 2 and "missing key" in result.output
+
+
+def test_formats_lists_bits_per_weight():
+    data = json.loads(run("formats", "--json").stdout)
+    assert {"name": "q4_0", "bits_per_element": 4.5, "compute": "int4"}.items() <= next(d for d in data if d["name"] == "q4_0").items()
