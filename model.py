@@ -48,6 +48,7 @@ EMBEDDED = {
     )
 }
 DEFAULT_MODEL = "gemma-3-270m"
+TOKENIZER_SIDECAR = "tokenizer.gguf"  # tokenizer keys of the GGUF a model came from, kept for GGUF export
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -57,6 +58,7 @@ class LoadedModel:
     tokenizer: Any | None  # None for a directory that carries no tokenizer (tiny test models)
     spec: ArchSpec
     source: str
+    gguf_tokenizer: Path | None = None  # a GGUF whose tokenizer.* keys a GGUF export copies
 
 
 @dataclass(frozen=True)
@@ -207,9 +209,11 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
     )
     model.eval()
     spec = replace(spec_from_model(model), name=source)
+    gguf_tokenizer = Path(location, TOKENIZER_SIDECAR) if Path(location, TOKENIZER_SIDECAR).is_file() else None
     if where.kind == "embedded":
         spec = replace(spec, formats=EMBEDDED[source].formats)
-    return LoadedModel(model, _tokenizer(location), spec, source)
+        gguf_tokenizer = embedded_gguf_path(source)
+    return LoadedModel(model, _tokenizer(location), spec, source, gguf_tokenizer)
 
 
 def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str | None = None) -> LoadedModel:
@@ -226,7 +230,7 @@ def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str 
     model.eval()
     tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=filename), where)
     source = source or str(Path(directory, filename))
-    return LoadedModel(model, tokenizer, replace(spec_from_model(model), name=source), source)
+    return LoadedModel(model, tokenizer, replace(spec_from_model(model), name=source), source, Path(directory, filename))
 
 
 def _tokenizer(location: str) -> Any | None:

@@ -22,7 +22,8 @@ def tiny_configs() -> dict:
         "qwen2": Qwen2Config(num_hidden_layers=2, tie_word_embeddings=True, **COMMON),
         "qwen3": Qwen3Config(num_hidden_layers=2, head_dim=16, **COMMON),
         "gemma3": Gemma3TextConfig(
-            num_hidden_layers=6, head_dim=16, sliding_window=8, tie_word_embeddings=True, **COMMON
+            num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, tie_word_embeddings=True,
+            **COMMON,
         ),
         "nemotron_h": NemotronHConfig(
             vocab_size=101,

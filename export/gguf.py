@@ -1,0 +1,229 @@
+"""GGUF export through the gguf package's writer and quantizers, for llama.cpp.
+
+Which tensors take which type (a documented choice, shown per tensor in the report):
+- 1-D tensors (norms, biases) stay float32: they are tiny and llama.cpp reads them as f32.
+- The token embedding and an untied lm_head take `--quant` when it is 8 bits or wider, and Q8_0
+  for narrower types: at 4 bits the vocabulary projection dominates the quality loss for a small
+  fraction of the time (llama.cpp's own Q4 mixes keep them at 6-8 bits for the same reason).
+- Every other 2-D weight takes `--quant`. A row whose length is not a multiple of the type's block
+  cannot take it; such a tensor takes Q8_0 (or F16 if even that does not fit) and the report lists
+  it. Nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.errors import ShrinkError
+from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
+from shrink.storage import cache_dir
+
+log = logging.getLogger("shrink")
+
+QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "tq1_0", "tq2_0", "mxfp4")
+_WIDE = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    arch: str
+    quant: str
+    tensor_types: dict[str, str]  # GGUF tensor name -> GGML type written
+    substitutions: list[dict[str, str]] = field(default_factory=list)  # tensors that could not take --quant
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for kind in self.tensor_types.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return {"path": str(self.path), "arch": self.arch, "quant": self.quant, "tensor_type_counts": counts,
+                "substitutions": self.substitutions, "notes": self.notes}
+
+
+def _ggml(name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name.upper()]
+
+
+def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_uniform: bool = False) -> GGUFExport:
+    import gguf
+
+    from shrink.storage import atomic_path
+
+    quant = quant.lower()
+    if quant not in QUANT_TYPES:
+        raise ShrinkError(f"Unknown GGUF type '{quant}'; choose one of: {', '.join(QUANT_TYPES)}.")
+    spec: ArchSpec = loaded.spec
+    layout = choose_layout(spec, pad_to_uniform)
+    config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
+    state = {k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()}
+    if spec.tied_embeddings:
+        state.pop("lm_head.weight", None)
+    result = GGUFExport(Path(path), layout.arch, quant, {})
+    if pad_to_uniform and not spec.is_uniform:
+        spec = _pad_ffn_to_uniform(spec, state, result)
+
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), layout.arch)
+        _write_metadata(writer, layout, spec, config, loaded)
+        _write_tokenizer(writer, loaded, spec)
+        for hf_name, array in state.items():
+            name = gguf_tensor_name(hf_name, layout)
+            array = _convert(hf_name, array, layout, spec)
+            kind = _tensor_type(name, array, quant, result)
+            data = array if kind == "F32" else gguf.quants.quantize(array.astype(np.float32), _ggml(kind))
+            writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else _ggml(kind))
+            result.tensor_types[name] = kind
+        writer.add_file_type(_file_type(quant))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+    return result
+
+
+def _file_type(quant: str) -> int:
+    from gguf import LlamaFileType
+
+    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}
+    return int(LlamaFileType[names.get(quant, "MOSTLY_" + quant.upper())])
+
+
+def _tensor_type(name: str, array: np.ndarray, quant: str, result: GGUFExport) -> str:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if array.ndim == 1:
+        return "F32"
+    wanted = quant if name not in ("token_embd.weight", "output.weight") or quant in _WIDE else "q8_0"
+    for candidate in (wanted, "q8_0", "f16"):
+        block, _ = GGML_QUANT_SIZES[_ggml(candidate)]
+        if array.shape[-1] % block == 0:
+            if candidate != wanted:
+                result.substitutions.append({"tensor": name, "wanted": wanted.upper(), "written": candidate.upper(),
+                                             "reason": f"rows of {array.shape[-1]} are not a multiple of {block}"})
+            return candidate.upper()
+    raise AssertionError("f16 has a block of 1")
+
+
+def _convert(hf_name: str, array: np.ndarray, layout: GGUFLayout, spec: ArchSpec) -> np.ndarray:
+    if layout.norm_offset and "norm" in hf_name:
+        array = array + layout.norm_offset
+    if layout.permute_qk and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
+        layer = spec.layers[int(hf_name.split(".")[2])].mixer
+        assert isinstance(layer, AttentionSpec)
+        heads = layer.num_heads if "q_proj" in hf_name else layer.num_kv_heads
+        array = _rope_permute(array, heads)
+    return np.ascontiguousarray(array)
+
+
+def _rope_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from Hugging Face's rotate-half layout to llama.cpp's interleaved pairs."""
+    rows = weights.shape[0]
+    return weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any, loaded: Any) -> None:
+    attn = [layer.mixer for layer in spec.layers]
+    head_dim = attn[0].head_dim
+    writer.add_name(Path(str(loaded.source)).name or loaded.source)
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", 4096)))
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.num_layers)
+    writer.add_vocab_size(spec.vocab_size)
+    if layout.per_layer_shapes:
+        writer.add_feed_forward_length([layer.ffn.width for layer in spec.layers])
+        writer.add_head_count([a.num_heads for a in attn])
+        writer.add_head_count_kv([a.num_kv_heads for a in attn])
+    else:
+        writer.add_feed_forward_length(spec.layers[0].ffn.width)
+        writer.add_head_count(attn[0].num_heads)
+        writer.add_head_count_kv(attn[0].num_kv_heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_theta(config, "full_attention"))
+    windows = {a.sliding_window for a in attn}
+    if layout.arch == "gemma3":
+        # llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim); Hugging Face by 1/sqrt(query_pre_attn_scalar).
+        if int(getattr(config, "query_pre_attn_scalar", head_dim)) != head_dim:
+            raise ShrinkError("This Gemma 3 model scales attention by query_pre_attn_scalar, which differs from its "
+                              "head_dim, and llama.cpp assumes they are equal; export it as ONNX instead.")
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_rope_freq_base_swa(rope_theta(config, "sliding_attention"))
+        _check_gemma3_window_pattern(spec)
+    elif windows != {None}:
+        raise ShrinkError(f"Sliding-window attention in a '{layout.arch}' GGUF is not supported by llama.cpp; export it as ONNX instead.")
+
+
+def _check_gemma3_window_pattern(spec: ArchSpec) -> None:
+    # llama.cpp derives Gemma 3's local/global layers from a fixed pattern: every 6th layer is global.
+    expected = [None if (i + 1) % 6 == 0 else "local" for i in range(spec.num_layers)]
+    actual = [None if layer.mixer.sliding_window is None else "local" for layer in spec.layers]
+    if actual != expected:
+        raise ShrinkError("This Gemma 3 model's sliding-window layers do not follow the 5-local / 1-global pattern "
+                          "llama.cpp assumes; export it as ONNX instead.")
+
+
+def _write_tokenizer(writer: Any, loaded: Any, spec: ArchSpec) -> None:
+    source = getattr(loaded, "gguf_tokenizer", None)
+    if source is None:
+        if loaded.tokenizer is not None:
+            raise ShrinkError(
+                "Converting a Hugging Face tokenizer to GGUF is not supported yet; models that come from a GGUF "
+                "(such as gemma-3-270m) carry theirs. Export it as ONNX instead."
+            )
+        # No tokenizer at all (tiny test models): llama.cpp runs token ids with an empty vocabulary.
+        writer.add_tokenizer_model("none")
+        return
+    copy_tokenizer_fields(Path(source), writer)
+
+
+def copy_tokenizer_fields(source: Path, writer: Any) -> None:
+    """Copy every tokenizer.* key of a GGUF file verbatim (token strings as raw bytes)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(source))
+    for name, field_ in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field_.types[0]
+        if kind == GGUFValueType.ARRAY:
+            if field_.types[1] == GGUFValueType.STRING:
+                writer.add_array(name, [bytes(field_.parts[i]) for i in field_.data])
+            else:
+                writer.add_array(name, [field_.parts[i][0].item() for i in field_.data])
+        elif kind == GGUFValueType.STRING:
+            writer.add_string(name, bytes(field_.parts[field_.data[0]]).decode())
+        else:
+            writer.add_key_value(name, field_.parts[field_.data[0]][0].item(), kind)
+
+
+def _pad_ffn_to_uniform(spec: ArchSpec, state: dict[str, np.ndarray], result: GGUFExport) -> ArchSpec:
+    """Zero-pad every layer's FFN to the widest one: the extra neurons output exactly zero."""
+    from dataclasses import replace
+
+    attention = {(a.num_heads, a.num_kv_heads, a.head_dim) for a in (layer.mixer for layer in spec.layers)}
+    if len(attention) > 1:
+        raise ShrinkError("--pad-to-uniform pads FFN widths only; this model also has per-layer head counts: export it as ONNX instead.")
+    width = max(layer.ffn.width for layer in spec.layers)
+    for i, layer in enumerate(spec.layers):
+        missing = width - layer.ffn.width
+        if not missing:
+            continue
+        for proj in ("gate_proj", "up_proj"):
+            key = f"model.layers.{i}.mlp.{proj}.weight"
+            state[key] = np.concatenate([state[key], np.zeros((missing, state[key].shape[1]), np.float32)])
+        key = f"model.layers.{i}.mlp.down_proj.weight"
+        state[key] = np.concatenate([state[key], np.zeros((state[key].shape[0], missing), np.float32)], axis=1)
+    result.notes.append(f"FFN widths zero-padded to {width} in every layer: outputs unchanged, no speed or size gain over the unpruned width.")
+    return replace(spec, layers=tuple(replace(layer, ffn=replace(layer.ffn, width=width)) for layer in spec.layers))

@@ -1,0 +1,108 @@
+"""How each supported family is laid out in a GGUF file: llama.cpp's architecture name, tensor
+names, norm and RoPE conventions, and per-family metadata.
+
+llama.cpp's converter (convert_hf_to_gguf.py) is the authority these tables follow:
+- Llama (and Deci) use llama.cpp's "normal" RoPE, which rotates interleaved pairs, while Hugging
+  Face rotates halves: q and k rows are permuted so both compute the same thing.
+- Qwen2, Qwen3 and Gemma 3 use the "neox" RoPE, the same as Hugging Face: no permutation.
+- Gemma stores every RMSNorm weight as 1 + w (Hugging Face keeps w and adds 1 at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shrink.archspec import ArchSpec
+from shrink.errors import ShrinkError
+
+_ATTENTION = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+}
+_GATED_FFN = {
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LLAMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}
+_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+_GEMMA3_NORMS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+MODEL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    arch: str  # llama.cpp architecture name
+    layer_tensors: dict[str, str]  # Hugging Face suffix inside model.layers.N -> GGUF suffix in blk.N
+    permute_qk: bool = False
+    norm_offset: float = 0.0
+    per_layer_shapes: bool = False  # deci: head counts and FFN widths are arrays
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+LAYOUTS = {
+    "llama": GGUFLayout("llama", {**_ATTENTION, **_GATED_FFN, **_LLAMA_NORMS}, permute_qk=True),
+    "deci": GGUFLayout("deci", {**_ATTENTION, **_GATED_FFN, **_LLAMA_NORMS}, permute_qk=True, per_layer_shapes=True),
+    "qwen2": GGUFLayout("qwen2", {**_ATTENTION, **_GATED_FFN, **_LLAMA_NORMS}),
+    "qwen3": GGUFLayout("qwen3", {**_ATTENTION, **_GATED_FFN, **_LLAMA_NORMS, **_QK_NORMS}),
+    "gemma3": GGUFLayout("gemma3", {**_ATTENTION, **_GATED_FFN, **_GEMMA3_NORMS, **_QK_NORMS}, norm_offset=1.0),
+}
+# ArchSpec family -> layout for a uniform model; non-uniform Llama-shaped models go to deci.
+_FAMILY_LAYOUT = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+_LLAMA_SHAPED = {"llama", "mistral"}
+
+
+def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
+    """The layout llama.cpp can run this spec with, or a one-sentence refusal naming the way out."""
+    if spec.family not in _FAMILY_LAYOUT:
+        raise ShrinkError(
+            f"GGUF export of the '{spec.family}' family is not supported; export it as ONNX (--format onnx) instead."
+        )
+    if any(layer.mixer_kind != "attention" or layer.ffn is None for layer in spec.layers):
+        raise ShrinkError("GGUF export needs attention and an FFN in every layer; export it as ONNX instead.")
+    if spec.is_uniform or pad_to_uniform:
+        return LAYOUTS[_FAMILY_LAYOUT[spec.family]]
+    if spec.family in _LLAMA_SHAPED:
+        return LAYOUTS["deci"]
+    raise ShrinkError(
+        f"llama.cpp builds per-layer shapes only for Llama-shaped models (its 'deci' architecture), so this "
+        f"non-uniform {spec.family} model cannot be a GGUF: prune it uniformly, export it as ONNX (--format onnx), "
+        f"or pass --pad-to-uniform (zero padding: same outputs, no speed gain)."
+    )
+
+
+def gguf_tensor_name(hf_name: str, layout: GGUFLayout) -> str:
+    if hf_name in MODEL_TENSORS:
+        return MODEL_TENSORS[hf_name]
+    parts = hf_name.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+        suffix = ".".join(parts[3:])
+        if suffix in layout.layer_tensors:
+            return f"blk.{parts[2]}.{layout.layer_tensors[suffix]}"
+    raise ShrinkError(f"Tensor '{hf_name}' has no place in a '{layout.arch}' GGUF; refusing to drop it silently.")
+
+
+def rope_theta(config: Any, layer_type: str = "full_attention") -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type in params:  # Gemma 3: one set per attention kind
+        params = params[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ShrinkError(f"RoPE scaling '{rope_type}' is not exported to GGUF yet; export it as ONNX instead.")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
