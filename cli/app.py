@@ -8,6 +8,7 @@ import typer
 
 from shrink import __version__
 from shrink.cli.estimate import estimate_command
+from shrink.cli.export import export_command, verify_command
 from shrink.cli.formats import formats_command
 from shrink.cli.inspect import inspect_command
 from shrink.cli.profiles import profiles_app
@@ -24,6 +25,8 @@ app.command("inspect")(inspect_command)
 app.command("estimate")(estimate_command)
 app.add_typer(profiles_app, name="profiles")
 app.command("formats")(formats_command)
+app.command("export")(export_command)
+app.command("verify")(verify_command)
 
 
 def _version(value: bool) -> None:
@@ -47,6 +50,9 @@ def _root(
     logging.getLogger("shrink").setLevel(logging.DEBUG if verbose else logging.INFO)
     # The hub client logs every retry; shrink reports the outcome in one sentence instead.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # shrink shows its own status; per-tensor bars are noise here
 
 
 def main() -> None:

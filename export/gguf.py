@@ -104,12 +104,13 @@ def _tensor_type(name: str, array: np.ndarray, quant: str, result: GGUFExport) -
     if array.ndim == 1:
         return "F32"
     wanted = quant if name not in ("token_embd.weight", "output.weight") or quant in _WIDE else "q8_0"
+    wanted_block, _ = GGML_QUANT_SIZES[_ggml(wanted)]
     for candidate in (wanted, "q8_0", "f16"):
         block, _ = GGML_QUANT_SIZES[_ggml(candidate)]
         if array.shape[-1] % block == 0:
             if candidate != wanted:
                 result.substitutions.append({"tensor": name, "wanted": wanted.upper(), "written": candidate.upper(),
-                                             "reason": f"rows of {array.shape[-1]} are not a multiple of {block}"})
+                                             "reason": f"rows of {array.shape[-1]} are not a multiple of {wanted_block}"})
             return candidate.upper()
     raise AssertionError("f16 has a block of 1")
 

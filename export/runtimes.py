@@ -1,0 +1,88 @@
+"""Runtimes that execute an artifact, behind one call: logits for every position of a token sequence.
+
+The reference runs in PyTorch; a GGUF runs in llama.cpp (llama-cpp-python) and an ONNX directory in
+ONNX Runtime. Every runner is teacher-forced: it is given the whole sequence, never samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from shrink.errors import ShrinkError
+
+
+class Runner(Protocol):
+    name: str
+
+    def logits(self, ids: list[int]) -> np.ndarray:  # (len(ids), vocab) float32
+        ...
+
+
+class TorchRunner:
+    name = "pytorch"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, max_tokens: int, threads: int | None = None) -> None:
+        from llama_cpp import Llama
+
+        threads = threads or os.cpu_count() or 1
+        try:
+            with _quiet_stderr():
+                self.llm = Llama(model_path=str(path), logits_all=True, n_ctx=max_tokens, n_batch=max_tokens,
+                                 n_ubatch=max_tokens, n_threads=threads, n_threads_batch=threads, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            raise ShrinkError(f"llama.cpp could not load '{path}': the file is corrupt, truncated or of an unsupported kind ({err}).") from None
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp prints its loader log on fd 2 even with verbose=False; keep the terminal for shrink."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def artifact_kind(path: Path) -> str:
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return "onnx"
+    if not path.exists():
+        raise ShrinkError(f"Artifact '{path}' does not exist.")
+    raise ShrinkError(f"'{path}' is neither a .gguf file nor a directory holding model.onnx.")
+
+
+def open_runner(path: Path, max_tokens: int, threads: int | None = None) -> Runner:
+    kind = artifact_kind(path)
+    if kind == "gguf":
+        return LlamaCppRunner(path, max_tokens, threads)
+    from shrink.export.onnx_runtime import OnnxRunner
+
+    return OnnxRunner(path, threads)

@@ -1,0 +1,144 @@
+"""Verify: run an artifact in its runtime and the reference in PyTorch on the same tokens, compare.
+
+Metrics over every teacher-forced position: top-1 agreement, KL(reference || artifact) mean and
+max, max |delta logit|, and the perplexity each assigns to the real next tokens. A check passes
+when it meets the thresholds for its number format (or the user's) and, given a baseline manifest,
+when it is no worse than the baseline by more than a tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from shrink.export.runtimes import Runner
+
+# Per number format: (minimum top-1 agreement, maximum mean KL in nats). Set from what each format
+# is expected to preserve, before measuring any artifact; override with --min-top1 / --max-kl.
+THRESHOLDS: dict[str, tuple[float, float]] = {
+    "f32": (0.99, 0.001),
+    "f16": (0.99, 0.01),
+    "bf16": (0.98, 0.02),
+    "q8_0": (0.97, 0.03),
+    "q5_0": (0.90, 0.10),
+    "q5_1": (0.90, 0.10),
+    "q4_0": (0.80, 0.30),
+    "q4_1": (0.80, 0.30),
+    "mxfp4": (0.75, 0.40),
+    "tq1_0": (0.0, float("inf")),  # ternary without QAD: reported, not gated
+    "tq2_0": (0.0, float("inf")),
+}
+
+
+@dataclass
+class Metrics:
+    positions: int
+    top1_agreement: float
+    mean_kl: float
+    max_kl: float
+    max_abs_logit_diff: float
+    ppl_reference: float
+    ppl_artifact: float
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Verdict:
+    metrics: Metrics | None
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "metrics": asdict(self.metrics) if self.metrics else None,
+                "checks": [asdict(c) for c in self.checks]}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare(reference: Runner, artifact: Runner, sequences: list[list[int]], chunk: int = 32) -> Metrics:
+    """Compare logits position by position; rows are processed in chunks so that a 262k vocabulary
+    never needs more than a few hundred MB in float64."""
+    agree = positions = 0
+    kl_sum, kl_max, diff_max = 0.0, 0.0, 0.0
+    nll_ref = nll_art = 0.0
+    scored = 0
+    for ids in sequences:
+        ref_all, art_all = reference.logits(ids), artifact.logits(ids)
+        for start in range(0, len(ids), chunk):
+            ref, art = ref_all[start:start + chunk], art_all[start:start + chunk]
+            lp_ref, lp_art = _log_softmax(ref), _log_softmax(art)
+            kl = (np.exp(lp_ref) * (lp_ref - lp_art)).sum(axis=-1)
+            agree += int((ref.argmax(-1) == art.argmax(-1)).sum())
+            positions += len(ref)
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max()))
+            diff_max = max(diff_max, float(np.abs(ref.astype(np.float64) - art).max()))
+            # next-token likelihood: the row at position i scores token i + 1
+            rows = np.arange(len(ref))
+            targets = np.array(ids[start + 1:start + 1 + len(ref)])
+            rows = rows[: len(targets)]
+            nll_ref -= float(lp_ref[rows, targets].sum())
+            nll_art -= float(lp_art[rows, targets].sum())
+            scored += len(targets)
+    return Metrics(
+        positions=positions,
+        top1_agreement=agree / positions,
+        mean_kl=kl_sum / positions,
+        max_kl=kl_max,
+        max_abs_logit_diff=diff_max,
+        ppl_reference=float(np.exp(nll_ref / max(scored, 1))),
+        ppl_artifact=float(np.exp(nll_art / max(scored, 1))),
+    )
+
+
+def threshold_checks(metrics: Metrics, fmt: str, min_top1: float | None, max_kl: float | None) -> list[Check]:
+    default_top1, default_kl = THRESHOLDS.get(fmt, (0.9, 0.1))
+    min_top1 = default_top1 if min_top1 is None else min_top1
+    max_kl = default_kl if max_kl is None else max_kl
+    return [
+        Check("top-1 agreement", metrics.top1_agreement >= min_top1,
+              f"{metrics.top1_agreement:.2%} of {metrics.positions} positions (needs >= {min_top1:.2%} for {fmt})"),
+        Check("mean KL", metrics.mean_kl <= max_kl, f"{metrics.mean_kl:.5f} nats (needs <= {max_kl:g} for {fmt})"),
+    ]
+
+
+def baseline_checks(metrics: Metrics, baseline: dict, top1_tolerance: float, kl_tolerance: float) -> list[Check]:
+    """Quality against an earlier artifact's manifest: the CI regression gate."""
+    old = baseline.get("verify", {}).get("metrics")
+    if not old:
+        return [Check("baseline", False, "the baseline manifest holds no verify metrics to compare with")]
+    drop = old["top1_agreement"] - metrics.top1_agreement
+    rise = metrics.mean_kl - old["mean_kl"]
+    return [
+        Check("top-1 vs baseline", drop <= top1_tolerance,
+              f"{metrics.top1_agreement:.2%} now, {old['top1_agreement']:.2%} in the baseline (may drop by {top1_tolerance:.2%})"),
+        Check("mean KL vs baseline", rise <= kl_tolerance,
+              f"{metrics.mean_kl:.5f} now, {old['mean_kl']:.5f} in the baseline (may rise by {kl_tolerance:g})"),
+    ]
+
+
+def junit_xml(verdict: Verdict, suite: str) -> str:
+    from xml.sax.saxutils import escape, quoteattr
+
+    cases = []
+    for check in verdict.checks:
+        body = "" if check.passed else f"<failure message={quoteattr(check.detail)}/>"
+        cases.append(f"  <testcase classname={quoteattr(suite)} name={quoteattr(check.name)}>{body}"
+                     f"<system-out>{escape(check.detail)}</system-out></testcase>")
+    failures = sum(not c.passed for c in verdict.checks)
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name={quoteattr(suite)} tests="{len(cases)}" '
+            f'failures="{failures}">\n' + "\n".join(cases) + "\n</testsuite>\n")
