@@ -38,7 +38,7 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
     try:
         reader = GGUFReader(str(path))
     except (OSError, ValueError) as err:
-        raise ShrinkError(f"'{path}' is not a readable GGUF file ({err}).") from None
+        raise ShrinkError(f"'{path}' is corrupt or truncated: not a readable GGUF file ({err}).") from None
     linear: Counter[str] = Counter()
     embedding = None
     for tensor in reader.tensors:

@@ -94,14 +94,17 @@ def compare(reference: Runner, artifact: Runner, sequences: list[list[int]], chu
             nll_ref -= float(lp_ref[rows, targets].sum())
             nll_art -= float(lp_art[rows, targets].sum())
             scored += len(targets)
+    with np.errstate(over="ignore"):  # a broken artifact may deserve an infinite perplexity
+        ppl_reference = float(np.exp(nll_ref / max(scored, 1)))
+        ppl_artifact = float(np.exp(nll_art / max(scored, 1)))
     return Metrics(
         positions=positions,
         top1_agreement=agree / positions,
         mean_kl=kl_sum / positions,
         max_kl=kl_max,
         max_abs_logit_diff=diff_max,
-        ppl_reference=float(np.exp(nll_ref / max(scored, 1))),
-        ppl_artifact=float(np.exp(nll_art / max(scored, 1))),
+        ppl_reference=ppl_reference,
+        ppl_artifact=ppl_artifact,
     )
 
 
