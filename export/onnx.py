@@ -1,0 +1,173 @@
+"""ONNX export: one decoder graph with KV-cache inputs and outputs, run by ONNX Runtime for both
+prefill (empty past) and decode (one token, the cache from the previous call).
+
+Built with `torch.onnx.export(dynamo=True)` through a wrapper whose inputs are plain tensors:
+input_ids, attention_mask, position_ids and past_key_<i> / past_value_<i> for every attention
+layer; outputs logits and present_key_<i> / present_value_<i>. Sequence axes are `Dim.DYNAMIC`
+(arithmetic between Dims, such as past + new, fails to export). Weights live once, in
+model.onnx.data; tied embeddings stay one tensor.
+
+Why not optimum: optimum-onnx, the ONNX exporter of optimum, requires transformers < 4.58 and does
+not import with the transformers 5 that shrink ships, so shrink drives the PyTorch exporter itself.
+Non-uniform models export the same way: the graph takes each layer's shapes from its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.errors import ShrinkError
+from shrink.storage import atomic_directory
+
+log = logging.getLogger("shrink")
+LAYOUT_FILE = "shrink_onnx.json"  # what the runner needs to feed the graph: layers, KV shapes, vocab
+ONNX_QUANTS = ("f32", "int8", "int4")
+
+
+@dataclass
+class OnnxExport:
+    path: Path
+    quant: str
+    tensor_type_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "arch": "onnx-decoder", "quant": self.quant,
+                "tensor_type_counts": self.tensor_type_counts, "substitutions": [], "notes": self.notes}
+
+
+def _attention_layers(spec: ArchSpec) -> list[AttentionSpec]:
+    if any(layer.mixer_kind != "attention" for layer in spec.layers):
+        raise ShrinkError("ONNX export with a KV cache covers attention-only models so far; SSM layers need a state "
+                          "input that is not written yet.")
+    return [layer.mixer for layer in spec.layers]
+
+
+class _DecoderWithCache:
+    """Built lazily so that importing this module does not import torch."""
+
+    @staticmethod
+    def build(model: Any, layers: int) -> Any:
+        import torch
+        from transformers import DynamicCache
+
+        class DecoderWithCache(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                cache = DynamicCache()
+                for i in range(layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True)
+                present = []
+                for layer in out.past_key_values.layers:
+                    present += [layer.keys, layer.values]
+                return (out.logits, *present)
+
+        return DecoderWithCache().eval()
+
+
+def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_size: int = 32) -> OnnxExport:
+    import torch
+
+    quant = quant.lower()
+    if quant not in ONNX_QUANTS:
+        raise ShrinkError(f"Unknown ONNX weight type '{quant}'; choose one of: {', '.join(ONNX_QUANTS)}.")
+    spec: ArchSpec = loaded.spec
+    attention = _attention_layers(spec)
+    model = loaded.model.float().eval()
+    wrapper = _DecoderWithCache.build(model, len(attention))
+    batch, past_len, new_len = 1, 3, 4
+    past = []
+    for a in attention:
+        shape = (batch, a.num_kv_heads, past_len, a.head_dim)
+        past += [torch.zeros(shape), torch.zeros(shape)]
+    ids = torch.randint(0, spec.vocab_size, (batch, new_len))
+    mask = torch.ones(batch, past_len + new_len, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + new_len).unsqueeze(0)
+    names = [f"past_{kind}_{i}" for i in range(len(attention)) for kind in ("key", "value")]
+    outputs = ["logits"] + [n.replace("past_", "present_") for n in names]
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
+              "past": tuple({0: dyn, 2: dyn} for _ in names)}
+    directory = Path(directory)
+    result = OnnxExport(directory, quant)
+    with atomic_directory(directory) as tmp:
+        try:
+            program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamo=True, input_names=["input_ids", "attention_mask", "position_ids", *names],
+                                        output_names=outputs, dynamic_shapes=shapes, report=False, verbose=False)
+        except Exception as err:  # the exporter raises many types; the user needs the sentence, not the trace
+            raise ShrinkError(f"torch.onnx.export could not trace this model ({type(err).__name__}: {str(err).splitlines()[0]}).") from None
+        program.save(str(tmp / "model.onnx"), external_data=True)
+        if quant != "f32":
+            _quantize_weights(tmp, quant, block_size, result)
+        layout = {"layers": [{"num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for a in attention],
+                  "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
+                  "outputs": outputs}
+        (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
+        result.tensor_type_counts = _initializer_types(tmp / "model.onnx")
+    return result
+
+
+def _initializer_types(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        kind = onnx.TensorProto.DataType.Name(init.data_type)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _quantize_weights(directory: Path, quant: str, block_size: int, result: OnnxExport) -> None:
+    """Weight-only quantization with ONNX Runtime's MatMulNBits (4 or 8 bits, one scale per block)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    source = directory / "model.onnx"
+    model = onnx.load(str(source))
+    untied = _untie_transposed_matmuls(model)
+    if untied:
+        result.notes.append(f"untied {untied} MatMul weight(s) read through a Transpose (tied lm_head) so they quantize too")
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                          bits=4 if quant == "int4" else 8)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    for path in directory.iterdir():
+        if path.name.startswith("model.onnx"):
+            path.unlink()
+    onnx.save_model(quantizer.model.model, str(source), save_as_external_data=True, location="model.onnx.data")
+    result.notes.append(f"MatMul weights as MatMulNBits {quant}, blocks of {block_size}, symmetric; embeddings and norms stay f32")
+
+
+def _untie_transposed_matmuls(model: Any) -> int:
+    """Replace MatMul(x, Transpose(W)) on an initializer W by MatMul(x, W^T stored): the quantizer only
+    handles a constant right operand, and a tied lm_head reaches MatMul through a Transpose."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    count = 0
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul":
+            continue
+        source = producers.get(node.input[1])
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[source.input[0]])
+        name = f"{source.input[0]}.transposed"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
+        node.input[1] = name
+        count += 1
+    return count
+
