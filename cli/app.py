@@ -7,6 +7,7 @@ import logging
 import typer
 
 from shrink import __version__
+from shrink.cli.bench import bench_command
 from shrink.cli.estimate import estimate_command
 from shrink.cli.export import export_command, verify_command
 from shrink.cli.formats import formats_command
@@ -27,6 +28,7 @@ app.add_typer(profiles_app, name="profiles")
 app.command("formats")(formats_command)
 app.command("export")(export_command)
 app.command("verify")(verify_command)
+app.command("bench")(bench_command)
 
 
 def _version(value: bool) -> None:

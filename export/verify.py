@@ -26,6 +26,8 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     "q4_0": (0.80, 0.30),
     "q4_1": (0.80, 0.30),
     "mxfp4": (0.75, 0.40),
+    "int8": (0.97, 0.03),  # ONNX MatMulNBits 8-bit: as Q8_0
+    "int4": (0.80, 0.30),  # ONNX MatMulNBits 4-bit: as Q4_0
     "tq1_0": (0.0, float("inf")),  # ternary without QAD: reported, not gated
     "tq2_0": (0.0, float("inf")),
 }
