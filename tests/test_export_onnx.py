@@ -1,0 +1,94 @@
+"""ONNX export: prefill and cached decode in ONNX Runtime match PyTorch; one copy of tied weights."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shrink.errors import ShrinkError
+from shrink.export.onnx import export_onnx
+from shrink.export.onnx_runtime import OnnxRunner
+from shrink.export.runtimes import TorchRunner
+from shrink.export.verify import compare
+from shrink.families import spec_from_model
+from shrink.model import LoadedModel
+from tiny_models import tiny_configs
+
+IDS = [list(range(1, 30))]
+
+
+def tiny(name):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_configs()[name]).eval()
+    return LoadedModel(model, None, spec_from_model(model), f"tiny-{name}")
+
+
+def decode_matches_prefill(runner, ids):
+    """Feeding tokens one at a time through the cache gives the logits of one full prefill."""
+    full = runner.logits(ids)
+    logits, cache = runner.step(ids[:5], runner.empty_cache())
+    rows = [logits]
+    for token in ids[5:]:
+        logits, cache = runner.step([token], cache)
+        rows.append(logits)
+    return np.abs(np.concatenate(rows) - full).max()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_f32_onnx_matches_pytorch_for_prefill_and_decode(tmp_path, family):
+    loaded = tiny(family)
+    export_onnx(loaded, tmp_path / "m")
+    runner = OnnxRunner(tmp_path / "m")
+    metrics = compare(TorchRunner(loaded.model), runner, IDS)
+    assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 1e-3
+    assert decode_matches_prefill(runner, IDS[0]) < 1e-3
+
+
+def test_non_uniform_model_exports_to_onnx(tmp_path):
+    loaded = tiny("gemma3")  # a non-uniform Gemma 3 cannot be a GGUF; ONNX is its way out
+    mlp = loaded.model.model.layers[2].mlp
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 16, bias=False)
+    mlp.down_proj = torch.nn.Linear(16, 32, bias=False)
+    loaded = LoadedModel(loaded.model, None, spec_from_model(loaded.model), "tiny-gemma-pruned")
+    export_onnx(loaded, tmp_path / "m")
+    metrics = compare(TorchRunner(loaded.model), OnnxRunner(tmp_path / "m"), IDS)
+    assert metrics.top1_agreement == 1.0
+
+
+def test_int4_quantizes_matmuls_including_a_tied_lm_head(tmp_path):
+    loaded = tiny("qwen2")  # tied embeddings
+    import onnx
+
+    report = export_onnx(loaded, tmp_path / "m", quant="int4", block_size=16)
+    graph = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    ops = [node.op_type for node in graph.node]
+    # 2 layers x 7 projections + lm_head; the exporter either folds the tied table's Transpose into a
+    # constant or leaves it, which shrink unties: either way no MatMul on a constant float weight is left.
+    assert ops.count("MatMulNBits") == 15
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    assert report.tensor_type_counts.get("UINT8", 0) == 15
+    size = sum(p.stat().st_size for p in (tmp_path / "m").iterdir())
+    export_onnx(loaded, tmp_path / "f", quant="f32")
+    assert size < sum(p.stat().st_size for p in (tmp_path / "f").iterdir())
+
+
+def test_ssm_models_are_refused_clearly(tmp_path):
+    with pytest.raises(ShrinkError, match="attention-only"):
+        export_onnx(tiny("nemotron_h"), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_onnx_stores_tied_weights_once(embedded, tmp_path):
+    from shrink.export.prompts import verification_sequences
+
+    export_onnx(embedded, tmp_path / "gemma")
+    data = (tmp_path / "gemma" / "model.onnx.data").stat().st_size
+    params = embedded.spec.param_counts().total
+    assert data < params * 4 * 1.02  # 268M float32 parameters once (a second 168M table would be +63%)
+    runner = OnnxRunner(tmp_path / "gemma")
+    sequences = verification_sequences(embedded.tokenizer, embedded.spec.vocab_size)[:3]
+    metrics = compare(TorchRunner(embedded.model), runner, sequences)
+    assert metrics.positions >= 128 and metrics.top1_agreement >= 0.99
+    assert decode_matches_prefill(runner, sequences[0][:40]) < 1e-2
