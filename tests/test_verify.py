@@ -102,3 +102,22 @@ def test_missing_artifact_and_missing_reference(tmp_path, exported):
     artifact = _copy(exported, tmp_path, with_manifest=False)
     result = run("verify", artifact)
     assert result.exit_code == 2 and "--reference" in result.output
+
+
+def test_bench_measures_gguf_and_onnx_beside_the_estimate(exported, tiny_llama_dir, tmp_path):
+    result = run("export", tiny_llama_dir, "-f", "onnx", "-o", tmp_path / "onnx", "--json")
+    assert result.exit_code == 0, result.output
+    for artifact in (exported / "f32.gguf", tmp_path / "onnx"):
+        result = run("bench", artifact, "--prompt-len", "16", "--gen-len", "4", "--repeats", "2", "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["decode"]["samples"] == 8 and data["prefill"]["samples"] == 2
+        assert data["measured"]["decode_s_per_token"] > 0
+        assert data["estimate"]["kind"] == "estimate" and data["estimate"]["target"] == "host"
+        table = run("bench", artifact, "--prompt-len", "16", "--gen-len", "4", "--repeats", "1")
+        assert "measured / estimated" in table.stdout
+
+
+def test_bench_rejects_nonsense(exported):
+    result = run("bench", exported / "f32.gguf", "--prompt-len", "0")
+    assert result.exit_code == 2 and "positive whole number" in result.output
