@@ -133,6 +133,8 @@ def _quantize_weights(directory: Path, quant: str, block_size: int, result: Onnx
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    # The quantizer logs a line per graph node at INFO; shrink's report says what was quantized.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     source = directory / "model.onnx"
     model = onnx.load(str(source))
     untied = _untie_transposed_matmuls(model)
