@@ -113,3 +113,17 @@ def test_embedded_gemma3_f16_in_llama_cpp(embedded, tmp_path):
     reference = embedded.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
     assert generated == reference.tolist()
     assert "France" in embedded.tokenizer.decode(generated)
+
+
+def test_per_layer_head_counts_export_as_deci(tmp_path):
+    loaded = tiny("llama")
+    attention = loaded.model.model.layers[1].self_attn
+    # keep 2 of 4 query heads in layer 1, one per KV group (GQA structure kept)
+    attention.q_proj = torch.nn.Linear(32, 2 * 8, bias=False)
+    attention.o_proj = torch.nn.Linear(2 * 8, 32, bias=False)
+    attention.num_key_value_groups = 1
+    loaded = LoadedModel(loaded.model, None, spec_from_model(loaded.model), "tiny-fewer-heads")
+    assert [layer.mixer.num_heads for layer in loaded.spec.layers] == [4, 2]
+    report, metrics = run(loaded, tmp_path / "heads.gguf", quant="f32")
+    assert report.arch == "deci"
+    assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 2e-3
