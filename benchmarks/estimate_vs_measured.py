@@ -1,8 +1,9 @@
 """Estimated (roofline, `host` profile) beside measured (llama.cpp) for the embedded model here.
 
-Runs the original Q4_K_M GGUF of the embedded Gemma 3 270M in llama-cpp-python with a fixed
-prompt, times prefill and every decode step, and prints them next to `shrink estimate` for the
-same workload and the formats the file really stores. The ratio is the host profile's error.
+Runs the original Q4_K_M GGUF of the embedded Gemma 3 270M in llama-cpp-python with the timing
+loop of `shrink bench` (seeded token ids, one warm-up run), times prefill and every decode step,
+and prints them next to `shrink estimate` for the same workload and the formats the file really
+stores. The ratio is the host profile's error.
 
     python benchmarks/estimate_vs_measured.py [--threads 2] [--prompt-len 256] [--gen-len 64] [--repeats 3]
 """
@@ -11,49 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from rich.console import Console
 from rich.table import Table
 
+from shrink.export.bench import time_gguf, token_ids
 from shrink.ggufmeta import gguf_formats
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import embedded_gguf_path, load_spec
-
-PARAGRAPH = (
-    "A roofline model bounds the time of every operator by the larger of two costs: the arithmetic it "
-    "performs at the peak rate of the hardware, and the bytes it moves at the peak memory bandwidth. "
-    "Decoding one token of a small language model reads every weight once and does little arithmetic "
-    "per byte, so memory bandwidth usually decides how fast it runs. "
-)
-
-
-def measure(path: str, threads: int, prompt_len: int, gen_len: int, repeats: int) -> tuple[list[float], list[float]]:
-    """(prefill seconds per run, decode seconds per token over all runs), greedy decoding."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + gen_len + 8,
-                n_batch=prompt_len, verbose=False)
-    tokens = llm.tokenize((PARAGRAPH * 64).encode())[:prompt_len]
-    if len(tokens) < prompt_len:
-        raise SystemExit(f"the benchmark text has only {len(tokens)} tokens")
-    prefill, decode = [], []
-    for run in range(repeats + 1):  # run 0 warms up caches and page-ins and is discarded
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(tokens)
-        elapsed = time.perf_counter() - start
-        steps = []
-        for _ in range(gen_len):
-            token = llm.sample(top_k=1, temp=0.0)
-            start = time.perf_counter()
-            llm.eval([token])
-            steps.append(time.perf_counter() - start)
-        if run:
-            prefill.append(elapsed)
-            decode.extend(steps)
-    return prefill, decode
 
 
 def main() -> None:
@@ -72,7 +39,8 @@ def main() -> None:
     profile = get_profile("host")
     est = estimate(spec, profile, Workload(batch=1, prompt_len=args.prompt_len, gen_len=args.gen_len))
 
-    prefill, decode = measure(str(path), args.threads, args.prompt_len, args.gen_len, args.repeats)
+    prompt, gen = token_ids(args.prompt_len, spec.vocab_size), token_ids(args.gen_len, spec.vocab_size)
+    prefill, decode = time_gguf(path, args.threads, prompt, gen, args.repeats)
     prefill_med, decode_med = statistics.median(prefill), statistics.median(decode)
     q1, _, q3 = statistics.quantiles(decode, n=4)
 

@@ -58,12 +58,12 @@ class BenchResult:
         return data
 
 
-def _ids(count: int, vocab: int) -> list[int]:
+def token_ids(count: int, vocab: int) -> list[int]:
     rng = random.Random(0)
     return [rng.randrange(1, vocab) for _ in range(count)]
 
 
-def _bench_gguf(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
+def time_gguf(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
     from llama_cpp import Llama
 
     from shrink.export.runtimes import _quiet_stderr
@@ -91,7 +91,7 @@ def _bench_gguf(path: Path, threads: int, prompt: list[int], gen: list[int], rep
     return prefill, decode
 
 
-def _bench_onnx(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
+def time_onnx(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
     from shrink.export.onnx_runtime import OnnxRunner
 
     runner = OnnxRunner(path, threads)
@@ -142,8 +142,8 @@ def bench(artifact: str | Path, threads: int | None = None, prompt_len: int = 12
     threads = threads or os.cpu_count() or 1
     spec, formats = _spec_and_formats(artifact, kind)
     vocab = spec.vocab_size if spec else 256
-    prompt, gen = _ids(prompt_len, vocab), _ids(gen_len, vocab)
-    runner = _bench_gguf if kind == "gguf" else _bench_onnx
+    prompt, gen = token_ids(prompt_len, vocab), token_ids(gen_len, vocab)
+    runner = time_gguf if kind == "gguf" else time_onnx
     prefill, decode = runner(artifact, threads, prompt, gen, repeats)
     est = None
     if spec is not None:
