@@ -9,7 +9,7 @@ import typer
 from shrink import __version__
 from shrink.cli.bench import bench_command
 from shrink.cli.estimate import estimate_command
-from shrink.cli.export import export_command, verify_command
+from shrink.cli.export import export_command, generate_command, verify_command
 from shrink.cli.formats import formats_command
 from shrink.cli.inspect import inspect_command
 from shrink.cli.profiles import profiles_app
@@ -29,6 +29,7 @@ app.command("formats")(formats_command)
 app.command("export")(export_command)
 app.command("verify")(verify_command)
 app.command("bench")(bench_command)
+app.command("generate")(generate_command)
 
 
 def _version(value: bool) -> None:

@@ -113,3 +113,24 @@ def verify_command(
         print_verdict(verdict, f"Verify {artifact} (measured)")
     if not verdict.passed:
         raise typer.Exit(1)
+
+
+@handle_user_errors
+def generate_command(
+    artifact: Path = typer.Argument(..., help="A .gguf file or an ONNX directory written by `shrink export`."),
+    prompt: str = typer.Option("The capital of France is", help="Text to continue."),
+    max_tokens: int = typer.Option(32, help="Tokens to generate (greedy)."),
+    threads: int = typer.Option(None, help="Runtime threads (default: all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """Continue a prompt greedily inside the artifact's runtime, with the artifact's own tokenizer."""
+    from dataclasses import asdict
+
+    from shrink.export.generate import generate
+
+    result = generate(artifact, prompt, max_tokens, threads)
+    if json_out:
+        print_json(asdict(result))
+        return
+    console.print(f"[bold]{result.prompt}[/]{result.text}", highlight=False)
+    console.print(f"{result.new_tokens} tokens in {result.runtime}, {result.seconds:.2f} s measured (prompt included)")

@@ -113,6 +113,8 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
                   "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
         (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
+        if loaded.tokenizer is not None:  # so that the directory is a usable model on its own
+            loaded.tokenizer.save_pretrained(tmp)
         result.tensor_type_counts = _initializer_types(tmp / "model.onnx")
     return result
 

@@ -92,3 +92,7 @@ def test_embedded_gemma3_onnx_stores_tied_weights_once(embedded, tmp_path):
     metrics = compare(TorchRunner(embedded.model), runner, sequences)
     assert metrics.positions >= 128 and metrics.top1_agreement >= 0.99
     assert decode_matches_prefill(runner, sequences[0][:40]) < 1e-2
+    from shrink.export.generate import generate
+
+    result = generate(tmp_path / "gemma", "The capital of France is", max_tokens=10)
+    assert result.runtime == "onnxruntime" and "France" in result.text

@@ -121,3 +121,8 @@ def test_bench_measures_gguf_and_onnx_beside_the_estimate(exported, tiny_llama_d
 def test_bench_rejects_nonsense(exported):
     result = run("bench", exported / "f32.gguf", "--prompt-len", "0")
     assert result.exit_code == 2 and "positive whole number" in result.output
+
+
+def test_generate_refuses_an_artifact_without_a_tokenizer(exported):
+    result = run("generate", exported / "f32.gguf")
+    assert result.exit_code == 2 and "no tokenizer" in result.output
