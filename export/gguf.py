@@ -94,7 +94,8 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
 def _file_type(quant: str) -> int:
     from gguf import LlamaFileType
 
-    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}
+    # llama.cpp names MXFP4 files after their first use (MoE experts); the type is the same
+    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "mxfp4": "MOSTLY_MXFP4_MOE"}
     return int(LlamaFileType[names.get(quant, "MOSTLY_" + quant.upper())])
 
 

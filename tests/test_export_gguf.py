@@ -127,3 +127,10 @@ def test_per_layer_head_counts_export_as_deci(tmp_path):
     report, metrics = run(loaded, tmp_path / "heads.gguf", quant="f32")
     assert report.arch == "deci"
     assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 2e-3
+
+
+@pytest.mark.parametrize("quant, kind", [("bf16", "BF16"), ("f16", "F16"), ("q5_0", "Q5_0"), ("q4_1", "Q4_1"), ("mxfp4", "MXFP4")])
+def test_gguf_types_pack_and_run(tmp_path, quant, kind):
+    report, metrics = run(tiny("llama"), tmp_path / "m.gguf", quant=quant)
+    assert report.tensor_types["blk.0.attn_q.weight"] == kind
+    assert metrics.positions == 80 and metrics.top1_agreement >= 0.5  # it runs and tracks the model
