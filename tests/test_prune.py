@@ -1,0 +1,139 @@
+"""Pruning slices for real, and the pruned model equals the full model with the same units masked."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shrink.compress.importance import score
+from shrink.compress.prune import prune_ffn, prune_heads, prune_kv_groups, prune_layers
+from shrink.errors import ShrinkError
+from shrink.families import spec_from_model
+from shrink.model import LoadedModel, save
+from tiny_models import tiny_configs
+
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "mistral"]
+CALIBRATION = torch.randint(0, 101, (6, 24), generator=torch.Generator().manual_seed(1))
+PROBE = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2))
+
+
+def tiny(name, **overrides):
+    torch.manual_seed(0)
+    config = tiny_configs()[name]
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(model, None, spec_from_model(model), f"tiny-{name}")
+
+
+def logits(model, ids=PROBE):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def masked(loaded, mask_fn):
+    """The full model with some units zeroed in place of removing them."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        mask_fn(model)
+    return model
+
+
+def dropped(scores, keep):
+    return sorted(set(range(len(scores))) - set(torch.topk(scores, keep).indices.tolist()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ffn_pruning_equals_masking(family):
+    loaded = tiny(family)
+    imp = score(loaded, CALIBRATION)
+    pruned = prune_ffn(loaded, imp, 20)
+    assert [layer.ffn.width for layer in pruned.spec.layers] == [20] * loaded.spec.num_layers
+    assert pruned.model.model.layers[0].mlp.up_proj.weight.shape == (20, 32)
+
+    def mask(model):
+        for block, scores in zip(model.model.layers, imp.ffn):
+            block.mlp.down_proj.weight[:, dropped(scores, 20)] = 0
+
+    assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
+    assert sum(p.numel() for p in pruned.model.parameters()) == pruned.spec.param_counts().total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_pruning_within_kv_groups_equals_masking(family):
+    loaded = tiny(family)  # 4 query heads in 2 KV groups
+    imp = score(loaded, CALIBRATION)
+    pruned = prune_heads(loaded, imp, heads_per_group=1)
+    a = pruned.spec.layers[0].mixer
+    assert (a.num_heads, a.num_kv_heads) == (2, 2)
+    head_dim = a.head_dim
+
+    def mask(model):
+        for block, scores in zip(model.model.layers, imp.heads):
+            for g in range(2):
+                for h in dropped(scores[2 * g:2 * g + 2], 1):
+                    col = (2 * g + h) * head_dim
+                    block.self_attn.o_proj.weight[:, col:col + head_dim] = 0
+
+    assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_kv_group_pruning_equals_masking(family):
+    loaded = tiny(family)
+    imp = score(loaded, CALIBRATION)
+    pruned = prune_kv_groups(loaded, imp, groups=1)
+    assert pruned.spec.layers[0].mixer.num_kv_heads == 1 and pruned.spec.layers[0].mixer.num_heads == 2
+    head_dim = pruned.spec.layers[0].mixer.head_dim
+
+    def mask(model):
+        for i, block in enumerate(model.model.layers):
+            for g in dropped(imp.kv_groups(i, 2), 1):
+                block.self_attn.o_proj.weight[:, g * 2 * head_dim:(g + 1) * 2 * head_dim] = 0
+
+    assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_depth_pruning_equals_skipping_the_layers(family):
+    loaded = tiny(family)
+    imp = score(loaded, CALIBRATION)
+    keep = loaded.spec.num_layers - 1
+    pruned = prune_layers(loaded, imp, keep)
+    assert pruned.spec.num_layers == keep
+    skipped = set(dropped(imp.layers, keep))
+    reference = masked(loaded, lambda model: None)
+    for i in skipped:
+        reference.model.layers[i].register_forward_hook(lambda module, args, output: args[0])
+    assert torch.allclose(logits(pruned.model), logits(reference), atol=1e-5)
+
+
+def test_uniformly_pruned_model_saves_and_reloads_identically(tmp_path):
+    loaded = tiny("gemma3")
+    imp = score(loaded, CALIBRATION)
+    pruned = prune_layers(prune_heads(prune_ffn(loaded, imp, 16), imp, 1), imp, 4)
+    save(pruned.model, tmp_path / "pruned")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert torch.equal(logits(pruned.model), logits(again))
+    assert pruned.spec.param_counts().total < loaded.spec.param_counts().total
+
+
+def test_block_influence_ranks_an_identity_layer_last():
+    loaded = tiny("llama", num_hidden_layers=3)
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream
+        loaded.model.model.layers[1].self_attn.o_proj.weight.zero_()
+        loaded.model.model.layers[1].mlp.down_proj.weight.zero_()
+    imp = score(loaded, CALIBRATION)
+    assert imp.layers[1] == pytest.approx(0, abs=1e-6) and int(imp.layers.argmin()) == 1
+
+
+def test_impossible_targets_are_refused():
+    loaded = tiny("llama")
+    imp = score(loaded, CALIBRATION)
+    with pytest.raises(ShrinkError, match="between 1 and 48"):
+        prune_ffn(loaded, imp, 64)
+    with pytest.raises(ShrinkError, match="between 1 and 2"):
+        prune_heads(loaded, imp, 3)
+    with pytest.raises(ShrinkError, match="not written yet"):
+        score(tiny("nemotron_h"), CALIBRATION)
