@@ -320,18 +320,39 @@ def _first_line(err: BaseException) -> str:
 # Saving
 
 
-def save(model: Any, directory: str | Path, tokenizer: Any | None = None) -> Path:
+def save(model: Any, directory: str | Path, tokenizer: Any | None = None, gguf_tokenizer: Path | None = None) -> Path:
     """Write a directory that `AutoModelForCausalLM.from_pretrained` loads with identical logits.
 
     A model that came from a GGUF carries a quantization_config that transformers refuses to
     serialize; its weights are already dequantized, so the model is rebuilt without it.
+    `gguf_tokenizer` (the GGUF the model came from) is kept as a small tokenizer-only GGUF beside
+    the weights, so that a pruned or distilled model can still be exported to GGUF.
     """
     model = _serializable(model)
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if gguf_tokenizer is not None:
+            _write_tokenizer_sidecar(Path(gguf_tokenizer), tmp / TOKENIZER_SIDECAR)
     return Path(directory)
+
+
+def save_loaded(loaded: LoadedModel, directory: str | Path) -> Path:
+    return save(loaded.model, directory, tokenizer=loaded.tokenizer, gguf_tokenizer=loaded.gguf_tokenizer)
+
+
+def _write_tokenizer_sidecar(source: Path, target: Path) -> None:
+    import gguf
+
+    from shrink.export.gguf import copy_tokenizer_fields
+
+    writer = gguf.GGUFWriter(str(target), "tokenizer")
+    copy_tokenizer_fields(source, writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
 
 
 def _serializable(model: Any) -> Any:

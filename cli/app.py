@@ -13,6 +13,7 @@ from shrink.cli.export import export_command, generate_command, verify_command
 from shrink.cli.formats import formats_command
 from shrink.cli.inspect import inspect_command
 from shrink.cli.profiles import profiles_app
+from shrink.cli.prune import prune_command
 
 app = typer.Typer(
     name="shrink",
@@ -30,6 +31,7 @@ app.command("export")(export_command)
 app.command("verify")(verify_command)
 app.command("bench")(bench_command)
 app.command("generate")(generate_command)
+app.command("prune")(prune_command)
 
 
 def _version(value: bool) -> None:

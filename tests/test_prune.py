@@ -137,3 +137,31 @@ def test_impossible_targets_are_refused():
         prune_heads(loaded, imp, 3)
     with pytest.raises(ShrinkError, match="not written yet"):
         score(tiny("nemotron_h"), CALIBRATION)
+
+
+@pytest.mark.slow
+def test_prune_command_on_the_embedded_model_then_gguf_export(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+    from shrink.export.prompts import DEFAULT_TEXTS
+    from shrink.model import load
+
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n\n".join(DEFAULT_TEXTS * 4))
+    runner = CliRunner()
+    result = runner.invoke(app, ["prune", "gemma-3-270m", "--ffn", "1024", "--heads", "2", "--data", str(data),
+                                 "--seq-len", "32", "-o", str(tmp_path / "pruned"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["params_after"] < report["params_before"]
+    pruned = load(str(tmp_path / "pruned"))
+    assert pruned.spec.layers[0].ffn.width == 1024 and pruned.spec.layers[0].mixer.num_heads == 2
+    assert pruned.spec.param_counts().total == report["params_after"]
+    assert pruned.gguf_tokenizer is not None  # the tokenizer travels, so GGUF export still works
+    result = runner.invoke(app, ["export", str(tmp_path / "pruned"), "-f", "gguf", "--quant", "f16",
+                                 "-o", str(tmp_path / "pruned.gguf"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verify"]["metrics"]["top1_agreement"] >= 0.99

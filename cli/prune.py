@@ -1,0 +1,68 @@
+"""`shrink prune`: Minitron-style structured pruning by activation importance, saved as a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from shrink.cli.inspect import MODEL_HELP
+from shrink.cli.render import console, err_console, handle_user_errors, print_json
+
+
+@handle_user_errors
+def prune_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the pruned model (Hugging Face layout)."),
+    ffn: int = typer.Option(None, help="FFN neurons to keep in every layer."),
+    heads: int = typer.Option(None, help="Query heads to keep per KV group (GQA structure kept)."),
+    kv_groups: int = typer.Option(None, help="KV groups to keep (each with its query heads)."),
+    layers: int = typer.Option(None, help="Layers to keep (depth pruning by Block Influence)."),
+    data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
+    seq_len: int = typer.Option(128, help="Calibration sequence length in tokens."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """Prune a model's width (FFN neurons, attention heads, KV groups) and depth (layers), keeping the most
+    important units by activation statistics, and save it. Every axis slices real tensors.
+
+    Example: shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
+    """
+    from shrink.compress.data import prepare
+    from shrink.compress.importance import score
+    from shrink.compress.prune import prune_ffn, prune_heads, prune_kv_groups, prune_layers
+    from shrink.errors import ShrinkError
+    from shrink.model import load, save_loaded
+
+    if not any(v is not None for v in (ffn, heads, kv_groups, layers)):
+        raise ShrinkError("Say what to prune: --ffn, --heads, --kv-groups and/or --layers.")
+    with err_console.status(f"Loading {model}"):
+        loaded = load(model)
+    split = prepare(loaded, data, seq_len=seq_len)
+    with err_console.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens"):
+        importance = score(loaded, split.calibration)
+    before = loaded.spec.param_counts().total
+    pruned = loaded
+    if ffn is not None:
+        pruned = prune_ffn(pruned, importance, ffn)
+    if kv_groups is not None:
+        pruned = prune_kv_groups(pruned, importance, kv_groups)
+    if heads is not None:
+        pruned = prune_heads(pruned, importance, heads)
+    if layers is not None:
+        pruned = prune_layers(pruned, importance, layers)
+    save_loaded(pruned, output)
+    after = pruned.spec.param_counts().total
+    if json_out:
+        print_json({"output": str(output), "params_before": before, "params_after": after,
+                    "calibration_tokens": importance.tokens, "data": split.source, "spec": pruned.spec.to_dict()})
+        return
+    table = Table(title=f"Pruned {model} -> {output}", title_justify="left")
+    for column in ("", "layers", "FFN", "heads / KV heads", "parameters"):
+        table.add_column(column)
+    for label, spec, total in (("before", loaded.spec, before), ("after", pruned.spec, after)):
+        a = spec.layers[0].mixer
+        table.add_row(label, str(spec.num_layers), str(spec.layers[0].ffn.width), f"{a.num_heads} / {a.num_kv_heads}", f"{total:,}")
+    console.print(table)
+    console.print(f"importance from {importance.tokens:,} calibration tokens ({split.source}); "
+                  "distillation to recover quality is the next step (not written yet)")
