@@ -19,6 +19,7 @@ def prune_command(
     heads: int = typer.Option(None, help="Query heads to keep per KV group (GQA structure kept)."),
     kv_groups: int = typer.Option(None, help="KV groups to keep (each with its query heads)."),
     layers: int = typer.Option(None, help="Layers to keep (depth pruning by Block Influence)."),
+    hidden: int = typer.Option(None, help="Embedding channels to keep (norms rescaled so the kept channels compute as before)."),
     data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Calibration sequence length in tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
@@ -30,12 +31,12 @@ def prune_command(
     """
     from shrink.compress.data import prepare
     from shrink.compress.importance import score
-    from shrink.compress.prune import prune_ffn, prune_heads, prune_kv_groups, prune_layers
+    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers
     from shrink.errors import ShrinkError
     from shrink.model import load, save_loaded
 
-    if not any(v is not None for v in (ffn, heads, kv_groups, layers)):
-        raise ShrinkError("Say what to prune: --ffn, --heads, --kv-groups and/or --layers.")
+    if not any(v is not None for v in (ffn, heads, kv_groups, layers, hidden)):
+        raise ShrinkError("Say what to prune: --ffn, --heads, --kv-groups, --hidden and/or --layers.")
     with err_console.status(f"Loading {model}"):
         loaded = load(model)
     split = prepare(loaded, data, seq_len=seq_len)
@@ -49,6 +50,8 @@ def prune_command(
         pruned = prune_kv_groups(pruned, importance, kv_groups)
     if heads is not None:
         pruned = prune_heads(pruned, importance, heads)
+    if hidden is not None:
+        pruned = prune_hidden(pruned, importance, hidden)
     if layers is not None:
         pruned = prune_layers(pruned, importance, layers)
     save_loaded(pruned, output)
@@ -58,11 +61,12 @@ def prune_command(
                     "calibration_tokens": importance.tokens, "data": split.source, "spec": pruned.spec.to_dict()})
         return
     table = Table(title=f"Pruned {model} -> {output}", title_justify="left")
-    for column in ("", "layers", "FFN", "heads / KV heads", "parameters"):
+    for column in ("", "layers", "hidden", "FFN", "heads / KV heads", "parameters"):
         table.add_column(column)
     for label, spec, total in (("before", loaded.spec, before), ("after", pruned.spec, after)):
         a = spec.layers[0].mixer
-        table.add_row(label, str(spec.num_layers), str(spec.layers[0].ffn.width), f"{a.num_heads} / {a.num_kv_heads}", f"{total:,}")
+        table.add_row(label, str(spec.num_layers), str(spec.hidden_size), str(spec.layers[0].ffn.width),
+                      f"{a.num_heads} / {a.num_kv_heads}", f"{total:,}")
     console.print(table)
     console.print(f"importance from {importance.tokens:,} calibration tokens ({split.source}); "
                   "distillation to recover quality is the next step (not written yet)")

@@ -137,3 +137,66 @@ def prune_layers(loaded: Any, importance: Importance, keep: int) -> Any:
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in kept]
     return _result(loaded, model, f"layers{keep}")
+
+
+def prune_hidden(loaded: Any, importance: Importance, hidden: int) -> Any:
+    """Keep the `hidden` most important embedding channels in every tensor that touches the residual
+    stream. RMSNorm averages over the channels it sees, so every hidden-size norm's weight is scaled
+    by sqrt(d / d') and its epsilon by d / d': the pruned model then computes exactly what the full
+    model computes with the dropped channels held at zero."""
+    import math
+
+    import torch
+
+    d = loaded.spec.hidden_size
+    if not 0 < hidden <= d:
+        raise ShrinkError(f"Hidden size must be between 1 and {d}, got {hidden}.")
+    model, config = _copy(loaded)
+    keep = _top(importance.hidden, hidden)
+    ratio = d / hidden
+    gemma = loaded.spec.family == "gemma3"  # Gemma's norms compute x * (1 + w)
+    scale = math.sqrt(ratio)
+
+    def norm(module: Any, factor: float) -> None:
+        with torch.no_grad():
+            w = module.weight.detach()[keep] if module.weight.shape[0] == d else module.weight.detach()
+            w = (1 + w) * factor - 1 if gemma else w * factor
+            module.weight = torch.nn.Parameter(w.clone())
+        for attribute in ("eps", "variance_epsilon"):
+            if hasattr(module, attribute):
+                setattr(module, attribute, getattr(module, attribute) * ratio)
+
+    embed = model.model.embed_tokens
+    with torch.no_grad():
+        weight = embed.weight.detach()[:, keep].clone()
+        if hasattr(embed, "embed_scale"):  # Gemma multiplies by sqrt(hidden size), which shrinks with it
+            weight *= scale
+            embed.embed_scale.fill_(math.sqrt(hidden))
+            embed.scalar_embed_scale = math.sqrt(hidden)
+        embed.weight = torch.nn.Parameter(weight)
+        embed.embedding_dim = hidden
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, _sliced_linear(getattr(attn, name), cols=keep))
+        attn.o_proj = _sliced_linear(attn.o_proj, rows=keep)
+        mlp.gate_proj = _sliced_linear(mlp.gate_proj, cols=keep)
+        mlp.up_proj = _sliced_linear(mlp.up_proj, cols=keep)
+        mlp.down_proj = _sliced_linear(mlp.down_proj, rows=keep)
+        for module in block.modules():
+            if module is not block and "RMSNorm" in type(module).__name__:
+                # hidden-size norms are rescaled; q/k norms (head_dim) only share the config's epsilon
+                norm(module, scale if module.weight.shape[0] == d else 1.0)
+    tied = loaded.spec.tied_embeddings
+    # A tied lm_head reads the embedding table, already multiplied by sqrt(d / d') for Gemma: the
+    # final norm's own factor and that one cancel.
+    final_factor = 1.0 if (tied and hasattr(embed, "embed_scale")) else scale
+    norm(model.model.norm, final_factor)
+    if tied:
+        model.tie_weights()
+    else:
+        model.lm_head = _sliced_linear(model.lm_head, cols=keep)
+    config.hidden_size = hidden
+    _pin_head_dim(config, loaded)
+    config.rms_norm_eps = config.rms_norm_eps * ratio
+    return _result(loaded, model, f"hidden{hidden}")

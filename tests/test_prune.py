@@ -165,3 +165,26 @@ def test_prune_command_on_the_embedded_model_then_gguf_export(tmp_path):
                                  "-o", str(tmp_path / "pruned.gguf"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["verify"]["metrics"]["top1_agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_pruning_equals_masking(family, tmp_path):
+    from shrink.compress.prune import prune_hidden
+
+    loaded = tiny(family)
+    imp = score(loaded, CALIBRATION)
+    pruned = prune_hidden(loaded, imp, 24)
+    assert pruned.spec.hidden_size == 24
+    drop = dropped(imp.hidden, 24)
+
+    def mask(model):  # hold the dropped channels of the residual stream at zero
+        model.model.embed_tokens.weight[:, drop] = 0
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight[drop, :] = 0
+            block.mlp.down_proj.weight[drop, :] = 0
+
+    reference = masked(loaded, mask)
+    assert torch.allclose(logits(pruned.model), logits(reference), atol=1e-4, rtol=1e-4)
+    save(pruned.model, tmp_path / "h")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
+    assert torch.allclose(logits(again), logits(pruned.model), atol=1e-5)
