@@ -8,6 +8,7 @@ import typer
 
 from shrink import __version__
 from shrink.cli.bench import bench_command
+from shrink.cli.distill import distill_command
 from shrink.cli.estimate import estimate_command
 from shrink.cli.export import export_command, generate_command, verify_command
 from shrink.cli.formats import formats_command
@@ -32,6 +33,7 @@ app.command("verify")(verify_command)
 app.command("bench")(bench_command)
 app.command("generate")(generate_command)
 app.command("prune")(prune_command)
+app.command("distill")(distill_command)
 
 
 def _version(value: bool) -> None:

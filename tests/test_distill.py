@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
 
 def _setup():
     torch.manual_seed(0)
-    teacher_model = AutoModelForCausalLM.from_config(tiny_configs()["llama"]).eval()
+    teacher_model = AutoModelForCausalLM.from_config(tiny_configs()["qwen2"]).eval()  # tied embeddings
     teacher = LoadedModel(teacher_model, None, spec_from_model(teacher_model), "tiny-teacher")
     student = prune_ffn(teacher, score(teacher, DATA[:4]), 16)
     train, evaluation = DATA[:12], DATA[12:]

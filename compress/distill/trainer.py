@@ -143,10 +143,10 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
 def _save_checkpoint(path: Path, student: Any, optimizer: Any, taid_state: TAIDState, report: DistillReport,
                      config: DistillConfig, step: int) -> None:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     with atomic_directory(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(tmp / "student.safetensors"))
+        save_model(student, str(tmp / "student.safetensors"))  # handles tied (shared) tensors
         torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
         atomic_write_text(tmp / "progress.json", json.dumps({
             "step": step, "config": asdict(config), "taid": taid_state.to_dict(),
@@ -157,7 +157,7 @@ def _save_checkpoint(path: Path, student: Any, optimizer: Any, taid_state: TAIDS
 def _resume(path: Path, student: Any, optimizer: Any, taid_state: TAIDState, report: DistillReport,
             config: DistillConfig) -> int:
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     progress_file = path / "progress.json"
     if not progress_file.is_file():
@@ -166,7 +166,7 @@ def _resume(path: Path, student: Any, optimizer: Any, taid_state: TAIDState, rep
     if saved["config"] != asdict(config):
         raise ShrinkError(f"The checkpoint in '{path}' was made with other settings; use another output directory "
                           "or the same settings to resume.")
-    student.load_state_dict(load_file(str(path / "student.safetensors")), strict=True)
+    load_model(student, str(path / "student.safetensors"), strict=True)
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
