@@ -29,8 +29,10 @@ def distill_command(
     checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """Distill a student towards a teacher on its logits. The teacher runs once (top-k logits cached on disk);
-    rerunning the same command after an interruption resumes from the last checkpoint.
+    """Distill a student towards a teacher on its logits, resumable after an interruption.
+
+    The teacher runs once (top-k logits cached on disk); rerunning the same command after an
+    interruption resumes from the last checkpoint.
 
     Example: shrink distill gemma-pruned --teacher gemma-3-270m --steps 200 -o gemma-pruned-distilled
     """

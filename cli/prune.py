@@ -24,8 +24,9 @@ def prune_command(
     seq_len: int = typer.Option(128, help="Calibration sequence length in tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """Prune a model's width (FFN neurons, attention heads, KV groups) and depth (layers), keeping the most
-    important units by activation statistics, and save it. Every axis slices real tensors.
+    """Prune width (FFN, heads, KV groups, hidden) and depth by activation importance, and save the model.
+
+    The most important units by activation statistics are kept; every axis slices real tensors.
 
     Example: shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
     """
