@@ -22,7 +22,7 @@ def distill_command(
     steps: int = typer.Option(100, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Sequences per step."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-5, help="AdamW learning rate (1e-5 lowered held-out KL on the embedded model where 5e-5 raised it)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature of both distributions."),
     top_k: int = typer.Option(64, help="Teacher logits kept per position in the cache."),
     ce_weight: float = typer.Option(0.0, help="Weight of an extra cross-entropy term on the real next tokens."),

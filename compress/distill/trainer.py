@@ -25,7 +25,7 @@ CHECKPOINT = "checkpoint"
 class DistillConfig:
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | taid
     temperature: float = 1.0
-    lr: float = 1e-4
+    lr: float = 1e-5
     weight_decay: float = 0.0
     batch_size: int = 4
     steps: int = 100
