@@ -18,7 +18,8 @@ def prune_command(
     ffn: int = typer.Option(None, help="FFN neurons to keep in every layer."),
     heads: int = typer.Option(None, help="Query heads to keep per KV group (GQA structure kept)."),
     kv_groups: int = typer.Option(None, help="KV groups to keep (each with its query heads)."),
-    layers: int = typer.Option(None, help="Layers to keep (depth pruning by Block Influence)."),
+    layers: int = typer.Option(None, help="Layers to keep (depth pruning)."),
+    depth_criterion: str = typer.Option("bi", help="Layer importance for --layers: bi (Block Influence, one pass) or kl (KL to the full model without each layer, one pass per layer)."),
     hidden: int = typer.Option(None, help="Embedding channels to keep (norms rescaled so the kept channels compute as before)."),
     data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Calibration sequence length in tokens."),
@@ -31,18 +32,24 @@ def prune_command(
     Example: shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
     """
     from shrink.compress.data import prepare
-    from shrink.compress.importance import score
+    from dataclasses import replace
+
+    from shrink.compress.importance import cached_score, layer_kl_scores
     from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers
     from shrink.errors import ShrinkError
     from shrink.model import load, save_loaded
 
+    if depth_criterion not in ("bi", "kl"):
+        raise ShrinkError(f"--depth-criterion must be bi or kl, not '{depth_criterion}'.")
     if not any(v is not None for v in (ffn, heads, kv_groups, layers, hidden)):
         raise ShrinkError("Say what to prune: --ffn, --heads, --kv-groups, --hidden and/or --layers.")
     with err_console.status(f"Loading {model}"):
         loaded = load(model)
     split = prepare(loaded, data, seq_len=seq_len)
     with err_console.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens"):
-        importance = score(loaded, split.calibration)
+        importance = cached_score(loaded, split.calibration)
+        if layers is not None and depth_criterion == "kl":
+            importance = replace(importance, layers=layer_kl_scores(loaded, split.calibration))
     before = loaded.spec.param_counts().total
     pruned = loaded
     if ffn is not None:

@@ -102,3 +102,55 @@ def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
         layers=(influence / tokens).float(),
         tokens=tokens,
     )
+
+
+def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
+    """Second depth criterion: the KL(full || without layer i) on the calibration data, per layer.
+    One extra pass per layer; a layer whose removal barely moves the output distribution is the one
+    to drop (higher score = more important, as with Block Influence)."""
+    import torch
+    import torch.nn.functional as F
+
+    _check_family(loaded)
+    model = loaded.model.eval()
+    layers = model.model.layers
+
+    def logprobs() -> list[Any]:
+        with torch.no_grad():
+            return [F.log_softmax(model(batches[s:s + batch_size]).logits.double(), -1)
+                    for s in range(0, batches.shape[0], batch_size)]
+
+    reference = logprobs()
+    scores = torch.zeros(len(layers), dtype=torch.float64)
+    for i, block in enumerate(layers):
+        handle = block.register_forward_hook(lambda _m, args, _out: args[0])  # the layer becomes identity
+        try:
+            skipped = logprobs()
+        finally:
+            handle.remove()
+        total = sum(float((ref.exp() * (ref - out)).sum(-1).sum()) for ref, out in zip(reference, skipped))
+        scores[i] = total / batches.numel()
+    return scores.float()
+
+
+def cached_score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
+    """`score`, cached on disk by the model's weights and the calibration tokens, so several prune
+    targets (or a --search over them) reuse one pass."""
+    import hashlib
+
+    import torch
+
+    from shrink.export.manifest import weights_hash
+    from shrink.storage import atomic_path, cache_dir
+
+    digest = hashlib.sha256(weights_hash(loaded.model).encode() + batches.contiguous().numpy().tobytes()).hexdigest()[:24]
+    path = cache_dir("importance") / f"{digest}.pt"
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        return Importance(ffn=data["ffn"], heads=data["heads"], hidden=data["hidden"], layers=data["layers"],
+                          tokens=int(data["tokens"]))
+    importance = score(loaded, batches, batch_size)
+    with atomic_path(path) as tmp:
+        torch.save({"ffn": importance.ffn, "heads": importance.heads, "hidden": importance.hidden,
+                    "layers": importance.layers, "tokens": importance.tokens}, tmp)
+    return importance

@@ -188,3 +188,26 @@ def test_hidden_pruning_equals_masking(family, tmp_path):
     save(pruned.model, tmp_path / "h")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
     assert torch.allclose(logits(again), logits(pruned.model), atol=1e-5)
+
+
+def test_layer_kl_ranks_an_identity_layer_last_and_agrees_with_block_influence():
+    from shrink.compress.importance import layer_kl_scores
+
+    loaded = tiny("llama", num_hidden_layers=3)
+    with torch.no_grad():
+        loaded.model.model.layers[1].self_attn.o_proj.weight.zero_()
+        loaded.model.model.layers[1].mlp.down_proj.weight.zero_()
+    kl = layer_kl_scores(loaded, CALIBRATION)
+    assert kl[1] == pytest.approx(0, abs=1e-9) and kl[0] > 0 and kl[2] > 0
+
+
+def test_importance_is_cached_and_reused(tmp_path, monkeypatch):
+    from shrink.compress import importance as module
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    loaded = tiny("qwen3")
+    first = module.cached_score(loaded, CALIBRATION)
+    assert len(list((tmp_path / "importance").glob("*.pt"))) == 1
+    monkeypatch.setattr(module, "score", lambda *a, **k: pytest.fail("scored again instead of reading the cache"))
+    again = module.cached_score(loaded, CALIBRATION)
+    assert torch.equal(again.hidden, first.hidden) and all(torch.equal(a, b) for a, b in zip(again.ffn, first.ffn))
