@@ -180,12 +180,17 @@ def load_spec(source: str, *, trust_remote_code: bool = False) -> ArchSpec:
         if "layers" in data and "hidden_size" in data and "family" in data:
             return ArchSpec.from_dict(data)
     spec = spec_from_config(load_config(source, trust_remote_code=trust_remote_code))
-    if where.kind == "embedded":
-        spec = replace(spec, formats=EMBEDDED[source].formats)
     if where.kind == "gguf":  # cost the formats the file stores, not the dequantized config's dtype
         from shrink.ggufmeta import gguf_formats
 
         spec = replace(spec, formats=gguf_formats(Path(where.location, where.gguf_file)).formats)
+    return _named(spec, where, source)
+
+
+def _named(spec: ArchSpec, where: _Source, source: str) -> ArchSpec:
+    """The spec under the name the user gave, in the formats its source is deployed in."""
+    if where.kind == "embedded":
+        spec = replace(spec, formats=EMBEDDED[source].formats)
     return replace(spec, name=source)
 
 
@@ -208,12 +213,9 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
         where,
     )
     model.eval()
-    spec = replace(spec_from_model(model), name=source)
-    gguf_tokenizer = Path(location, TOKENIZER_SIDECAR) if Path(location, TOKENIZER_SIDECAR).is_file() else None
-    if where.kind == "embedded":
-        spec = replace(spec, formats=EMBEDDED[source].formats)
-        gguf_tokenizer = embedded_gguf_path(source)
-    return LoadedModel(model, _tokenizer(location), spec, source, gguf_tokenizer)
+    sidecar = Path(location, TOKENIZER_SIDECAR)
+    gguf_tokenizer = embedded_gguf_path(source) if where.kind == "embedded" else sidecar if sidecar.is_file() else None
+    return LoadedModel(model, _tokenizer(location), _named(spec_from_model(model), where, source), source, gguf_tokenizer)
 
 
 def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str | None = None) -> LoadedModel:
@@ -314,6 +316,18 @@ def _guard(fn, where: _Source):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0].rstrip(".") if text else type(err).__name__
+
+
+def weights_hash(model: Any) -> str:
+    """sha256 over a model's tensors in name order: the same weights give the same hash whatever file
+    they were loaded from (manifests, and the keys of every cache derived from a model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _print_export(result) -> None:
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     if result.verdict is not None:
-        print_verdict(result.verdict, f"Verified (measured in the artifact's runtime against PyTorch)")
+        print_verdict(result.verdict, "Verified (measured in the artifact's runtime against PyTorch)")
     console.print(f"manifest: {result.manifest}")
 
 

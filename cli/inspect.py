@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from shrink.archspec import ArchSpec, AttentionSpec, LayerSpec, SSMSpec
-from shrink.cli.render import console, fmt_count, handle_user_errors, print_json
+from shrink.cli.render import console, handle_user_errors, print_json
 
 MODEL_HELP = (
     "A model: 'gemma-3-270m' (embedded default), a Hugging Face directory, a .gguf file, "

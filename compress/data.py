@@ -129,7 +129,7 @@ def _read_hub_dataset(name: str, field: str) -> list[str]:
 
 def teacher_texts(loaded: Any, settings: GenerationSettings = GenerationSettings()) -> list[str]:
     """The teacher's own continuations of the seed prompts, cached by weights and settings."""
-    from shrink.export.manifest import weights_hash
+    from shrink.model import weights_hash
 
     if loaded.tokenizer is None:
         raise ShrinkError("The teacher has no tokenizer, so it cannot write its own data; pass --data.")

@@ -140,7 +140,7 @@ def cached_score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
 
     import torch
 
-    from shrink.export.manifest import weights_hash
+    from shrink.model import weights_hash
     from shrink.storage import atomic_path, cache_dir
 
     digest = hashlib.sha256(weights_hash(loaded.model).encode() + batches.contiguous().numpy().tobytes()).hexdigest()[:24]

@@ -64,16 +64,9 @@ def token_ids(count: int, vocab: int) -> list[int]:
 
 
 def time_gguf(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
-    from llama_cpp import Llama
+    from shrink.export.runtimes import open_llama
 
-    from shrink.export.runtimes import _quiet_stderr
-
-    try:
-        with _quiet_stderr():
-            llm = Llama(model_path=str(path), n_ctx=len(prompt) + len(gen) + 8, n_batch=len(prompt),
-                        n_threads=threads, n_threads_batch=threads, verbose=False)
-    except (ValueError, RuntimeError) as err:
-        raise ShrinkError(f"llama.cpp could not load '{path}': the file is corrupt or truncated ({err}).") from None
+    llm = open_llama(path, n_ctx=len(prompt) + len(gen) + 8, n_batch=len(prompt), threads=threads)
     prefill, decode = [], []
     for run in range(repeats + 1):  # run 0 is a warm-up (page-in, kernel selection) and is dropped
         llm.reset()

@@ -22,7 +22,6 @@ import numpy as np
 from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
-from shrink.storage import cache_dir
 
 log = logging.getLogger("shrink")
 

@@ -40,16 +40,6 @@ def artifact_files(artifact: Path) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
 
 
-def weights_hash(model: Any) -> str:
-    """sha256 over the exported model's tensors in name order: the same weights give the same hash
-    whatever file they were loaded from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def tool_versions() -> dict[str, str]:
     versions = {"shrink": __version__, "python": platform.python_version()}
     for dist in _TOOLS:

@@ -48,31 +48,28 @@ def _attention_layers(spec: ArchSpec) -> list[AttentionSpec]:
     return [layer.mixer for layer in spec.layers]
 
 
-class _DecoderWithCache:
-    """Built lazily so that importing this module does not import torch."""
+def _decoder_with_cache(model: Any, layers: int) -> Any:
+    """The model behind plain-tensor inputs and outputs (defined here so importing the module does not import torch)."""
+    import torch
+    from transformers import DynamicCache
 
-    @staticmethod
-    def build(model: Any, layers: int) -> Any:
-        import torch
-        from transformers import DynamicCache
+    class DecoderWithCache(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class DecoderWithCache(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
 
-            def forward(self, input_ids, attention_mask, position_ids, *past):
-                cache = DynamicCache()
-                for i in range(layers):
-                    cache.update(past[2 * i], past[2 * i + 1], i)
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=True)
-                present = []
-                for layer in out.past_key_values.layers:
-                    present += [layer.keys, layer.values]
-                return (out.logits, *present)
-
-        return DecoderWithCache().eval()
+    return DecoderWithCache().eval()
 
 
 def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_size: int = 32) -> OnnxExport:
@@ -84,7 +81,7 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     spec: ArchSpec = loaded.spec
     attention = _attention_layers(spec)
     model = loaded.model.float().eval()
-    wrapper = _DecoderWithCache.build(model, len(attention))
+    wrapper = _decoder_with_cache(model, len(attention))
     batch, past_len, new_len = 1, 3, 4
     past = []
     for a in attention:

@@ -40,20 +40,25 @@ class LlamaCppRunner:
     name = "llama.cpp"
 
     def __init__(self, path: Path, max_tokens: int, threads: int | None = None) -> None:
-        from llama_cpp import Llama
-
-        threads = threads or os.cpu_count() or 1
-        try:
-            with _quiet_stderr():
-                self.llm = Llama(model_path=str(path), logits_all=True, n_ctx=max_tokens, n_batch=max_tokens,
-                                 n_ubatch=max_tokens, n_threads=threads, n_threads_batch=threads, verbose=False)
-        except (ValueError, RuntimeError) as err:
-            raise ShrinkError(f"llama.cpp could not load '{path}': the file is corrupt, truncated or of an unsupported kind ({err}).") from None
+        self.llm = open_llama(path, n_ctx=max_tokens, n_batch=max_tokens, threads=threads, logits_all=True)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+
+def open_llama(path: Path, *, n_ctx: int, n_batch: int, threads: int | None = None, logits_all: bool = False) -> Any:
+    """A llama-cpp-python model, its loader log kept off the terminal, a bad file one sentence."""
+    from llama_cpp import Llama
+
+    threads = threads or os.cpu_count() or 1
+    try:
+        with _quiet_stderr():
+            return Llama(model_path=str(path), logits_all=logits_all, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
+    except (ValueError, RuntimeError) as err:
+        raise ShrinkError(f"llama.cpp could not load '{path}': the file is corrupt, truncated or of an unsupported kind ({err}).") from None
 
 
 @contextlib.contextmanager

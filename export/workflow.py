@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
-from shrink.export.manifest import hash_mismatches, manifest_path, read_manifest, weights_hash, write_manifest
+from shrink.export.manifest import hash_mismatches, manifest_path, read_manifest, write_manifest
+from shrink.model import load, weights_hash
 from shrink.export.prompts import verification_sequences
 from shrink.export.runtimes import TorchRunner, artifact_kind, open_runner
 from shrink.export.verify import Check, Verdict, baseline_checks, compare, threshold_checks
@@ -56,8 +57,6 @@ def verify_artifact(artifact: str | Path, reference: str | None = None, *, promp
                     top1_tolerance: float = 0.01, kl_tolerance: float = 0.02, threads: int | None = None) -> Verdict:
     """The CI gate: integrity against the artifact's own manifest, quality against the reference,
     and, given a baseline manifest, no regression beyond the tolerances."""
-    from shrink.model import load
-
     artifact = Path(artifact)
     artifact_kind(artifact)
     own = manifest_path(artifact)

@@ -51,9 +51,7 @@ def measure() -> dict:
     import torch
 
     threads = torch.get_num_threads()
-    big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MiB, far beyond any cache
-    bandwidth = _best_rate(big.numel() * 4, lambda: big.sum()) / 1e9
-    del big
+    bandwidth = _read_bandwidth(torch)
     peaks: dict[str, float] = {}
     for cls, operands in _matmul_operands(torch).items():
         probe = _matmul_rate(operands(256), repeats=1)
@@ -74,6 +72,12 @@ def measure() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def _read_bandwidth(torch) -> float:
+    """GB/s reading 512 MiB of float32, far beyond any cache (freed when this returns)."""
+    big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
+    return _best_rate(big.numel() * 4, lambda: big.sum()) / 1e9
 
 
 def _matmul_operands(torch) -> dict[str, Callable[[int], tuple]]:

@@ -21,7 +21,7 @@ def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4)
     import torch
     from safetensors.torch import load_file, save_file
 
-    from shrink.export.manifest import weights_hash
+    from shrink.model import weights_hash
 
     digest = hashlib.sha256()
     digest.update(weights_hash(teacher).encode())

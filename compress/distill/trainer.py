@@ -48,7 +48,6 @@ class DistillReport:
 def _dense_teacher(values: Any, indices: Any, vocab: int) -> Any:
     """Full-vocabulary teacher logits from its top-k: the rest far below the smallest kept logit, so
     they carry (almost) no probability, as the top-k cache assumes."""
-    import torch
 
     floor = values.min(dim=-1, keepdim=True).values - 30.0
     dense = floor.expand(*values.shape[:-1], vocab).clone()
