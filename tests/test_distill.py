@@ -40,8 +40,9 @@ def test_distillation_brings_the_student_closer_to_the_teacher(setup, tmp_path, 
     model = copy.deepcopy(student.model)
     config = DistillConfig(loss=loss, lr=3e-3, steps=30, batch_size=4, checkpoint_every=10)
     report = distill(model, train, train_topk, config, tmp_path, evaluation, eval_topk)
-    assert report.eval_kl_after < report.eval_kl_before
-    assert sum(report.losses[-5:]) < sum(report.losses[:5])
+    assert report.eval_after["kl"] < report.eval_before["kl"]
+    if loss != "taid":  # TAID's target moves towards the teacher as it trains: its losses are not comparable
+        assert sum(report.losses[-5:]) < sum(report.losses[:5])
     assert report.tokens == 30 * 4 * 24
 
 
@@ -71,3 +72,124 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path):
     distill(copy.deepcopy(student.model), train, train_topk, DistillConfig(steps=3, checkpoint_every=3), tmp_path)
     with pytest.raises(ShrinkError, match="other settings"):
         distill(copy.deepcopy(student.model), train, train_topk, DistillConfig(steps=4, checkpoint_every=3), tmp_path)
+
+
+def test_gradient_accumulation_gives_the_same_step(setup, tmp_path):
+    _, student, train, _, train_topk, _ = setup
+    results = []
+    for accum in (1, 2):
+        model = copy.deepcopy(student.model)
+        distill(model, train, train_topk, DistillConfig(lr=3e-3, steps=4, grad_accum=accum), tmp_path / str(accum))
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        assert torch.allclose(value, results[1][name], atol=1e-6), name
+
+
+def test_periodic_evaluation_reports_kl_and_perplexity(setup, tmp_path):
+    _, student, train, evaluation, train_topk, eval_topk = setup
+    config = DistillConfig(lr=3e-3, steps=6, eval_every=2)
+    report = distill(copy.deepcopy(student.model), train, train_topk, config, tmp_path, evaluation, eval_topk)
+    assert [e["step"] for e in report.evals] == [2, 4, 6]
+    assert all(e["perplexity"] > 1 and e["kl"] >= 0 for e in report.evals)
+    assert report.evals[-1] == {"step": 6, **report.eval_after}
+    assert report.tokens_per_second > 0
+
+
+def test_learning_rate_warms_up_then_decays():
+    from shrink.compress.distill.trainer import _lr_factor
+
+    factor = _lr_factor(DistillConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    _, student, train, _, train_topk, _ = setup
+    model = copy.deepcopy(student.model)
+    calls = {"n": 0}
+
+    def poison(_module, _args, output):  # the 4th forward pass returns NaN logits
+        calls["n"] += 1
+        if calls["n"] == 4:
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    with pytest.raises(ShrinkError, match="diverged at step 4.*last good checkpoint"):
+        distill(model, train, train_topk, DistillConfig(lr=3e-3, steps=6, checkpoint_every=2), tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never reached the weights
+
+
+def test_hidden_state_term_trains_with_a_projection(setup, tmp_path):
+    teacher, student, train, evaluation, train_topk, eval_topk = setup
+    model = copy.deepcopy(student.model)
+    config = DistillConfig(lr=3e-3, steps=20, hidden_weight=1.0)
+    report = distill(model, train, train_topk, config, tmp_path, evaluation, eval_topk, teacher=teacher.model)
+    assert report.eval_after["kl"] < report.eval_before["kl"]
+    with pytest.raises(ShrinkError, match="teacher model itself"):
+        distill(copy.deepcopy(student.model), train, train_topk, config, tmp_path / "x")
+
+
+def _worker(tmp_path, *command, steps=6):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    worker = str(Path(__file__).parent / "distill_worker.py")
+    return subprocess.Popen([*command, worker, str(tmp_path / "run"), str(steps)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _single_process_weights(tmp_path, steps):
+    import distill_worker
+
+    _, student, train, topk = distill_worker.setup()
+    distill(student.model, train, topk, distill_worker.config(steps), tmp_path / "single")
+    return student.model.state_dict()
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    import shutil
+    import sys
+
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    process = _worker(tmp_path, torchrun, "--standalone", "--nproc_per_node", "2")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    parallel = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    single = _single_process_weights(tmp_path, 6)
+    for name, value in single.items():
+        assert torch.allclose(value, parallel[name], atol=1e-5), name
+    assert sys.modules["distill_worker"].config(6).batch_size % 2 == 0
+
+
+def test_a_killed_process_resumes_to_the_uninterrupted_weights(tmp_path):
+    import json
+    import signal
+    import sys
+    import time
+
+    steps = 40
+    process = _worker(tmp_path, sys.executable, steps=steps)
+    progress = tmp_path / "run" / "checkpoint" / "progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(progress.read_text())["step"]
+    assert 3 <= killed_at < steps, "the run finished before it could be killed"
+    import distill_worker
+
+    _, student, train, topk = distill_worker.setup()
+    report = distill(student.model, train, topk, distill_worker.config(steps), tmp_path / "run")
+    assert report.resumed_from >= killed_at
+    single = _single_process_weights(tmp_path, steps)
+    for name, value in single.items():
+        assert torch.equal(value, student.model.state_dict()[name]), name

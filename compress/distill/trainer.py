@@ -1,24 +1,33 @@
 """The distillation trainer: one loop for every student (pruned, later fake-quantized), with
 checkpoints that make an interrupted run resume exactly where it stopped.
 
-Batch order is a function of the step number and the seed, the RNG state and TAID's state go into
-the checkpoint, and checkpoints are written atomically: killing the process at any point and
-resuming gives the same weights as an uninterrupted run.
+AdamW with linear warm-up and cosine decay, gradient clipping and accumulation, optional bf16
+autocast, periodic held-out evaluation, and data parallelism under torchrun (compress/distill/
+parallel.py). Batch order is a function of the step number and the seed; optimizer, schedule, RNG
+and TAID state go into the checkpoint, written atomically: killing the process at any point and
+resuming gives the same weights as an uninterrupted run. A NaN or exploding loss stops the run
+before the bad step touches the weights, so the last checkpoint stays good.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from shrink.compress.distill.evaluate import evaluate
 from shrink.compress.distill.losses import TAIDState, get_loss, topk_forward_kl
+from shrink.compress.distill.parallel import World, world, wrap
 from shrink.errors import ShrinkError
 from shrink.storage import atomic_directory, atomic_write_text
 
 CHECKPOINT = "checkpoint"
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -27,12 +36,33 @@ class DistillConfig:
     temperature: float = 1.0
     lr: float = 1e-5
     weight_decay: float = 0.0
-    batch_size: int = 4
+    batch_size: int = 4  # sequences per optimizer step, over all ranks and micro-batches
     steps: int = 100
     top_k: int = 64
     ce_weight: float = 0.0  # optional cross-entropy on the real next tokens
+    hidden_weight: float = 0.0  # optional hidden-state term (needs the live teacher)
+    warmup_steps: int | None = None  # None: 10% of the steps
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    clip_norm: float = 1.0
+    grad_accum: int = 1  # micro-batches per step (per rank)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    eval_every: int = 0  # 0: evaluate before and after only
+    explode_factor: float = 10.0  # a step loss above this times the first step's stops the run
     checkpoint_every: int = 25
     seed: int = 0
+
+    def check(self) -> None:
+        get_loss(self.loss)  # unknown loss names fail before any work
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ShrinkError("Distillation needs at least one step, a batch size of at least 1 and --grad-accum >= 1.")
+        if self.precision not in PRECISIONS:
+            raise ShrinkError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'.")
+        if self.lr <= 0 or self.clip_norm <= 0:
+            raise ShrinkError("The learning rate and the clipping norm must be positive.")
+
+    @property
+    def warmup(self) -> int:
+        return max(1, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
 
 @dataclass
@@ -40,9 +70,21 @@ class DistillReport:
     steps: int
     tokens: int
     losses: list[float] = field(default_factory=list)
-    eval_kl_before: float = 0.0
-    eval_kl_after: float = 0.0
+    eval_before: dict = field(default_factory=dict)  # {"kl": ..., "perplexity": ...}
+    eval_after: dict = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)  # periodic: {"step", "kl", "perplexity"}
     resumed_from: int = 0
+    tokens_per_second: float = 0.0  # measured over this process's steps
+
+
+def _lr_factor(config: DistillConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+    return factor
 
 
 def _dense_teacher(values: Any, indices: Any, vocab: int) -> Any:
@@ -63,7 +105,13 @@ def _batch_rows(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return order[within * batch_size:(within + 1) * batch_size]
 
 
-def _loss(config: DistillConfig, student_logits: Any, values: Any, indices: Any, ids: Any, taid_state: TAIDState) -> Any:
+def _micro_batches(rows: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(rows) / parts)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _logit_loss(config: DistillConfig, student_logits: Any, values: Any, indices: Any, ids: Any,
+                taid_state: TAIDState) -> Any:
     import torch.nn.functional as F
 
     if config.loss == "forward_kl":
@@ -79,82 +127,143 @@ def _loss(config: DistillConfig, student_logits: Any, values: Any, indices: Any,
     return loss
 
 
-def evaluate_kl(student: Any, sequences: Any, values: Any, indices: Any, batch_size: int = 4) -> float:
-    """Mean forward KL(teacher top-k || student) on held-out sequences."""
+def _device(current: World) -> Any:
     import torch
 
-    student.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, sequences.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            logits = student(sequences[rows]).logits.float()
-            total += topk_forward_kl(logits, values[rows].float(), indices[rows].long()).item() * logits.shape[0]
-            count += logits.shape[0]
-    return total / max(count, 1)
+    if torch.cuda.is_available():
+        return torch.device("cuda", current.rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: DistillConfig, out: str | Path,
             evaluation: Any = None, eval_topk: tuple[Any, Any] | None = None, progress: Any = None,
-            stop_after: int | None = None) -> DistillReport:
-    """Train `student` (a transformers model, changed in place) towards the cached teacher."""
+            stop_after: int | None = None, teacher: Any = None, current: World | None = None) -> DistillReport:
+    """Train `student` (a transformers model, changed in place) towards the cached teacher.
+
+    `progress(step, loss, tokens_per_second)` is called after every step on rank 0. `teacher` (the
+    live model) is needed only for the hidden-state term.
+    """
     import torch
 
-    if config.steps < 1 or config.batch_size < 1:
-        raise ShrinkError("Distillation needs at least one step and a batch size of at least 1.")
-    get_loss(config.loss)  # unknown loss names fail before any work
+    config.check()
+    if config.hidden_weight and teacher is None:
+        raise ShrinkError("The hidden-state term needs the teacher model itself, not only its cached logits.")
+    current = current or world()
+    device = _device(current)
+    student.to(device)
     out = Path(out)
     values, indices = train_topk
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    alignment = None
+    if config.hidden_weight:
+        from shrink.compress.distill.hidden import HiddenAlignment
+
+        teacher.to(device).eval()
+        alignment = HiddenAlignment(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
+                                    _width(student), _width(teacher)).to(device)
+    parameters = list(student.parameters()) + (list(alignment.parameters()) if alignment else [])
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     taid_state = TAIDState()
     report = DistillReport(steps=config.steps, tokens=0)
-    if evaluation is not None:
-        report.eval_kl_before = evaluate_kl(student, evaluation, *eval_topk)
-    start = _resume(out / CHECKPOINT, student, optimizer, taid_state, report, config)
+    evaluating = evaluation is not None and current.is_main
+    if evaluating:
+        report.eval_before = evaluate(student, evaluation, *eval_topk).to_dict()
+    start = _resume(out / CHECKPOINT, student, optimizer, scheduler, alignment, taid_state, report, config)
     if start == 0:
         torch.manual_seed(config.seed)  # a resumed run continues from the checkpoint's RNG state instead
+    model = wrap(student, current)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     student.train()
+    started, tokens_here = time.perf_counter(), 0
     for step in range(start, config.steps):
-        rows = _batch_rows(step, train.shape[0], config.batch_size, config.seed)
-        ids = train[rows]
-        logits = student(ids).logits.float()
-        loss = _loss(config, logits, values[rows], indices[rows], ids, taid_state)
+        rows = current.shard(_batch_rows(step, train.shape[0], config.batch_size, config.seed))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = torch.zeros((), dtype=torch.float64)
+        micro = _micro_batches(rows, config.grad_accum)
+        for m, chunk in enumerate(micro):
+            ids = train[chunk].to(device)
+            # DDP averages gradients over ranks: weight each micro-batch so the sum is the global mean
+            weight = len(chunk) / config.batch_size * current.size
+            sync = nullcontext() if current.size == 1 or m == len(micro) - 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    output = model(ids, output_hidden_states=alignment is not None)
+                loss = _logit_loss(config, output.logits.float(), values[chunk].to(device), indices[chunk].to(device),
+                                   ids, taid_state)
+                if alignment is not None:
+                    with torch.no_grad(), autocast:
+                        reference = teacher(ids, output_hidden_states=True).hidden_states
+                    loss = loss + config.hidden_weight * alignment(output.hidden_states, reference)
+                (loss * weight).backward()
+            step_loss += loss.detach().double().cpu() * weight / current.size
+        if current.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(step_loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm)
+        _stop_if_diverged(step + 1, step_loss.item(), float(grad_norm), report, out / CHECKPOINT, config)
         optimizer.step()
-        report.losses.append(loss.item())
-        report.tokens += ids.numel()
+        scheduler.step()
+        report.losses.append(step_loss.item())
+        report.tokens += config.batch_size * train.shape[1]
+        tokens_here += config.batch_size * train.shape[1]
+        report.tokens_per_second = tokens_here / (time.perf_counter() - started)
         if config.loss == "taid":
-            taid_state.update(loss.item())
-        if progress is not None:
-            progress(step + 1, loss.item())
+            taid_state.update(step_loss.item())
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(out / CHECKPOINT, student, optimizer, taid_state, report, config, done)
+        if current.is_main and progress is not None:
+            progress(done, step_loss.item(), report.tokens_per_second)
+        if evaluating and config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            report.evals.append({"step": done, **evaluate(student, evaluation, *eval_topk).to_dict()})
+        if current.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+            _save_checkpoint(out / CHECKPOINT, student, optimizer, scheduler, alignment, taid_state, report, config, done)
         if stop_after is not None and done >= stop_after:
+            current.barrier()
             return report  # used by tests to simulate a killed run
+    current.barrier()  # no rank reads the final weights before rank 0 has written them
     student.eval()
-    if evaluation is not None:
-        report.eval_kl_after = evaluate_kl(student, evaluation, *eval_topk)
+    if evaluating:
+        report.eval_after = evaluate(student, evaluation, *eval_topk).to_dict()
+        report.evals.append({"step": config.steps, **report.eval_after})
     return report
 
 
-def _save_checkpoint(path: Path, student: Any, optimizer: Any, taid_state: TAIDState, report: DistillReport,
-                     config: DistillConfig, step: int) -> None:
+def _width(model: Any) -> int:
+    config = getattr(model.config, "text_config", None) or model.config
+    return config.hidden_size
+
+
+def _stop_if_diverged(step: int, loss: float, grad_norm: float, report: DistillReport, checkpoint: Path,
+                      config: DistillConfig) -> None:
+    first = report.losses[0] if report.losses else None
+    exploded = first is not None and loss > config.explode_factor * max(first, 1e-6)
+    if math.isfinite(loss) and math.isfinite(grad_norm) and not exploded:
+        return
+    what = f"loss {loss:.4g}" + (f" (over {config.explode_factor:g}x the first step's {first:.4g})" if exploded else "")
+    kept = (f"the last good checkpoint is kept in '{checkpoint}'" if (checkpoint / "progress.json").is_file()
+            else "no checkpoint had been written yet")
+    raise ShrinkError(f"Distillation diverged at step {step} ({what}, gradient norm {grad_norm:.4g}); {kept}. "
+                      "Lower --lr or --clip-norm and run again.")
+
+
+def _save_checkpoint(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment: Any, taid_state: TAIDState,
+                     report: DistillReport, config: DistillConfig, step: int) -> None:
     import torch
     from safetensors.torch import save_model
 
     with atomic_directory(path) as tmp:
         save_model(student, str(tmp / "student.safetensors"))  # handles tied (shared) tensors
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "alignment": alignment.state_dict() if alignment is not None else None,
+                    "rng": torch.get_rng_state()}, tmp / "state.pt")
         atomic_write_text(tmp / "progress.json", json.dumps({
             "step": step, "config": asdict(config), "taid": taid_state.to_dict(),
-            "losses": report.losses, "tokens": report.tokens,
+            "losses": report.losses, "tokens": report.tokens, "evals": report.evals,
         }))
 
 
-def _resume(path: Path, student: Any, optimizer: Any, taid_state: TAIDState, report: DistillReport,
-            config: DistillConfig) -> int:
+def _resume(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment: Any, taid_state: TAIDState,
+            report: DistillReport, config: DistillConfig) -> int:
     import torch
     from safetensors.torch import load_model
 
@@ -165,13 +274,18 @@ def _resume(path: Path, student: Any, optimizer: Any, taid_state: TAIDState, rep
     if saved["config"] != asdict(config):
         raise ShrinkError(f"The checkpoint in '{path}' was made with other settings; use another output directory "
                           "or the same settings to resume.")
-    load_model(student, str(path / "student.safetensors"), strict=True)
+    device = next(student.parameters()).device
+    load_model(student, str(path / "student.safetensors"), strict=True, device=str(device))
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if alignment is not None:
+        alignment.load_state_dict(state["alignment"])
     torch.set_rng_state(state["rng"])
     for key, value in saved["taid"].items():
         setattr(taid_state, key, value)
     report.losses = saved["losses"]
     report.tokens = saved["tokens"]
+    report.evals = saved.get("evals", [])
     report.resumed_from = saved["step"]
     return saved["step"]
