@@ -1,14 +1,20 @@
-"""`shrink prune`: Minitron-style structured pruning by activation importance, saved as a model directory."""
+"""`shrink prune`: Minitron-style structured pruning by activation importance, saved as a model directory.
+
+Two ways to say what to keep: explicit sizes (--ffn, --heads, --kv-groups, --hidden, --layers), or a
+budget (--params, --memory, --budget with --target) from which a uniform shape is chosen by a fixed
+rule, or, with --search, by a short distillation proxy over several candidates.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import console, err_console, handle_user_errors, print_json
+from shrink.cli.render import console, err_console, fmt_bytes, fmt_time, handle_user_errors, print_json
 
 
 @handle_user_errors
@@ -19,8 +25,17 @@ def prune_command(
     heads: int = typer.Option(None, help="Query heads to keep per KV group (GQA structure kept)."),
     kv_groups: int = typer.Option(None, help="KV groups to keep (each with its query heads)."),
     layers: int = typer.Option(None, help="Layers to keep (depth pruning)."),
-    depth_criterion: str = typer.Option("bi", help="Layer importance for --layers: bi (Block Influence, one pass) or kl (KL to the full model without each layer, one pass per layer)."),
     hidden: int = typer.Option(None, help="Embedding channels to keep (norms rescaled so the kept channels compute as before)."),
+    params: float = typer.Option(None, help="Budget: fraction of the non-embedding parameters to keep, e.g. 0.6."),
+    memory: str = typer.Option(None, help="Budget: weights + KV cache + SSM state at the workload, e.g. 300MB (estimated)."),
+    budget: str = typer.Option(None, help="Budget: estimated decode time per token on --target, e.g. 20ms."),
+    target: str = typer.Option(None, "--target", "-t", help="Hardware profile for --budget (see `shrink profiles`)."),
+    weights: str = typer.Option(None, help="Weight format the budget is costed in, e.g. q8_0 for a GGUF deployment (default: the model's dtype)."),
+    axis: str = typer.Option("width", help="With a budget: prune width (FFN, heads, hidden), depth (layers) or both."),
+    search: bool = typer.Option(False, "--search", help="With a budget: rank several candidate shapes by a short distillation and keep the best."),
+    candidates: int = typer.Option(4, help="Candidates the --search distils."),
+    proxy_steps: int = typer.Option(8, help="Distillation steps per --search candidate."),
+    depth_criterion: str = typer.Option("bi", help="Layer importance: bi (Block Influence, one pass) or kl (KL to the full model without each layer, one pass per layer)."),
     data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Calibration sequence length in tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
@@ -28,29 +43,95 @@ def prune_command(
     """Prune width (FFN, heads, KV groups, hidden) and depth by activation importance, and save the model.
 
     The most important units by activation statistics are kept; every axis slices real tensors.
+    Give sizes, or a budget and let shrink choose the shape.
 
-    Example: shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
+    Examples:
+
+      shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
+
+      shrink prune gemma-3-270m --params 0.6 -o gemma-60
+
+      shrink prune gemma-3-270m --target jetson-orin --budget 2ms --axis both --search -o gemma-orin
     """
-    from shrink.compress.data import prepare
     from dataclasses import replace
 
+    from shrink.compress.data import prepare
     from shrink.compress.importance import cached_score, layer_kl_scores
-    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers
     from shrink.errors import ShrinkError
     from shrink.model import load, save_loaded
 
+    sizes = (ffn, heads, kv_groups, layers, hidden)
+    budgeted = any(v is not None for v in (params, memory, budget))
     if depth_criterion not in ("bi", "kl"):
         raise ShrinkError(f"--depth-criterion must be bi or kl, not '{depth_criterion}'.")
-    if not any(v is not None for v in (ffn, heads, kv_groups, layers, hidden)):
-        raise ShrinkError("Say what to prune: --ffn, --heads, --kv-groups, --hidden and/or --layers.")
+    if budgeted and any(v is not None for v in sizes):
+        raise ShrinkError("Give either sizes (--ffn, --heads, ...) or a budget (--params, --memory, --budget), not both.")
+    if not budgeted and not any(v is not None for v in sizes):
+        raise ShrinkError("Say what to prune: sizes (--ffn, --heads, --kv-groups, --hidden, --layers) or a budget "
+                          "(--params, --memory, --budget with --target).")
+    if search and not budgeted:
+        raise ShrinkError("--search chooses among shapes that meet a budget: give --params, --memory or --budget.")
+    plan_budget = _budget(params, memory, budget, target) if budgeted else None
     with err_console.status(f"Loading {model}"):
         loaded = load(model)
     split = prepare(loaded, data, seq_len=seq_len)
     with err_console.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens"):
         importance = cached_score(loaded, split.calibration)
-        if layers is not None and depth_criterion == "kl":
+        if depth_criterion == "kl" and (layers is not None or axis != "width"):
             importance = replace(importance, layers=layer_kl_scores(loaded, split.calibration))
     before = loaded.spec.param_counts().total
+    report: dict = {}
+    if budgeted:
+        pruned, report = _prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates,
+                                          proxy_steps, weights)
+    else:
+        pruned = _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers)
+    save_loaded(pruned, output)
+    after = pruned.spec.param_counts().total
+    if json_out:
+        print_json({"output": str(output), "params_before": before, "params_after": after,
+                    "calibration_tokens": importance.tokens, "data": split.source, **report,
+                    "spec": pruned.spec.to_dict()})
+        return
+    if report.get("candidates"):
+        console.print(_candidates_table(report))
+    table = Table(title=f"Pruned {model} -> {output}", title_justify="left")
+    for column in ("", "layers", "hidden", "FFN", "heads / KV heads", "parameters"):
+        table.add_column(column)
+    for label, spec, total in (("before", loaded.spec, before), ("after", pruned.spec, after)):
+        a = spec.layers[0].mixer
+        heads_text = f"{a.num_heads} / {a.num_kv_heads}" if hasattr(a, "num_kv_heads") else "-"
+        table.add_row(label, str(spec.num_layers), str(spec.hidden_size), str(spec.layers[0].ffn.width if spec.layers[0].ffn else "-"),
+                      heads_text, f"{total:,}")
+    console.print(table)
+    if report.get("chosen"):
+        chosen = report["chosen"]
+        figures = [f"{chosen['non_embedding_params'] / report['non_embedding_before']:.1%} of the non-embedding parameters"]
+        if "decode_s_estimated" in chosen:
+            figures.append(f"decode {fmt_time(chosen['decode_s_estimated'])}/token estimated on {target}")
+        if "memory_bytes_estimated" in chosen:
+            figures.append(f"{fmt_bytes(chosen['memory_bytes_estimated'])} estimated memory")
+        console.print(f"chosen by {report['chosen_by']}: " + ", ".join(figures))
+    console.print(f"importance from {importance.tokens:,} calibration tokens ({split.source}); "
+                  f"next: shrink distill {output} --teacher {model} -o {output}-distilled")
+
+
+def _budget(params, memory, budget, target):
+    from shrink.cli.units import parse_duration, parse_size
+    from shrink.compress.search import Budget
+    from shrink.errors import ShrinkError
+    from shrink.hardware.profiles import get_profile
+
+    if target is not None and budget is None:
+        raise ShrinkError("--target is the hardware a latency --budget is estimated on; give --budget too.")
+    return Budget(params=params, memory_bytes=parse_size(memory, "--memory") if memory else None,
+                  latency_s=parse_duration(budget, "--budget") if budget else None,
+                  profile=get_profile(target) if target else None)
+
+
+def _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers):
+    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers
+
     pruned = loaded
     if ffn is not None:
         pruned = prune_ffn(pruned, importance, ffn)
@@ -60,21 +141,44 @@ def prune_command(
         pruned = prune_heads(pruned, importance, heads)
     if hidden is not None:
         pruned = prune_hidden(pruned, importance, hidden)
-    if layers is not None:
+    if layers is not None:  # last: the importance scores are indexed by the original layers
         pruned = prune_layers(pruned, importance, layers)
-    save_loaded(pruned, output)
-    after = pruned.spec.param_counts().total
-    if json_out:
-        print_json({"output": str(output), "params_before": before, "params_after": after,
-                    "calibration_tokens": importance.tokens, "data": split.source, "spec": pruned.spec.to_dict()})
-        return
-    table = Table(title=f"Pruned {model} -> {output}", title_justify="left")
-    for column in ("", "layers", "hidden", "FFN", "heads / KV heads", "parameters"):
-        table.add_column(column)
-    for label, spec, total in (("before", loaded.spec, before), ("after", pruned.spec, after)):
-        a = spec.layers[0].mixer
-        table.add_row(label, str(spec.num_layers), str(spec.hidden_size), str(spec.layers[0].ffn.width),
-                      f"{a.num_heads} / {a.num_kv_heads}", f"{total:,}")
-    console.print(table)
-    console.print(f"importance from {importance.tokens:,} calibration tokens ({split.source}); "
-                  "distillation to recover quality is the next step (not written yet)")
+    return pruned
+
+
+def _prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates, proxy_steps, weights):
+    from shrink.compress.search import apply, default_plan, feasible, rank_by_proxy, shortlist
+
+    spec = loaded.spec.with_formats(weights=weights, embeddings=weights) if weights else loaded.spec
+    ranking = importance.layers.argsort(descending=True).tolist()
+    plans = feasible(spec, ranking, axis, plan_budget)
+    report = {"non_embedding_before": spec.param_counts().non_embedding, "feasible_candidates": len(plans)}
+    if not search:
+        plan = default_plan(plans, spec)
+        report.update(chosen=plan.to_dict(), chosen_by="rule (widest layers and heads kept, FFN and hidden cut alike)")
+        return apply(plan, loaded, importance), report
+    from shrink.compress.distill.teacher import teacher_topk
+
+    listed = shortlist(plans, candidates)
+    with err_console.status("Caching the teacher's top-k logits"):
+        train_topk = teacher_topk(loaded.model, split.train)
+        eval_topk = teacher_topk(loaded.model, split.evaluation)
+    with tempfile.TemporaryDirectory(prefix="shrink-search-") as workdir:
+        with err_console.status(f"Distilling {len(listed)} candidates for {proxy_steps} steps each") as status:
+            results = rank_by_proxy(listed, loaded, importance, split, train_topk, eval_topk, proxy_steps, 4,
+                                    Path(workdir), on_result=lambda r: status.update(
+                                        f"{r.plan.label}: KL {r.kl_pruned:.3f} -> {r.kl_proxy:.3f}"))
+    best = results[0]
+    report.update(candidates=[r.to_dict() for r in results], chosen=best.plan.to_dict(),
+                  chosen_by=f"distillation proxy ({best.tokens:,} tokens each, lowest held-out KL)")
+    return apply(best.plan, loaded, importance), report
+
+
+def _candidates_table(report: dict) -> Table:
+    table = Table(title="Candidates ranked by the distillation proxy (KL measured on held-out text)", title_justify="left")
+    for column in ("ffn", "heads/group", "hidden", "layers", "non-emb. params", "KL pruned", "KL after proxy"):
+        table.add_column(column, justify="right")
+    for c in report["candidates"]:
+        table.add_row(str(c["ffn"]), str(c["heads_per_group"]), str(c["hidden"]), str(c["layers"]),
+                      f"{c['non_embedding_params']:,}", f"{c['kl_pruned']:.4f}", f"{c['kl_after_proxy']:.4f}")
+    return table

@@ -193,3 +193,39 @@ def test_a_killed_process_resumes_to_the_uninterrupted_weights(tmp_path):
     single = _single_process_weights(tmp_path, steps)
     for name, value in single.items():
         assert torch.equal(value, student.model.state_dict()[name]), name
+
+
+def test_cli_distills_and_torchrun_gives_the_same_student(tiny_text_model_dir, tmp_path):
+    """The user's command, single-process and under torchrun with two processes."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from shrink.model import load
+
+    model_dir, text = tiny_text_model_dir
+    env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    shrink = shutil.which("shrink") or pytest.skip("the shrink command is not installed")
+    student = tmp_path / "pruned"
+    pruned = subprocess.run([shrink, "prune", str(model_dir), "--ffn", "24", "--data", str(text), "--seq-len", "16",
+                             "-o", str(student)], env=env, capture_output=True, text=True)
+    assert pruned.returncode == 0, pruned.stderr
+    common = ["distill", str(student), "--teacher", str(model_dir), "--data", str(text), "--seq-len", "16",
+              "--steps", "4", "--lr", "1e-3", "--json"]
+    single = subprocess.run([shrink, *common, "-o", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    report = json.loads(single.stdout)
+    assert report["processes"] == 1 and report["report"]["tokens"] == 4 * 4 * 16
+    assert report["report"]["eval_after"]["kl"] < report["report"]["eval_before"]["kl"]
+    assert report["report"]["eval_after"]["perplexity"] > 1
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    parallel = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", shrink, *common,
+                               "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert parallel.returncode == 0, parallel.stderr
+    assert json.loads(parallel.stdout)["processes"] == 2
+    one, two = load(str(tmp_path / "one")).model.state_dict(), load(str(tmp_path / "two")).model.state_dict()
+    start = load(str(student)).model.state_dict()
+    assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    for name, value in one.items():
+        assert torch.allclose(value, two[name], atol=1e-5), name
