@@ -155,7 +155,7 @@ def _prune_to_budget(loaded, importance, split, plan_budget, axis, search, candi
     report = {"non_embedding_before": spec.param_counts().non_embedding, "feasible_candidates": len(plans)}
     if not search:
         plan = default_plan(plans, spec)
-        report.update(chosen=plan.to_dict(), chosen_by="rule (widest layers and heads kept, FFN and hidden cut alike)")
+        report.update(chosen=plan.to_dict(), chosen_by="rule (layers and heads kept where the budget allows, FFN and hidden cuts as even as it allows)")
         return apply(plan, loaded, importance), report
     from shrink.compress.distill.teacher import teacher_topk
 
