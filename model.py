@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from shrink import layershapes
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_config, spec_from_model
@@ -179,7 +180,8 @@ def load_spec(source: str, *, trust_remote_code: bool = False) -> ArchSpec:
         data = _read_json(Path(where.location))
         if "layers" in data and "hidden_size" in data and "family" in data:
             return ArchSpec.from_dict(data)
-    spec = spec_from_config(load_config(source, trust_remote_code=trust_remote_code))
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    spec = layershapes.apply_to_spec(spec_from_config(config), config)
     if where.kind == "gguf":  # cost the formats the file stores, not the dequantized config's dtype
         from shrink.ggufmeta import gguf_formats
 
@@ -208,10 +210,13 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
     location = str(embedded_model_dir(where.location)) if where.kind == "embedded" else where.location
     config = load_config(source, trust_remote_code=trust_remote_code)
     spec_from_config(config)  # fail on an unsupported architecture before reading any weights
-    model = _guard(
-        lambda: AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code),
-        where,
-    )
+    if layershapes.shapes_of(config):  # per-layer widths (non-uniform pruning)
+        model = _guard(lambda: layershapes.load_narrowed(location, config, dtype), where)
+    else:
+        model = _guard(
+            lambda: AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code),
+            where,
+        )
     model.eval()
     sidecar = Path(location, TOKENIZER_SIDECAR)
     gguf_tokenizer = embedded_gguf_path(source) if where.kind == "embedded" else sidecar if sidecar.is_file() else None
@@ -343,6 +348,7 @@ def save(model: Any, directory: str | Path, tokenizer: Any | None = None, gguf_t
     the weights, so that a pruned or distilled model can still be exported to GGUF.
     """
     model = _serializable(model)
+    layershapes.record(model, spec_from_model(model))
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

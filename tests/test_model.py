@@ -126,3 +126,34 @@ def test_embedded_model_save_round_trip_is_exact(embedded, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma", dtype=torch.float32).eval()
     ids = embedded.tokenizer("Roofline models bound time by compute and memory.", return_tensors="pt").input_ids
     assert torch.equal(_logits(embedded.model, ids), _logits(again, ids))
+
+
+def test_non_uniform_model_saves_and_reloads_through_shrink(tmp_path):
+    """Per-layer FFN widths and head counts survive save + model.load, and load_spec sees them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shrink.families import spec_from_model
+    from shrink.model import load, load_spec, save
+    from tiny_models import tiny_configs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_configs()["qwen2"]).eval()  # tied, head_dim from hidden/heads
+    layer = model.model.layers[1]
+    layer.mlp.gate_proj, layer.mlp.up_proj = torch.nn.Linear(32, 20, bias=False), torch.nn.Linear(32, 20, bias=False)
+    layer.mlp.down_proj = torch.nn.Linear(20, 32, bias=False)
+    attn = model.model.layers[0].self_attn  # 2 query heads for 2 KV heads instead of 4
+    attn.q_proj = torch.nn.Linear(32, 2 * attn.head_dim, bias=True)
+    attn.o_proj = torch.nn.Linear(2 * attn.head_dim, 32, bias=False)
+    attn.num_key_value_groups = 1
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    spec = spec_from_model(model)
+    assert not spec.is_uniform
+    save(model, tmp_path / "nonuniform")
+    again = load(str(tmp_path / "nonuniform"))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, expected)
+    assert again.spec.layers == spec.layers
+    assert load_spec(str(tmp_path / "nonuniform")).param_counts() == spec.param_counts()

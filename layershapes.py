@@ -1,0 +1,112 @@
+"""Per-layer widths that a Hugging Face config cannot express, kept beside it so models reload.
+
+A non-uniformly pruned decoder (a different FFN width or head count per layer) is saved with its
+config's uniform fields set to the widest layer and `shrink_layer_shapes` listing every layer's
+real widths. Loading builds the widest model, narrows each layer's projections to the recorded
+shapes and only then reads the weights, so the tensors load with their saved shapes. Only the
+shrink loader (`shrink.model.load`) knows the key; plain `from_pretrained` refuses the shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from shrink.archspec import ArchSpec, AttentionSpec
+
+KEY = "shrink_layer_shapes"
+
+
+def record(model: Any, spec: ArchSpec) -> None:
+    """Write the per-layer shapes into the model's config when its layers differ (no-op otherwise)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    if spec.is_uniform:
+        if hasattr(config, KEY):
+            delattr(config, KEY)
+        return
+    shapes = []
+    for layer in spec.layers:
+        mixer = layer.mixer if isinstance(layer.mixer, AttentionSpec) else None
+        shapes.append({"ffn": layer.ffn.width if layer.ffn is not None else None,
+                       "heads": mixer.num_heads if mixer else None, "kv_heads": mixer.num_kv_heads if mixer else None})
+    setattr(config, KEY, shapes)
+    widest = [s for s in shapes if s["heads"] is not None]
+    config.intermediate_size = max(s["ffn"] for s in shapes if s["ffn"] is not None)
+    if widest:
+        config.num_attention_heads = max(s["heads"] for s in widest)
+        config.num_key_value_heads = max(s["kv_heads"] for s in widest)
+        config.head_dim = spec.layers[0].mixer.head_dim  # pinned: it would otherwise follow the head count
+
+
+def shapes_of(config: Any) -> list[dict] | None:
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, KEY, None)
+
+
+def apply_to_spec(spec: ArchSpec, config: Any) -> ArchSpec:
+    """The ArchSpec of a config with recorded per-layer shapes (spec_from_config sees only the widest)."""
+    shapes = shapes_of(config)
+    if not shapes:
+        return spec
+    layers = []
+    for layer, shape in zip(spec.layers, shapes):
+        mixer, ffn = layer.mixer, layer.ffn
+        if isinstance(mixer, AttentionSpec) and shape["heads"] is not None:
+            mixer = replace(mixer, num_heads=shape["heads"], num_kv_heads=shape["kv_heads"])
+        if ffn is not None and shape["ffn"] is not None:
+            ffn = replace(ffn, width=shape["ffn"])
+        layers.append(replace(layer, mixer=mixer, ffn=ffn))
+    return replace(spec, layers=tuple(layers))
+
+
+def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> Any:
+    import torch
+
+    out_features = rows if rows is not None else linear.out_features
+    in_features = cols if cols is not None else linear.in_features
+    return torch.nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+
+
+def narrow(model: Any, shapes: list[dict]) -> None:
+    """Give each decoder layer's projections the recorded shapes (weights are loaded afterwards)."""
+    for block, shape in zip(model.model.layers, shapes):
+        if shape["ffn"] is not None:
+            mlp = block.mlp
+            mlp.gate_proj = _resized(mlp.gate_proj, rows=shape["ffn"])
+            mlp.up_proj = _resized(mlp.up_proj, rows=shape["ffn"])
+            mlp.down_proj = _resized(mlp.down_proj, cols=shape["ffn"])
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = shape["ffn"]
+        if shape["heads"] is not None:
+            attn = block.self_attn
+            head_dim = attn.head_dim
+            q, kv = shape["heads"] * head_dim, shape["kv_heads"] * head_dim
+            attn.q_proj = _resized(attn.q_proj, rows=q)
+            attn.k_proj = _resized(attn.k_proj, rows=kv)
+            attn.v_proj = _resized(attn.v_proj, rows=kv)
+            attn.o_proj = _resized(attn.o_proj, cols=q)
+            attn.num_key_value_groups = shape["heads"] // shape["kv_heads"]
+
+
+def load_narrowed(location: str, config: Any, dtype: Any) -> Any:
+    """Build the widest model from `config`, narrow it, then read the saved weights into it."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    narrow(model, shapes_of(config))
+    state: dict = {}
+    for file in sorted(Path(location).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        from shrink.errors import ShrinkError
+
+        raise ShrinkError(f"The weights in '{location}' do not match their recorded layer shapes "
+                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}).")
+    model.tie_weights()
+    return model.to(torch.device("cpu")).eval()
