@@ -203,7 +203,8 @@ def _measured_layer(block: Any, layer: LayerSpec) -> LayerSpec:
         kv_heads = kv_proj.out_features // mixer.head_dim if kv_proj is not None else mixer.num_kv_heads
         mixer = replace(mixer, num_heads=heads, num_kv_heads=kv_heads)
     elif isinstance(mixer, SSMSpec):
-        mixer = replace(mixer, num_heads=mixer_module.A_log.numel())
+        heads = mixer_module.A_log.numel()
+        mixer = replace(mixer, num_heads=heads, head_dim=mixer_module.out_proj.in_features // heads)
     if ffn is not None and not ffn.is_moe:
         mlp = getattr(block, "mlp", None) or mixer_module
         ffn = replace(ffn, width=mlp.up_proj.out_features)

@@ -35,7 +35,8 @@ def record(model: Any, spec: ArchSpec) -> None:
     if widest:
         config.num_attention_heads = max(s["heads"] for s in widest)
         config.num_key_value_heads = max(s["kv_heads"] for s in widest)
-        config.head_dim = spec.layers[0].mixer.head_dim  # pinned: it would otherwise follow the head count
+        attention = next(layer.mixer for layer in spec.layers if isinstance(layer.mixer, AttentionSpec))
+        config.head_dim = attention.head_dim  # pinned: it would otherwise follow the head count
 
 
 def shapes_of(config: Any) -> list[dict] | None:
@@ -69,16 +70,19 @@ def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> A
 
 def narrow(model: Any, shapes: list[dict]) -> None:
     """Give each decoder layer's projections the recorded shapes (weights are loaded afterwards)."""
+    from shrink.compress import blocks
+
     for block, shape in zip(model.model.layers, shapes):
         if shape["ffn"] is not None:
-            mlp = block.mlp
-            mlp.gate_proj = _resized(mlp.gate_proj, rows=shape["ffn"])
+            mlp = blocks.mlp(block)
+            if hasattr(mlp, "gate_proj"):
+                mlp.gate_proj = _resized(mlp.gate_proj, rows=shape["ffn"])
             mlp.up_proj = _resized(mlp.up_proj, rows=shape["ffn"])
             mlp.down_proj = _resized(mlp.down_proj, cols=shape["ffn"])
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = shape["ffn"]
         if shape["heads"] is not None:
-            attn = block.self_attn
+            attn = blocks.attention(block)
             head_dim = attn.head_dim
             q, kv = shape["heads"] * head_dim, shape["kv_heads"] * head_dim
             attn.q_proj = _resized(attn.q_proj, rows=q)
@@ -101,6 +105,7 @@ def load_narrowed(location: str, config: Any, dtype: Any) -> Any:
     state: dict = {}
     for file in sorted(Path(location).glob("*.safetensors")):
         state.update(load_file(str(file)))
+    state = _renamed_to(model, state)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -110,3 +115,11 @@ def load_narrowed(location: str, config: Any, dtype: Any) -> Any:
                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}).")
     model.tie_weights()
     return model.to(torch.device("cpu")).eval()
+
+
+def _renamed_to(model: Any, state: dict) -> dict:
+    """Checkpoint names as the model names them: some families save under another top-level prefix
+    (Nemotron-H writes its decoder as `backbone.`, which from_pretrained maps back to `model.`)."""
+    names = set(model.state_dict())
+    by_rest = {name.split(".", 1)[1]: name for name in names if name.count(".") >= 2}
+    return {key if key in names else by_rest.get(key.split(".", 1)[-1], key): value for key, value in state.items()}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from shrink import layershapes
+from shrink import layershapes, normeps
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_config, spec_from_model
@@ -217,6 +217,7 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
             lambda: AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code),
             where,
         )
+    normeps.apply(model)
     model.eval()
     sidecar = Path(location, TOKENIZER_SIDECAR)
     gguf_tokenizer = embedded_gguf_path(source) if where.kind == "embedded" else sidecar if sidecar.is_file() else None
@@ -349,6 +350,7 @@ def save(model: Any, directory: str | Path, tokenizer: Any | None = None, gguf_t
     """
     model = _serializable(model)
     layershapes.record(model, spec_from_model(model))
+    normeps.record(model)
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

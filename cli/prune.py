@@ -21,8 +21,10 @@ from shrink.cli.render import console, err_console, fmt_bytes, fmt_time, handle_
 def prune_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the pruned model (Hugging Face layout)."),
-    ffn: int = typer.Option(None, help="FFN neurons to keep in every layer."),
-    heads: int = typer.Option(None, help="Query heads to keep per KV group (GQA structure kept)."),
+    ffn: str = typer.Option(None, help="FFN neurons to keep in every layer, or one count per FFN layer: 1024,1024,768,..."),
+    heads: str = typer.Option(None, help="Query heads to keep per KV group (GQA kept), or one count per attention layer: 4,4,2,..."),
+    ssm_heads: int = typer.Option(None, help="Mamba heads to keep per SSM group (every group keeps the same number)."),
+    ssm_head_dim: int = typer.Option(None, help="Channels to keep in every Mamba head (the same channels in all heads)."),
     kv_groups: int = typer.Option(None, help="KV groups to keep (each with its query heads)."),
     layers: int = typer.Option(None, help="Layers to keep (depth pruning)."),
     hidden: int = typer.Option(None, help="Embedding channels to keep (norms rescaled so the kept channels compute as before)."),
@@ -49,6 +51,8 @@ def prune_command(
 
       shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
 
+      shrink prune nvidia/Nemotron-H-8B-Base-8K --ssm-heads 48 --ssm-head-dim 48 -o nemotron-pruned
+
       shrink prune gemma-3-270m --params 0.6 -o gemma-60
 
       shrink prune gemma-3-270m --target jetson-orin --budget 2ms --axis both --search -o gemma-orin
@@ -60,14 +64,16 @@ def prune_command(
     from shrink.errors import ShrinkError
     from shrink.model import load, save_loaded
 
-    sizes = (ffn, heads, kv_groups, layers, hidden)
+    ffn, heads = _sizes(ffn, "--ffn"), _sizes(heads, "--heads")
+    sizes = (ffn, heads, kv_groups, layers, hidden, ssm_heads, ssm_head_dim)
     budgeted = any(v is not None for v in (params, memory, budget))
     if depth_criterion not in ("bi", "kl"):
         raise ShrinkError(f"--depth-criterion must be bi or kl, not '{depth_criterion}'.")
     if budgeted and any(v is not None for v in sizes):
         raise ShrinkError("Give either sizes (--ffn, --heads, ...) or a budget (--params, --memory, --budget), not both.")
     if not budgeted and not any(v is not None for v in sizes):
-        raise ShrinkError("Say what to prune: sizes (--ffn, --heads, --kv-groups, --hidden, --layers) or a budget "
+        raise ShrinkError("Say what to prune: sizes (--ffn, --heads, --kv-groups, --hidden, --layers, --ssm-heads, "
+                          "--ssm-head-dim) or a budget "
                           "(--params, --memory, --budget with --target).")
     if search and not budgeted:
         raise ShrinkError("--search chooses among shapes that meet a budget: give --params, --memory or --budget.")
@@ -85,7 +91,7 @@ def prune_command(
         pruned, report = _prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates,
                                           proxy_steps, weights)
     else:
-        pruned = _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers)
+        pruned = _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers, ssm_heads, ssm_head_dim)
     save_loaded(pruned, output)
     after = pruned.spec.param_counts().total
     if json_out:
@@ -95,15 +101,7 @@ def prune_command(
         return
     if report.get("candidates"):
         console.print(_candidates_table(report))
-    table = Table(title=f"Pruned {model} -> {output}", title_justify="left")
-    for column in ("", "layers", "hidden", "FFN", "heads / KV heads", "parameters"):
-        table.add_column(column)
-    for label, spec, total in (("before", loaded.spec, before), ("after", pruned.spec, after)):
-        a = spec.layers[0].mixer
-        heads_text = f"{a.num_heads} / {a.num_kv_heads}" if hasattr(a, "num_kv_heads") else "-"
-        table.add_row(label, str(spec.num_layers), str(spec.hidden_size), str(spec.layers[0].ffn.width if spec.layers[0].ffn else "-"),
-                      heads_text, f"{total:,}")
-    console.print(table)
+    console.print(_shapes_table(f"Pruned {model} -> {output}", (("before", loaded.spec, before), ("after", pruned.spec, after))))
     if report.get("chosen"):
         chosen = report["chosen"]
         figures = [f"{chosen['non_embedding_params'] / report['non_embedding_before']:.1%} of the non-embedding parameters"]
@@ -129,10 +127,47 @@ def _budget(params, memory, budget, target):
                   profile=get_profile(target) if target else None)
 
 
-def _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers):
-    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers
+def _sizes(text, option):
+    """`N` (every layer) or `N1,N2,...` (one per layer that has the unit)."""
+    from shrink.errors import ShrinkError
+
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ShrinkError(f"{option} takes a count or comma-separated counts, e.g. 1024 or 1024,768; got '{text}'.") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _widths(values):
+    distinct = sorted(set(values))
+    return str(distinct[0]) if len(distinct) == 1 else f"{distinct[0]}-{distinct[-1]}"
+
+
+def _shapes_table(title, rows):
+    from shrink.archspec import AttentionSpec, SSMSpec
+
+    table = Table(title=title, title_justify="left")
+    for column in ("", "layers", "hidden", "FFN", "heads / KV heads", "SSM heads x dim", "parameters"):
+        table.add_column(column)
+    for label, spec, total in rows:
+        attention = [layer.mixer for layer in spec.layers if isinstance(layer.mixer, AttentionSpec)]
+        ssm = [layer.mixer for layer in spec.layers if isinstance(layer.mixer, SSMSpec)]
+        ffn = [layer.ffn.width for layer in spec.layers if layer.ffn is not None]
+        heads = (f"{_widths([a.num_heads for a in attention])} / {_widths([a.num_kv_heads for a in attention])}"
+                 if attention else "-")
+        table.add_row(label, str(spec.num_layers), str(spec.hidden_size), _widths(ffn) if ffn else "-", heads,
+                      f"{ssm[0].num_heads} x {ssm[0].head_dim}" if ssm else "-", f"{total:,}")
+    return table
+
+
+def _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers, ssm_heads=None, ssm_head_dim=None):
+    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers, prune_ssm
 
     pruned = loaded
+    if ssm_heads is not None or ssm_head_dim is not None:
+        pruned = prune_ssm(pruned, importance, heads_per_group=ssm_heads, head_dim=ssm_head_dim)
     if ffn is not None:
         pruned = prune_ffn(pruned, importance, ffn)
     if kv_groups is not None:

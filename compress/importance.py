@@ -4,10 +4,12 @@ Scores per axis, each the root-mean-square of an activation over every calibrati
 - ffn: each FFN neuron's activation entering down_proj;
 - heads: each attention head's output entering o_proj (ranked later within its KV group, so GQA
   structure survives); kv_groups: the sum of their heads' scores;
+- ssm: each Mamba2 channel [heads, head_dim] entering out_proj (after the gated norm); heads are
+  ranked within their SSM group and head_dim channels across all heads when pruning;
 - hidden: each embedding channel at the output of every hidden-size norm, summed over layers;
 - layers: Block Influence, 1 - cos(input, output) of each decoder layer (before the final norm).
-Decoder families with Llama-style module names are covered (Llama, Mistral, Qwen2/3, Gemma 3);
-others fail loudly.
+A layer without a given unit (a Nemotron-H attention block has no FFN) has None for it. Covered:
+Llama, Mistral, Qwen2/3, Gemma 3 and Nemotron-H (dense); others fail loudly.
 """
 
 from __future__ import annotations
@@ -15,32 +17,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shrink.archspec import AttentionSpec, SSMSpec
+from shrink.compress import blocks
 from shrink.errors import ShrinkError
 
-DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "nemotron_h")
+FIELDS = ("ffn", "heads", "ssm", "hidden", "layers", "tokens")
+CACHE_VERSION = b"importance-v2"  # bumped when FIELDS change, so older cache files are not read
 
 
 @dataclass
 class Importance:
-    ffn: list[Any] = field(default_factory=list)  # per layer: tensor [ffn width]
-    heads: list[Any] = field(default_factory=list)  # per layer: tensor [num heads]
+    ffn: list[Any] = field(default_factory=list)  # per layer: tensor [ffn width] or None
+    heads: list[Any] = field(default_factory=list)  # per layer: tensor [num heads] or None
     hidden: Any = None  # tensor [hidden]
     layers: Any = None  # tensor [num layers], Block Influence
     tokens: int = 0
+    ssm: list[Any] = field(default_factory=list)  # per layer: tensor [ssm heads, head_dim] or None
 
     def kv_groups(self, layer: int, num_kv_heads: int) -> Any:
         return self.heads[layer].view(num_kv_heads, -1).sum(-1)
 
+    def ssm_heads(self, layer: int) -> Any:
+        return self.ssm[layer].pow(2).sum(1).sqrt()
+
+    def ssm_channels(self) -> Any:
+        """head_dim channels scored over every head of every SSM layer: one choice for all of them,
+        since head_dim is a single config value."""
+        return sum(s.pow(2).sum(0) for s in self.ssm if s is not None).sqrt()
+
 
 def _check_family(loaded: Any) -> None:
-    if loaded.spec.family not in DECODER_FAMILIES:
+    if loaded.spec.family not in SUPPORTED_FAMILIES:
         raise ShrinkError(f"Importance scoring for '{loaded.spec.family}' is not written yet; supported: "
-                          f"{', '.join(DECODER_FAMILIES)}.")
-
-
-def _norms(block: Any) -> list[Any]:
-    names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-    return [getattr(block, n) for n in names if hasattr(block, n)]
+                          f"{', '.join(SUPPORTED_FAMILIES)}.")
+    if any(layer.ffn is not None and layer.ffn.is_moe for layer in loaded.spec.layers):
+        raise ShrinkError("Pruning a model with MoE layers is not written yet (expert widths and counts); "
+                          "dense models only.")
 
 
 def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
@@ -50,21 +63,21 @@ def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
     _check_family(loaded)
     model, spec = loaded.model.eval(), loaded.spec
     layers = model.model.layers
-    sums_ffn = [torch.zeros(layer.ffn.width, dtype=torch.float64) for layer in spec.layers]
-    sums_heads = [torch.zeros(layer.mixer.num_heads, dtype=torch.float64) for layer in spec.layers]
-    sums_hidden = torch.zeros(spec.hidden_size, dtype=torch.float64)
-    influence = torch.zeros(len(layers), dtype=torch.float64)
+    sums_ffn = [_zeros(layer.ffn.width) if layer.ffn is not None else None for layer in spec.layers]
+    sums_heads = [_zeros(layer.mixer.num_heads) if isinstance(layer.mixer, AttentionSpec) else None
+                  for layer in spec.layers]
+    sums_ssm = [_zeros(layer.mixer.num_heads, layer.mixer.head_dim) if isinstance(layer.mixer, SSMSpec) else None
+                for layer in spec.layers]
+    sums_hidden = _zeros(spec.hidden_size)
+    influence = _zeros(len(layers))
     handles = []
 
-    def ffn_hook(i):
-        def hook(_module, args):
-            sums_ffn[i].add_(args[0].detach().double().pow(2).sum(dim=(0, 1)))
-        return hook
-
-    def head_hook(i, head_dim):
+    def channel_hook(total, shape):
+        # sum of squares over batch and sequence, then over any trailing dims `total` does not keep
         def hook(_module, args):
             x = args[0].detach().double()
-            sums_heads[i].add_(x.view(*x.shape[:-1], -1, head_dim).pow(2).sum(dim=(0, 1, 3)))
+            squares = x.view(*x.shape[:-1], *shape).pow(2).sum(dim=(0, 1))
+            total.add_(squares.view(*total.shape, -1).sum(-1))
         return hook
 
     def hidden_hook(_module, _args, output):
@@ -79,9 +92,16 @@ def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
         return hook
 
     for i, block in enumerate(layers):
-        handles.append(block.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)))
-        handles.append(block.self_attn.o_proj.register_forward_pre_hook(head_hook(i, spec.layers[i].mixer.head_dim)))
-        handles += [norm.register_forward_hook(hidden_hook) for norm in _norms(block)]
+        mixer = spec.layers[i].mixer
+        if sums_ffn[i] is not None:
+            handles.append(blocks.mlp(block).down_proj.register_forward_pre_hook(channel_hook(sums_ffn[i], (-1,))))
+        if sums_heads[i] is not None:
+            hook = channel_hook(sums_heads[i], (-1, mixer.head_dim))
+            handles.append(blocks.attention(block).o_proj.register_forward_pre_hook(hook))
+        if sums_ssm[i] is not None:
+            hook = channel_hook(sums_ssm[i], (mixer.num_heads, mixer.head_dim))
+            handles.append(blocks.ssm(block).out_proj.register_forward_pre_hook(hook))
+        handles += [norm.register_forward_hook(hidden_hook) for norm in blocks.hidden_norms(block)]
         handles.append(block.register_forward_hook(block_hook(i)))
     tokens = 0
     try:
@@ -95,13 +115,18 @@ def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
             handle.remove()
     if tokens == 0:
         raise ShrinkError("No calibration tokens: the importance pass needs at least one sequence.")
-    return Importance(
-        ffn=[(s / tokens).sqrt().float() for s in sums_ffn],
-        heads=[(s / tokens).sqrt().float() for s in sums_heads],
-        hidden=(sums_hidden / tokens).sqrt().float(),
-        layers=(influence / tokens).float(),
-        tokens=tokens,
-    )
+
+    def rms(sums):
+        return [(s / tokens).sqrt().float() if s is not None else None for s in sums]
+
+    return Importance(ffn=rms(sums_ffn), heads=rms(sums_heads), ssm=rms(sums_ssm),
+                      hidden=(sums_hidden / tokens).sqrt().float(), layers=(influence / tokens).float(), tokens=tokens)
+
+
+def _zeros(*shape: int) -> Any:
+    import torch
+
+    return torch.zeros(*shape, dtype=torch.float64)
 
 
 def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
@@ -143,14 +168,12 @@ def cached_score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
     from shrink.model import weights_hash
     from shrink.storage import atomic_path, cache_dir
 
-    digest = hashlib.sha256(weights_hash(loaded.model).encode() + batches.contiguous().numpy().tobytes()).hexdigest()[:24]
+    digest = hashlib.sha256(CACHE_VERSION + weights_hash(loaded.model).encode() + batches.contiguous().numpy().tobytes()).hexdigest()[:24]
     path = cache_dir("importance") / f"{digest}.pt"
     if path.is_file():
         data = torch.load(path, weights_only=True)
-        return Importance(ffn=data["ffn"], heads=data["heads"], hidden=data["hidden"], layers=data["layers"],
-                          tokens=int(data["tokens"]))
+        return Importance(**{name: data[name] for name in FIELDS})
     importance = score(loaded, batches, batch_size)
     with atomic_path(path) as tmp:
-        torch.save({"ffn": importance.ffn, "heads": importance.heads, "hidden": importance.hidden,
-                    "layers": importance.layers, "tokens": importance.tokens}, tmp)
+        torch.save({name: getattr(importance, name) for name in FIELDS}, tmp)
     return importance

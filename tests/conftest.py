@@ -35,6 +35,20 @@ WORDS = [f"w{i}" for i in range(99)]  # with <unk> and <eos>: the tiny configs' 
 def tiny_text_model_dir(tmp_path_factory):
     """A tiny random Llama with a word-level tokenizer, and a text file in its words: what the
     commands that read text (prune, distill) need, at test speed."""
+    config = __import__("tiny_models").tiny_configs()["llama"]
+    config.num_hidden_layers = 4
+    return _text_model(tmp_path_factory, config, "tiny-text-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_nemotron_dir(tmp_path_factory):
+    """The same for a dense hybrid Nemotron-H: SSM, MLP, attention, MLP, SSM blocks."""
+    config = __import__("tiny_models").tiny_configs()["nemotron_h"]
+    config.layers_block_type = ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention"]
+    return _text_model(tmp_path_factory, config, "tiny-text-nemotron")
+
+
+def _text_model(tmp_path_factory, config, name):
     import random
 
     import torch
@@ -44,19 +58,16 @@ def tiny_text_model_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from shrink.model import save
-    from tiny_models import tiny_configs
 
     vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
     torch.manual_seed(0)
-    config = tiny_configs()["llama"]
-    config.num_hidden_layers = 4
     config.eos_token_id = 1
     model = AutoModelForCausalLM.from_config(config).eval()
     root = tmp_path_factory.mktemp("text-model")
-    directory = save(model, root / "tiny-text-llama", tokenizer=tokenizer)
+    directory = save(model, root / name, tokenizer=tokenizer)
     rng = random.Random(0)
     # a little structure (repeated phrases) so that a model can learn something from it
     phrases = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(12)]

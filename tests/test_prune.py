@@ -4,14 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from shrink.compress import blocks
 from shrink.compress.importance import score
-from shrink.compress.prune import prune_ffn, prune_heads, prune_kv_groups, prune_layers
+from shrink.compress.prune import prune_ffn, prune_heads, prune_kv_groups, prune_layers, prune_ssm
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
-from shrink.model import LoadedModel, save
+from shrink.model import LoadedModel, load, save
 from tiny_models import tiny_configs
 
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "mistral"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "nemotron_h"]
+# Nemotron-H blocks hold one mixer each: SSM, MLP, attention, MLP, SSM (dense; MoE is refused)
+NEMOTRON_DENSE = ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention"]
 CALIBRATION = torch.randint(0, 101, (6, 24), generator=torch.Generator().manual_seed(1))
 PROBE = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2))
 
@@ -19,6 +22,8 @@ PROBE = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2
 def tiny(name, **overrides):
     torch.manual_seed(0)
     config = tiny_configs()[name]
+    if name == "nemotron_h":
+        overrides = {"layers_block_type": NEMOTRON_DENSE, **overrides}
     for key, value in overrides.items():
         setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -49,12 +54,14 @@ def test_ffn_pruning_equals_masking(family):
     loaded = tiny(family)
     imp = score(loaded, CALIBRATION)
     pruned = prune_ffn(loaded, imp, 20)
-    assert [layer.ffn.width for layer in pruned.spec.layers] == [20] * loaded.spec.num_layers
-    assert pruned.model.model.layers[0].mlp.up_proj.weight.shape == (20, 32)
+    widths = [layer.ffn.width for layer in pruned.spec.layers if layer.ffn is not None]
+    assert widths == [20] * len([s for s in imp.ffn if s is not None])
+    assert all(blocks.mlp(b).up_proj.weight.shape == (20, 32) for b in pruned.model.model.layers if blocks.mlp(b))
 
     def mask(model):
         for block, scores in zip(model.model.layers, imp.ffn):
-            block.mlp.down_proj.weight[:, dropped(scores, 20)] = 0
+            if scores is not None:
+                blocks.mlp(block).down_proj.weight[:, dropped(scores, 20)] = 0
 
     assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
     assert sum(p.numel() for p in pruned.model.parameters()) == pruned.spec.param_counts().total
@@ -65,16 +72,16 @@ def test_head_pruning_within_kv_groups_equals_masking(family):
     loaded = tiny(family)  # 4 query heads in 2 KV groups
     imp = score(loaded, CALIBRATION)
     pruned = prune_heads(loaded, imp, heads_per_group=1)
-    a = pruned.spec.layers[0].mixer
+    a = next(layer.mixer for layer in pruned.spec.layers if hasattr(layer.mixer, "num_kv_heads"))
     assert (a.num_heads, a.num_kv_heads) == (2, 2)
     head_dim = a.head_dim
 
     def mask(model):
         for block, scores in zip(model.model.layers, imp.heads):
-            for g in range(2):
+            for g in range(2 if scores is not None else 0):
                 for h in dropped(scores[2 * g:2 * g + 2], 1):
                     col = (2 * g + h) * head_dim
-                    block.self_attn.o_proj.weight[:, col:col + head_dim] = 0
+                    blocks.attention(block).o_proj.weight[:, col:col + head_dim] = 0
 
     assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
 
@@ -95,7 +102,7 @@ def test_kv_group_pruning_equals_masking(family):
     assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "nemotron_h"])
 def test_depth_pruning_equals_skipping_the_layers(family):
     loaded = tiny(family)
     imp = score(loaded, CALIBRATION)
@@ -135,8 +142,13 @@ def test_impossible_targets_are_refused():
         prune_ffn(loaded, imp, 64)
     with pytest.raises(ShrinkError, match="between 1 and 2"):
         prune_heads(loaded, imp, 3)
-    with pytest.raises(ShrinkError, match="not written yet"):
-        score(tiny("nemotron_h"), CALIBRATION)
+    with pytest.raises(ShrinkError, match="MoE"):
+        score(tiny("nemotron_h", layers_block_type=NEMOTRON_DENSE[:3] + ["moe"]), CALIBRATION)
+    with pytest.raises(ShrinkError, match="no SSM"):
+        prune_ssm(loaded, imp, heads_per_group=1)
+    nemotron = tiny("nemotron_h")
+    with pytest.raises(ShrinkError, match="between 1 and 4"):  # 8 SSM heads in 2 groups
+        prune_ssm(nemotron, score(nemotron, CALIBRATION), heads_per_group=5)
 
 
 @pytest.mark.slow
@@ -178,16 +190,18 @@ def test_hidden_pruning_equals_masking(family, tmp_path):
     drop = dropped(imp.hidden, 24)
 
     def mask(model):  # hold the dropped channels of the residual stream at zero
-        model.model.embed_tokens.weight[:, drop] = 0
+        blocks.embedding(model).weight[:, drop] = 0
         for block in model.model.layers:
-            block.self_attn.o_proj.weight[drop, :] = 0
-            block.mlp.down_proj.weight[drop, :] = 0
+            for writer in (blocks.attention(block), blocks.mlp(block), blocks.ssm(block)):
+                if writer is not None:
+                    projection = getattr(writer, "o_proj", None) or getattr(writer, "down_proj", None) or writer.out_proj
+                    projection.weight[drop, :] = 0
 
     reference = masked(loaded, mask)
     assert torch.allclose(logits(pruned.model), logits(reference), atol=1e-4, rtol=1e-4)
     save(pruned.model, tmp_path / "h")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
-    assert torch.allclose(logits(again), logits(pruned.model), atol=1e-5)
+    again = load(str(tmp_path / "h")).model  # Nemotron's gated norm keeps its own epsilon through the save
+    assert torch.allclose(logits(again), logits(pruned.model), atol=1e-6)
 
 
 def test_layer_kl_ranks_an_identity_layer_last_and_agrees_with_block_influence():
@@ -211,3 +225,74 @@ def test_importance_is_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "score", lambda *a, **k: pytest.fail("scored again instead of reading the cache"))
     again = module.cached_score(loaded, CALIBRATION)
     assert torch.equal(again.hidden, first.hidden) and all(torch.equal(a, b) for a, b in zip(again.ffn, first.ffn))
+
+
+def ssm_mask(imp, layers, heads_per_group, head_dim, num_heads=8, num_groups=2, full_head_dim=8):
+    """Zero the dropped SSM channels where they enter the gated norm (the scan output)."""
+    per_group = num_heads // num_groups
+    channels = torch.topk(imp.ssm_channels(), head_dim).indices
+
+    def mask(model):
+        for i in layers:
+            scores = imp.ssm_heads(i)
+            keep = torch.zeros(num_heads, full_head_dim)
+            for g in range(num_groups):
+                for h in torch.topk(scores[g * per_group:(g + 1) * per_group], heads_per_group).indices:
+                    keep[g * per_group + h, channels] = 1
+            blocks.ssm(model.model.layers[i]).norm.register_forward_pre_hook(
+                lambda _m, args, keep=keep.flatten(): (args[0] * keep,) + args[1:])
+    return mask
+
+
+@pytest.mark.parametrize("heads_per_group,head_dim", [(2, 8), (4, 5), (1, 3)])
+def test_group_aware_ssm_pruning_equals_masking(heads_per_group, head_dim, tmp_path):
+    loaded = tiny("nemotron_h")  # SSM layers 0 and 4: 8 heads of 8 channels in 2 groups
+    imp = score(loaded, CALIBRATION)
+    pruned = prune_ssm(loaded, imp, heads_per_group=heads_per_group, head_dim=head_dim)
+    ssm = pruned.spec.layers[0].mixer
+    assert (ssm.num_heads, ssm.head_dim, ssm.num_groups) == (2 * heads_per_group, head_dim, 2)
+    mixer = pruned.model.model.layers[4].mixer
+    assert mixer.out_proj.weight.shape == (32, 2 * heads_per_group * head_dim)
+    assert mixer.A_log.shape == (2 * heads_per_group,)
+    assert sum(p.numel() for p in pruned.model.parameters()) == pruned.spec.param_counts().total
+    reference = masked(loaded, ssm_mask(imp, (0, 4), heads_per_group, head_dim))
+    assert torch.allclose(logits(pruned.model), logits(reference), atol=1e-5)
+    assert not torch.allclose(logits(pruned.model), logits(loaded.model), atol=1e-3)  # the mask mattered
+    save(pruned.model, tmp_path / "ssm")
+    again = load(str(tmp_path / "ssm"))
+    assert again.spec.layers[4].mixer == ssm
+    assert torch.allclose(logits(again.model), logits(pruned.model), atol=1e-6)
+
+
+def test_ssm_heads_are_kept_in_equal_numbers_per_group():
+    loaded = tiny("nemotron_h")
+    imp = score(loaded, CALIBRATION)
+    with torch.no_grad():  # make group 0's heads all outrank group 1's
+        imp.ssm[0][:4] += 100
+    pruned = prune_ssm(loaded, imp, heads_per_group=2)
+    kept_a = pruned.model.model.layers[0].mixer.A_log
+    full_a = loaded.model.model.layers[0].mixer.A_log
+    kept = [int((full_a == a).nonzero()[0]) for a in kept_a]
+    assert sum(h < 4 for h in kept) == 2 and sum(h >= 4 for h in kept) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_per_layer_widths_make_a_non_uniform_model_that_equals_masking_and_reloads(family, tmp_path):
+    loaded = tiny(family)
+    imp = score(loaded, CALIBRATION)
+    ffn_layers = [i for i, s in enumerate(imp.ffn) if s is not None]
+    widths = [40, 12][:len(ffn_layers)]
+    pruned = prune_ffn(loaded, imp, widths)
+    assert [pruned.spec.layers[i].ffn.width for i in ffn_layers] == widths and not pruned.spec.is_uniform
+
+    def mask(model):
+        for i, width in zip(ffn_layers, widths):
+            blocks.mlp(model.model.layers[i]).down_proj.weight[:, dropped(imp.ffn[i], width)] = 0
+
+    assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
+    save(pruned.model, tmp_path / "nonuniform")
+    again = load(str(tmp_path / "nonuniform"))
+    assert [again.spec.layers[i].ffn.width for i in ffn_layers] == widths
+    assert torch.equal(logits(again.model), logits(pruned.model))
+    with pytest.raises(ShrinkError, match="per-layer values"):
+        prune_ffn(loaded, imp, [8])

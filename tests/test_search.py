@@ -140,3 +140,25 @@ def test_cli_refuses_bad_budget_options(tiny_text_model_dir, tmp_path, args, mes
                                       "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_prunes_a_hybrid_ssm_model_by_sizes_and_by_budget(tiny_text_nemotron_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_nemotron_dir
+    runner = CliRunner()
+    common = ["--data", str(text), "--seq-len", "16", "--json"]
+    result = runner.invoke(app, ["prune", str(model_dir), "--ssm-heads", "2", "--ssm-head-dim", "6", "--ffn", "40,24",
+                                 "--heads", "1", "-o", str(tmp_path / "sized"), *common])
+    assert result.exit_code == 0, result.output
+    from shrink.model import load
+
+    pruned = load(str(tmp_path / "sized")).spec
+    kinds = [(type(layer.mixer).__name__, layer.ffn.width if layer.ffn else None) for layer in pruned.layers]
+    assert kinds == [("SSMSpec", None), ("NoneType", 40), ("AttentionSpec", None), ("NoneType", 24), ("SSMSpec", None)]
+    assert (pruned.layers[0].mixer.num_heads, pruned.layers[0].mixer.head_dim) == (4, 6)
+    assert pruned.layers[2].mixer.num_heads == 2
+    budget = runner.invoke(app, ["prune", str(model_dir), "--params", "0.7", "-o", str(tmp_path / "p70"), *common])
+    assert budget.exit_code == 0, budget.output
+    report = json.loads(budget.stdout)
+    assert report["chosen"]["non_embedding_params"] <= 0.7 * report["non_embedding_before"]
+    assert load(str(tmp_path / "p70")).spec.param_counts().total == report["params_after"]
