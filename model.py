@@ -224,6 +224,29 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
     return LoadedModel(model, _tokenizer(location), _named(spec_from_model(model), where, source), source, gguf_tokenizer)
 
 
+BITSANDBYTES_MODES = ("8bit", "nf4")
+
+
+def load_bitsandbytes(source: str, mode: str) -> LoadedModel:
+    """A model whose Linear weights bitsandbytes holds in 8 bits or NF4 (on the CPU too): a teacher
+    larger than memory in full precision. Its ArchSpec is the full-precision one."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if mode not in BITSANDBYTES_MODES:
+        raise ShrinkError(f"Unknown bitsandbytes mode '{mode}'; choose one of: {', '.join(BITSANDBYTES_MODES)}.")
+    where = _resolve(source)
+    if where.kind not in ("embedded", "hf_dir", "hub"):
+        raise ShrinkError(f"bitsandbytes loading needs a Hugging Face directory or hub id, not '{source}'.")
+    location = str(embedded_model_dir(where.location)) if where.kind == "embedded" else where.location
+    spec = load_spec(source)
+    quantization = (BitsAndBytesConfig(load_in_8bit=True) if mode == "8bit" else
+                    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    model = _guard(lambda: AutoModelForCausalLM.from_pretrained(location, quantization_config=quantization,
+                                                                device_map="cpu"), where)
+    return LoadedModel(model.eval(), _tokenizer(location), _named(spec, where, source), source)
+
+
 def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str | None = None) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -34,7 +34,7 @@ PRECISIONS = ("fp32", "bf16")
 class DistillConfig:
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | taid
     temperature: float = 1.0
-    lr: float = 1e-5
+    lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 4  # sequences per optimizer step, over all ranks and micro-batches
     steps: int = 100
@@ -160,7 +160,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         teacher.to(device).eval()
         alignment = HiddenAlignment(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
                                     _width(student), _width(teacher)).to(device)
-    parameters = list(student.parameters()) + (list(alignment.parameters()) if alignment else [])
+    parameters = [p for p in student.parameters() if p.requires_grad] + (list(alignment.parameters()) if alignment else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     taid_state = TAIDState()
