@@ -51,7 +51,7 @@ def prune_command(
 
       shrink prune gemma-3-270m --ffn 1536 --layers 16 -o gemma-pruned
 
-      shrink prune nvidia/Nemotron-H-8B-Base-8K --ssm-heads 48 --ssm-head-dim 48 -o nemotron-pruned
+      shrink prune nvidia/Nemotron-H-8B-Base-8K --ssm-heads 12 --ssm-head-dim 48 -o nemotron-pruned
 
       shrink prune gemma-3-270m --params 0.6 -o gemma-60
 
