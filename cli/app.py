@@ -15,6 +15,7 @@ from shrink.cli.formats import formats_command
 from shrink.cli.inspect import inspect_command
 from shrink.cli.profiles import profiles_app
 from shrink.cli.prune import prune_command
+from shrink.cli.quantize import quantize_command
 
 app = typer.Typer(
     name="shrink",
@@ -34,6 +35,7 @@ app.command("bench")(bench_command)
 app.command("generate")(generate_command)
 app.command("prune")(prune_command)
 app.command("distill")(distill_command)
+app.command("quantize")(quantize_command)
 
 
 def _version(value: bool) -> None:

@@ -75,9 +75,11 @@ def distill_command(
                               Path(f"{output}.checkpoints"), teacher=teacher_model.model if hidden_weight else None,
                               current=current)
     seconds = time.perf_counter() - started
+    if current.is_main:
+        save_loaded(student_model, output)
+    current.finish()
     if not current.is_main:
         return
-    save_loaded(student_model, output)
     if json_out:
         print_json({"output": str(output), "config": asdict(config), "report": asdict(report), "seconds": seconds,
                     "processes": current.size, "data": split.source, "measured": True})

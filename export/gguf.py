@@ -8,6 +8,9 @@ Which tensors take which type (a documented choice, shown per tensor in the repo
 - Every other 2-D weight takes `--quant`. A row whose length is not a multiple of the type's block
   cannot take it; such a tensor takes Q8_0 (or F16 if even that does not fit) and the report lists
   it. Nothing falls back silently.
+A student from `shrink quantize` carries its plan: each planned weight is packed on the grid it was
+trained on (no re-rounding; a weight found off its grid is an error), the vocabulary tensors on the
+plan's vocabulary grid, and `--quant` does not apply.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     state = {k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()}
     if spec.tied_embeddings:
         state.pop("lm_head.weight", None)
-    result = GGUFExport(Path(path), layout.arch, quant, {})
+    plan = _gguf_plan(loaded, quant)
+    grids = _planned_grids(plan, state) if plan else {}
+    result = GGUFExport(Path(path), layout.arch, plan.grid if plan else quant, {})
     if pad_to_uniform and not spec.is_uniform:
         spec = _pad_ffn_to_uniform(spec, state, result)
 
@@ -77,17 +82,63 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
         for hf_name, array in state.items():
             name = gguf_tensor_name(hf_name, layout)
             array = _convert(hf_name, array, layout, spec)
-            kind = _tensor_type(name, array, quant, result)
+            if hf_name in grids:
+                data, ggml_type = _pack_on_grid(hf_name, array, grids[hf_name])
+                writer.add_tensor(name, data, raw_dtype=ggml_type)
+                result.tensor_types[name] = ggml_type.name
+                continue
+            kind = _tensor_type(name, array, quant if not plan else "f16", result)
             data = array if kind == "F32" else gguf.quants.quantize(array.astype(np.float32), _ggml(kind))
             writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else _ggml(kind))
             result.tensor_types[name] = kind
-        writer.add_file_type(_file_type(quant))
+        writer.add_file_type(_file_type(_PLAN_FILE_TYPES.get(plan.grid, "f16") if plan else quant))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
     return result
+
+
+# the file type a planned export declares (llama.cpp reads each tensor's own type; this is a label)
+_PLAN_FILE_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1", "mxfp4": "mxfp4", "ternary_b256": "tq2_0"}
+
+
+def _gguf_plan(loaded: Any, quant: str) -> Any:
+    from shrink.compress.quant.student import saved_plan
+
+    plan = saved_plan(loaded.model)
+    if plan is None:
+        return None
+    if plan.runtime != "gguf":
+        raise ShrinkError(f"This model was quantized on the {plan.runtime} grid ({plan.grid}); export it with "
+                          f"-f {plan.runtime if plan.runtime != 'torch' else 'onnx'} or quantize it again with --runtime gguf.")
+    if quant not in ("f16",):
+        raise ShrinkError(f"This model carries its own quantization plan ({plan.grid}); --quant does not apply to it.")
+    return plan
+
+
+def _planned_grids(plan: Any, state: dict) -> dict[str, str]:
+    """HF tensor name -> grid, for the planned Linear weights and the vocabulary tensors."""
+    grids = {f"{t.module}.weight": t.grid for t in plan.tensors}
+    if plan.vocabulary:
+        grids.update({name: plan.vocabulary for name in state if name.endswith(("embed_tokens.weight", "lm_head.weight"))})
+    return grids
+
+
+def _pack_on_grid(hf_name: str, array: np.ndarray, grid: str) -> tuple[np.ndarray, Any]:
+    import torch
+
+    from shrink.compress.quant.formats import dequantize, from_grid_values
+    from shrink.compress.quant.ggufpack import pack
+
+    weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    packed = from_grid_values(weight, grid)
+    if not torch.equal(dequantize(packed), weight):
+        worst = float((dequantize(packed) - weight).abs().max())
+        raise ShrinkError(f"{hf_name} is not on its {grid} grid (off by up to {worst:.3g}); was it changed after "
+                          "`shrink quantize`? Quantize it again.")
+    return pack(packed)
 
 
 def _file_type(quant: str) -> int:

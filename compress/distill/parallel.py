@@ -28,6 +28,15 @@ class World:
 
             dist.barrier()
 
+    def finish(self) -> None:
+        """Every rank waits here, then leaves the process group: a rank that exits with gloo's
+        threads still running aborts ("terminate called without an active exception")."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
     def shard(self, rows: list[int]) -> list[int]:
         """This rank's rows of a step's batch (every rank gets the same count when it divides)."""
         return rows[self.rank::self.size]

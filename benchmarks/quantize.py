@@ -1,0 +1,137 @@
+"""PTQ against QAD for every weight format on the embedded Gemma 3 270M, measured in the runtime after export.
+
+    python benchmarks/quantize.py [--formats int8,int4,mxfp4,nvfp4,ternary,binary,fp8] [--tokens 12288]
+                                  [--calibration mse] [--lr 1e-5] [--json results.json]
+
+For each format: the plan's effective bits per quantized weight (scales included); the PTQ student
+(calibrated, fake-quantized) and the QAD student (the PTQ student distilled towards the original for
+--tokens tokens) each exported to GGUF (fp8 has no GGUF grid: measured in PyTorch) and compared in
+llama.cpp with the original PyTorch model on held-out teacher-written text: KL(original || export),
+top-1 agreement, perplexity, size on disk, and decode time per token in llama.cpp (2 threads). Beside
+them, llama.cpp's own PTQ of the same weights at equal bits: the gguf package's Q8_0 and Q4_0 of the
+original, and the original Q4_K_M file the embedded model ships as. Every figure is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from shrink.compress.data import prepare
+from shrink.compress.distill.evaluate import evaluate
+from shrink.compress.distill.teacher import teacher_topk
+from shrink.compress.distill.trainer import DistillConfig, distill
+from shrink.compress.quant.formats import effective_bits
+from shrink.compress.quant.plan import make_plan
+from shrink.compress.quant.ptq import calibrate
+from shrink.compress.quant.student import fake_quantize, materialize
+from shrink.export.bench import bench
+from shrink.export.gguf import export_gguf
+from shrink.export.runtimes import LlamaCppRunner, TorchRunner
+from shrink.export.verify import compare
+from shrink.model import embedded_gguf_path, load
+
+EVAL_SEQUENCES = 16  # held-out sequences compared in llama.cpp (x 128 tokens)
+
+
+def in_llama_cpp(teacher, path: Path, sequences) -> dict:
+    metrics = compare(TorchRunner(teacher.model), LlamaCppRunner(path, sequences.shape[1] + 8), sequences.tolist())
+    timing = bench(path, threads=2, prompt_len=64, gen_len=32, repeats=2)
+    return {"kl": metrics.mean_kl, "top1": metrics.top1_agreement, "ppl": metrics.ppl_artifact,
+            "ppl_teacher": metrics.ppl_reference, "bytes": path.stat().st_size, "decode_s": timing.decode.median_s}
+
+
+def in_pytorch(student, split, eval_topk) -> dict:
+    result = evaluate(student, split.evaluation, *eval_topk).to_dict()
+    return {"kl": result["kl"], "top1": None, "ppl": result["perplexity"], "ppl_teacher": None, "bytes": None,
+            "decode_s": None}
+
+
+def bits_of(plan, model) -> float:
+    sizes = [(t.grid, tuple(model.get_submodule(t.module).weight.shape)) for t in plan.tensors]
+    total = sum(s[0] * s[1] for _, s in sizes)
+    return sum(effective_bits(grid, shape) * shape[0] * shape[1] for grid, shape in sizes) / total
+
+
+def measure(student_model, plan, teacher, split, eval_topk, sequences, workdir: Path, label: str) -> dict:
+    if plan.runtime != "gguf":
+        return in_pytorch(student_model, split, eval_topk)
+    exported = copy.deepcopy(student_model)
+    materialize(exported, plan)
+    path = workdir / f"{label}.gguf"
+    export_gguf(type(teacher)(exported, teacher.tokenizer, teacher.spec, label, teacher.gguf_tokenizer), path)
+    return in_llama_cpp(teacher, path, sequences)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default="int8,int4,mxfp4,nvfp4,ternary,binary,fp8")
+    parser.add_argument("--tokens", type=int, default=12288)
+    parser.add_argument("--calibration", default="mse")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    teacher = load("gemma-3-270m")
+    split = prepare(teacher, None, seq_len=128)
+    train_topk, eval_topk = teacher_topk(teacher.model, split.train), teacher_topk(teacher.model, split.evaluation)
+    sequences = split.evaluation[:EVAL_SEQUENCES]
+    steps = max(1, args.tokens // (4 * 128))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="shrink-quant-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.baselines:
+            for name, make in (("gguf q8_0 (llama.cpp PTQ)", "q8_0"), ("gguf q4_0 (llama.cpp PTQ)", "q4_0")):
+                path = workdir / f"{make}.gguf"
+                export_gguf(teacher, path, quant=make)
+                rows.append({"format": name, "bits": 8.5 if make == "q8_0" else 4.5, "stage": "PTQ",
+                             **in_llama_cpp(teacher, path, sequences)})
+                console.print(rows[-1])
+            rows.append({"format": "original Q4_K_M file", "bits": None, "stage": "shipped",
+                         **in_llama_cpp(teacher, embedded_gguf_path(), sequences)})
+            console.print(rows[-1])
+        for family in args.formats.split(","):
+            runtime = "torch" if family == "fp8" else "gguf"
+            student = copy.deepcopy(teacher.model)
+            plan = make_plan(student, family, runtime)
+            started = time.perf_counter()
+            calibrate(student, plan, args.calibration, split.calibration, teacher.spec.family)
+            fake_quantize(student, plan)
+            bits = bits_of(plan, student)
+            ptq = measure(student, plan, teacher, split, eval_topk, sequences, workdir, f"{family}-ptq")
+            rows.append({"format": f"{family} ({plan.grid})", "bits": bits, "stage": f"PTQ ({args.calibration})",
+                         "fallbacks": len(plan.fallbacks), **ptq})
+            console.print(rows[-1])
+            config = DistillConfig(lr=args.lr, steps=steps, batch_size=4, checkpoint_every=10 ** 9)
+            report = distill(student, split.train, train_topk, config, workdir / f"{family}.ckpt", split.evaluation,
+                             eval_topk)
+            qad = measure(student, plan, teacher, split, eval_topk, sequences, workdir, f"{family}-qad")
+            rows.append({"format": f"{family} ({plan.grid})", "bits": bits, "stage": f"QAD ({report.tokens:,} tokens)",
+                         "fallbacks": len(plan.fallbacks), "tokens_per_s": report.tokens_per_second,
+                         "seconds": time.perf_counter() - started, **qad})
+            console.print(rows[-1])
+            del student
+    table = Table(title=f"gemma-3-270m quantized: KL to the original measured in the runtime on "
+                        f"{EVAL_SEQUENCES}x128 held-out tokens (PyTorch for fp8)", title_justify="left")
+    for column in ("format", "bits/weight", "stage", "KL", "top-1", "ppl", "size", "decode ms/token"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["format"], f"{r['bits']:.3f}" if r["bits"] else "-", r["stage"], f"{r['kl']:.4f}",
+                      f"{r['top1']:.1%}" if r["top1"] is not None else "-", f"{r['ppl']:.2f}",
+                      f"{r['bytes'] / 1e6:.1f} MB" if r["bytes"] else "-",
+                      f"{r['decode_s'] * 1e3:.2f}" if r["decode_s"] else "-")
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""`shrink quantize`: post-training quantization, then optionally quantization-aware distillation (QAD).
+
+The student is the model with its planned Linear weights fake-quantized on the grid the export will
+store (compress/quant/plan.py); PTQ calibration prepares the weights, QAD trains them against the
+original model's logits with the same trainer as `shrink distill`. The output is a Hugging Face
+directory holding the on-grid weights and the plan, which `shrink export` packs without re-rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from shrink.cli.inspect import MODEL_HELP
+from shrink.cli.render import console, err_console, handle_user_errors, print_json
+from shrink.cli.training import run_distillation
+
+
+@handle_user_errors
+def quantize_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the quantized student (on-grid weights + plan)."),
+    format: str = typer.Option(..., "--format", "-f", help="nvfp4, mxfp4, fp8, int8, int4, ternary or binary."),
+    runtime: str = typer.Option("gguf", help="Where the export will run: gguf (llama.cpp), onnx (ONNX Runtime) or torch; picks the grid."),
+    calibration: str = typer.Option("mse", help="PTQ calibration: max (absmax scales), mse (clip search per scale group) or awq (activation-aware scaling)."),
+    qad: bool = typer.Option(False, "--qad", help="After PTQ, distill the fake-quantized student towards the original (quantization-aware distillation)."),
+    ptq_only: bool = typer.Option(False, "--ptq-only", help="Stop after PTQ calibration (the default when --qad is not given)."),
+    tokens: int = typer.Option(16384, help="QAD budget in training tokens (steps = tokens / (batch size x sequence length))."),
+    keep: list[str] = typer.Option(None, help="Module-name pattern to keep in high precision (repeatable); default: lm_head, routers, embeddings."),
+    activations: str = typer.Option(None, help="Also fake-quantize Linear inputs per token in this format (PyTorch runtime only), e.g. fp8_e4m3."),
+    teacher: str = typer.Option(None, help="Teacher for QAD (default: MODEL itself, unquantized)."),
+    teacher_load: str = typer.Option(None, help="Load the teacher through bitsandbytes: 8bit or nf4 (for teachers larger than memory)."),
+    data: str = typer.Option(None, help="Calibration/training text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, help="Sequences per QAD step."),
+    lr: float = typer.Option(1e-5, help="QAD peak learning rate (lower than pruning recovery: the grid moves weights only in steps)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """Quantize a model's weights on a runtime's grid: PTQ, then optionally QAD, measured before and after.
+
+    Examples:
+
+      shrink quantize gemma-3-270m --format int4 --ptq-only -o gemma-q4
+
+      shrink quantize gemma-3-270m --format int4 --calibration awq --qad --tokens 32768 -o gemma-q4-qad
+
+      shrink export gemma-q4-qad -f gguf -o gemma-q4-qad.gguf   # packs the student's own Q4_0 grid
+    """
+    from shrink.compress.data import prepare
+    from shrink.compress.distill.evaluate import evaluate
+    from shrink.compress.distill.teacher import teacher_topk
+    from shrink.compress.distill.trainer import DistillConfig
+    from shrink.compress.quant.formats import effective_bits
+    from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
+    from shrink.compress.quant.ptq import calibrate
+    from shrink.compress.quant.student import fake_quantize, materialize
+    from shrink.errors import ShrinkError
+    from shrink.model import load, save_loaded
+
+    if qad and ptq_only:
+        raise ShrinkError("--qad and --ptq-only exclude each other: QAD starts from the PTQ result.")
+    steps = max(1, tokens // (batch_size * seq_len))
+    config = DistillConfig(lr=lr, steps=steps, batch_size=batch_size, checkpoint_every=max(1, steps // 4))
+    config.check()
+    with err_console.status(f"Loading {model}"):
+        student = load(model)
+    plan = make_plan(student.model, format, runtime, tuple(keep) if keep else KEEP_DEFAULT, activations)
+    with err_console.status(f"Loading the teacher {teacher or model}"):
+        teacher_model = load_teacher(teacher or model, teacher_load)
+    split = prepare(teacher_model, data, seq_len=seq_len)
+    with err_console.status("Caching the teacher's top-k logits"):
+        eval_topk = teacher_topk(teacher_model.model, split.evaluation)
+        train_topk = teacher_topk(teacher_model.model, split.train) if qad else None
+    started = time.perf_counter()
+    with err_console.status(f"PTQ calibration ({calibration})") as status:
+        calibration_report = calibrate(student.model, plan, calibration, split.calibration, student.spec.family,
+                                       progress=status.update)
+    fake_quantize(student.model, plan)
+    ptq = evaluate(student.model, split.evaluation, *eval_topk).to_dict()
+    report = None
+    if qad:
+        report = run_distillation(student.model, split, train_topk, eval_topk, config,
+                                  Path(f"{output}.checkpoints"), label="QAD")
+    seconds = time.perf_counter() - started
+    materialize(student.model, plan)
+    save_loaded(student, output)
+    weights = sum(student.model.get_submodule(t.module).weight.numel() for t in plan.tensors)
+    bits = sum(effective_bits(t.grid, tuple(student.model.get_submodule(t.module).weight.shape))
+               * student.model.get_submodule(t.module).weight.numel() for t in plan.tensors) / weights
+    result = {
+        "output": str(output), "format": format, "runtime": runtime, "grid": plan.grid,
+        "quantized_weights": weights, "effective_bits_per_quantized_weight": bits,
+        "fallbacks": [vars(t) for t in plan.fallbacks], "kept_high_precision": plan.kept,
+        "calibration": calibration_report, "ptq": ptq, "data": split.source, "seconds": seconds, "measured": True,
+        "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": lr,
+                                            "after": report.eval_after, "tokens_per_second": report.tokens_per_second},
+    }
+    if json_out:
+        print_json(result)
+        return
+    _print(model, result, split)
+
+
+def load_teacher(source: str, mode: str | None):
+    from shrink.model import load
+
+    if mode is None:
+        return load(source)
+    from shrink.model import load_bitsandbytes
+
+    return load_bitsandbytes(source, mode)
+
+
+def _print(model: str, result: dict, split) -> None:
+    table = Table(title=f"{model} -> {result['output']}: {result['format']} on the {result['grid']} grid "
+                        f"({result['effective_bits_per_quantized_weight']:.3f} bits per quantized weight, scales included)",
+                  title_justify="left")
+    for column in ("", "KL to the original (measured)", "perplexity (measured)"):
+        table.add_column(column, justify="right")
+    table.add_row(f"PTQ ({result['calibration']['method']})", f"{result['ptq']['kl']:.4f}", f"{result['ptq']['perplexity']:.2f}")
+    if result["qad"]:
+        after = result["qad"]["after"]
+        table.add_row(f"QAD ({result['qad']['tokens']:,} tokens)", f"{after['kl']:.4f}", f"{after['perplexity']:.2f}")
+    console.print(table)
+    for fallback in result["fallbacks"]:
+        console.print(f"[yellow]{fallback['module']}[/] takes {fallback['grid']}: {fallback['fallback_reason']}")
+    console.print(f"held-out text: {split.evaluation.shape[0]} sequences ({split.source}); "
+                  f"{len(result['kept_high_precision'])} Linear layers kept in high precision; "
+                  f"next: shrink export {result['output']} -f {result['runtime'] if result['runtime'] != 'torch' else 'onnx'}")

@@ -1,0 +1,1 @@
+"""Number formats, quantization plans, PTQ calibration and the fake-quantized student."""
