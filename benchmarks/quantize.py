@@ -9,7 +9,9 @@ For each format: the plan's effective bits per quantized weight (scales included
 llama.cpp with the original PyTorch model on held-out teacher-written text: KL(original || export),
 top-1 agreement, perplexity, size on disk, and decode time per token in llama.cpp (2 threads). Beside
 them, llama.cpp's own PTQ of the same weights at equal bits: the gguf package's Q8_0 and Q4_0 of the
-original, and the original Q4_K_M file the embedded model ships as. Every figure is measured here.
+original, and the original Q4_K_M file the embedded model ships as; and the f16 export, whose KL is
+llama.cpp's own distance from PyTorch on the same weights (the floor under every row). Every figure is
+measured here.
 """
 
 from __future__ import annotations
@@ -89,10 +91,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shrink-quant-bench-") as tmp:
         workdir = Path(tmp)
         if args.baselines:
-            for name, make in (("gguf q8_0 (llama.cpp PTQ)", "q8_0"), ("gguf q4_0 (llama.cpp PTQ)", "q4_0")):
+            for name, make in (("gguf f16 (the runtime's own floor)", "f16"), ("gguf q8_0 (llama.cpp PTQ)", "q8_0"),
+                               ("gguf q4_0 (llama.cpp PTQ)", "q4_0")):
                 path = workdir / f"{make}.gguf"
                 export_gguf(teacher, path, quant=make)
-                rows.append({"format": name, "bits": 8.5 if make == "q8_0" else 4.5, "stage": "PTQ",
+                rows.append({"format": name, "bits": {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}[make], "stage": "PTQ",
                              **in_llama_cpp(teacher, path, sequences)})
                 console.print(rows[-1])
             rows.append({"format": "original Q4_K_M file", "bits": None, "stage": "shipped",
@@ -103,9 +106,9 @@ def main() -> None:
             student = copy.deepcopy(teacher.model)
             plan = make_plan(student, family, runtime)
             started = time.perf_counter()
+            bits = bits_of(plan, student)
             calibrate(student, plan, args.calibration, split.calibration, teacher.spec.family)
             fake_quantize(student, plan)
-            bits = bits_of(plan, student)
             ptq = measure(student, plan, teacher, split, eval_topk, sequences, workdir, f"{family}-ptq")
             rows.append({"format": f"{family} ({plan.grid})", "bits": bits, "stage": f"PTQ ({args.calibration})",
                          "fallbacks": len(plan.fallbacks), **ptq})

@@ -78,6 +78,9 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     quant = quant.lower()
     if quant not in ONNX_QUANTS:
         raise ShrinkError(f"Unknown ONNX weight type '{quant}'; choose one of: {', '.join(ONNX_QUANTS)}.")
+    planned = _planned_weights(loaded, quant)
+    if planned is not None:
+        quant, block_size = planned[0], 32
     spec: ArchSpec = loaded.spec
     attention = _attention_layers(spec)
     model = loaded.model.float().eval()
@@ -105,7 +108,7 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
             raise ShrinkError(f"torch.onnx.export could not trace this model ({type(err).__name__}: {str(err).splitlines()[0]}).") from None
         program.save(str(tmp / "model.onnx"), external_data=True)
         if quant != "f32":
-            _quantize_weights(tmp, quant, block_size, result)
+            _quantize_weights(tmp, quant, block_size, result, planned[1] if planned else None)
         layout = {"layers": [{"num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for a in attention],
                   "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
@@ -127,8 +130,56 @@ def _initializer_types(path: Path) -> dict[str, int]:
     return counts
 
 
-def _quantize_weights(directory: Path, quant: str, block_size: int, result: OnnxExport) -> None:
-    """Weight-only quantization with ONNX Runtime's MatMulNBits (4 or 8 bits, one scale per block)."""
+_ONNX_GRIDS = {"int4_g32": "int4", "int8_g32": "int8"}
+
+
+def _planned_weights(loaded: Any, quant: str) -> tuple[str, dict[bytes, str]] | None:
+    """For a student from `shrink quantize --runtime onnx`: its MatMulNBits type and its planned
+    weights by content (ONNX renames initializers, the values are what identify them)."""
+    import numpy as np
+
+    from shrink.compress.quant.student import saved_plan
+
+    plan = saved_plan(loaded.model)
+    if plan is None:
+        return None
+    if plan.runtime != "onnx":
+        raise ShrinkError(f"This model was quantized on the {plan.runtime} grid ({plan.grid}); export it with "
+                          f"-f {plan.runtime if plan.runtime != 'torch' else 'gguf'} or quantize it again with --runtime onnx.")
+    if quant != "f32":
+        raise ShrinkError(f"This model carries its own quantization plan ({plan.grid}); --quant does not apply to it.")
+    if plan.fallbacks or any(t.grid not in _ONNX_GRIDS for t in plan.tensors):
+        raise ShrinkError("MatMulNBits takes one block size per export; this plan mixes grids "
+                          f"({', '.join(sorted({t.grid for t in plan.tensors}))}), which ONNX export does not write yet.")
+    weights = {np.ascontiguousarray(loaded.model.get_submodule(t.module).weight.detach().float().numpy().T).tobytes(): t.module
+               for t in plan.tensors}
+    return _ONNX_GRIDS[plan.grid], weights
+
+
+def _matmul_nbits_weight(model: Any, node: Any) -> Any:
+    """The [K, N] float weight a symmetric MatMulNBits node computes with."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    attrs = {a.name: a.i for a in node.attribute}
+    packed = numpy_helper.to_array(inits[node.input[1]])
+    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+    n, k, bits = attrs["N"], attrs["K"], attrs["bits"]
+    if bits == 4:
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32) - 8
+    else:
+        codes = packed.reshape(n, -1).astype(np.float32) - 128
+    blocks = codes[:, :k].reshape(n, -1, attrs["block_size"]) * scales.reshape(n, -1, 1)
+    return np.ascontiguousarray(blocks.reshape(n, k).T)
+
+
+def _quantize_weights(directory: Path, quant: str, block_size: int, result: OnnxExport,
+                      planned: dict[bytes, str] | None = None) -> None:
+    """Weight-only quantization with ONNX Runtime's MatMulNBits (4 or 8 bits, one scale per block).
+    A planned student's weights are already on this grid (symmetric, signed max / -8 or -128 per 32),
+    which the quantizer reproduces exactly: only its planned MatMuls are quantized, and each result
+    is checked against the student."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -141,13 +192,34 @@ def _quantize_weights(directory: Path, quant: str, block_size: int, result: Onnx
         result.notes.append(f"untied {untied} MatMul weight(s) read through a Transpose (tied lm_head) so they quantize too")
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
                                           bits=4 if quant == "int4" else 8)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    exclude = []
+    if planned is not None:  # the kept layers (an lm_head) stay f32: they are not on any grid
+        matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+        include = [node.name for node in matmuls if _initializer_bytes(model, node.input[1]) in planned]
+        exclude = [node.name for node in matmuls if node.name not in include]
+        if len(include) != len(planned):
+            raise ShrinkError(f"Found {len(include)} of the plan's {len(planned)} weights in the ONNX graph; "
+                              "the export cannot keep the student's grid.")
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
     quantizer.process()
+    if planned is not None:
+        quantized = quantizer.model.model
+        for node in (n for n in quantized.graph.node if n.op_type == "MatMulNBits"):
+            if _matmul_nbits_weight(quantized, node).tobytes() not in planned:
+                raise ShrinkError(f"ONNX Runtime's {quant} of {node.name} differs from the student's grid; not written.")
     for path in directory.iterdir():
         if path.name.startswith("model.onnx"):
             path.unlink()
     onnx.save_model(quantizer.model.model, str(source), save_as_external_data=True, location="model.onnx.data")
     result.notes.append(f"MatMul weights as MatMulNBits {quant}, blocks of {block_size}, symmetric; embeddings and norms stay f32")
+
+
+def _initializer_bytes(model: Any, name: str) -> bytes | None:
+    import numpy as np
+    from onnx import numpy_helper
+
+    init = next((i for i in model.graph.initializer if i.name == name), None)
+    return None if init is None else np.ascontiguousarray(numpy_helper.to_array(init).astype(np.float32)).tobytes()
 
 
 def _untie_transposed_matmuls(model: Any) -> int:

@@ -206,3 +206,26 @@ def test_quantize_command_ptq_then_qad_lowers_kl_and_exports(tiny_text_model_dir
     bad = runner.invoke(app, [*args, "--qad", "--ptq-only", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "exclude" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family, bits", [("int4", 4), ("int8", 8)])
+def test_onnx_export_of_a_student_keeps_its_grid_in_matmulnbits(family, bits, tmp_path):
+    import onnx
+
+    from shrink.export.onnx import _matmul_nbits_weight, export_onnx
+    from shrink.export.onnx_runtime import OnnxRunner
+    from shrink.export.runtimes import TorchRunner
+    from shrink.export.verify import compare
+
+    loaded = wide_llama()
+    plan = make_plan(loaded.model, family, "onnx")
+    materialize(fake_quantize(loaded.model, plan), plan)
+    export_onnx(loaded, tmp_path / "m")
+    graph = onnx.load(str(tmp_path / "m" / "model.onnx"))
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == len(plan.tensors) == 7  # q, k, v, o, gate, up, down; the lm_head stays f32
+    assert all({a.name: a.i for a in n.attribute}["bits"] == bits for n in nodes)
+    students = {loaded.model.get_submodule(t.module).weight.detach().numpy().T.tobytes() for t in plan.tensors}
+    assert all(np.ascontiguousarray(_matmul_nbits_weight(graph, n)).tobytes() in students for n in nodes)
+    metrics = compare(TorchRunner(loaded.model), OnnxRunner(tmp_path / "m"), [list(range(1, 33))])
+    assert metrics.top1_agreement >= 0.9, metrics

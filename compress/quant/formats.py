@@ -44,6 +44,7 @@ GRIDS: dict[str, Grid] = {g.name: g for g in (
     Grid("fp8_e4m3_channel", 0, 8.0, "FP8 E4M3, one fp32 scale per output row"),
     Grid("fp8_e5m2_channel", 0, 8.0, "FP8 E5M2, one fp32 scale per output row"),
     Grid("int8", 0, 8.0, "INT8 symmetric, codes -127..127, fp32 absmax scale per output row"),
+    Grid("int8_g32", 32, 9.0, "INT8 symmetric per 32, fp32 scale = signed max / -128 (ONNX Runtime's MatMulNBits rule)"),
     *(Grid(f"int4_g{n}", n, 4 + 16 / n, f"INT4 symmetric per {n} (the Q4_0 rule), fp16 scale") for n in (32, 64, 128)),
     *(Grid(f"int4_g{n}_asym", n, 4 + 32 / n, f"INT4 asymmetric per {n} (the Q4_1 rule), fp16 scale and minimum")
       for n in (32, 64, 128)),
@@ -138,6 +139,13 @@ def _q4_1(b: np.ndarray) -> tuple:
     return codes, _fp16(d), _fp16(low)
 
 
+def _int8_g32(b: np.ndarray) -> tuple:
+    index = np.abs(b).argmax(axis=-1)[..., None]
+    d = np.take_along_axis(b, index, axis=-1) / np.float32(-128)
+    safe = np.where(d == 0, 1, d).astype(np.float32)
+    return np.clip(np.rint(b / safe), -128, 127).astype(np.int16) * (d != 0), d.astype(np.float32), None
+
+
 def _nearest(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Index into KVALUES_DOUBLED of the value nearest to each element (first index on ties: the
     positive code and the smaller magnitude, as gguf's argmin)."""
@@ -206,7 +214,7 @@ def _sign(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1, -1).astype(np.int8)
 
 
-BLOCK_QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "mxfp4": _mxfp4, "nvfp4_gguf": _nvfp4_gguf,
+BLOCK_QUANTIZERS = {"q8_0": _q8_0, "int8_g32": _int8_g32, "q4_0": _q4_0, "q4_1": _q4_1, "mxfp4": _mxfp4, "nvfp4_gguf": _nvfp4_gguf,
                     **{f"int4_g{n}": _q4_0 for n in (32, 64, 128)},
                     **{f"int4_g{n}_asym": _q4_1 for n in (32, 64, 128)}}
 LOOKUP_GRIDS = ("mxfp4", "nvfp4_gguf", "nvfp4")  # codes index KVALUES_DOUBLED

@@ -25,7 +25,7 @@ GRIDS: dict[str, dict[str, str]] = {
     "nvfp4": {"gguf": "nvfp4_gguf", "torch": "nvfp4"},
     "mxfp4": {"gguf": "mxfp4", "torch": "mxfp4"},
     "fp8": {"torch": "fp8_e4m3_channel"},
-    "int8": {"gguf": "q8_0", "onnx": "int8", "torch": "int8"},
+    "int8": {"gguf": "q8_0", "onnx": "int8_g32", "torch": "int8"},
     "int4": {"gguf": "q4_0", "onnx": "int4_g32", "torch": "int4_g128"},
     "ternary": {"gguf": "ternary_b256", "torch": "ternary"},
     "binary": {"gguf": "binary_b128", "torch": "binary"},
