@@ -229,3 +229,25 @@ def test_onnx_export_of_a_student_keeps_its_grid_in_matmulnbits(family, bits, tm
     assert all(np.ascontiguousarray(_matmul_nbits_weight(graph, n)).tobytes() in students for n in nodes)
     metrics = compare(TorchRunner(loaded.model), OnnxRunner(tmp_path / "m"), [list(range(1, 33))])
     assert metrics.top1_agreement >= 0.9, metrics
+
+
+def test_a_teacher_held_by_bitsandbytes_runs_on_the_cpu(tiny_text_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+    from shrink.model import load_bitsandbytes
+
+    wide = wide_llama()  # bitsandbytes' CPU nf4 path needs rows of at least its 64-element blocks
+    save(wide.model, tmp_path / "wide")
+    held = load_bitsandbytes(str(tmp_path / "wide"), "nf4")
+    assert type(held.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert (logits(held.model) - logits(wide.model)).abs().max() < 0.5
+    with pytest.raises(ShrinkError, match="choose one of"):
+        load_bitsandbytes(str(tmp_path / "wide"), "4bit")
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    result = CliRunner().invoke(app, ["quantize", str(model_dir), "--format", "int8", "--runtime", "torch",
+                                      "--teacher-load", "8bit", "--qad", "--tokens", "512", "--data", str(text),
+                                      "--seq-len", "16", "-o", str(tmp_path / "q"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["qad"]["tokens"] == 512
