@@ -1,0 +1,135 @@
+"""Recipes: an ordered list of typed steps (prune, distill, quantize, export, verify) written in TOML.
+
+    [[step]]
+    name = "prune"
+    params = 0.6
+
+    [[step]]
+    name = "distill"
+    tokens = 12288
+
+Each step's keys are the fields of its config dataclass below; an unknown step name, an unknown key or
+a value of the wrong type is an error that names the file and the line. The same steps are callable
+from Python: `parse_recipe(path)` gives [(name, config)] and `STEPS` maps names to config classes.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shrink.errors import ShrinkError
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    params: float | None = None  # fraction of the non-embedding parameters to keep
+    ffn: int | None = None
+    heads: int | None = None
+    hidden: int | None = None
+    layers: int | None = None
+    axis: str = "width"
+    search: bool = False
+
+
+@dataclass(frozen=True)
+class DistillStep:
+    tokens: int = 12288
+    lr: float = 1e-4
+    loss: str = "forward_kl"
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class QuantizeStep:
+    format: str = "int4"
+    runtime: str = "gguf"
+    calibration: str = "mse"
+    qad: bool = False
+    tokens: int = 12288
+    lr: float = 1e-5
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    format: str = "gguf"
+    quant: str | None = None  # for an unquantized model; a quantized student brings its own grid
+
+
+@dataclass(frozen=True)
+class VerifyStep:
+    min_top1: float | None = None
+    max_kl: float | None = None
+
+
+STEPS: dict[str, type] = {"prune": PruneStep, "distill": DistillStep, "quantize": QuantizeStep,
+                          "export": ExportStep, "verify": VerifyStep}
+
+
+def _line_of(lines: list[str], step_index: int, key: str | None = None) -> int:
+    """1-based line of the step's [[step]] header, or of `key` inside that step's table."""
+    headers = [i for i, line in enumerate(lines) if re.match(r"\s*\[\[\s*step\s*\]\]", line)]
+    start = headers[step_index] if step_index < len(headers) else 0
+    if key is None:
+        return start + 1
+    end = headers[step_index + 1] if step_index + 1 < len(headers) else len(lines)
+    for i in range(start, end):
+        if re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _accepts(value: Any, annotation: str) -> bool:
+    kinds = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,)}
+    allowed = tuple(t for name, ts in kinds.items() if name in annotation for t in ts)
+    if value is None:
+        return "None" in annotation
+    if isinstance(value, bool) and "bool" not in annotation:
+        return False
+    return isinstance(value, allowed)
+
+
+def parse_recipe(path: str | Path) -> list[tuple[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ShrinkError(f"No recipe at '{path}'.")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ShrinkError(f"{path}: not valid TOML ({err}).") from None
+    unknown_top = set(data) - {"step", "description"}
+    lines = text.splitlines()
+    if unknown_top:
+        key = sorted(unknown_top)[0]
+        line = next((i + 1 for i, text_line in enumerate(lines) if re.match(rf"\s*\[?{re.escape(key)}\b", text_line)), 1)
+        raise ShrinkError(f"{path}:{line}: unknown top-level key '{key}'; a recipe holds [[step]] tables.")
+    steps = data.get("step", [])
+    if not steps:
+        raise ShrinkError(f"{path}: the recipe has no [[step]] tables.")
+    parsed = []
+    for index, table in enumerate(steps):
+        name = table.get("name")
+        if name not in STEPS:
+            raise ShrinkError(f"{path}:{_line_of(lines, index, 'name')}: unknown step '{name}'; steps: {', '.join(STEPS)}.")
+        config_class = STEPS[name]
+        known = {f.name: f for f in fields(config_class)}
+        for key, value in table.items():
+            if key == "name":
+                continue
+            if key not in known:
+                raise ShrinkError(f"{path}:{_line_of(lines, index, key)}: step '{name}' has no key '{key}'; "
+                                  f"its keys: {', '.join(known)}.")
+            if not _accepts(value, str(known[key].type)):
+                raise ShrinkError(f"{path}:{_line_of(lines, index, key)}: '{key}' of step '{name}' must be "
+                                  f"{known[key].type}, not {value!r}.")
+        parsed.append((name, config_class(**{k: v for k, v in table.items() if k != "name"})))
+    return parsed
+
+
+def shipped_recipes() -> dict[str, Path]:
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
