@@ -1,321 +1,426 @@
-"""Weight grids with exact numerics: quantize to codes and scales, dequantize, effective bits.
+"""Weight formats with exact numerics: quantize a 2-D weight to codes and scales, dequantize them.
 
-Blocks run along a weight's rows (the input dimension), as GGUF stores them. The GGUF grids (q8_0,
-q4_0, q4_1, mxfp4) repeat the gguf package's float32 arithmetic step by step in numpy, so that the
-codes and scales are the ones llama.cpp's converter would write; nvfp4_gguf, ternary_b256 and
-binary_b128 are the layouts of GGUF's NVFP4, TQ1_0/TQ2_0 and Q1_0 with scales chosen here (absmax
-for NVFP4, absmean for the ternary and binary ones). The others follow their references: NVFP4 as
-Model-Optimizer (E2M1, E4M3 block scale, fp32 tensor scale), FP8 through torch's float8 dtypes,
-BitNet b1.58 absmean ternary, FBI-LLM sign with a per-channel scale.
+Blocks run along a weight's rows (the input dimension), as GGUF stores them. Each format follows
+one reference, step by step in float32, so that the values are the reference's to the bit:
+- q8_0, q4_0, q4_1, mxfp4: gguf's quantizers (gguf/quants.py, itself ggml-quants.c);
+- nvfp4_gguf: llama.cpp's quantize_row_nvfp4_ref (GGUF NVFP4: UE4M3 scale per 16, no tensor scale);
+- nvfp4: NVIDIA Model-Optimizer's NVFP4QTensor (E4M3 scale per 16 and an fp32 tensor scale);
+- fp8_*: torch's float8 casts; int8/int4: round half to even, as ONNX QuantizeLinear and torch;
+- ternary: BitNet b1.58 absmean; binary: FBI-LLM sign and mean |w|; their _b256/_b128 variants
+  hold the scale in fp16 per block, the layouts of GGUF TQ1_0/TQ2_0 and Q1_0;
+- int8_g32: ONNX MatMulNBits' symmetric 8-bit blocks; f16: a plain cast, the last fallback.
+Re-quantizing an output returns it unchanged for every format but nvfp4 (see `IDEMPOTENT`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import torch
 
 from shrink.errors import ShrinkError
 
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-KVALUES_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # GGUF's E2M1 table, x2
-FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+ROW, TENSOR = 0, -1  # `block` of a format with one scale per output row / per tensor
+
+# FP4 E2M1 by 4-bit code (bit 3 the sign); code 8 decodes to +0 as in Model-Optimizer and GGUF
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# unsigned E4M3 by byte (4 exponent bits, bias 7, 3 mantissa bits), as ggml_ue4m3_to_fp32 without
+# its 0.5 factor; 0x7F (NaN in E4M3FN) decodes to 0 there too
+UE4M3_VALUES = tuple(
+    0.0 if b in (0, 0x7F) else (b & 7) * 2.0**-9 if b < 8 else (1 + (b & 7) / 8) * 2.0 ** ((b >> 3) - 7)
+    for b in range(128))
 
 
 @dataclass(frozen=True)
-class Grid:
-    name: str
-    block: int  # elements per scale along a row; 0: one scale per row; -1: one per tensor
-    bits: float  # storage bits per weight, scales included (per-row / per-tensor scales added per shape)
+class WeightFormat:
     description: str
+    block: int  # elements per scale along a row, or ROW / TENSOR
+    element_bits: float
+    group_bits: int  # bits of the scale (and zero) each group stores
+    lo: float  # STE range in units of the scale (x / scale, or (x - zero) / scale): the values that
+    hi: float  # round onto the grid; beyond it the grid clips and the gradient is zero
+    tensor_bits: int = 0  # a per-tensor extra: NVFP4's fp32 tensor scale
+    divides: int = 0  # what a row's length must be a multiple of, when not `block` (GGUF NVFP4: 64)
 
 
-GRIDS: dict[str, Grid] = {g.name: g for g in (
-    Grid("f16", 1, 16.0, "IEEE half precision, no scale: the last fallback for rows no block divides"),
-    Grid("q8_0", 32, 8.5, "GGUF Q8_0: int8 codes, fp16 absmax scale per 32"),
-    Grid("q4_0", 32, 4.5, "GGUF Q4_0: 4-bit codes -8..7, fp16 scale (signed max / -8) per 32"),
-    Grid("q4_1", 32, 5.0, "GGUF Q4_1: 4-bit codes 0..15, fp16 scale and minimum per 32"),
-    Grid("mxfp4", 32, 4.25, "MXFP4: E2M1 values, power-of-two (E8M0) scale per 32, as GGUF's converter"),
-    Grid("nvfp4", 16, 4.5, "NVFP4: E2M1 values, FP8 E4M3 scale per 16, fp32 scale per tensor"),
-    Grid("nvfp4_gguf", 16, 4.5, "GGUF NVFP4: E2M1 values, unsigned E4M3 scale per 16, no tensor scale"),
-    Grid("fp8_e4m3", -1, 8.0, "FP8 E4M3, one fp32 scale per tensor"),
-    Grid("fp8_e5m2", -1, 8.0, "FP8 E5M2, one fp32 scale per tensor"),
-    Grid("fp8_e4m3_channel", 0, 8.0, "FP8 E4M3, one fp32 scale per output row"),
-    Grid("fp8_e5m2_channel", 0, 8.0, "FP8 E5M2, one fp32 scale per output row"),
-    Grid("int8", 0, 8.0, "INT8 symmetric, codes -127..127, fp32 absmax scale per output row"),
-    Grid("int8_g32", 32, 9.0, "INT8 symmetric per 32, fp32 scale = signed max / -128 (ONNX Runtime's MatMulNBits rule)"),
-    *(Grid(f"int4_g{n}", n, 4 + 16 / n, f"INT4 symmetric per {n} (the Q4_0 rule), fp16 scale") for n in (32, 64, 128)),
-    *(Grid(f"int4_g{n}_asym", n, 4 + 32 / n, f"INT4 asymmetric per {n} (the Q4_1 rule), fp16 scale and minimum")
-      for n in (32, 64, 128)),
-    Grid("ternary", -1, 1.6875, "BitNet b1.58: codes -1/0/1, absmean scale per tensor"),
-    Grid("ternary_b256", 256, 2.0625, "Ternary codes, fp16 absmean scale per 256 (GGUF TQ2_0; 1.6875 bits as TQ1_0)"),
-    Grid("binary", 0, 1.0, "FBI-LLM: sign codes, mean |w| scale per output row"),
-    Grid("binary_b128", 128, 1.125, "Sign codes, fp16 mean |w| scale per 128 (GGUF Q1_0)"),
-)}
+def _int4(n: int, asym: bool) -> WeightFormat:
+    if asym:
+        return WeightFormat(f"INT4 asymmetric per {n}: codes 0..15, fp16 scale (max-min)/15 and fp16 min",
+                            n, 4, 32, -0.5, 15.5)
+    return WeightFormat(f"INT4 symmetric per {n}: codes -8..7, fp16 signed scale max/-8 (the Q4_0 rule)",
+                        n, 4, 16, -8.5, 7.5)
+
+
+FORMATS: dict[str, WeightFormat] = {
+    "nvfp4": WeightFormat("NVFP4 (Model-Optimizer): E2M1, E4M3 scale per 16, fp32 scale per tensor",
+                          16, 4, 8, -7, 7, tensor_bits=32),
+    "nvfp4_gguf": WeightFormat("GGUF NVFP4 (llama.cpp): E2M1, unsigned E4M3 scale per 16, no tensor scale",
+                               16, 4, 8, -7, 7, divides=64),
+    "mxfp4": WeightFormat("MXFP4 (GGUF): E2M1, power-of-two E8M0 scale per 32", 32, 4, 8, -7, 7),
+    "fp8_e4m3": WeightFormat("FP8 E4M3, fp32 scale amax/448 per tensor", TENSOR, 8, 32, -464, 464),
+    "fp8_e5m2": WeightFormat("FP8 E5M2, fp32 scale amax/57344 per tensor", TENSOR, 8, 32, -61440, 61440),
+    "fp8_e4m3_channel": WeightFormat("FP8 E4M3, fp32 scale amax/448 per output row", ROW, 8, 32, -464, 464),
+    "fp8_e5m2_channel": WeightFormat("FP8 E5M2, fp32 scale amax/57344 per output row", ROW, 8, 32, -61440, 61440),
+    "int8": WeightFormat("INT8 symmetric, codes -127..127, fp32 scale amax/127 per output row",
+                         ROW, 8, 32, -127.5, 127.5),
+    "int8_g32": WeightFormat("INT8 symmetric per 32: codes -128..127, fp32 signed scale max/-128 (ONNX MatMulNBits)",
+                             32, 8, 32, -128.5, 127.5),
+    **{f"int4_g{n}{s}": _int4(n, bool(s)) for n in (32, 64, 128) for s in ("", "_asym")},
+    "q8_0": WeightFormat("GGUF Q8_0: int8 codes, fp16 scale amax/127 per 32", 32, 8, 16, -127.5, 127.5),
+    "q4_0": WeightFormat("GGUF Q4_0: codes -8..7, fp16 signed scale max/-8 per 32", 32, 4, 16, -8.5, 7.5),
+    "q4_1": WeightFormat("GGUF Q4_1: codes 0..15, fp16 scale (max-min)/15 and fp16 min per 32",
+                         32, 4, 32, -0.5, 15.5),
+    "ternary": WeightFormat("BitNet b1.58 ternary: codes -1/0/1, absmean scale per tensor (2-bit codes)",
+                            TENSOR, 2, 32, -1.5, 1.5),
+    "ternary_b256": WeightFormat("Ternary, fp16 absmean scale per 256: GGUF TQ2_0 (2.0625 bits) or TQ1_0 (1.6875)",
+                                 256, 2, 16, -1.5, 1.5),
+    "binary": WeightFormat("FBI-LLM binary: sign codes, mean |w| scale per output row", ROW, 1, 32, -2, 2),
+    "binary_b128": WeightFormat("Binary, fp16 mean |w| scale per 128: GGUF Q1_0", 128, 1, 16, -2, 2),
+    "f16": WeightFormat("IEEE half precision, no scale: the fallback for rows no block divides",
+                        TENSOR, 16, 0, -65520, 65520),
+}
+# formats whose quantize(dequantize(quantize(w))) equals quantize(w). Not nvfp4: Model-Optimizer's
+# tensor scale amax/2688 need not survive a round trip through 6 * 448 * scale in float32, and its
+# round-to-nearest-even E4M3 block scales drift where they are subnormal.
+IDEMPOTENT = tuple(name for name in FORMATS if name != "nvfp4")
 
 
 @dataclass
 class QTensor:
-    format: str
-    shape: tuple[int, ...]
-    codes: Any  # torch int tensor, the weight's shape: the grid index of every element
-    scales: Any  # torch float32: per block [rows, blocks], per row [rows, 1] or per tensor [1, 1]
-    zeros: Any = None  # q4_1-style minimum per block
-    tensor_scale: float | None = None  # NVFP4's second-level scale
+    format: str  # a FORMATS name
+    shape: tuple[int, ...]  # the weight's [rows, cols]; blocks run along cols
+    codes: torch.Tensor  # [rows, cols] grid index per element (see `_grid_values` for each format)
+    scales: torch.Tensor  # float32 [rows, groups per row], [rows, 1] per row or [1, 1] per tensor
+    zeros: torch.Tensor | None = None  # float32 per-group minimum of the asymmetric formats
+    tensor_scale: float | None = None  # NVFP4's fp32 second-level scale
 
 
-def grid(name: str) -> Grid:
-    if name not in GRIDS:
-        raise ShrinkError(f"Unknown weight grid '{name}'; known grids: {', '.join(GRIDS)}.")
-    return GRIDS[name]
+def weight_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise ShrinkError(f"Unknown weight format '{name}'; choose one of: {', '.join(FORMATS)}.")
+    return FORMATS[name]
 
 
 def block_size(name: str) -> int:
-    """What a row's length must be a multiple of."""
-    block = grid(name).block
-    return {"nvfp4_gguf": 64}.get(name, block if block > 0 else 1)
+    """What a row's length must be a multiple of (1: any)."""
+    f = weight_format(name)
+    return f.divides or max(f.block, 1)
 
 
 def scale_group_size(name: str, shape: tuple[int, ...]) -> int:
-    """Elements that share one scale (for clipping searches)."""
-    block = grid(name).block
-    return block if block > 0 else shape[-1] if block == 0 else int(np.prod(shape))
+    """How many elements share one scale."""
+    f = weight_format(name)
+    return f.block if f.block > 0 else shape[-1] if f.block == ROW else int(np.prod(shape))
 
 
-def effective_bits(name: str, shape: tuple[int, ...]) -> float:
-    g = grid(name)
+def effective_bits(name: str, shape: tuple[int, ...], ggml_type: str | None = None) -> float:
+    """Bits per weight with scales and zeros, as stored (ggml_type="TQ1_0": ternary_b256 in base 3)."""
+    f = weight_format(name)
     numel = int(np.prod(shape))
-    extra = {0: 32 / shape[-1], -1: 32 / numel}.get(g.block, 0.0)
-    return g.bits + extra + (32 / numel if name == "nvfp4" else 0.0)
+    # TQ1_0 packs 240 codes 5 to a byte and 16 codes 4 to a byte: 52 bytes per 256
+    element = 52 * 8 / 256 if (name, ggml_type) == ("ternary_b256", "TQ1_0") else f.element_bits
+    return element + f.group_bits / scale_group_size(name, shape) + f.tensor_bits / numel
 
 
-def _blocks(weight: np.ndarray, block: int, name: str) -> np.ndarray:
-    rows, cols = weight.shape
-    if cols % block:
-        raise ShrinkError(f"Rows of {cols} are not a multiple of {name}'s {block}-element blocks.")
-    return weight.reshape(rows, cols // block, block)
+# ---- rounding helpers -------------------------------------------------------------------------
+
+def _round_minifloat(x: torch.Tensor, mantissa_bits: int, min_exponent: int, largest: float) -> torch.Tensor:
+    """Round to the nearest value of a small float format, ties to even, saturating at `largest`:
+    the quantum is 2^(exponent - mantissa_bits), flat below the smallest normal (subnormals)."""
+    a = x.abs()
+    exponent = (torch.frexp(a).exponent - 1).clamp(min=min_exponent)
+    quantum = torch.ldexp(torch.ones_like(a), exponent - mantissa_bits)
+    return torch.copysign((torch.round(a / quantum) * quantum).clamp(max=largest), x)
 
 
-def _np_roundf(x: np.ndarray) -> np.ndarray:
-    # C roundf (half away from zero), as gguf writes it
-    a = np.abs(x)
-    floored = np.floor(a)
-    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
+def e4m3_round(x: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 (E4M3FN) rounding, as torch's float8_e4m3fn cast (which saturates at 448)."""
+    return _round_minifloat(x.float(), 3, -6, 448.0)
 
 
-def _fp16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """FP4 E2M1 rounding, ties to even (Model-Optimizer's and the hardware's rule), saturating at 6."""
+    return _round_minifloat(x.float(), 1, 0, 6.0)
 
 
-def _to_numpy(weight: Any) -> np.ndarray:
-    if weight.dim() != 2:
-        raise ShrinkError(f"Weight grids take 2-D weights, got shape {tuple(weight.shape)}.")
-    return weight.detach().to("cpu").float().numpy()
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).float()
 
 
-def _q8_0(b: np.ndarray) -> tuple:
-    d = np.abs(b).max(axis=-1, keepdims=True) / np.float32(127)
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # C roundf, written as gguf's np_roundf (no x + 0.5, which rounds in float32)
+    a = x.abs()
+    floor = torch.floor(a)
+    return torch.copysign(floor + (a - floor >= 0.5).float(), x)
+
+
+def _mean_abs(x: torch.Tensor) -> torch.Tensor:
+    # float64 sums are exact for on-grid groups, so a binary group of +-s gives back s exactly
+    return x.abs().double().mean(-1, keepdim=True).float()
+
+
+def _settle(scale: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The float32 nearest `scale` (within 2 ulps) that fl(fl(qmax * s) / qmax) maps to itself, so
+    that re-quantizing the grid (whose largest value is qmax * s) finds s again."""
+    best, found = scale.clone(), (scale * qmax) / qmax == scale
+    for steps in (1, 2):
+        for toward in (float("inf"), float("-inf")):
+            candidate = scale
+            for _ in range(steps):
+                candidate = torch.nextafter(candidate, torch.full_like(candidate, toward))
+            ok = ~found & ((candidate * qmax) / qmax == candidate)
+            best, found = torch.where(ok, candidate, best), found | ok
+    return best
+
+
+def _e2m1_code(u: torch.Tensor) -> torch.Tensor:
+    """Model-Optimizer's _cast_fp4: ordinal among the E2M1 midpoints, ties to even, sign in bit 3
+    (a negative value that rounds to 0 keeps code 8)."""
+    a = u.abs()
+    ordinal = sum((a > b).to(torch.uint8) for b in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0))
+    ordinal = ordinal + ((a == 0.75) | (a == 1.75) | (a == 3.5)).to(torch.uint8)
+    return ordinal + 8 * (u < 0).to(torch.uint8)
+
+
+def _gguf_fp4_code(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_mxfp4: the index into the doubled table (0,1,2,3,4,6,8,12,0,-1,...) of the
+    value nearest x / d, the lowest index on ties (the smaller magnitude; +0 for any zero). The
+    midpoints times d are exact in float32, so comparing with them equals gguf's float32 argmin."""
+    a = x.abs()
+    index = sum((a > m * d).to(torch.uint8) for m in (0.5, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0))
+    code = index + 8 * ((x < 0) & (index > 0)).to(torch.uint8)
+    return torch.where(d == 0, torch.zeros_like(code), code)  # d = 0: every error ties, index 0
+
+
+def _ggml_ue4m3(x: torch.Tensor) -> torch.Tensor:
+    """ggml_fp32_to_ue4m3 (as gguf's NVFP4.fp32_to_ue4m3): a byte; mantissa rounded half up, values
+    of 256 and more to 0x7E (448), subnormals as int(x * 512 + 0.5) capped at 7."""
+    x = x.float().clamp(0.0, 448.0)
+    bits = x.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127 + 7
+    subnormal = (x * 512.0 + 0.5).to(torch.int32).clamp(0, 7)
+    mantissa = ((bits >> 20) & 7) + ((bits >> 19) & 1)
+    carry = mantissa > 7
+    exponent_n = torch.where(carry, exponent + 1, exponent)
+    normal = torch.where(exponent_n >= 15, 0x7E, (exponent_n << 3) | torch.where(carry, 0, mantissa))
+    byte = torch.where(exponent <= 0, subnormal, torch.where(exponent >= 15, 0x7E, normal))
+    return torch.where(x <= 0, 0, byte).to(torch.uint8)
+
+
+def _lookup(table: tuple[float, ...], codes: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(table, dtype=torch.float32, device=codes.device)[codes.long()]
+
+
+# ---- quantizers: each takes float32 blocks [rows, groups, n] and returns codes, scales(, zeros) -----
+
+def _q8_0(b):  # gguf Q8_0: d = amax/127, codes roundf(x * (1/d)), d stored fp16
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d == 0, 0.0, 1 / d)
+    return _round_half_away(b * inverse).to(torch.int8), _fp16(d)
+
+
+def _q4_0(b):  # gguf Q4_0: d = (the signed max) / -8, codes trunc(x * (1/d) + 8.5) clipped to 0..15
+    top = b.gather(-1, b.abs().argmax(-1, keepdim=True))
+    d = top / -8
+    inverse = torch.where(d == 0, 0.0, 1 / d)
+    shifted = b * inverse + 8.5  # two float32 roundings, as numpy does them
+    return (torch.trunc(shifted).clamp(0, 15) - 8).to(torch.int8), _fp16(d)
+
+
+def _q4_1(b):  # gguf Q4_1: d = (max - min)/15, codes trunc((x - min) * (1/d) + 0.5); d, min fp16
+    top, low = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
+    d = (top - low) / 15
+    inverse = torch.where(d == 0, 0.0, 1 / d)
+    shifted = (b - low) * inverse + 0.5
+    return torch.trunc(shifted).clamp(0, 15).to(torch.uint8), _fp16(d), _fp16(low)
+
+
+def _int4(b):  # the Q4_0 scale rule, but rounding x / (the stored fp16 scale) half to even
+    d = _fp16(b.gather(-1, b.abs().argmax(-1, keepdim=True)) / -8)
+    codes = torch.round(b / d).clamp(-8, 7)
+    return torch.where(d == 0, 0.0, codes).to(torch.int8), d
+
+
+def _int8_g32(b):  # the same signed-max rule at 8 bits: -128 * d is the block's largest magnitude
+    d = b.gather(-1, b.abs().argmax(-1, keepdim=True)) / -128
+    codes = torch.round(b / d).clamp(-128, 127)
+    return torch.where(d == 0, 0.0, codes).to(torch.int8), d
+
+
+def _int4_asym(b):  # the Q4_1 scale rule, rounding (x - stored min) / (stored scale) half to even
+    top, low = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
+    d, m = _fp16((top - low) / 15), _fp16(low)
+    codes = torch.round((b - m) / d).clamp(0, 15)
+    return torch.where(d == 0, 0.0, codes).to(torch.uint8), d, m
+
+
+def _mxfp4(b):  # gguf MXFP4: e = floor(log2(amax)) - 2 + 127 (float32 log2, as numpy), nearest value
+    amax = b.abs().amax(-1, keepdim=True)
+    a = amax.cpu().numpy()
     with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    return _np_roundf(b * inv).astype(np.int8), _fp16(d), None
+        e = np.where(a > 0, np.floor(np.log2(a)) - 2 + 127, 0).clip(0, 254).astype(np.int32)  # clip: |x| < 2^-125
+    e = torch.from_numpy(e).to(b.device)
+    # ggml_e8m0_to_fp32_half, built from its bits: 2^(e - 128), subnormal below e = 2
+    half = torch.where(e < 2, 0x00200000 << e.clamp(max=1), (e - 1).clamp(min=0) << 23).to(torch.int32)
+    half = half.view(torch.float32)
+    return _gguf_fp4_code(b, half), half * 2
 
 
-def _q4_0(b: np.ndarray) -> tuple:
-    index = np.abs(b).argmax(axis=-1)[..., None]
-    d = np.take_along_axis(b, index, axis=-1) / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    codes = np.trunc(b * inv + np.float32(8.5)).astype(np.float32).clip(0, 15).astype(np.int8) - 8
-    return codes, _fp16(d), None
-
-
-def _q4_1(b: np.ndarray) -> tuple:
-    top, low = b.max(axis=-1, keepdims=True), b.min(axis=-1, keepdims=True)
-    d = (top - low) / np.float32(15)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    codes = np.trunc((b - low) * inv + np.float32(0.5)).astype(np.float32).clip(0, 15).astype(np.int8)
-    return codes, _fp16(d), _fp16(low)
-
-
-def _int8_g32(b: np.ndarray) -> tuple:
-    index = np.abs(b).argmax(axis=-1)[..., None]
-    d = np.take_along_axis(b, index, axis=-1) / np.float32(-128)
-    safe = np.where(d == 0, 1, d).astype(np.float32)
-    return np.clip(np.rint(b / safe), -128, 127).astype(np.int16) * (d != 0), d.astype(np.float32), None
-
-
-def _nearest(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Index into KVALUES_DOUBLED of the value nearest to each element (first index on ties: the
-    positive code and the smaller magnitude, as gguf's argmin)."""
-    values = scale[..., None] * np.array(KVALUES_DOUBLED, dtype=np.float32)
-    return np.abs(values - b[..., None]).argmin(axis=-1).astype(np.int8)
-
-
-def _mxfp4(b: np.ndarray) -> tuple:
-    amax = np.abs(b).max(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0).astype(np.int32)
-    scale = np.ldexp(np.float32(1), e - 128).astype(np.float32)  # E8M0 halved: values are doubled kvalues
-    return _nearest(b, scale), scale, None
-
-
-def _nvfp4_gguf(b: np.ndarray) -> tuple:
-    """The block scale is the largest unsigned E4M3 value not above amax / 6 (rounded down, not to
-    nearest): the block's largest element then always takes the code 6, so quantizing on-grid
-    values gives back the same scale, which is what lets an export read a trained student exactly."""
-    from gguf.quants import NVFP4
-
-    target = np.abs(b).max(axis=-1, keepdims=True) / np.float32(6)
-    stored = NVFP4.fp32_to_ue4m3(target).astype(np.int16)
-    too_big = NVFP4.ue4m3_to_fp32(stored.astype(np.uint8)) * 2 > target
-    stored = np.where(too_big & (stored > 0), stored - 1, stored).astype(np.uint8)
-    scale = NVFP4.ue4m3_to_fp32(stored).astype(np.float32)  # halved: the table holds doubled values
-    return _nearest(b, scale), scale, None
-
-
-def _e4m3(x: np.ndarray) -> np.ndarray:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float8_e4m3fn).float().numpy()
-
-
-def _nvfp4(b: np.ndarray) -> tuple:
-    amax = np.abs(b).max()
-    tensor_scale = np.float32(amax / np.float32(6 * 448)) if amax > 0 else np.float32(1)
-    block_scale = _e4m3(np.abs(b).max(axis=-1, keepdims=True) / np.float32(6) / tensor_scale)
-    scale = (block_scale * tensor_scale * np.float32(0.5)).astype(np.float32)  # halved: doubled kvalues
-    return _nearest(b, scale), scale, None, float(tensor_scale)
-
-
-def _fp8(w: np.ndarray, kind: str, per_row: bool) -> tuple:
-    import torch
-
-    amax = np.abs(w).max(axis=-1, keepdims=True) if per_row else np.abs(w).max().reshape(1, 1)
-    scale = np.where(amax > 0, amax / np.float32(FP8_MAX[kind]), 1).astype(np.float32)
-    dtype = torch.float8_e4m3fn if kind == "e4m3" else torch.float8_e5m2
-    codes = torch.from_numpy(np.ascontiguousarray(w / scale)).to(dtype).view(torch.uint8).numpy()
+def _nvfp4_gguf(b):  # llama.cpp quantize_row_nvfp4_ref: byte = ue4m3(amax / 6), nearest value
+    amax = b.abs().amax(-1, keepdim=True)
+    scale = _lookup(UE4M3_VALUES, _ggml_ue4m3(amax / 6))
+    codes = _gguf_fp4_code(b, scale / 2)
+    # That rule is idempotent except with subnormal scales (amax < 0.094), where a block already on
+    # the grid can round to another scale: such a block keeps a scale it is exactly on instead.
+    off = (scale < 2.0**-6).squeeze(-1) & ~(_lookup(E2M1_VALUES, codes) * scale == b).all(-1)
+    for k in (6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5):  # the block's largest value as each E2M1 magnitude
+        candidate = amax / k
+        todo = off & (_lookup(UE4M3_VALUES, _ggml_ue4m3(candidate)) == candidate).squeeze(-1)
+        if not todo.any():  # off-grid weights end here: amax / k is almost never a UE4M3 value
+            continue
+        where = todo.nonzero(as_tuple=True)
+        trial = _gguf_fp4_code(b[where], candidate[where] / 2)
+        exact = (_lookup(E2M1_VALUES, trial) * candidate[where] == b[where]).all(-1)
+        hit = tuple(i[exact] for i in where)
+        scale[hit], codes[hit], off[hit] = candidate[hit], trial[exact], False
     return codes, scale
 
 
-def _int8(w: np.ndarray) -> tuple:
-    scale = np.abs(w).max(axis=-1, keepdims=True) / np.float32(127)
-    safe = np.where(scale == 0, 1, scale).astype(np.float32)
-    return np.clip(np.rint(w / safe), -127, 127).astype(np.int8), scale.astype(np.float32)
+def _nvfp4(w):  # Model-Optimizer NVFP4QTensor.quantize, in its order of float32 operations
+    b = w.reshape(w.shape[0], -1, 16)
+    tensor_scale = w.abs().amax() / (6.0 * 448.0)
+    block_scale = b.abs().amax(-1, keepdim=True) / (6.0 * tensor_scale)
+    # all-zero blocks take 1.0 (Model-Optimizer), as does everything of an all-zero weight (0/0 there)
+    block_scale = torch.where((block_scale == 0) | block_scale.isnan(), 1.0, block_scale)
+    block_scale = block_scale.to(torch.float8_e4m3fn).float()
+    per_block = block_scale * tensor_scale
+    codes = _e2m1_code(b / per_block)
+    codes = torch.where(per_block == 0, torch.zeros_like(codes), codes)  # underflowed scale: value 0
+    return codes, block_scale, float(tensor_scale)
 
 
-def _absmean_codes(x: np.ndarray, scale: np.ndarray, limit: int) -> np.ndarray:
-    safe = np.where(scale == 0, 1, scale).astype(np.float32)
-    return np.clip(np.rint(x / safe), -limit, limit).astype(np.int8) * (scale != 0)
+def _ternary_scale(b, fp16: bool):
+    """absmean; a group already ternary (its nonzero magnitudes all one value) keeps that value,
+    which the absmean of a group with zeros would shrink."""
+    scale = _mean_abs(b)
+    scale = _fp16(scale) if fp16 else scale
+    a = b.abs()
+    top = a.amax(-1, keepdim=True)
+    on_grid = ((a == 0) | (a == top)).all(-1, keepdim=True) & (top > 0)
+    if fp16:
+        on_grid &= _fp16(top) == top
+    return torch.where(on_grid, top, scale)
 
 
-def _sign(x: np.ndarray) -> np.ndarray:
-    return np.where(x >= 0, 1, -1).astype(np.int8)
+def _ternary_codes(b, scale):  # BitNet: clip(round(w / scale), -1, 1), ties to even (0.5 -> 0)
+    codes = torch.round(b / scale).clamp(-1, 1)
+    return torch.where(scale == 0, 0.0, codes).to(torch.int8)
 
 
-BLOCK_QUANTIZERS = {"q8_0": _q8_0, "int8_g32": _int8_g32, "q4_0": _q4_0, "q4_1": _q4_1, "mxfp4": _mxfp4, "nvfp4_gguf": _nvfp4_gguf,
-                    **{f"int4_g{n}": _q4_0 for n in (32, 64, 128)},
-                    **{f"int4_g{n}_asym": _q4_1 for n in (32, 64, 128)}}
-LOOKUP_GRIDS = ("mxfp4", "nvfp4_gguf", "nvfp4")  # codes index KVALUES_DOUBLED
+def _sign(b):  # sign with sign(0) = +1, as llama.cpp's Q1_0 (x >= 0 sets the bit)
+    return torch.where(b >= 0, 1, -1).to(torch.int8)
 
 
-def quantize(weight: Any, name: str) -> QTensor:
-    """Codes and scales of a 2-D weight on grid `name`."""
-    import torch
+_BLOCK_QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "mxfp4": _mxfp4, "nvfp4_gguf": _nvfp4_gguf,
+                     "int8_g32": _int8_g32}
 
-    g = grid(name)
-    w = _to_numpy(weight)
-    shape = tuple(w.shape)
-    zeros, tensor_scale = None, None
-    if name == "f16":
-        codes, scales = w.astype(np.float16).view(np.int16), np.ones((1, 1), dtype=np.float32)
-    elif name in BLOCK_QUANTIZERS or name == "nvfp4":
-        blocks = _blocks(w, g.block, name)
-        if name == "nvfp4":
-            codes, scales, zeros, tensor_scale = _nvfp4(blocks)
-        else:
-            codes, scales, zeros = BLOCK_QUANTIZERS[name](blocks)
+
+def _per_scale(w, qmax: float, per_row: bool):
+    amax = w.abs().amax(-1, keepdim=True) if per_row else w.abs().amax().reshape(1, 1)
+    scale = _settle(amax / qmax, qmax)
+    return scale, torch.where(scale == 0, 1.0, scale)
+
+
+def quantize(weight: torch.Tensor, name: str) -> QTensor:
+    """Codes and scales of a 2-D weight on format `name` (computed in float32 on its device)."""
+    f = weight_format(name)
+    if weight.dim() != 2:
+        raise ShrinkError(f"Weight formats take 2-D weights [rows, cols]; got shape {tuple(weight.shape)}.")
+    rows, cols = shape = tuple(weight.shape)
+    if cols % block_size(name):
+        raise ShrinkError(f"A {rows}x{cols} weight does not split into {name}'s {block_size(name)}-element "
+                          f"blocks: its columns ({cols}) must be a multiple of {block_size(name)}.")
+    w = weight.detach().float()
+    b = w.reshape(rows, -1, f.block) if f.block > 0 else w
+    zeros = tensor_scale = None
+    if name == "f16":  # codes: the fp16 bit pattern
+        codes, scales = w.to(torch.float16).view(torch.int16), torch.ones(1, 1, device=w.device)
+    elif name == "nvfp4":
+        codes, scales, tensor_scale = _nvfp4(w)
     elif name.startswith("fp8"):
-        codes, scales = _fp8(w, name[4:8], name.endswith("channel"))
+        fmax = 448.0 if "e4m3" in name else 57344.0
+        scales, safe = _per_scale(w, fmax, name.endswith("channel"))
+        dtype = torch.float8_e4m3fn if "e4m3" in name else torch.float8_e5m2
+        codes = (w / safe).to(dtype).view(torch.uint8)
     elif name == "int8":
-        codes, scales = _int8(w)
-    elif name == "ternary":
-        scales = np.abs(w).mean(dtype=np.float32).reshape(1, 1).astype(np.float32)
-        codes = _absmean_codes(w, scales, 1)
-    elif name == "ternary_b256":
-        blocks = _blocks(w, 256, name)
-        scales = _fp16(np.abs(blocks).mean(axis=-1, keepdims=True, dtype=np.float32))
-        codes = _absmean_codes(blocks, scales, 1)
+        scales, safe = _per_scale(w, 127.0, True)
+        codes = torch.round(w / safe).clamp(-127, 127).to(torch.int8)
+    elif name in ("ternary", "ternary_b256"):
+        g = b if f.block > 0 else w.reshape(1, 1, -1)
+        scales = _ternary_scale(g, fp16=f.block > 0)
+        codes = _ternary_codes(g, scales)
     elif name == "binary":
-        scales = np.abs(w).mean(axis=-1, keepdims=True, dtype=np.float32)
-        codes = _sign(w)
-    else:  # binary_b128
-        blocks = _blocks(w, 128, name)
-        scales = _fp16(np.abs(blocks).mean(axis=-1, keepdims=True, dtype=np.float32))
-        codes = _sign(blocks)
-
-    def tensor(x):
-        return None if x is None else torch.from_numpy(np.ascontiguousarray(x))
-
-    scales = np.asarray(scales, dtype=np.float32)
-    return QTensor(name, shape, tensor(np.asarray(codes).reshape(shape)),
-                   tensor(scales.reshape(1, 1) if scales.size == 1 else scales.reshape(shape[0], -1)),
-                   tensor(None if zeros is None else zeros.reshape(shape[0], -1)), tensor_scale)
+        scales, codes = _mean_abs(w), _sign(w)
+    elif name == "binary_b128":
+        scales, codes = _fp16(_mean_abs(b)), _sign(b)
+    else:
+        quantizer = _BLOCK_QUANTIZERS.get(name) or (_int4_asym if name.endswith("_asym") else _int4)
+        codes, scales, *rest = quantizer(b)
+        zeros = rest[0] if rest else None
+    groups = cols // f.block if f.block > 0 else 1
+    scales = scales.reshape(-1, groups).float()
+    return QTensor(name, shape, codes.reshape(shape), scales,
+                   None if zeros is None else zeros.reshape(rows, groups).float(), tensor_scale)
 
 
-def dequantize(q: QTensor) -> Any:
-    import torch
+def _expand(per_group: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    rows, cols = shape
+    return per_group.repeat_interleave(cols // per_group.shape[1], dim=1).expand(rows, cols)
 
-    rows = q.shape[0] if q.scales.numel() > 1 else 1  # one scale per tensor broadcasts over all rows
-    codes = q.codes.reshape(rows, q.scales.shape[1], -1)
-    scales = q.scales.reshape(rows, -1, 1)
+
+def element_scale(q: QTensor) -> torch.Tensor:
+    """[rows, cols] float32: what each element's grid value is multiplied by."""
+    scales = q.scales
+    if q.tensor_scale is not None:  # NVFP4: block scale x tensor scale, one float32 product (Model-Optimizer)
+        scales = scales * torch.tensor(q.tensor_scale, dtype=torch.float32, device=scales.device)
+    return _expand(scales, q.shape)
+
+
+def _grid_values(q: QTensor) -> torch.Tensor:
+    if q.format in ("nvfp4", "nvfp4_gguf", "mxfp4"):
+        return _lookup(E2M1_VALUES, q.codes)  # the 4-bit E2M1 code
     if q.format == "f16":
         return q.codes.view(torch.float16).float()
-    if q.format in LOOKUP_GRIDS:
-        values = torch.tensor(KVALUES_DOUBLED, dtype=torch.float32)[codes.long()]
-    elif q.format.startswith("fp8"):
-        dtype = torch.float8_e4m3fn if "e4m3" in q.format else torch.float8_e5m2
-        values = codes.view(dtype).float()
-    else:
-        values = codes.float()
-    out = values * scales
+    if q.format.startswith("fp8"):  # the float8 bit pattern
+        return q.codes.view(torch.float8_e4m3fn if "e4m3" in q.format else torch.float8_e5m2).float()
+    return q.codes.float()  # integer codes: signed levels, or 0..15 above the zero for _asym / q4_1
+
+
+def dequantize(q: QTensor) -> torch.Tensor:
+    """float32 [rows, cols]: grid value x scale (+ zero), in the references' float32 order."""
+    out = _grid_values(q) * element_scale(q)
     if q.zeros is not None:
-        out = out + q.zeros.reshape(rows, -1, 1)
-    return out.reshape(q.shape)
+        out = out + _expand(q.zeros, q.shape)
+    return out
 
 
-def quantize_dequantize(weight: Any, name: str) -> Any:
-    """The weight as its grid represents it (float32, same shape, same device as given)."""
-    return dequantize(quantize(weight, name)).to(weight.device)
+def quantize_dequantize(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """The weight as format `name` represents it (float32, same shape and device)."""
+    return dequantize(quantize(weight, name))
 
 
-def saturation_limit(name: str) -> float | None:
-    """|weight / scale| beyond which the grid clips (None: absmax scales clip nothing)."""
-    return 1.5 if name.startswith(("ternary", "binary")) else None
+def from_grid_values(weight: torch.Tensor, name: str) -> QTensor:
+    """Codes and scales of a weight already on its grid (a trained student's): quantize() itself,
+    which gives an on-grid weight back unchanged for every format in IDEMPOTENT."""
+    return quantize(weight, name)
 
 
-def from_grid_values(weight: Any, name: str) -> QTensor:
-    """Codes and scales of a weight already on grid `name` (a trained student's weight). The
-    absmean grids are not idempotent (the mean of |codes x scale| is not the scale), so their
-    scale is read back as each group's absolute maximum, which on-grid values carry exactly."""
-    import torch
-
-    if name not in ("ternary", "ternary_b256", "binary", "binary_b128"):
-        return quantize(weight, name)
-    w = _to_numpy(weight)
-    shape = w.shape
-    if name in ("ternary_b256", "binary_b128"):
-        groups = _blocks(w, grid(name).block, name)
-        scales = np.abs(groups).max(axis=-1, keepdims=True)
-    elif name == "ternary":
-        groups, scales = w, np.abs(w).max().reshape(1, 1)
-    else:
-        groups, scales = w, np.abs(w).max(axis=-1, keepdims=True)
-    safe = np.where(scales == 0, 1, scales).astype(np.float32)
-    codes = np.rint(groups / safe).astype(np.int8)
-    if name.startswith("binary"):
-        codes = np.where(codes >= 0, 1, -1).astype(np.int8)
-    scales = scales.astype(np.float32)
-    return QTensor(name, tuple(shape), torch.from_numpy(np.ascontiguousarray(codes.reshape(shape))),
-                   torch.from_numpy(scales.reshape(1, 1) if scales.size == 1 else scales.reshape(shape[0], -1)))
+def clipped(weight: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """Where the grid saturates: x beyond the extreme grid value by more than half the last step, so
+    that rounding without the clip would have gone further (absmax scales clip nothing)."""
+    f = weight_format(q.format)
+    scale = element_scale(q)
+    shifted = weight.detach().float() - (_expand(q.zeros, q.shape) if q.zeros is not None else 0.0)
+    units = torch.where(scale == 0, 0.0, shifted / scale)
+    return (units < f.lo) | (units > f.hi)

@@ -1,85 +1,95 @@
-"""GGUF block bytes from a QTensor: the student's own codes and scales, never re-rounded.
+"""GGUF block bytes from a QTensor: its own codes and scales, laid out as llama.cpp reads them.
 
-Layouts (per block, as llama.cpp reads them): Q8_0 fp16 d + 32 int8; Q4_0 fp16 d + 16 bytes of
-nibbles (element j low, j+16 high); Q4_1 fp16 d, fp16 m + nibbles; MXFP4 one E8M0 byte + nibbles;
-NVFP4 per 64: four unsigned-E4M3 scale bytes + 4 x 8 bytes (elements 0-7 low, 8-15 high of each
-16); TQ2_0/TQ1_0 per 256: 2-bit / base-3 codes then fp16 d; Q1_0 per 128: fp16 d + 16 bytes of sign
-bits (element j in bit j % 8 of byte j // 8, set for +d).
+Nothing is re-rounded: every scale a packable format holds is already the fp16 / E8M0 / UE4M3 value
+the block stores, so gguf's dequantizer gives back exactly `dequantize(q)`. Layouts per block:
+Q8_0 fp16 d + 32 int8; Q4_0 fp16 d + 16 bytes (element j low nibble, j + 16 high); Q4_1 fp16 d,
+fp16 m + the same nibbles; MXFP4 one E8M0 byte + the same nibbles; NVFP4 per 64: four UE4M3 scale
+bytes + 4 x 8 bytes (element j low, j + 8 high, per 16); TQ2_0 per 256: 64 bytes of 2-bit codes + 1
+(element 128c + 32l + m in bits 2l of byte 32c + m) + fp16 d; TQ1_0 per 256: 48 + 4 bytes of base-3
+digits scaled to a byte + fp16 d; Q1_0 per 128: fp16 d + 16 bytes of sign bits (bit j % 8 of byte
+j // 8 set for +d).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from gguf import GGMLQuantizationType
 
-from shrink.compress.quant.formats import QTensor
+from shrink.compress.quant.formats import UE4M3_VALUES, QTensor
 from shrink.errors import ShrinkError
 
-PACKABLE = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "int4_g32": "Q4_0", "int4_g32_asym": "Q4_1",
-            "mxfp4": "MXFP4", "nvfp4_gguf": "NVFP4", "ternary_b256": "TQ2_0", "binary_b128": "Q1_0"}
+# format -> the GGUF types it can be written as (the first is the default)
+PACKABLE: dict[str, tuple[str, ...]] = {
+    "q8_0": ("Q8_0",), "q4_0": ("Q4_0",), "q4_1": ("Q4_1",), "mxfp4": ("MXFP4",), "nvfp4_gguf": ("NVFP4",),
+    "ternary_b256": ("TQ2_0", "TQ1_0"), "binary_b128": ("Q1_0",),  # Q1_0: type 41 in gguf 0.19
+    "f16": ("F16",),  # not blocks: float16 [rows, cols]
+}
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).view(np.uint8).reshape(x.shape[0], 2)
+    return x.reshape(-1, 1).astype(np.float16).view(np.uint8)
 
 
 def _nibbles(codes: np.ndarray) -> np.ndarray:
-    """[blocks, 2k] 4-bit values -> [blocks, k] bytes: element j low nibble, element j + k high."""
+    """[n, 2k] 4-bit codes -> [n, k] bytes: element j in the low nibble, element j + k in the high."""
     half = codes.shape[1] // 2
     return (codes[:, :half] | (codes[:, half:] << 4)).astype(np.uint8)
 
 
-def pack(q: QTensor, ggml_type: str | None = None) -> tuple[np.ndarray, Any]:
-    """(bytes shaped [rows, bytes per row], the gguf GGMLQuantizationType)."""
-    from gguf import GGMLQuantizationType
+def _ue4m3_bytes(scales: np.ndarray) -> np.ndarray:
+    table = np.array(UE4M3_VALUES[:0x7F], dtype=np.float32)  # bytes 0..0x7E, increasing
+    index = np.searchsorted(table, scales).clip(0, 0x7E)
+    if not np.array_equal(table[index], scales):
+        raise ShrinkError("An nvfp4_gguf block scale is not an unsigned E4M3 value; quantize the weight again.")
+    return index.astype(np.uint8)
 
+
+def _base3(digits: np.ndarray, width: int) -> np.ndarray:
+    """[n, k * width] digits 0..2 -> [n, width]: byte m holds digits m, m + width, ... most significant
+    first, then scaled from 0..242 to a byte rounding up (so that llama.cpp reads a digit with *3 >> 8)."""
+    groups = digits.reshape(digits.shape[0], -1, width).astype(np.uint16)
+    powers = 3 ** np.arange(4, 4 - groups.shape[1], -1, dtype=np.uint16)
+    value = (groups * powers[None, :, None]).sum(axis=1)
+    return ((value * 256 + 242) // 243).astype(np.uint8)
+
+
+def pack(q: QTensor, ggml_type: GGMLQuantizationType | str | None = None) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """(uint8 [rows, bytes per row] as gguf.quants.quantize returns, the GGMLQuantizationType); an f16
+    weight gives its float16 [rows, cols]."""
     if q.format not in PACKABLE:
-        raise ShrinkError(f"The {q.format} grid has no GGUF layout; packable grids: {', '.join(PACKABLE)}.")
-    kind = ggml_type or PACKABLE[q.format]
-    if kind == "F16":
-        return q.codes.numpy().view(np.float16), GGMLQuantizationType.F16
+        raise ShrinkError(f"Only {', '.join(PACKABLE)} weights pack into GGUF blocks, not {q.format}.")
+    kind = PACKABLE[q.format][0] if ggml_type is None else getattr(ggml_type, "name", str(ggml_type)).upper()
+    if kind not in PACKABLE[q.format]:
+        raise ShrinkError(f"A {q.format} weight packs as {' or '.join(PACKABLE[q.format])}, not {kind}.")
     rows = q.shape[0]
-    codes = q.codes.numpy()
-    n_scales = q.scales.shape[1]
-    blocks = codes.reshape(rows * n_scales, -1)
-    scales = q.scales.numpy().reshape(-1)
+    if kind == "F16":
+        return np.ascontiguousarray(q.codes.cpu().numpy().view(np.float16)), GGMLQuantizationType.F16
+    codes = q.codes.cpu().numpy()
+    scales = q.scales.cpu().numpy().reshape(-1)
+    blocks = codes.reshape(scales.size, -1)  # one scale per block
     if kind == "Q8_0":
-        body = np.concatenate([_fp16_bytes(scales), blocks.astype(np.int8).view(np.uint8)], axis=1)
+        body = [_fp16_bytes(scales), blocks.astype(np.int8).view(np.uint8)]
     elif kind == "Q4_0":
-        body = np.concatenate([_fp16_bytes(scales), _nibbles((blocks + 8).astype(np.uint8))], axis=1)
+        body = [_fp16_bytes(scales), _nibbles((blocks + 8).astype(np.uint8))]
     elif kind == "Q4_1":
-        body = np.concatenate([_fp16_bytes(scales), _fp16_bytes(q.zeros.numpy().reshape(-1)),
-                               _nibbles(blocks.astype(np.uint8))], axis=1)
+        body = [_fp16_bytes(scales), _fp16_bytes(q.zeros.cpu().numpy()), _nibbles(blocks.astype(np.uint8))]
     elif kind == "MXFP4":
-        exponents = (np.log2(scales.astype(np.float64)) + 128).round().astype(np.uint8).reshape(-1, 1)
-        body = np.concatenate([exponents, _nibbles(blocks.astype(np.uint8))], axis=1)
+        mantissa, exponent = np.frexp(scales)  # scale = 2^(e - 127) = 0.5 * 2^(e - 126)
+        assert np.all(mantissa == 0.5), "MXFP4 scales are powers of two"
+        body = [(exponent + 126).astype(np.uint8).reshape(-1, 1), _nibbles(blocks.astype(np.uint8))]
     elif kind == "NVFP4":
-        body = _nvfp4(blocks.astype(np.uint8), scales)
-    elif kind in ("TQ2_0", "TQ1_0"):
-        body = _ternary(blocks, scales, kind)
-    elif kind == "Q1_0":
-        bits = np.packbits((blocks > 0).astype(np.uint8), axis=1, bitorder="little")
-        body = np.concatenate([_fp16_bytes(scales), bits], axis=1)
-    else:
-        raise ShrinkError(f"No packer for GGUF type {kind}.")
-    return np.ascontiguousarray(body.reshape(rows, -1)), GGMLQuantizationType[kind]
-
-
-def _nvfp4(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    from gguf.quants import NVFP4
-
-    scale_bytes = NVFP4.fp32_to_ue4m3(scales * np.float32(2)).reshape(-1, 4)  # stored scale = 2 x the halved one
-    quads = codes.reshape(-1, 4, 16)
-    packed = (quads[..., :8] | (quads[..., 8:] << 4)).astype(np.uint8).reshape(-1, 32)
-    return np.concatenate([scale_bytes, packed], axis=1)
-
-
-def _ternary(codes: np.ndarray, scales: np.ndarray, kind: str) -> np.ndarray:
-    """gguf's own TQ packer run on the codes (its absmax of a code block is 1, so it keeps them),
-    with the fp16 scale it wrote (the last two bytes of a block) replaced by ours."""
-    import gguf
-
-    packed = gguf.quants.quantize(codes.astype(np.float32), getattr(gguf.GGMLQuantizationType, kind)).copy()
-    packed[:, -2:] = _fp16_bytes(scales)
-    return packed
+        subblocks = blocks.astype(np.uint8).reshape(-1, 4, 2, 8)  # per 64: 4 x 16, each low 8 | high 8
+        body = [_ue4m3_bytes(scales).reshape(-1, 4),
+                (subblocks[:, :, 0] | (subblocks[:, :, 1] << 4)).reshape(-1, 32)]
+    elif kind == "TQ2_0":
+        digits = (blocks + 1).astype(np.uint8).reshape(-1, 2, 4, 32)
+        shifted = digits << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        body = [np.bitwise_or.reduce(shifted, axis=2).reshape(-1, 64), _fp16_bytes(scales)]
+    elif kind == "TQ1_0":
+        digits = (blocks + 1).astype(np.uint8)
+        body = [_base3(digits[:, :160], 32), _base3(digits[:, 160:240], 16), _base3(digits[:, 240:], 4),
+                _fp16_bytes(scales)]
+    else:  # Q1_0
+        body = [_fp16_bytes(scales), np.packbits(blocks > 0, axis=1, bitorder="little")]
+    packed = np.concatenate(body, axis=1).reshape(rows, -1)
+    return np.ascontiguousarray(packed), GGMLQuantizationType[kind]
