@@ -125,8 +125,11 @@ def _print(model: str, result: dict, split) -> None:
         after = result["qad"]["after"]
         table.add_row(f"QAD ({result['qad']['tokens']:,} tokens)", f"{after['kl']:.4f}", f"{after['perplexity']:.2f}")
     console.print(table)
-    for fallback in result["fallbacks"]:
-        console.print(f"[yellow]{fallback['module']}[/] takes {fallback['grid']}: {fallback['fallback_reason']}")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for fallback in result["fallbacks"]:  # one line per (grid, reason), not per tensor
+        groups.setdefault((fallback["grid"], fallback["fallback_reason"]), []).append(fallback["module"])
+    for (grid, reason), modules in groups.items():
+        console.print(f"[yellow]{len(modules)} weight(s)[/] take {grid}: {reason} (e.g. {modules[0]}; all in --json)")
     console.print(f"held-out text: {split.evaluation.shape[0]} sequences ({split.source}); "
                   f"{len(result['kept_high_precision'])} Linear layers kept in high precision; "
                   f"next: shrink export {result['output']} -f {result['runtime'] if result['runtime'] != 'torch' else 'onnx'}")
