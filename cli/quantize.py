@@ -25,7 +25,7 @@ def quantize_command(
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the quantized student (on-grid weights + plan)."),
     format: str = typer.Option(..., "--format", "-f", help="nvfp4, mxfp4, fp8, int8, int4, ternary or binary."),
     runtime: str = typer.Option("gguf", help="Where the export will run: gguf (llama.cpp), onnx (ONNX Runtime) or torch; picks the grid."),
-    calibration: str = typer.Option("mse", help="PTQ calibration: max (absmax scales), mse (clip search per scale group) or awq (activation-aware scaling)."),
+    calibration: str = typer.Option("auto", help="PTQ calibration: max (absmax scales), mse (clip search per scale group), awq (activation-aware scaling) or auto (awq for Llama-style decoders, else mse)."),
     qad: bool = typer.Option(False, "--qad", help="After PTQ, distill the fake-quantized student towards the original (quantization-aware distillation)."),
     ptq_only: bool = typer.Option(False, "--ptq-only", help="Stop after PTQ calibration (the default when --qad is not given)."),
     tokens: int = typer.Option(16384, help="QAD budget in training tokens (steps = tokens / (batch size x sequence length))."),

@@ -47,7 +47,7 @@ class DistillStep:
 class QuantizeStep:
     format: str = "int4"
     runtime: str = "gguf"
-    calibration: str = "mse"
+    calibration: str = "auto"
     qad: bool = False
     tokens: int = 12288
     lr: float = 1e-5
