@@ -16,6 +16,7 @@ from shrink.cli.inspect import inspect_command
 from shrink.cli.profiles import profiles_app
 from shrink.cli.prune import prune_command
 from shrink.cli.quantize import quantize_command
+from shrink.cli.run import run_command
 
 app = typer.Typer(
     name="shrink",
@@ -25,6 +26,7 @@ app = typer.Typer(
     help="Turn a causal language model into one that meets a deployment target, with evidence.\n\n"
     "Every figure shrink prints is labelled [bold]measured[/] (run here) or [bold]estimated[/] (roofline model).",
 )
+app.command("run")(run_command)
 app.command("inspect")(inspect_command)
 app.command("estimate")(estimate_command)
 app.add_typer(profiles_app, name="profiles")

@@ -7,7 +7,6 @@ rule, or, with --search, by a short distillation proxy over several candidates.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import typer
@@ -61,6 +60,7 @@ def prune_command(
 
     from shrink.compress.data import prepare
     from shrink.compress.importance import cached_score, layer_kl_scores
+    from shrink.compress.pruning import prune_to_budget, prune_to_sizes
     from shrink.errors import ShrinkError
     from shrink.model import load, save_loaded
 
@@ -88,10 +88,11 @@ def prune_command(
     before = loaded.spec.param_counts().total
     report: dict = {}
     if budgeted:
-        pruned, report = _prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates,
-                                          proxy_steps, weights)
+        with err_console.status("Choosing the shape") as status:
+            pruned, report = prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates,
+                                             proxy_steps, weights, status=status.update)
     else:
-        pruned = _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers, ssm_heads, ssm_head_dim)
+        pruned = prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers, ssm_heads, ssm_head_dim)
     save_loaded(pruned, output)
     after = pruned.spec.param_counts().total
     if json_out:
@@ -160,53 +161,6 @@ def _shapes_table(title, rows):
         table.add_row(label, str(spec.num_layers), str(spec.hidden_size), _widths(ffn) if ffn else "-", heads,
                       f"{ssm[0].num_heads} x {ssm[0].head_dim}" if ssm else "-", f"{total:,}")
     return table
-
-
-def _prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers, ssm_heads=None, ssm_head_dim=None):
-    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers, prune_ssm
-
-    pruned = loaded
-    if ssm_heads is not None or ssm_head_dim is not None:
-        pruned = prune_ssm(pruned, importance, heads_per_group=ssm_heads, head_dim=ssm_head_dim)
-    if ffn is not None:
-        pruned = prune_ffn(pruned, importance, ffn)
-    if kv_groups is not None:
-        pruned = prune_kv_groups(pruned, importance, kv_groups)
-    if heads is not None:
-        pruned = prune_heads(pruned, importance, heads)
-    if hidden is not None:
-        pruned = prune_hidden(pruned, importance, hidden)
-    if layers is not None:  # last: the importance scores are indexed by the original layers
-        pruned = prune_layers(pruned, importance, layers)
-    return pruned
-
-
-def _prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates, proxy_steps, weights):
-    from shrink.compress.search import apply, default_plan, feasible, rank_by_proxy, shortlist
-
-    spec = loaded.spec.with_formats(weights=weights, embeddings=weights) if weights else loaded.spec
-    ranking = importance.layers.argsort(descending=True).tolist()
-    plans = feasible(spec, ranking, axis, plan_budget)
-    report = {"non_embedding_before": spec.param_counts().non_embedding, "feasible_candidates": len(plans)}
-    if not search:
-        plan = default_plan(plans, spec)
-        report.update(chosen=plan.to_dict(), chosen_by="rule (layers and heads kept where the budget allows, FFN and hidden cuts as even as it allows)")
-        return apply(plan, loaded, importance), report
-    from shrink.compress.distill.teacher import teacher_topk
-
-    listed = shortlist(plans, candidates)
-    with err_console.status("Caching the teacher's top-k logits"):
-        train_topk = teacher_topk(loaded.model, split.train)
-        eval_topk = teacher_topk(loaded.model, split.evaluation)
-    with tempfile.TemporaryDirectory(prefix="shrink-search-") as workdir:
-        with err_console.status(f"Distilling {len(listed)} candidates for {proxy_steps} steps each") as status:
-            results = rank_by_proxy(listed, loaded, importance, split, train_topk, eval_topk, proxy_steps, 4,
-                                    Path(workdir), on_result=lambda r: status.update(
-                                        f"{r.plan.label}: KL {r.kl_pruned:.3f} -> {r.kl_proxy:.3f}"))
-    best = results[0]
-    report.update(candidates=[r.to_dict() for r in results], chosen=best.plan.to_dict(),
-                  chosen_by=f"distillation proxy ({best.tokens:,} tokens each, lowest held-out KL)")
-    return apply(best.plan, loaded, importance), report
 
 
 def _candidates_table(report: dict) -> Table:

@@ -8,15 +8,14 @@ directory holding the on-grid weights and the plan, which `shrink export` packs 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import console, err_console, handle_user_errors, print_json
-from shrink.cli.training import run_distillation
+from shrink.cli.render import Spinner, console, err_console, handle_user_errors, print_json
+from shrink.cli.training import run_distillation, spinner_paused
 
 
 @handle_user_errors
@@ -50,54 +49,27 @@ def quantize_command(
       shrink export gemma-q4-qad -f gguf -o gemma-q4-qad.gguf   # packs the student's own Q4_0 grid
     """
     from shrink.compress.data import prepare
-    from shrink.compress.distill.evaluate import evaluate
-    from shrink.compress.distill.teacher import teacher_topk
-    from shrink.compress.distill.trainer import DistillConfig
-    from shrink.compress.quant.formats import effective_bits
-    from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
-    from shrink.compress.quant.ptq import calibrate
-    from shrink.compress.quant.student import fake_quantize, materialize
+    from shrink.compress.quant.plan import grid_for
+    from shrink.compress.quant.run import QuantizeSettings, quantize_model
     from shrink.errors import ShrinkError
     from shrink.model import load, save_loaded
 
     if qad and ptq_only:
         raise ShrinkError("--qad and --ptq-only exclude each other: QAD starts from the PTQ result.")
-    steps = max(1, tokens // (batch_size * seq_len))
-    config = DistillConfig(lr=lr, steps=steps, batch_size=batch_size, checkpoint_every=max(1, steps // 4))
-    config.check()
+    grid_for(format, runtime)  # an unknown format or runtime fails before any loading
+    settings = QuantizeSettings(format=format, runtime=runtime, calibration=calibration, qad=qad, tokens=tokens,
+                                batch_size=batch_size, lr=lr, keep=tuple(keep) if keep else None,
+                                activations=activations)
     with err_console.status(f"Loading {model}"):
         student = load(model)
-    plan = make_plan(student.model, format, runtime, tuple(keep) if keep else KEEP_DEFAULT, activations)
     with err_console.status(f"Loading the teacher {teacher or model}"):
         teacher_model = load_teacher(teacher or model, teacher_load)
     split = prepare(teacher_model, data, seq_len=seq_len)
-    with err_console.status("Caching the teacher's top-k logits"):
-        eval_topk = teacher_topk(teacher_model.model, split.evaluation)
-        train_topk = teacher_topk(teacher_model.model, split.train) if qad else None
-    started = time.perf_counter()
-    with err_console.status(f"PTQ calibration ({calibration})") as status:
-        calibration_report = calibrate(student.model, plan, calibration, split.calibration, student.spec.family,
-                                       progress=status.update)
-    fake_quantize(student.model, plan)
-    ptq = evaluate(student.model, split.evaluation, *eval_topk).to_dict()
-    report = None
-    if qad:
-        report = run_distillation(student.model, split, train_topk, eval_topk, config,
-                                  Path(f"{output}.checkpoints"), label="QAD")
-    seconds = time.perf_counter() - started
-    materialize(student.model, plan)
+    with Spinner() as spinner:
+        result = quantize_model(student, teacher_model, split, settings, Path(f"{output}.checkpoints"),
+                                train=spinner_paused(spinner, run_distillation), status=spinner.update)
     save_loaded(student, output)
-    weights = sum(student.model.get_submodule(t.module).weight.numel() for t in plan.tensors)
-    bits = sum(effective_bits(t.grid, tuple(student.model.get_submodule(t.module).weight.shape))
-               * student.model.get_submodule(t.module).weight.numel() for t in plan.tensors) / weights
-    result = {
-        "output": str(output), "format": format, "runtime": runtime, "grid": plan.grid,
-        "quantized_weights": weights, "effective_bits_per_quantized_weight": bits,
-        "fallbacks": [vars(t) for t in plan.fallbacks], "kept_high_precision": plan.kept,
-        "calibration": calibration_report, "ptq": ptq, "data": split.source, "seconds": seconds, "measured": True,
-        "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": lr,
-                                            "after": report.eval_after, "tokens_per_second": report.tokens_per_second},
-    }
+    result = {"output": str(output), **result}
     if json_out:
         print_json(result)
         return

@@ -75,3 +75,29 @@ def handle_user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+class Spinner:
+    """A status line started on the first message and stopped before a progress bar takes over
+    (rich allows one live display at a time)."""
+
+    def __init__(self) -> None:
+        self._status: Any = None
+
+    def update(self, message: str) -> None:
+        if self._status is None:
+            self._status = err_console.status(message)
+            self._status.start()
+        else:
+            self._status.update(message)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __enter__(self) -> "Spinner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -25,3 +25,13 @@ def run_distillation(student: Any, split: Any, train_topk: Any, eval_topk: Any, 
         return distill(student, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk,
                        teacher=teacher, current=current,
                        progress=lambda step, value, speed: bar.update(task, completed=step, loss=value, speed=speed))
+
+
+def spinner_paused(spinner: Any, train: Any) -> Any:
+    """`train` with the spinner stopped first, so that its progress bar can take the screen."""
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        spinner.stop()
+        return train(*args, **kwargs)
+
+    return paused

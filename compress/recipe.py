@@ -8,7 +8,7 @@
     name = "distill"
     tokens = 12288
 
-Each step's keys are the fields of its config dataclass below; an unknown step name, an unknown key or
+The bench step times the exported artifact on this machine. Each step's keys are the fields of its config dataclass below; an unknown step name, an unknown key or
 a value of the wrong type is an error that names the file and the line. The same steps are callable
 from Python: `parse_recipe(path)` gives [(name, config)] and `STEPS` maps names to config classes.
 """
@@ -65,8 +65,40 @@ class VerifyStep:
     max_kl: float | None = None
 
 
+@dataclass(frozen=True)
+class BenchStep:
+    threads: int | None = None  # default: every core
+    prompt_len: int = 128
+    gen_len: int = 32
+    repeats: int = 3
+
+
 STEPS: dict[str, type] = {"prune": PruneStep, "distill": DistillStep, "quantize": QuantizeStep,
-                          "export": ExportStep, "verify": VerifyStep}
+                          "export": ExportStep, "verify": VerifyStep, "bench": BenchStep}
+
+
+def step_to_dict(name: str, config: Any) -> dict[str, Any]:
+    """A step as a TOML table would give it (defaults included), for reports and recipe files."""
+    from dataclasses import asdict
+
+    return {"name": name, **asdict(config)}
+
+
+def recipe_toml(steps: list[tuple[str, Any]], description: str) -> str:
+    """The TOML text of a recipe (what the planner writes into the run directory)."""
+    lines = [f"description = {_toml_value(description)}"]
+    for name, config in steps:
+        lines += ["", "[[step]]"] + [f"{key} = {_toml_value(value)}" for key, value in step_to_dict(name, config).items()
+                                     if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _line_of(lines: list[str], step_index: int, key: str | None = None) -> int:

@@ -104,7 +104,7 @@ def time_onnx(path: Path, threads: int, prompt: list[int], gen: list[int], repea
     return prefill, decode
 
 
-def _spec_and_formats(artifact: Path, kind: str) -> tuple[ArchSpec | None, dict]:
+def artifact_costing(artifact: Path, kind: str) -> tuple[ArchSpec | None, dict]:
     own = manifest_path(artifact)
     manifest = read_manifest(own) if own.is_file() else None
     if manifest is None:
@@ -133,7 +133,7 @@ def bench(artifact: str | Path, threads: int | None = None, prompt_len: int = 12
     if repeats < 1:
         raise ShrinkError(f"--repeats must be at least 1, got {repeats}.")
     threads = threads or os.cpu_count() or 1
-    spec, formats = _spec_and_formats(artifact, kind)
+    spec, formats = artifact_costing(artifact, kind)
     vocab = spec.vocab_size if spec else 256
     prompt, gen = token_ids(prompt_len, vocab), token_ids(gen_len, vocab)
     runner = time_gguf if kind == "gguf" else time_onnx

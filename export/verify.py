@@ -91,7 +91,7 @@ def compare(reference: Runner, artifact: Runner, sequences: list[list[int]], chu
             diff_max = max(diff_max, float(np.abs(ref.astype(np.float64) - art).max()))
             # next-token likelihood: the row at position i scores token i + 1
             rows = np.arange(len(ref))
-            targets = np.array(ids[start + 1:start + 1 + len(ref)])
+            targets = np.array(ids[start + 1:start + 1 + len(ref)], dtype=np.int64)  # may be empty
             rows = rows[: len(targets)]
             nll_ref -= float(lp_ref[rows, targets].sum())
             nll_art -= float(lp_art[rows, targets].sum())

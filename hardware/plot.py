@@ -85,3 +85,44 @@ def _clusters(ops: list[OpCost]) -> dict[tuple[float, float], list[str]]:
         key = (round(math.log10(op.intensity) * 5), round(math.log10(max(_achieved(op), 1.0)) * 5))
         groups.setdefault(key, []).append(op)
     return {(group[0].intensity, _achieved(group[0])): [op.name for op in group] for group in groups.values()}
+
+
+def pareto_chart(points: list[dict], budget_s: float | None, title: str, path: str | Path) -> Path:
+    """Predicted quality (KL, lower is better) against estimated time per token for every candidate;
+    `points` hold label, tpot_s, kl, fits and chosen."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ShrinkError(f"--plot needs a .png, .svg or .pdf file name, not '{path.name}'.")
+    shown = [p for p in points if p["kl"] is not None]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for fits, colour, name in ((True, "tab:green", "within budget"), (False, "tab:grey", "misses the budget")):
+        group = [p for p in shown if p["fits"] == fits and not p["chosen"]]
+        ax.scatter([p["tpot_s"] * 1e3 for p in group], [p["kl"] for p in group], c=colour, s=36, label=name,
+                   edgecolors="black", linewidths=0.4, zorder=3)
+    for p in shown:
+        ax.annotate(p["label"], (p["tpot_s"] * 1e3, p["kl"]), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    chosen = [p for p in shown if p["chosen"]]
+    if chosen:
+        ax.scatter([chosen[0]["tpot_s"] * 1e3], [chosen[0]["kl"]], marker="*", s=260, c="tab:red",
+                   edgecolors="black", zorder=4, label=f"chosen: {chosen[0]['label']}")
+    if budget_s is not None:
+        ax.axvline(budget_s * 1e3, color="tab:red", ls="--", lw=1, label=f"budget {budget_s * 1e3:.3g} ms/token")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xlabel("time per output token, ms (estimated, roofline)")
+    ax.set_ylabel("predicted KL to the original (proxy, measured parts; lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".").lower())
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

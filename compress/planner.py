@@ -1,0 +1,350 @@
+"""The budget-driven planner behind `shrink run MODEL --target T --budget X`.
+
+Candidates are prune shapes (a fraction of the non-embedding parameters kept, on the width or the
+depth axis, shaped by the same rule as `shrink prune --params`) times the weight formats the target's
+runtime executes (llama.cpp: GGUF F16/Q8_0/NVFP4/MXFP4/Q4_0/TQ2_0/Q1_0; ONNX Runtime: f32/int8/int4).
+Each is costed with the roofline model on the target, exactly as it would be exported (a GGUF keeps
+its vocabulary tensors on Q8_0, see compress/quant/plan.py). Those within the budget are ranked by a
+quality proxy measured on held-out text, and the best becomes a recipe (compress/recipe.py).
+
+The quality proxy, and why: a candidate's predicted KL to the original is the KL of its prune shape
+after a short distillation (what `shrink prune --search` ranks shapes by) plus the KL of its format
+after PTQ of the original weights. Both are measured; adding them treats the two errors as
+independent small perturbations, which is what the first-order expansion of KL gives. It ranks
+candidates; it does not predict the final KL, which distillation and QAD then lower. Each shape and
+each format is measured once however many candidates share it.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from shrink.errors import ShrinkError
+
+KEEPS = (1.0, 0.8, 0.6, 0.4)  # fractions of the non-embedding parameters
+AXES = ("width", "depth")
+RUNTIME_EXPORTS = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
+# format family -> (weights, embeddings) as the export stores them, for the roofline
+COSTING: dict[str, dict[str | None, tuple[str, str]]] = {
+    "gguf": {None: ("fp16", "fp16"), "int8": ("q8_0", "q8_0"), "nvfp4": ("nvfp4", "q8_0"), "mxfp4": ("mxfp4", "q8_0"),
+             "int4": ("q4_0", "q8_0"), "ternary": ("tq2_0", "q8_0"), "binary": ("binary", "q8_0")},
+    # a quantized ONNX export reads lm_head as a quantized MatMulNBits copy (export/bench.py)
+    "onnx": {None: ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int4_g32", "int4_g32")},
+}
+
+
+# --- what the user asks for ---
+
+@dataclass(frozen=True)
+class TargetBudget:
+    tpot_s: float | None = None  # time per output token, estimated on the target
+    ttft_s: float | None = None  # time to first token
+    memory_bytes: float | None = None  # weights + KV cache + state + activations
+
+    @classmethod
+    def parse(cls, texts: list[str]) -> "TargetBudget":
+        """'20ms', 'tpot=20ms', 'ttft=200ms', 'mem=2GB', given separately or joined by commas."""
+        from shrink.cli.units import parse_duration, parse_size
+
+        values: dict[str, float] = {}
+        for item in (part.strip() for text in texts for part in text.split(",") if part.strip()):
+            key, _, value = item.rpartition("=")
+            key = key.strip().lower() or "tpot"
+            if key in ("tpot", "latency", "decode"):
+                values["tpot_s"] = parse_duration(value, "--budget")
+            elif key == "ttft":
+                values["ttft_s"] = parse_duration(value, "--budget ttft=")
+            elif key in ("mem", "memory"):
+                values["memory_bytes"] = parse_size(value, "--budget mem=")
+            else:
+                raise ShrinkError(f"--budget takes 20ms (per output token), ttft=200ms or mem=2GB, not '{item}'.")
+        if not values:
+            raise ShrinkError("Give a --budget: a time per output token (20ms), ttft=200ms or mem=2GB.")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {"tpot_s": self.tpot_s, "ttft_s": self.ttft_s, "memory_bytes": self.memory_bytes}
+
+
+def parse_workload(text: str | None) -> Any:
+    """'batch=1,prompt=512,gen=128' (any subset) -> a roofline Workload."""
+    from shrink.hardware.roofline import Workload
+
+    if not text:
+        return Workload()
+    names = {"batch": "batch", "prompt": "prompt_len", "gen": "gen_len", "generate": "gen_len"}
+    values = {}
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", item)
+        if not match or match.group(1) not in names:
+            raise ShrinkError(f"--workload takes batch=N,prompt=N,gen=N; '{item.strip()}' is not one of them.")
+        values[names[match.group(1)]] = int(match.group(2))
+    return Workload(**values)
+
+
+# --- candidates ---
+
+@dataclass
+class Candidate:
+    keep: float
+    axis: str  # width, depth, or "-" for the unpruned model
+    format: str | None  # a quantization family (compress/quant/plan.py), None: unquantized
+    runtime: str  # gguf or onnx
+    shape: Any = None  # compress.search.Plan, None for the unpruned model
+    tpot_s: float = 0.0
+    ttft_s: float = 0.0
+    memory_bytes: float = 0.0
+    weights_bytes: float = 0.0
+    misses: list[str] = field(default_factory=list)  # budget lines it misses (estimated)
+    rejected: str | None = None  # why it cannot be built as costed
+    kl_shape: float | None = None  # measured proxy parts
+    kl_format: float | None = None
+
+    @property
+    def label(self) -> str:
+        shape = "unpruned" if self.shape is None else f"{self.axis} {self.keep:.0%}"
+        return f"{shape}, {self.format or ('f16' if self.runtime == 'gguf' else 'f32')}"
+
+    @property
+    def fits(self) -> bool:
+        return not self.misses and self.rejected is None
+
+    @property
+    def predicted_kl(self) -> float | None:
+        if self.kl_shape is None or self.kl_format is None:
+            return None
+        return self.kl_shape + self.kl_format
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "keep": self.keep, "axis": self.axis, "format": self.format,
+                "runtime": self.runtime, "shape": self.shape.to_dict() if self.shape else None,
+                "tpot_s_estimated": self.tpot_s, "ttft_s_estimated": self.ttft_s,
+                "memory_bytes_estimated": self.memory_bytes, "weights_bytes_estimated": self.weights_bytes,
+                "misses": self.misses, "rejected": self.rejected, "kl_shape_measured": self.kl_shape,
+                "kl_format_measured": self.kl_format, "predicted_kl": self.predicted_kl}
+
+
+def target_runtime(profile: Any) -> str:
+    for runtime in profile.runtimes:
+        if runtime in RUNTIME_EXPORTS:
+            return RUNTIME_EXPORTS[runtime]
+    raise ShrinkError(f"Target '{profile.name}' names no runtime shrink exports to (llama.cpp or onnxruntime).")
+
+
+def _rows(spec: Any) -> set[int]:
+    """Row lengths (input features) of the Linear weights a quantization plan covers."""
+    from shrink.archspec import AttentionSpec
+
+    rows = {spec.hidden_size}
+    for layer in spec.layers:
+        if isinstance(layer.mixer, AttentionSpec):
+            rows.add(layer.mixer.num_heads * layer.mixer.head_dim)
+        if layer.ffn is not None and not layer.ffn.is_moe:
+            rows.add(layer.ffn.width)
+    return rows
+
+
+def _fallback(spec: Any, family: str | None, runtime: str) -> str | None:
+    from shrink.compress.quant.formats import block_size
+    from shrink.compress.quant.plan import grid_for
+
+    if family is None:
+        return None
+    grid = grid_for(family, runtime)
+    bad = sorted(r for r in _rows(spec) if r % block_size(grid))
+    if bad:
+        return (f"rows of {bad[0]} do not divide into {grid}'s {block_size(grid)}-element blocks, so part of the "
+                "model would fall back to another grid; not costed as this format")
+    return None
+
+
+def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: TargetBudget,
+         host_factor: tuple[float, float] = (1.0, 1.0)) -> Candidate:
+    """Fill in the candidate's roofline figures on the target and the budget lines it misses."""
+    from shrink.hardware.roofline import estimate
+
+    weights, embeddings = COSTING[candidate.runtime][candidate.format]
+    costed = spec.with_formats(weights=weights, embeddings=embeddings)
+    est = estimate(costed, profile, workload)
+    candidate.tpot_s = est.tpot_s * host_factor[0]
+    candidate.ttft_s = est.ttft_s * host_factor[1]
+    candidate.memory_bytes = est.memory.total_bytes
+    candidate.weights_bytes = est.memory.weights_bytes
+    candidate.rejected = _fallback(spec, candidate.format, candidate.runtime)
+    if not est.memory.fits:
+        candidate.misses.append("memory capacity")
+    if budget.tpot_s is not None and candidate.tpot_s > budget.tpot_s:
+        candidate.misses.append("time per token")
+    if budget.ttft_s is not None and candidate.ttft_s > budget.ttft_s:
+        candidate.misses.append("time to first token")
+    if budget.memory_bytes is not None and candidate.memory_bytes > budget.memory_bytes:
+        candidate.misses.append("memory")
+    return candidate
+
+
+def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: Any, budget: TargetBudget,
+                         host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
+    from shrink.compress.pruning import budget_shape
+    from shrink.compress.search import Budget
+
+    runtime = target_runtime(profile)
+    shapes: list[tuple[float, str, Any]] = [(1.0, "-", None)]
+    for keep in (k for k in keeps if k < 1):
+        for axis in axes:
+            try:
+                plan, _ = budget_shape(loaded.spec, importance, Budget(params=keep), axis)
+            except ShrinkError:  # a non-uniform model, or no shape of this size on this axis
+                continue
+            if all(p is None or p.spec != plan.spec for _, _, p in shapes):
+                shapes.append((keep, axis, plan))
+    candidates = []
+    for keep, axis, plan in shapes:
+        spec = loaded.spec if plan is None else plan.spec
+        for family in COSTING[runtime]:
+            candidates.append(cost(Candidate(keep, axis, family, runtime, plan), spec, profile, workload, budget,
+                                   host_factor))
+    return candidates
+
+
+# --- the quality proxy ---
+
+def measure_proxies(candidates: list[Candidate], loaded_source: str, importance: Any, split: Any,
+                    proxy_steps: int, calibration: str, status: Callable[[str], None] = lambda m: None) -> None:
+    """Measure KL(teacher || candidate part) on held-out text, once per shape and once per format."""
+    from shrink.compress.distill.evaluate import evaluate
+    from shrink.compress.distill.teacher import teacher_topk
+    from shrink.compress.quant.plan import make_plan
+    from shrink.compress.quant.ptq import calibrate
+    from shrink.compress.quant.student import fake_quantize
+    from shrink.compress.search import apply, rank_by_proxy
+    from shrink.model import load
+
+    live = [c for c in candidates if c.rejected is None]
+    teacher = load(loaded_source)
+    eval_topk = teacher_topk(teacher.model, split.evaluation)
+    train_topk = teacher_topk(teacher.model, split.train) if proxy_steps else None
+    shapes = {}
+    for c in live:
+        if c.shape is not None:
+            shapes.setdefault(id(c.shape), c.shape)
+    shape_kl: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="shrink-plan-") as workdir:
+        for n, (key, plan) in enumerate(shapes.items(), 1):
+            status(f"Quality proxy: shape {n}/{len(shapes)} ({plan.label})")
+            if proxy_steps:
+                result = rank_by_proxy([plan], teacher, importance, split, train_topk, eval_topk, proxy_steps, 4,
+                                       Path(workdir) / str(n))[0]
+                shape_kl[key] = result.kl_proxy
+            else:
+                shape_kl[key] = evaluate(apply(plan, teacher, importance).model, split.evaluation, *eval_topk).kl
+    format_kl: dict[str | None, float] = {None: 0.0}
+    for n, family in enumerate(sorted({c.format for c in live if c.format}), 1):
+        status(f"Quality proxy: format {family} (PTQ, {calibration} calibration)")
+        student = load(loaded_source)
+        plan = make_plan(student.model, family, live[0].runtime)
+        calibrate(student.model, plan, calibration, split.calibration, student.spec.family)
+        fake_quantize(student.model, plan)
+        format_kl[family] = evaluate(student.model, split.evaluation, *eval_topk).kl
+        del student
+    for c in live:
+        c.kl_shape = 0.0 if c.shape is None else shape_kl[id(c.shape)]
+        c.kl_format = format_kl[c.format]
+
+
+def choose(candidates: list[Candidate]) -> Candidate:
+    """The fitting candidate with the lowest predicted KL (the faster one on a tie)."""
+    fitting = [c for c in candidates if c.fits and c.predicted_kl is not None]
+    return min(fitting, key=lambda c: (round(c.predicted_kl, 6), c.tpot_s))
+
+
+def no_plan_message(candidates: list[Candidate], budget: TargetBudget, profile: Any) -> str:
+    """One sentence: what the best candidate reaches and how much smaller a model the budget needs."""
+    from shrink.cli.render import fmt_bytes, fmt_time
+
+    costed = [c for c in candidates if c.rejected is None] or candidates
+    parts = []
+    if budget.tpot_s is not None:
+        best = min(costed, key=lambda c: c.tpot_s)
+        if best.tpot_s > budget.tpot_s:
+            parts.append(f"the fastest candidate ({best.label}) reaches {fmt_time(best.tpot_s)} per token on "
+                         f"{profile.name} (estimated); {fmt_time(budget.tpot_s)} needs a model about "
+                         f"{1 - budget.tpot_s / best.tpot_s:.0%} smaller in bytes read per token than it")
+    if budget.ttft_s is not None:
+        best = min(costed, key=lambda c: c.ttft_s)
+        if best.ttft_s > budget.ttft_s:
+            parts.append(f"the quickest first token ({best.label}) takes {fmt_time(best.ttft_s)} (estimated); "
+                         f"{fmt_time(budget.ttft_s)} needs about {1 - budget.ttft_s / best.ttft_s:.0%} less prefill work")
+    if budget.memory_bytes is not None:
+        best = min(costed, key=lambda c: c.memory_bytes)
+        if best.memory_bytes > budget.memory_bytes:
+            parts.append(f"the smallest candidate ({best.label}) needs {fmt_bytes(best.memory_bytes)} (estimated); "
+                         f"{fmt_bytes(budget.memory_bytes)} needs about {1 - budget.memory_bytes / best.memory_bytes:.0%} less")
+    if not parts:
+        parts.append("each candidate misses one line of the budget or another, none meets all of them together")
+    return "No plan meets the budget: " + "; ".join(parts) + "."
+
+
+def closest(candidates: list[Candidate], budget: TargetBudget, count: int = 5) -> list[Candidate]:
+    """The candidates nearest to the budget (by their worst ratio to a budget line)."""
+    def excess(c: Candidate) -> float:
+        ratios = [c.tpot_s / budget.tpot_s if budget.tpot_s else 0, c.ttft_s / budget.ttft_s if budget.ttft_s else 0,
+                  c.memory_bytes / budget.memory_bytes if budget.memory_bytes else 0]
+        return max(ratios)
+    return sorted((c for c in candidates if c.rejected is None), key=excess)[:count]
+
+
+# --- from the chosen candidate to a recipe ---
+
+@dataclass(frozen=True)
+class RunSettings:
+    distill_tokens: int = 12288
+    qad_tokens: int = 6144
+    calibration: str = "auto"
+    bench: bool = True
+
+
+def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, Any]]:
+    from shrink.compress.recipe import (BenchStep, DistillStep, ExportStep, PruneStep, QuantizeStep,
+                                        VerifyStep)
+
+    steps: list[tuple[str, Any]] = []
+    if candidate.shape is not None:
+        steps.append(("prune", PruneStep(params=candidate.keep, axis=candidate.axis)))
+        steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
+    if candidate.format is not None:
+        steps.append(("quantize", QuantizeStep(format=candidate.format, runtime=candidate.runtime,
+                                               calibration=settings.calibration, qad=settings.qad_tokens > 0,
+                                               tokens=max(settings.qad_tokens, 1))))
+    steps.append(("export", ExportStep(format=candidate.runtime)))
+    steps.append(("verify", VerifyStep()))
+    if settings.bench:
+        steps.append(("bench", BenchStep()))
+    return steps
+
+
+def host_factors(source: str, workload: Any, status: Callable[[str], None] = lambda m: None) -> dict:
+    """Measured/estimated ratios on this machine (decode, prefill), from the original model exported
+    to an F16 GGUF and timed in llama.cpp: the roofline's peaks are measured too, but a runtime
+    reaches only part of them, and `--target host` budgets are judged by measurement."""
+    from shrink.export.bench import bench
+    from shrink.export.workflow import export_artifact
+    from shrink.model import load
+
+    with tempfile.TemporaryDirectory(prefix="shrink-host-") as folder:
+        status("Timing the original model on this machine (F16 GGUF in llama.cpp) to calibrate host estimates")
+        artifact = Path(folder) / "original.gguf"
+        export_artifact(load(source), "gguf", artifact, quant="f16", verify=False)  # the manifest costs it
+        result = bench(artifact, prompt_len=min(workload.prompt_len, 128), gen_len=16, repeats=2)
+    est = result.estimate
+    return {"decode": result.decode.median_s / est.tpot_s, "prefill": result.prefill.median_s / est.ttft_s,
+            "measured_decode_s": result.decode.median_s, "estimated_decode_s": est.tpot_s,
+            "measured_prefill_s": result.prefill.median_s, "estimated_prefill_s": est.ttft_s}
+
+
+def factor_pair(factors: dict | None) -> tuple[float, float]:
+    return (factors["decode"], factors["prefill"]) if factors else (1.0, 1.0)
+

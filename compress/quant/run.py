@@ -1,0 +1,92 @@
+"""PTQ then optional QAD of a loaded model, measured before and after: what `shrink quantize` and the
+recipe's quantize step share. The student is changed in place and left holding its on-grid weights
+and the plan, ready to save and export."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from shrink.errors import ShrinkError
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    format: str
+    runtime: str = "gguf"
+    calibration: str = "auto"
+    qad: bool = False
+    tokens: int = 16384
+    batch_size: int = 4
+    lr: float = 1e-5
+    keep: tuple[str, ...] | None = None
+    activations: str | None = None
+
+
+def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSettings, checkpoints: Path,
+                   train: Callable[..., Any] | None = None, status: Callable[[str], None] = lambda message: None) -> dict:
+    """Plan, calibrate and fake-quantize `student` (a LoadedModel), optionally distill it towards
+    `teacher` (a LoadedModel) on its logits, and materialize the on-grid weights; returns the report.
+    `train(model, split, train_topk, eval_topk, config, checkpoints, label=...)` runs the distillation
+    (default: the trainer without a progress display)."""
+    from shrink.compress.distill.evaluate import evaluate
+    from shrink.compress.distill.teacher import teacher_topk
+    from shrink.compress.distill.trainer import DistillConfig
+    from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
+    from shrink.compress.quant.ptq import calibrate
+    from shrink.compress.quant.student import fake_quantize, materialize
+
+    seq_len = split.train.shape[1]
+    steps = max(1, settings.tokens // (settings.batch_size * seq_len))
+    config = DistillConfig(lr=settings.lr, steps=steps, batch_size=settings.batch_size,
+                           checkpoint_every=max(1, steps // 4))
+    config.check()
+    plan = make_plan(student.model, settings.format, settings.runtime, settings.keep or KEEP_DEFAULT,
+                     settings.activations)
+    status("Caching the teacher's top-k logits")
+    eval_topk = teacher_topk(teacher.model, split.evaluation)
+    train_topk = teacher_topk(teacher.model, split.train) if settings.qad else None
+    started = time.perf_counter()
+    status(f"PTQ calibration ({settings.calibration})")
+    calibration = calibrate(student.model, plan, settings.calibration, split.calibration, student.spec.family,
+                            progress=status)
+    fake_quantize(student.model, plan)
+    ptq = evaluate(student.model, split.evaluation, *eval_topk).to_dict()
+    report = None
+    if settings.qad:
+        train = train or _plain_train
+        report = train(student.model, split, train_topk, eval_topk, config, checkpoints, label="QAD")
+    seconds = time.perf_counter() - started
+    materialize(student.model, plan)
+    return {
+        "format": settings.format, "runtime": settings.runtime, "grid": plan.grid,
+        "quantized_weights": sum(_weight(student, t).numel() for t in plan.tensors),
+        "effective_bits_per_quantized_weight": mean_bits(student, plan),
+        "fallbacks": [vars(t) for t in plan.fallbacks], "kept_high_precision": plan.kept,
+        "calibration": calibration, "ptq": ptq, "data": split.source, "seconds": seconds, "measured": True,
+        "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": settings.lr,
+                                            "after": report.eval_after, "tokens_per_second": report.tokens_per_second},
+    }
+
+
+def _weight(loaded: Any, tensor: Any) -> Any:
+    return loaded.model.get_submodule(tensor.module).weight
+
+
+def mean_bits(loaded: Any, plan: Any) -> float:
+    """Effective bits per quantized weight (scales included), weighted by tensor size."""
+    from shrink.compress.quant.formats import effective_bits
+
+    weights = [_weight(loaded, t) for t in plan.tensors]
+    total = sum(w.numel() for w in weights)
+    if not total:
+        raise ShrinkError("The plan quantizes no weight.")
+    return sum(effective_bits(t.grid, tuple(w.shape)) * w.numel() for t, w in zip(plan.tensors, weights)) / total
+
+
+def _plain_train(model, split, train_topk, eval_topk, config, checkpoints, label="QAD"):
+    from shrink.compress.distill.trainer import distill
+
+    return distill(model, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk)

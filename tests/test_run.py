@@ -1,0 +1,200 @@
+"""`shrink run`: recipes executed in a run directory with a report and --resume, and the budget planner."""
+
+import json
+
+import pytest
+
+from shrink.compress.planner import TargetBudget, parse_workload
+from shrink.errors import ShrinkError
+
+
+def test_budgets_and_workloads_parse_and_refuse_nonsense():
+    budget = TargetBudget.parse(["20ms", "ttft=200ms,mem=2GB"])
+    assert budget.tpot_s == pytest.approx(0.02) and budget.ttft_s == pytest.approx(0.2)
+    assert budget.memory_bytes == pytest.approx(2e9)
+    assert TargetBudget.parse(["tpot=1.5s"]).tpot_s == pytest.approx(1.5)
+    for bad in (["20"], ["speed=3ms"], ["mem=lots"], []):
+        with pytest.raises(ShrinkError):
+            TargetBudget.parse(bad)
+    workload = parse_workload("batch=2,gen=64")
+    assert (workload.batch, workload.prompt_len, workload.gen_len) == (2, 512, 64)
+    with pytest.raises(ShrinkError, match="--workload"):
+        parse_workload("tokens=5")
+
+
+@pytest.fixture(scope="module")
+def planning(tiny_text_model_dir, tmp_path_factory):
+    from shrink.compress.data import prepare
+    from shrink.compress.importance import cached_score
+    from shrink.model import load
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SHRINK_CACHE", str(tmp_path_factory.mktemp("cache")))
+        model_dir, text = tiny_text_model_dir
+        loaded = load(str(model_dir))
+        split = prepare(loaded, str(text), seq_len=16)
+        yield loaded, split, cached_score(loaded, split.calibration)
+
+
+def test_candidates_are_costed_as_exported_and_an_impossible_budget_says_what_it_needs(planning):
+    from shrink.compress.planner import enumerate_candidates, no_plan_message
+    from shrink.hardware.profiles import get_profile
+    from shrink.hardware.roofline import Workload
+
+    loaded, _, importance = planning
+    profile = get_profile("jetson-orin-nano")
+    candidates = enumerate_candidates(loaded, importance, profile, Workload(), TargetBudget(tpot_s=1e-9))
+    assert not any(c.fits for c in candidates)
+    by = {(c.keep, c.axis, c.format): c for c in candidates}
+    original, q8 = by[(1.0, "-", None)], by[(1.0, "-", "int8")]
+    assert q8.weights_bytes < original.weights_bytes and q8.tpot_s < original.tpot_s
+    assert by[(0.6, "depth", None)].weights_bytes < original.weights_bytes
+    # the tiny model's FFN rows of 48 do not divide into Q4_0's 32-element blocks: said, not costed
+    assert by[(1.0, "-", "int4")].rejected and "32-element blocks" in by[(1.0, "-", "int4")].rejected
+    message = no_plan_message(candidates, TargetBudget(tpot_s=1e-9), profile)
+    assert message.startswith("No plan meets the budget") and "smaller" in message and "jetson-orin-nano" in message
+
+
+def test_the_planner_picks_the_lowest_predicted_kl_within_budget(planning, tiny_text_model_dir):
+    from shrink.compress.planner import RunSettings, choose, enumerate_candidates, measure_proxies, recipe_for
+    from shrink.hardware.profiles import get_profile
+    from shrink.hardware.roofline import Workload
+
+    loaded, split, importance = planning
+    profile = get_profile("jetson-orin-nano")
+    everything = enumerate_candidates(loaded, importance, profile, Workload(), TargetBudget(tpot_s=1.0))
+    original = next(c for c in everything if c.shape is None and c.format is None)
+    budget = TargetBudget(tpot_s=original.tpot_s * 0.9)  # the original misses it
+    candidates = enumerate_candidates(loaded, importance, profile, Workload(), budget)
+    measure_proxies(candidates, str(tiny_text_model_dir[0]), importance, split, proxy_steps=2, calibration="max")
+    chosen = choose(candidates)
+    assert chosen.fits and chosen.tpot_s <= budget.tpot_s
+    fitting = [c for c in candidates if c.fits]
+    assert chosen.predicted_kl == min(c.predicted_kl for c in fitting)
+    assert all(c.predicted_kl >= 0 for c in fitting) and any(c.predicted_kl > 0 for c in fitting)
+    names = [name for name, _ in recipe_for(chosen, RunSettings())]
+    assert names[-3:] == ["export", "verify", "bench"]
+    assert ("prune" in names) == (chosen.shape is not None) and ("quantize" in names) == (chosen.format is not None)
+
+
+def _recipe(tmp_path, body):
+    path = tmp_path / "recipe.toml"
+    path.write_text(body)
+    return path
+
+
+RECIPE = """description = "test"
+
+[[step]]
+name = "prune"
+params = 0.6
+axis = "depth"
+
+[[step]]
+name = "distill"
+tokens = 1024
+lr = 1e-3
+
+[[step]]
+name = "export"
+format = "onnx"
+
+[[step]]
+name = "verify"
+min_top1 = 0.0
+"""
+
+
+def test_a_recipe_runs_step_by_step_and_resumes_after_a_kill_mid_distillation(tiny_text_model_dir, tmp_path,
+                                                                              monkeypatch):
+    from shrink.compress.distill.trainer import distill
+    from shrink.compress.pipeline import Hooks, read_report, run_recipe
+    from shrink.compress.recipe import parse_recipe
+    from shrink.model import load
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    steps = parse_recipe(_recipe(tmp_path, RECIPE))
+    run_dir = tmp_path / "run"
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_four(model, split, train_topk, eval_topk, config, checkpoints, label=""):
+        distill(model, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk, stop_after=4)
+        raise Killed  # as if the process died right after the fourth step (a checkpoint: every 2 of 16)
+
+    with pytest.raises(Killed):
+        run_recipe(str(model_dir), steps, run_dir, data=str(text), seq_len=16, hooks=Hooks(train=killed_after_four))
+    interrupted = read_report(run_dir)
+    assert [s["status"] for s in interrupted["steps"]] == ["finished", "running"]
+    with pytest.raises(ShrinkError, match="--resume"):
+        run_recipe(str(model_dir), steps, run_dir, data=str(text), seq_len=16)
+    pruned_at = interrupted["steps"][0]["started"]
+    report = run_recipe(str(model_dir), steps, run_dir, resume=True, data=str(text), seq_len=16)
+    assert [s["name"] for s in report["steps"]] == ["prune", "distill", "export", "verify"]
+    assert all(s["status"] == "finished" for s in report["steps"])
+    assert report["steps"][0]["started"] == pruned_at  # the finished prune was not redone
+    distilled = report["steps"][1]["metrics"]
+    assert distilled["resumed_from"] == 4 and distilled["eval_after"]["kl"] < distilled["eval_before"]["kl"]
+    pruned = load(report["steps"][0]["outputs"]["model"]).spec
+    assert pruned.num_layers < load(str(model_dir)).spec.num_layers  # a real, smaller model
+    assert report["final"]["artifact"].endswith("onnx")
+    assert report["steps"][3]["metrics"]["passed"]
+    changed = [(name, config) for name, config in steps[:-1]]
+    with pytest.raises(ShrinkError, match="another model or recipe"):
+        run_recipe(str(model_dir), changed, run_dir, resume=True, data=str(text), seq_len=16)
+
+
+def test_cli_runs_a_recipe_and_refuses_malformed_recipes_and_impossible_budgets(tiny_text_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    runner = CliRunner()
+    common = ["--data", str(text), "--seq-len", "16"]
+    bad = _recipe(tmp_path, '[[step]]\nname = "prune"\nparams = 0.6\n\n[[step]]\nname = "distil"\n')
+    result = runner.invoke(app, ["run", str(model_dir), "--recipe", str(bad), "-o", str(tmp_path / "bad"), *common])
+    assert result.exit_code == 2 and "recipe.toml:6" in result.output and "unknown step 'distil'" in result.output
+    assert not (tmp_path / "bad").exists()
+
+    result = runner.invoke(app, ["run", str(model_dir), "--target", "jetson-orin-nano", "--budget", "0.001us",
+                                 "-o", str(tmp_path / "impossible"), *common])
+    assert result.exit_code == 2 and "No plan meets the budget" in result.output
+    assert not (tmp_path / "impossible").exists()
+
+    recipe = _recipe(tmp_path, RECIPE.replace('axis = "depth"', 'axis = "width"') + '\n[[step]]\nname = "bench"\nrepeats = 1\n')
+    result = runner.invoke(app, ["run", str(model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "ok"), *common,
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [s["name"] for s in report["steps"]] == ["prune", "distill", "export", "verify", "bench"]
+    assert report["steps"][-1]["metrics"]["measured"]["decode_s_per_token"] > 0
+    assert (tmp_path / "ok" / "recipe.toml").read_text() == recipe.read_text()
+
+
+def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    args = ["run", str(model_dir), "--target", "jetson-orin-nano", "--data", str(text), "--seq-len", "16",
+            "--proxy-steps", "0", "--calibration", "max", "-o", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, [*args, "--budget", "1s", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    original = next(c for c in plan["candidates"] if c["shape"] is None and c["format"] is None)
+    tight = original["tpot_s_estimated"] * 0.9
+    result = CliRunner().invoke(app, [*args, "--budget", f"{tight * 1e6:.3f}us", "--dry-run", "--json",
+                                      "--plot", str(tmp_path / "pareto.png")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["chosen"]["tpot_s_estimated"] <= tight and plan["chosen"]["label"] != original["label"]
+    assert "lowest predicted KL" in plan["why"]
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    assert not (tmp_path / "run").exists()
