@@ -85,6 +85,11 @@ class Spinner:
         self._status: Any = None
 
     def update(self, message: str) -> None:
+        if not err_console.is_terminal:  # a CI log gets each stage as a line instead of a spinner
+            if message != getattr(self, "_last", None):
+                err_console.print(message, highlight=False, markup=False)
+            self._last = message
+            return
         if self._status is None:
             self._status = err_console.status(message)
             self._status.start()

@@ -23,7 +23,7 @@ PLAN_FILE = "plan.json"
 @handle_user_errors
 def run_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="A TOML recipe (see recipes/); instead of --target/--budget."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="A TOML recipe file, or the name of a shipped one (demo, minitron-width, qad-nvfp4); with --target/--budget the budget gates its result."),
     target: str = typer.Option(None, "--target", "-t", help="Hardware profile to plan for (see `shrink profiles`); `host` is this machine."),
     budget: list[str] = typer.Option(None, "--budget", "-b", help="20ms (per output token), ttft=200ms, mem=2GB; repeat or join with commas."),
     workload: str = typer.Option(None, help="batch=N,prompt=N,gen=N for the estimates (default batch=1,prompt=512,gen=128)."),
@@ -34,7 +34,8 @@ def run_command(
     tokens: int = typer.Option(12288, help="Planned runs: distillation tokens after pruning."),
     qad_tokens: int = typer.Option(6144, help="Planned runs: QAD tokens after quantization (0: PTQ only)."),
     proxy_steps: int = typer.Option(4, help="Planner: distillation steps per prune shape before its KL is measured (0: KL right after pruning)."),
-    calibration: str = typer.Option("auto", help="PTQ calibration for the planner's proxy and the quantize step: max, mse, awq or auto."),
+    calibration: str = typer.Option("auto", help="PTQ calibration of the quantize step: max, mse, awq or auto (awq for Llama-style decoders, else mse)."),
+    proxy_calibration: str = typer.Option("max", help="PTQ calibration behind the planner's format proxy (max: instant; awq costs minutes per format)."),
     data: str = typer.Option(None, help="Text for calibration, training and held-out checks; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON on stdout."),
@@ -43,7 +44,7 @@ def run_command(
 
     Examples:
 
-      shrink run gemma-3-270m --recipe recipes/demo.toml -o runs/demo
+      shrink run gemma-3-270m --recipe demo --target jetson-orin-nano --budget 6ms
 
       shrink run gemma-3-270m --target jetson-orin-nano --budget 8ms --dry-run --plot pareto.png
 
@@ -55,11 +56,9 @@ def run_command(
     from shrink.compress.recipe import parse_recipe
     from shrink.errors import ShrinkError
 
-    if recipe is not None and (target or budget):
-        raise ShrinkError("Give either --recipe or --target with --budget, not both.")
     if recipe is None and not resume and not (target and budget):
         raise ShrinkError("Say what to run: --recipe FILE, or --target T with --budget (e.g. --target jetson-orin-nano --budget 8ms).")
-    if bool(target) != bool(budget) and recipe is None:
+    if bool(target) != bool(budget):
         raise ShrinkError("--target and --budget go together: the budget is estimated on the target.")
     run_dir = output or Path("runs") / f"{Path(model).name}-{target or (recipe.stem if recipe else 'run')}"
     saved = run_dir / "recipe.toml"
@@ -68,9 +67,12 @@ def run_command(
         steps = parse_recipe(saved)  # the run's own steps: no re-planning on resume
         plan = _read_plan(run_dir)
     elif recipe is not None:
+        recipe = _recipe_path(recipe)
         steps = parse_recipe(recipe)
+        if target:  # a recipe with a budget: the steps are the recipe's, the budget gates the result
+            plan = _gate(target, budget, workload)
     else:
-        plan = _plan(model, target, budget, workload, proxy_steps, calibration, data, seq_len,
+        plan = _plan(model, target, budget, workload, proxy_steps, proxy_calibration, data, seq_len,
                      RunSettings(tokens, qad_tokens, calibration), plot)
         steps = plan.pop("steps")
         if not json_out:
@@ -89,6 +91,22 @@ def run_command(
         _print_report(report)
     if report.get("budget_check", {}).get("passed") is False:
         raise typer.Exit(1)
+
+
+def _recipe_path(recipe: Path) -> Path:
+    from shrink.compress.recipe import shipped_recipes
+
+    shipped = shipped_recipes()
+    return shipped[str(recipe)] if not recipe.exists() and str(recipe) in shipped else recipe
+
+
+def _gate(target, budget_texts, workload_text) -> dict:
+    from shrink.compress.planner import TargetBudget, parse_workload
+    from shrink.hardware.profiles import get_profile
+
+    profile = get_profile(target)
+    return {"target": profile.name, "target_title": profile.title, "budget": TargetBudget.parse(budget_texts).to_dict(),
+            "workload": vars(parse_workload(workload_text)), "host_calibration": None}
 
 
 def _plan(model, target, budget_texts, workload_text, proxy_steps, calibration, data, seq_len, settings, plot) -> dict:
@@ -122,7 +140,7 @@ def _plan(model, target, budget_texts, workload_text, proxy_steps, calibration, 
     steps = recipe_for(chosen, settings)
     plan = {"model": model, "target": profile.name, "target_title": profile.title, "budget": budget.to_dict(),
             "workload": vars(workload), "host_calibration": factors, "proxy_steps": proxy_steps,
-            "calibration": calibration, "chosen": chosen.to_dict(),
+            "proxy_calibration": calibration, "chosen": chosen.to_dict(),
             "why": _why(chosen, candidates), "candidates": [c.to_dict() for c in candidates],
             "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {_budget_text(budget)}"),
             "steps": steps}
@@ -224,10 +242,11 @@ def _execute(model, steps, run_dir, resume, data, seq_len, plan, recipe, saved) 
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan is not None and "recipe_toml" in plan:
             atomic_write_text(saved, plan["recipe_toml"])
-            atomic_write_text(run_dir / PLAN_FILE, json.dumps({k: v for k, v in plan.items() if k != "recipe_toml"},
-                                                              indent=2, default=str) + "\n")
         elif recipe is not None and recipe.resolve() != saved.resolve():
             shutil.copyfile(recipe, saved)
+        if plan is not None:  # the plan, or a recipe's budget gate, outlives an interruption
+            atomic_write_text(run_dir / PLAN_FILE, json.dumps({k: v for k, v in plan.items() if k != "recipe_toml"},
+                                                              indent=2, default=str) + "\n")
     with Spinner() as spinner:
         hooks = Hooks(status=spinner.update, train=spinner_paused(spinner, run_distillation),
                       step_started=lambda i, name: (spinner.stop(), err_console.print(f"[bold]step {i + 1}/{len(steps)}: {name}[/]")),
@@ -247,8 +266,9 @@ def _execute(model, steps, run_dir, resume, data, seq_len, plan, recipe, saved) 
     report["budget_check"] = _budget_check(plan, report)
     report["run_dir"] = str(run_dir)
     if plan is not None:
-        report["planned"] = {k: plan[k] for k in ("target", "budget", "chosen", "why")}
         report["artifact_on_target"] = _artifact_estimate(report, plan)
+    if plan is not None and "chosen" in plan:
+        report["planned"] = {k: plan[k] for k in ("target", "budget", "chosen", "why")}
     atomic_write_text(run_dir / "run.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
 
@@ -274,19 +294,27 @@ def _artifact_estimate(report: dict, plan: dict) -> dict | None:
 
 
 def _budget_check(plan: dict | None, report: dict) -> dict:
-    """Planned runs: on `host` the measured decode time decides; elsewhere the artifact's estimate."""
-    if plan is None or plan["budget"].get("tpot_s") is None:
+    """Each budget line against the result: on `host` the measured decode time decides the per-token
+    line; elsewhere, and for TTFT and memory, the exported artifact's own estimate on the target."""
+    if plan is None:
         return {}
-    limit = plan["budget"]["tpot_s"]
-    bench = next((s["metrics"] for s in report["steps"] if s["name"] == "bench"), None)
-    if plan["target"] == "host" and bench is not None:
-        measured = bench["measured"]["decode_s_per_token"]
-        return {"passed": measured <= limit, "by": "measured", "tpot_s": measured, "budget_s": limit}
+    budget, lines = plan["budget"], []
     estimated = _artifact_estimate(report, plan)
-    if estimated is None:
+    bench = next((s["metrics"] for s in report["steps"] if s["name"] == "bench"), None)
+    if budget.get("tpot_s") is not None:
+        if plan["target"] == "host" and bench is not None:
+            lines.append(("time per token", bench["measured"]["decode_s_per_token"], budget["tpot_s"], "measured"))
+        elif estimated is not None:
+            lines.append(("time per token", estimated["tpot_s_estimated"], budget["tpot_s"], "estimated"))
+    if budget.get("ttft_s") is not None and estimated is not None:
+        lines.append(("time to first token", estimated["ttft_s_estimated"], budget["ttft_s"], "estimated"))
+    if budget.get("memory_bytes") is not None and estimated is not None:
+        lines.append(("memory", estimated["memory_bytes_estimated"], budget["memory_bytes"], "estimated"))
+    if not lines:
         return {}
-    return {"passed": estimated["tpot_s_estimated"] <= limit, "by": "estimated", "tpot_s": estimated["tpot_s_estimated"],
-            "budget_s": limit}
+    return {"passed": all(value <= limit for _, value, limit, _ in lines), "target": plan["target"],
+            "lines": [{"what": what, "value": value, "budget": limit, "by": by, "passed": value <= limit}
+                      for what, value, limit, by in lines]}
 
 
 def _print_report(report: dict) -> None:
@@ -309,10 +337,11 @@ def _print_report(report: dict) -> None:
         console.print(f"on this machine: {fmt_time(bench['measured']['decode_s_per_token'])}/token measured, "
                       f"{fmt_time(bench['estimate']['tpot_s'])} estimated (host roofline, uncalibrated)", highlight=False)
     check = report.get("budget_check") or {}
-    if check:
-        mark = "[bold green]meets[/]" if check["passed"] else "[bold red]misses[/]"
-        console.print(f"budget: {mark} {fmt_time(check['budget_s'])}/token with {fmt_time(check['tpot_s'])} "
-                      f"({check['by']})", highlight=False)
+    for line in check.get("lines", []):
+        mark = "[bold green]meets[/]" if line["passed"] else "[bold red]misses[/]"
+        show = fmt_bytes if line["what"] == "memory" else fmt_time
+        console.print(f"budget on {check['target']}: {line['what']} {show(line['value'])} ({line['by']}) {mark} "
+                      f"{show(line['budget'])}", highlight=False)
     console.print(f"artifact: {report['final']['artifact']}; report: {report['run_dir']}/run.json")
 
 

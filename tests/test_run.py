@@ -168,12 +168,15 @@ def test_cli_runs_a_recipe_and_refuses_malformed_recipes_and_impossible_budgets(
 
     recipe = _recipe(tmp_path, RECIPE.replace('axis = "depth"', 'axis = "width"') + '\n[[step]]\nname = "bench"\nrepeats = 1\n')
     result = runner.invoke(app, ["run", str(model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "ok"), *common,
-                                 "--json"])
+                                 "--target", "jetson-orin-nano", "--budget", "1s,mem=1GB", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [s["name"] for s in report["steps"]] == ["prune", "distill", "export", "verify", "bench"]
     assert report["steps"][-1]["metrics"]["measured"]["decode_s_per_token"] > 0
     assert (tmp_path / "ok" / "recipe.toml").read_text() == recipe.read_text()
+    check = report["budget_check"]  # a recipe with a budget: the artifact's own estimate gates it
+    assert check["passed"] and [line["what"] for line in check["lines"]] == ["time per token", "memory"]
+    assert all(line["by"] == "estimated" and line["value"] < line["budget"] for line in check["lines"])
 
 
 def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, monkeypatch):
@@ -184,7 +187,7 @@ def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, 
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
     model_dir, text = tiny_text_model_dir
     args = ["run", str(model_dir), "--target", "jetson-orin-nano", "--data", str(text), "--seq-len", "16",
-            "--proxy-steps", "0", "--calibration", "max", "-o", str(tmp_path / "run")]
+            "--proxy-steps", "0", "-o", str(tmp_path / "run")]
     result = CliRunner().invoke(app, [*args, "--budget", "1s", "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
