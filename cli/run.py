@@ -33,7 +33,7 @@ def run_command(
     plot: Path = typer.Option(None, help="With --target: write a Pareto chart (predicted KL against estimated latency) to this .png/.svg/.pdf."),
     tokens: int = typer.Option(12288, help="Planned runs: distillation tokens after pruning."),
     qad_tokens: int = typer.Option(6144, help="Planned runs: QAD tokens after quantization (0: PTQ only)."),
-    proxy_steps: int = typer.Option(4, help="Planner: distillation steps per prune shape before its KL is measured (0: KL right after pruning)."),
+    proxy_steps: int = typer.Option(0, help="Planner: distillation steps per prune shape before its KL is measured (0: right after pruning; 4 ranks shapes closer to how they recover, at about 1.5 min per shape for the embedded model on 2 cores)."),
     calibration: str = typer.Option("auto", help="PTQ calibration of the quantize step: max, mse, awq or auto (awq for Llama-style decoders, else mse)."),
     proxy_calibration: str = typer.Option("max", help="PTQ calibration behind the planner's format proxy (max: instant; awq costs minutes per format)."),
     data: str = typer.Option(None, help="Text for calibration, training and held-out checks; default: text the model writes itself (cached)."),
@@ -183,7 +183,7 @@ def _candidates_table(candidates, budget, chosen_label, title) -> Table:
         label = c["label"] if isinstance(c, dict) else c.label
         row = c if isinstance(c, dict) else c.to_dict()
         if row["rejected"]:
-            verdict = f"[grey50]not costed: {row['rejected'].split(',')[0]}[/]"
+            verdict = "[grey50]not costed: " + _short(row["rejected"]) + "[/]"
         elif label == chosen_label:
             verdict = "[bold green]chosen[/]"
         elif row["misses"]:
@@ -194,6 +194,14 @@ def _candidates_table(candidates, budget, chosen_label, title) -> Table:
         table.add_row(label, fmt_time(row["tpot_s_estimated"]), fmt_time(row["ttft_s_estimated"]),
                       fmt_bytes(row["memory_bytes_estimated"]), "-" if kl is None else f"{kl:.4f}", verdict)
     return table
+
+
+def _short(reason: str) -> str:
+    """'rows of 640 do not divide into ternary_b256's 256-element blocks, ...' -> 'rows of 640 vs 256-blocks'."""
+    import re
+
+    match = re.match(r"rows of (\d+) .* (\d+)-element blocks", reason)
+    return f"rows of {match.group(1)} vs {match.group(2)}-blocks" if match else reason.split(",")[0]
 
 
 def _print_plan(plan: dict) -> None:

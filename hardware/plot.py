@@ -106,8 +106,12 @@ def pareto_chart(points: list[dict], budget_s: float | None, title: str, path: s
         group = [p for p in shown if p["fits"] == fits and not p["chosen"]]
         ax.scatter([p["tpot_s"] * 1e3 for p in group], [p["kl"] for p in group], c=colour, s=36, label=name,
                    edgecolors="black", linewidths=0.4, zorder=3)
-    for p in shown:
-        ax.annotate(p["label"], (p["tpot_s"] * 1e3, p["kl"]), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    front = [p for p in shown if not any(q["tpot_s"] <= p["tpot_s"] and q["kl"] <= p["kl"] and q is not p
+                                          and (q["tpot_s"], q["kl"]) != (p["tpot_s"], p["kl"]) for q in shown)]
+    for p in front:  # only the Pareto front is labelled: the rest would overprint
+        ax.annotate(p["label"], (p["tpot_s"] * 1e3, p["kl"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.plot(*zip(*sorted((p["tpot_s"] * 1e3, p["kl"]) for p in front)), color="tab:green", lw=0.8, alpha=0.6,
+            label="Pareto front")
     chosen = [p for p in shown if p["chosen"]]
     if chosen:
         ax.scatter([chosen[0]["tpot_s"] * 1e3], [chosen[0]["kl"]], marker="*", s=260, c="tab:red",
@@ -115,6 +119,7 @@ def pareto_chart(points: list[dict], budget_s: float | None, title: str, path: s
     if budget_s is not None:
         ax.axvline(budget_s * 1e3, color="tab:red", ls="--", lw=1, label=f"budget {budget_s * 1e3:.3g} ms/token")
     ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_ylim(bottom=0, top=max([p["kl"] for p in shown] + [0.01]) * 2)
     ax.set_xlabel("time per output token, ms (estimated, roofline)")
     ax.set_ylabel("predicted KL to the original (proxy, measured parts; lower is better)")
     ax.set_title(title, fontsize=10)

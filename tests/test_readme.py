@@ -34,7 +34,7 @@ def test_every_shrink_command_in_the_readme_exists_with_its_flags():
 
 
 def test_readme_gives_the_two_setup_commands_and_ci_uses_the_test_one():
-    assert "pip install torch==2.13.0 && pip install -e . && shrink estimate gemma-3-270m --target all" in README
+    assert "pip install torch==2.13.0 && pip install -e . && shrink run gemma-3-270m --recipe demo --target jetson-orin-nano --budget 6ms" in README
     test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
     assert test_command in README
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
