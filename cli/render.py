@@ -16,7 +16,7 @@ def _width() -> int | None:
 
 
 console = Console(width=_width())
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, width=_width())
 
 
 def print_json(data: Any) -> None:

@@ -201,3 +201,16 @@ def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, 
     assert "lowest predicted KL" in plan["why"]
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     assert not (tmp_path / "run").exists()
+
+
+def test_on_host_the_measured_decode_time_decides_the_budget():
+    from shrink.cli.run import _budget_check
+
+    plan = {"target": "host", "budget": {"tpot_s": 0.012, "ttft_s": None, "memory_bytes": None},
+            "workload": {"batch": 1, "prompt_len": 512, "gen_len": 128}, "host_calibration": None}
+    report = {"final": {"artifact": None}, "steps": [
+        {"name": "bench", "metrics": {"measured": {"decode_s_per_token": 0.0131}}}]}
+    check = _budget_check(plan, report)
+    assert not check["passed"] and check["lines"][0]["by"] == "measured"
+    report["steps"][0]["metrics"]["measured"]["decode_s_per_token"] = 0.0098
+    assert _budget_check(plan, report)["passed"]
