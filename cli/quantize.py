@@ -97,6 +97,9 @@ def _print(model: str, result: dict, split) -> None:
         after = result["qad"]["after"]
         table.add_row(f"QAD ({result['qad']['tokens']:,} tokens)", f"{after['kl']:.4f}", f"{after['perplexity']:.2f}")
     console.print(table)
+    if result.get("kept") == "ptq" and result["qad"]:
+        console.print("[yellow]QAD raised the held-out KL: the PTQ weights were kept[/] (try a lower --lr; a fine "
+                      "grid such as Q8_0 moves under steps the 4-bit grids absorb)")
     groups: dict[tuple[str, str], list[str]] = {}
     for fallback in result["fallbacks"]:  # one line per (grid, reason), not per tensor
         groups.setdefault((fallback["grid"], fallback["fallback_reason"]), []).append(fallback["module"])

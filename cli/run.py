@@ -133,7 +133,7 @@ def _plan(model, target, budget_texts, workload_text, proxy_steps, calibration, 
         candidates = enumerate_candidates(loaded, importance, profile, workload, budget, factor_pair(factors))
         if not any(c.fits for c in candidates):
             spinner.stop()
-            err_console.print(_candidates_table(closest(candidates, budget), budget, None, "Closest candidates (estimated)"))
+            err_console.print(_candidates_table(closest(candidates, budget), None, "Closest candidates (estimated)"))
             raise ShrinkError(no_plan_message(candidates, budget, profile))
         measure_proxies(candidates, model, importance, split, proxy_steps, calibration, spinner.update)
     chosen = choose(candidates)
@@ -175,7 +175,7 @@ def _budget_text(budget) -> str:
     return ", ".join(parts)
 
 
-def _candidates_table(candidates, budget, chosen_label, title) -> Table:
+def _candidates_table(candidates, chosen_label, title) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("candidate", "time/token (est.)", "TTFT (est.)", "memory (est.)", "predicted KL (proxy)", "verdict"):
         table.add_column(column, justify="left" if column in ("candidate", "verdict") else "right")
@@ -213,7 +213,7 @@ def _print_plan(plan: dict) -> None:
                       f"{factors['prefill']:.2f}x (prefill): the original as F16 GGUF took "
                       f"{fmt_time(factors['measured_decode_s'])}/token measured against "
                       f"{fmt_time(factors['estimated_decode_s'])} estimated", highlight=False)
-    console.print(_candidates_table(plan["candidates"], None, plan["chosen"]["label"],
+    console.print(_candidates_table(plan["candidates"], plan["chosen"]["label"],
                                     "Candidates: roofline estimates on the target, quality proxy measured here"))
     console.print(f"chosen: [bold]{plan['chosen']['label']}[/], {plan['why']}", highlight=False)
     console.print(plan["recipe_toml"], highlight=False, markup=False)
@@ -366,6 +366,8 @@ def _summary(step: dict) -> str:
         text = f"{m['grid']} ({m['effective_bits_per_quantized_weight']:.3f} bits); PTQ KL {m['ptq']['kl']:.3f}"
         if m.get("qad"):
             text += f" -> QAD KL {m['qad']['after']['kl']:.3f}"
+            if m.get("kept") == "ptq":
+                text += " (worse: PTQ weights kept)"
         return text
     if name == "export":
         verdict = m.get("verify_against_model") or {}

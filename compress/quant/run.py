@@ -54,10 +54,16 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
                             progress=status)
     fake_quantize(student.model, plan)
     ptq = evaluate(student.model, split.evaluation, *eval_topk).to_dict()
-    report = None
+    report, kept = None, "ptq"
     if settings.qad:
         train = train or _plain_train
+        ptq_weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
         report = train(student.model, split, train_topk, eval_topk, config, checkpoints, label="QAD")
+        if report.eval_after["kl"] < ptq["kl"]:
+            kept = "qad"
+        else:  # QAD did not help (a fine grid moves under a too-large step): never ship the worse student
+            student.model.load_state_dict(ptq_weights)
+        del ptq_weights
     seconds = time.perf_counter() - started
     materialize(student.model, plan)
     return {
@@ -65,7 +71,7 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
         "quantized_weights": sum(_weight(student, t).numel() for t in plan.tensors),
         "effective_bits_per_quantized_weight": mean_bits(student, plan),
         "fallbacks": [vars(t) for t in plan.fallbacks], "kept_high_precision": plan.kept,
-        "calibration": calibration, "ptq": ptq, "data": split.source, "seconds": seconds, "measured": True,
+        "calibration": calibration, "ptq": ptq, "kept": kept, "data": split.source, "seconds": seconds, "measured": True,
         "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": settings.lr,
                                             "after": report.eval_after, "tokens_per_second": report.tokens_per_second},
     }
