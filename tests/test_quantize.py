@@ -251,3 +251,24 @@ def test_a_teacher_held_by_bitsandbytes_runs_on_the_cpu(tiny_text_model_dir, tmp
                                       "--seq-len", "16", "-o", str(tmp_path / "q"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["qad"]["tokens"] == 512
+
+
+def test_qad_that_raises_the_kl_leaves_the_ptq_weights(tiny_text_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    from shrink.compress.data import prepare
+    from shrink.compress.distill.evaluate import evaluate
+    from shrink.compress.distill.teacher import teacher_topk
+    from shrink.compress.quant.run import QuantizeSettings, quantize_model
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    teacher, student = load(str(model_dir)), load(str(model_dir))
+    split = prepare(teacher, str(text), seq_len=16)
+    # a learning rate far too large for an 8-bit grid: QAD can only make it worse
+    settings = QuantizeSettings(format="int8", runtime="torch", calibration="max", qad=True, tokens=512, lr=0.5)
+    report = quantize_model(student, teacher, split, settings, tmp_path / "ckpt")
+    assert report["qad"]["after"]["kl"] > report["ptq"]["kl"] and report["kept"] == "ptq"
+    with torch.no_grad():
+        kl = evaluate(student.model, split.evaluation, *teacher_topk(teacher.model, split.evaluation)).kl
+    assert kl == pytest.approx(report["ptq"]["kl"], rel=1e-4)
