@@ -48,9 +48,9 @@ def run_command(
 
       shrink run gemma-3-270m --target jetson-orin-nano --budget 8ms --dry-run --plot pareto.png
 
-      shrink run gemma-3-270m --target host --budget 12ms,mem=1GB -o runs/host
+      shrink run gemma-3-270m --target host --budget 13ms,mem=1GB -o runs/host
 
-      shrink run gemma-3-270m --target host --budget 12ms -o runs/host --resume   # after an interruption
+      shrink run gemma-3-270m --target host --budget 13ms -o runs/host --resume   # after an interruption
     """
     from shrink.compress.planner import RunSettings
     from shrink.compress.recipe import parse_recipe
