@@ -271,10 +271,11 @@ def _execute(model, steps, run_dir, resume, data, seq_len, plan, recipe, saved) 
                 err_console.print(f"[red]run stopped:[/] {err} (report: {run_dir / 'run.json'})")
                 raise typer.Exit(1) from None
             raise
-    report["budget_check"] = _budget_check(plan, report)
+    estimated = _artifact_estimate(report, plan) if plan is not None else None
+    report["budget_check"] = _budget_check(plan, report, estimated)
     report["run_dir"] = str(run_dir)
     if plan is not None:
-        report["artifact_on_target"] = _artifact_estimate(report, plan)
+        report["artifact_on_target"] = estimated
     if plan is not None and "chosen" in plan:
         report["planned"] = {k: plan[k] for k in ("target", "budget", "chosen", "why")}
     atomic_write_text(run_dir / "run.json", json.dumps(report, indent=2, default=str) + "\n")
@@ -301,13 +302,13 @@ def _artifact_estimate(report: dict, plan: dict) -> dict | None:
             "memory_bytes_estimated": est.memory.total_bytes, "host_factors": [decode, prefill], "formats": formats}
 
 
-def _budget_check(plan: dict | None, report: dict) -> dict:
+def _budget_check(plan: dict | None, report: dict, estimated: dict | None = None) -> dict:
     """Each budget line against the result: on `host` the measured decode time decides the per-token
     line; elsewhere, and for TTFT and memory, the exported artifact's own estimate on the target."""
     if plan is None:
         return {}
     budget, lines = plan["budget"], []
-    estimated = _artifact_estimate(report, plan)
+    estimated = estimated if estimated is not None else _artifact_estimate(report, plan)
     bench = next((s["metrics"] for s in report["steps"] if s["name"] == "bench"), None)
     if budget.get("tpot_s") is not None:
         if plan["target"] == "host" and bench is not None:

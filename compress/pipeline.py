@@ -82,9 +82,9 @@ class RunState:
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.hooks.train is not None:
             return self.hooks.train(*args, **kwargs)
-        from shrink.compress.quant.run import _plain_train
+        from shrink.compress.quant.run import plain_train
 
-        return _plain_train(*args, **kwargs)
+        return plain_train(*args, **kwargs)
 
 
 # --- the steps: each takes the state and its config, writes into `out`, returns its record ---

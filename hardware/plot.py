@@ -11,16 +11,12 @@ from shrink.storage import atomic_write_bytes
 
 
 def roofline_chart(estimate: Estimate, profile: Profile, path: str | Path) -> Path:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise ShrinkError(f"--plot needs a .png, .svg or .pdf file name, not '{path.name}'.")
+    path = _chart_path(path)
     bandwidth = profile.bandwidth_GBps * 1e9 * profile.bandwidth_efficiency
     ops = [op for op in estimate.prefill.ops + estimate.decode.ops if op.flops > 0 and op.bytes > 0]
     lo = min(min(op.intensity for op in ops) / 3, 0.1)
@@ -56,6 +52,22 @@ def roofline_chart(estimate: Estimate, profile: Profile, path: str | Path) -> Pa
                 xytext=(4, 8), fontsize=7, color="grey")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def _chart_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ShrinkError(f"--plot needs a .png, .svg or .pdf file name, not '{path.name}'.")
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    """Render in memory, then write atomically (no half-written chart on a failure)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=path.suffix.lstrip(".").lower())
@@ -90,16 +102,12 @@ def _clusters(ops: list[OpCost]) -> dict[tuple[float, float], list[str]]:
 def pareto_chart(points: list[dict], budget_s: float | None, title: str, path: str | Path) -> Path:
     """Predicted quality (KL, lower is better) against estimated time per token for every candidate;
     `points` hold label, tpot_s, kl, fits and chosen."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise ShrinkError(f"--plot needs a .png, .svg or .pdf file name, not '{path.name}'.")
+    path = _chart_path(path)
     shown = [p for p in points if p["kl"] is not None]
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     for fits, colour, name in ((True, "tab:green", "within budget"), (False, "tab:grey", "misses the budget")):
@@ -125,9 +133,4 @@ def pareto_chart(points: list[dict], budget_s: float | None, title: str, path: s
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.lstrip(".").lower())
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _save(fig, path)

@@ -56,7 +56,7 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
     ptq = evaluate(student.model, split.evaluation, *eval_topk).to_dict()
     report, kept = None, "ptq"
     if settings.qad:
-        train = train or _plain_train
+        train = train or plain_train
         ptq_weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
         report = train(student.model, split, train_topk, eval_topk, config, checkpoints, label="QAD")
         if report.eval_after["kl"] < ptq["kl"]:
@@ -92,7 +92,7 @@ def mean_bits(loaded: Any, plan: Any) -> float:
     return sum(effective_bits(t.grid, tuple(w.shape)) * w.numel() for t, w in zip(plan.tensors, weights)) / total
 
 
-def _plain_train(model, split, train_topk, eval_topk, config, checkpoints, label="QAD"):
+def plain_train(model, split, train_topk, eval_topk, config, checkpoints, label="QAD"):
     from shrink.compress.distill.trainer import distill
 
     return distill(model, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk)
