@@ -1,7 +1,7 @@
 """PTQ against QAD for every weight format on the embedded Gemma 3 270M, measured in the runtime after export.
 
     python benchmarks/quantize.py [--formats int8,int4,mxfp4,nvfp4,ternary,binary,fp8] [--tokens 12288]
-                                  [--calibration mse] [--lr 1e-5] [--json results.json]
+                                  [--calibration awq] [--lr LR] [--json results.json]
 
 For each format: the plan's effective bits per quantized weight (scales included); the PTQ student
 (calibrated, fake-quantized) and the QAD student (the PTQ student distilled towards the original for
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -29,11 +30,8 @@ from rich.table import Table
 from shrink.compress.data import prepare
 from shrink.compress.distill.evaluate import evaluate
 from shrink.compress.distill.teacher import teacher_topk
-from shrink.compress.distill.trainer import DistillConfig, distill
-from shrink.compress.quant.formats import effective_bits
-from shrink.compress.quant.plan import make_plan
-from shrink.compress.quant.ptq import calibrate
-from shrink.compress.quant.student import fake_quantize, materialize
+from shrink.compress.quant.run import QuantizeSettings, quantize_model
+from shrink.compress.quant.student import materialize, saved_plan
 from shrink.export.bench import bench
 from shrink.export.gguf import export_gguf
 from shrink.export.runtimes import LlamaCppRunner, TorchRunner
@@ -56,19 +54,16 @@ def in_pytorch(student, split, eval_topk) -> dict:
             "decode_s": None}
 
 
-def bits_of(plan, model) -> float:
-    sizes = [(t.grid, tuple(model.get_submodule(t.module).weight.shape)) for t in plan.tensors]
-    total = sum(s[0] * s[1] for _, s in sizes)
-    return sum(effective_bits(grid, shape) * shape[0] * shape[1] for grid, shape in sizes) / total
-
-
 def measure(student_model, plan, teacher, split, eval_topk, sequences, workdir: Path, label: str) -> dict:
+    """Export the student (fake-quantized on `plan`, or materialized already) and compare it in
+    llama.cpp; a PyTorch-only grid is measured in PyTorch."""
     if plan.runtime != "gguf":
         return in_pytorch(student_model, split, eval_topk)
     exported = copy.deepcopy(student_model)
-    materialize(exported, plan)
+    if saved_plan(exported) is None:
+        materialize(exported, plan)
     path = workdir / f"{label}.gguf"
-    export_gguf(type(teacher)(exported, teacher.tokenizer, teacher.spec, label, teacher.gguf_tokenizer), path)
+    export_gguf(dataclasses.replace(teacher, model=exported, source=label), path)
     return in_llama_cpp(teacher, path, sequences)
 
 
@@ -77,16 +72,15 @@ def main() -> None:
     parser.add_argument("--formats", default="int8,int4,mxfp4,nvfp4,ternary,binary,fp8")
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--calibration", default="awq")  # the start that met the INT4 goal
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=None)  # default: the grid's (compress/quant/run.py: qad_lr)
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json")
     args = parser.parse_args()
     console = Console(stderr=True)
     teacher = load("gemma-3-270m")
     split = prepare(teacher, None, seq_len=128)
-    train_topk, eval_topk = teacher_topk(teacher.model, split.train), teacher_topk(teacher.model, split.evaluation)
+    eval_topk = teacher_topk(teacher.model, split.evaluation)
     sequences = split.evaluation[:EVAL_SEQUENCES]
-    steps = max(1, args.tokens // (4 * 128))
     rows = []
     with tempfile.TemporaryDirectory(prefix="shrink-quant-bench-") as tmp:
         workdir = Path(tmp)
@@ -103,23 +97,32 @@ def main() -> None:
             console.print(rows[-1])
         for family in args.formats.split(","):
             runtime = "torch" if family == "fp8" else "gguf"
-            student = copy.deepcopy(teacher.model)
-            plan = make_plan(student, family, runtime)
+            student = dataclasses.replace(teacher, model=copy.deepcopy(teacher.model))
+            settings = QuantizeSettings(format=family, runtime=runtime, calibration=args.calibration, qad=True,
+                                        tokens=args.tokens, lr=args.lr)
+            ptq: dict = {}
+
+            def measure_ptq(model, plan, family=family, ptq=ptq):
+                ptq.update(measure(model, plan, teacher, split, eval_topk, sequences, workdir, f"{family}-ptq"))
+
             started = time.perf_counter()
-            bits = bits_of(plan, student)
-            calibrate(student, plan, args.calibration, split.calibration, teacher.spec.family)
-            fake_quantize(student, plan)
-            ptq = measure(student, plan, teacher, split, eval_topk, sequences, workdir, f"{family}-ptq")
-            rows.append({"format": f"{family} ({plan.grid})", "bits": bits, "stage": f"PTQ ({args.calibration})",
-                         "fallbacks": len(plan.fallbacks), **ptq})
+            report = quantize_model(student, teacher, split, settings, workdir / f"{family}.ckpt",
+                                    status=lambda message, family=family: console.print(f"{family}: {message}"),
+                                    after_ptq=measure_ptq)
+            bits = report["effective_bits_per_quantized_weight"]
+            common = {"format": f"{family} ({report['grid']})", "bits": bits, "fallbacks": len(report["fallbacks"])}
+            rows.append({**common, "stage": f"PTQ ({report['calibration']['method']})", **ptq})
             console.print(rows[-1])
-            config = DistillConfig(lr=args.lr, steps=steps, batch_size=4, checkpoint_every=10 ** 9)
-            report = distill(student, split.train, train_topk, config, workdir / f"{family}.ckpt", split.evaluation,
-                             eval_topk)
-            qad = measure(student, plan, teacher, split, eval_topk, sequences, workdir, f"{family}-qad")
-            rows.append({"format": f"{family} ({plan.grid})", "bits": bits, "stage": f"QAD ({report.tokens:,} tokens)",
-                         "fallbacks": len(plan.fallbacks), "tokens_per_s": report.tokens_per_second,
-                         "seconds": time.perf_counter() - started, **qad})
+            qad = report["qad"]
+            stage = f"QAD ({qad['tokens']:,} tokens, lr {qad['lr']:g})"
+            if report["kept"] == "ptq":  # the export is the PTQ student again: say so, with QAD's own KL
+                rows.append({**common, "stage": f"{stage}: raised the KL to {qad['after']['kl']:.4f} "
+                                                f"(PyTorch), PTQ kept", **ptq})
+            else:
+                rows.append({**common, "stage": stage, "tokens_per_s": qad["tokens_per_second"],
+                             **measure(student.model, saved_plan(student.model), teacher, split, eval_topk, sequences, workdir,
+                                       f"{family}-qad")})
+            rows[-1]["seconds"] = time.perf_counter() - started
             console.print(rows[-1])
             del student
     table = Table(title=f"gemma-3-270m quantized: KL to the original measured in the runtime on "

@@ -35,7 +35,7 @@ def quantize_command(
     data: str = typer.Option(None, help="Calibration/training text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     batch_size: int = typer.Option(4, help="Sequences per QAD step."),
-    lr: float = typer.Option(1e-5, help="QAD peak learning rate (lower than pruning recovery: the grid moves weights only in steps)."),
+    lr: float = typer.Option(None, help="QAD peak learning rate; default by grid: 1e-6 for 8-bit grids (Q8_0, INT8, FP8), 1e-5 for 4-bit and lower (measured by benchmarks/qad_lr.py)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Quantize a model's weights on a runtime's grid: PTQ, then optionally QAD, measured before and after.
@@ -98,8 +98,8 @@ def _print(model: str, result: dict, split) -> None:
         table.add_row(f"QAD ({result['qad']['tokens']:,} tokens)", f"{after['kl']:.4f}", f"{after['perplexity']:.2f}")
     console.print(table)
     if result.get("kept") == "ptq" and result["qad"]:
-        console.print("[yellow]QAD raised the held-out KL: the PTQ weights were kept[/] (try a lower --lr; a fine "
-                      "grid such as Q8_0 moves under steps the 4-bit grids absorb)")
+        console.print("[yellow]QAD raised the held-out KL: the PTQ weights were kept[/] (try a lower --lr than "
+                      f"{result['qad']['lr']:g})")
     groups: dict[tuple[str, str], list[str]] = {}
     for fallback in result["fallbacks"]:  # one line per (grid, reason), not per tensor
         groups.setdefault((fallback["grid"], fallback["fallback_reason"]), []).append(fallback["module"])

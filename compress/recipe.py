@@ -50,7 +50,7 @@ class QuantizeStep:
     calibration: str = "auto"
     qad: bool = False
     tokens: int = 12288
-    lr: float = 1e-5
+    lr: float | None = None  # None: the grid's default (compress/quant/run.py: qad_lr)
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,20 @@ def test_qad_that_raises_the_kl_leaves_the_ptq_weights(tiny_text_model_dir, tmp_
     with torch.no_grad():
         kl = evaluate(student.model, split.evaluation, *teacher_topk(teacher.model, split.evaluation)).kl
     assert kl == pytest.approx(report["ptq"]["kl"], rel=1e-4)
+
+
+def test_qad_learning_rate_defaults_by_grid_and_reaches_the_trainer(tiny_text_model_dir, tmp_path, monkeypatch):
+    from shrink.compress.data import prepare
+    from shrink.compress.quant.run import QAD_LR, QuantizeSettings, qad_lr, quantize_model
+
+    # 8-bit grids get the small rate, 4-bit and sub-4-bit ones their own (benchmarks/qad_lr.py measures them)
+    assert qad_lr("q8_0") == qad_lr("int8") == qad_lr("fp8_e4m3") == QAD_LR[8]
+    assert qad_lr("q4_0") == qad_lr("nvfp4_gguf") == qad_lr("mxfp4") == qad_lr("int4_g128") == QAD_LR[4]
+    assert qad_lr("ternary_b256") == QAD_LR[2] and qad_lr("binary_b128") == qad_lr("binary") == QAD_LR[1]
+    assert QAD_LR[8] < QAD_LR[4]
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    teacher, student = load(str(model_dir)), load(str(model_dir))
+    split = prepare(teacher, str(text), seq_len=16)
+    settings = QuantizeSettings(format="int8", runtime="torch", calibration="max", qad=True, tokens=256)
+    assert quantize_model(student, teacher, split, settings, tmp_path / "ckpt")["qad"]["lr"] == QAD_LR[8]

@@ -12,6 +12,19 @@ from typing import Any, Callable
 from shrink.errors import ShrinkError
 
 
+# default QAD peak learning rate by the grid's bits per element. Adam moves every weight by about
+# lr per step whatever its gradient, so a grid with finer steps needs a smaller lr for the student to
+# stay near its PTQ start; measured by benchmarks/qad_lr.py (README: "QAD learning rate").
+QAD_LR = {8: 1e-6, 4: 1e-5, 2: 1e-5, 1: 1e-5}
+
+
+def qad_lr(grid: str) -> float:
+    from shrink.compress.quant.formats import weight_format
+
+    bits = weight_format(grid).element_bits
+    return QAD_LR[min((b for b in QAD_LR if b >= bits), default=max(QAD_LR))]
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     format: str
@@ -20,17 +33,19 @@ class QuantizeSettings:
     qad: bool = False
     tokens: int = 16384
     batch_size: int = 4
-    lr: float = 1e-5
+    lr: float | None = None  # None: qad_lr(grid)
     keep: tuple[str, ...] | None = None
     activations: str | None = None
 
 
 def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSettings, checkpoints: Path,
-                   train: Callable[..., Any] | None = None, status: Callable[[str], None] = lambda message: None) -> dict:
+                   train: Callable[..., Any] | None = None, status: Callable[[str], None] = lambda message: None,
+                   after_ptq: Callable[[Any, Any], None] | None = None) -> dict:
     """Plan, calibrate and fake-quantize `student` (a LoadedModel), optionally distill it towards
     `teacher` (a LoadedModel) on its logits, and materialize the on-grid weights; returns the report.
     `train(model, split, train_topk, eval_topk, config, checkpoints, label=...)` runs the distillation
-    (default: the trainer without a progress display)."""
+    (default: the trainer without a progress display). `after_ptq(model, plan)` sees the fake-quantized
+    PTQ student before QAD changes it (the benchmark exports it from there)."""
     from shrink.compress.distill.evaluate import evaluate
     from shrink.compress.distill.teacher import teacher_topk
     from shrink.compress.distill.trainer import DistillConfig
@@ -38,13 +53,13 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
     from shrink.compress.quant.ptq import calibrate
     from shrink.compress.quant.student import fake_quantize, materialize
 
-    seq_len = split.train.shape[1]
-    steps = max(1, settings.tokens // (settings.batch_size * seq_len))
-    config = DistillConfig(lr=settings.lr, steps=steps, batch_size=settings.batch_size,
-                           checkpoint_every=max(1, steps // 4))
-    config.check()
     plan = make_plan(student.model, settings.format, settings.runtime, settings.keep or KEEP_DEFAULT,
                      settings.activations)
+    seq_len = split.train.shape[1]
+    steps = max(1, settings.tokens // (settings.batch_size * seq_len))
+    lr = settings.lr or qad_lr(plan.grid)
+    config = DistillConfig(lr=lr, steps=steps, batch_size=settings.batch_size, checkpoint_every=max(1, steps // 4))
+    config.check()
     status("Caching the teacher's top-k logits")
     eval_topk = teacher_topk(teacher.model, split.evaluation)
     train_topk = teacher_topk(teacher.model, split.train) if settings.qad else None
@@ -54,6 +69,8 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
                             progress=status)
     fake_quantize(student.model, plan)
     ptq = evaluate(student.model, split.evaluation, *eval_topk).to_dict()
+    if after_ptq:
+        after_ptq(student.model, plan)
     report, kept = None, "ptq"
     if settings.qad:
         train = train or plain_train
@@ -72,7 +89,7 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
         "effective_bits_per_quantized_weight": mean_bits(student, plan),
         "fallbacks": [vars(t) for t in plan.fallbacks], "kept_high_precision": plan.kept,
         "calibration": calibration, "ptq": ptq, "kept": kept, "data": split.source, "seconds": seconds, "measured": True,
-        "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": settings.lr,
+        "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": lr,
                                             "after": report.eval_after, "tokens_per_second": report.tokens_per_second},
     }
 
