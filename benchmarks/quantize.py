@@ -1,7 +1,7 @@
 """PTQ against QAD for every weight format on the embedded Gemma 3 270M, measured in the runtime after export.
 
     python benchmarks/quantize.py [--formats int8,int4,mxfp4,nvfp4,ternary,binary,fp8] [--tokens 12288]
-                                  [--calibration awq] [--lr LR] [--json results.json]
+                                  [--calibration awq] [--lr LR] [--json results.json] [--keep DIR]
 
 For each format: the plan's effective bits per quantized weight (scales included); the PTQ student
 (calibrated, fake-quantized) and the QAD student (the PTQ student distilled towards the original for
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)  # default: the grid's (compress/quant/run.py: qad_lr)
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json")
+    parser.add_argument("--keep", help="Folder to keep the exported GGUF files in (default: a temporary one).")
     args = parser.parse_args()
     console = Console(stderr=True)
     teacher = load("gemma-3-270m")
@@ -83,7 +84,8 @@ def main() -> None:
     sequences = split.evaluation[:EVAL_SEQUENCES]
     rows = []
     with tempfile.TemporaryDirectory(prefix="shrink-quant-bench-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.keep or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         if args.baselines:
             for name, make in (("gguf f16 (the runtime's own floor)", "f16"), ("gguf q8_0 (llama.cpp PTQ)", "q8_0"),
                                ("gguf q4_0 (llama.cpp PTQ)", "q4_0")):

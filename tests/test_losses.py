@@ -55,19 +55,33 @@ def test_taid_target_moves_from_student_to_teacher_and_state_round_trips():
 
 
 def test_topk_with_the_whole_vocabulary_is_forward_kl():
-    values, indices = torch.topk(T, k=50, dim=-1)
+    values, indices = torch.topk(torch.log_softmax(T, -1), k=50, dim=-1)
     assert torch.allclose(topk_forward_kl(S, values, indices), forward_kl(S, T))
-    few_values, few_indices = torch.topk(T, k=8, dim=-1)
-    assert topk_forward_kl(S, few_values, few_indices) > 0
+    few_values, few_indices = torch.topk(torch.log_softmax(T, -1), k=8, dim=-1)
+    assert 0 < topk_forward_kl(S, few_values, few_indices) <= forward_kl(S, T)  # a lower bound on the full KL
 
 
-def test_chunked_lm_head_loss_equals_the_unchunked_loss_and_gradient():
+def test_topk_kl_of_the_teacher_against_its_own_top_k_is_zero():
+    # the teacher's mass outside its top 8 is one more outcome, so nothing rewards the student for
+    # piling mass onto the 8 (renormalising over them gave the teacher itself a KL above 0)
+    values, indices = torch.topk(torch.log_softmax(T, -1), k=8, dim=-1)
+    assert topk_forward_kl(T, values, indices).item() == pytest.approx(0, abs=1e-6)
+    renormalised = topk_forward_kl(T, values, indices, temperature=1 + 1e-9)
+    assert renormalised.item() > 0.01
+    sharper = T.clone()
+    sharper.scatter_add_(-1, indices, torch.full_like(values, 3.0))  # same top 8, more mass on them
+    assert topk_forward_kl(sharper, values, indices) > 0.01
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_chunked_lm_head_loss_equals_the_unchunked_loss_and_gradient(temperature):
     hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
     head = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    values, indices = torch.topk(torch.randn(2, 7, 50, dtype=torch.float64), k=10, dim=-1)
-    full = topk_forward_kl(hidden @ head.T, values, indices, 1.5)
+    teacher = torch.log_softmax(torch.randn(2, 7, 50, dtype=torch.float64), -1)
+    values, indices = torch.topk(teacher, k=10, dim=-1)
+    full = topk_forward_kl(hidden @ head.T, values, indices, temperature)
     grad_full = torch.autograd.grad(full, (hidden, head))
-    chunked = chunked_lm_head_loss(hidden, head, values, indices, 1.5, chunk=3)
+    chunked = chunked_lm_head_loss(hidden, head, values, indices, temperature, chunk=3)
     grad_chunked = torch.autograd.grad(chunked, (hidden, head))
     assert torch.allclose(full, chunked)
     assert all(torch.allclose(a, b) for a, b in zip(grad_full, grad_chunked))

@@ -11,7 +11,7 @@ from shrink.compress.distill.losses import topk_forward_kl
 
 @dataclass(frozen=True)
 class Evaluation:
-    kl: float  # mean KL(teacher top-k || student) per position, nats
+    kl: float  # mean KL(teacher || student) per position, nats, over its top k + the rest (losses.py)
     perplexity: float  # exp of the mean next-token cross-entropy
 
     def to_dict(self) -> dict:

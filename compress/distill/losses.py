@@ -5,9 +5,13 @@ softens both distributions and the result is multiplied by T^2 so gradients keep
 across temperatures (Hinton et al.). TAID's only state is its interpolation coefficient, kept in
 a small dataclass that a trainer stores in its checkpoint.
 
-Teacher logits can be given in full or as top-k (values, indices): the Gemma vocabulary has 262,144
-entries, so a cached teacher keeps only its k largest logits per position, and the top-k losses
-treat the teacher's remaining mass as zero (renormalised over the k kept tokens).
+Teacher logits can be given in full or as top-k (log-probabilities, indices): the Gemma vocabulary
+has 262,144 entries, so a cached teacher keeps only its k most likely tokens per position. At
+temperature 1 the top-k KL counts the rest of the vocabulary as one more outcome (the teacher's
+remaining mass against the student's), which makes it 0 for the teacher itself and a lower bound on
+the full KL; renormalising over the k tokens instead read 0.065 nats for Gemma 3 270M against its own
+top 64, and rewarded a student for piling mass onto them. The other losses renormalise over the k
+kept tokens (a softened teacher's tail is unknown).
 """
 
 from __future__ import annotations
@@ -99,13 +103,24 @@ def taid(student: torch.Tensor, teacher: torch.Tensor, state: TAIDState, tempera
     return _kl(F.log_softmax(target / t, -1), F.log_softmax(student / t, -1)).mean() * t * t
 
 
+def _log1m_exp(log_x: torch.Tensor) -> torch.Tensor:
+    """log(1 - x) from log x < 0, kept finite where x rounds to 1 (the tail is then ~1e-7)."""
+    log_x = log_x.clamp(max=-1e-7)
+    return torch.where(log_x > -0.6931, torch.log(-torch.expm1(log_x)), torch.log1p(-torch.exp(log_x)))
+
+
 def topk_forward_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
-    """Forward KL against a teacher kept as its top-k logits per position (renormalised over k)."""
+    """Forward KL against a teacher kept as its top-k log-probabilities per position. At temperature 1:
+    over the k tokens plus one bucket for everything else; otherwise renormalised over the k tokens."""
     t = temperature
-    log_t = F.log_softmax(values / t, -1)
-    log_s = F.log_softmax(student / t, -1).gather(-1, indices)
-    return _kl(log_t, log_s).mean() * t * t
+    if t != 1:
+        log_t = F.log_softmax(values / t, -1)
+        log_s = F.log_softmax(student / t, -1).gather(-1, indices)
+        return _kl(log_t, log_s).mean() * t * t
+    log_s = F.log_softmax(student, -1).gather(-1, indices)
+    tail_t, tail_s = _log1m_exp(torch.logsumexp(values, -1)), _log1m_exp(torch.logsumexp(log_s, -1))
+    return (_kl(values, log_s) + tail_t.exp() * (tail_t - tail_s)).mean()
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, lm_head: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,

@@ -1,7 +1,9 @@
-"""Teacher logits cached as top-k (values, indices) per position: the teacher runs once per data set.
+"""The teacher cached as its top-k (log-probabilities, indices) per position: it runs once per data set.
 
-Keyed by the teacher's weights, the token sequences and k, stored as safetensors in the shrink
-cache (written atomically). A 262,144-token vocabulary is never held for a whole batch: each batch's
+The values are log-probabilities over the whole vocabulary, not raw logits, so that the mass the
+teacher puts outside its top k is known (1 - sum of exp(values)) and the top-k KL can count it
+(compress/distill/losses.py: topk_forward_kl). Keyed by the teacher's weights, the token sequences,
+k and the layout version, stored as safetensors in the shrink cache (written atomically). A 262,144-token vocabulary is never held for a whole batch: each batch's
 logits are reduced to k columns right after the teacher's forward pass.
 """
 
@@ -16,8 +18,12 @@ from shrink.storage import atomic_path, cache_dir
 log = logging.getLogger("shrink")
 
 
+LAYOUT = "log-probabilities float32 v2"  # v1 held float16 raw logits: a cache of that kind is not reused
+
+
 def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4) -> tuple[Any, Any]:
-    """(values float16 [n, L, k], indices int32 [n, L, k]) of the teacher's logits, cached on disk."""
+    """(log-probabilities float32 [n, L, k], indices int32 [n, L, k]) of the teacher's k most likely
+    tokens per position, cached on disk."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -27,6 +33,7 @@ def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4)
     digest.update(weights_hash(teacher).encode())
     digest.update(sequences.contiguous().numpy().tobytes())
     digest.update(str(k).encode())
+    digest.update(LAYOUT.encode())
     path = cache_dir("teacher") / f"topk-{digest.hexdigest()[:24]}.safetensors"
     if path.is_file():
         cached = load_file(str(path))
@@ -35,12 +42,12 @@ def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4)
     teacher.eval()
     with torch.no_grad():
         for start in range(0, sequences.shape[0], batch_size):
-            logits = teacher(sequences[start:start + batch_size]).logits.float()
-            top = torch.topk(logits, k=min(k, logits.shape[-1]), dim=-1)
-            values.append(top.values.half())
+            log_probs = torch.log_softmax(teacher(sequences[start:start + batch_size]).logits.float(), -1)
+            top = torch.topk(log_probs, k=min(k, log_probs.shape[-1]), dim=-1)
+            values.append(top.values)
             indices.append(top.indices.int())
     result = {"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous()}
     with atomic_path(path) as tmp:
         save_file(result, str(tmp))
-    log.info("Teacher top-%d logits cached in %s", k, path)
+    log.info("Teacher top-%d log-probabilities cached in %s", k, path)
     return result["values"], result["indices"]

@@ -236,7 +236,8 @@ def _width(model: Any) -> int:
 def _stop_if_diverged(step: int, loss: float, grad_norm: float, report: DistillReport, checkpoint: Path,
                       config: DistillConfig) -> None:
     first = report.losses[0] if report.losses else None
-    exploded = first is not None and loss > config.explode_factor * max(first, 1e-6)
+    # a KL under half a nat has not diverged, whatever its ratio to a near-zero first step
+    exploded = first is not None and loss > max(config.explode_factor * first, 0.5)
     if math.isfinite(loss) and math.isfinite(grad_norm) and not exploded:
         return
     what = f"loss {loss:.4g}" + (f" (over {config.explode_factor:g}x the first step's {first:.4g})" if exploded else "")

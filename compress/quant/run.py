@@ -15,7 +15,7 @@ from shrink.errors import ShrinkError
 # default QAD peak learning rate by the grid's bits per element. Adam moves every weight by about
 # lr per step whatever its gradient, so a grid with finer steps needs a smaller lr for the student to
 # stay near its PTQ start; measured by benchmarks/qad_lr.py (README: "QAD learning rate").
-QAD_LR = {8: 1e-6, 4: 1e-5, 2: 1e-5, 1: 1e-5}
+QAD_LR = {8: 1e-7, 4: 1e-5, 2: 1e-5, 1: 1e-5}
 
 
 def qad_lr(grid: str) -> float:
