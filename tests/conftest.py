@@ -65,7 +65,7 @@ def _text_model(tmp_path_factory, config, name):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
     torch.manual_seed(0)
     config.eos_token_id = 1
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = __import__("tiny_models").peaked(AutoModelForCausalLM.from_config(config).eval())
     root = tmp_path_factory.mktemp("text-model")
     directory = save(model, root / name, tokenizer=tokenizer)
     rng = random.Random(0)

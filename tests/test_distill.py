@@ -13,7 +13,7 @@ from shrink.compress.prune import prune_ffn
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 from shrink.model import LoadedModel
-from tiny_models import tiny_configs
+from tiny_models import peaked, perturbed, tiny_configs
 
 DATA = torch.randint(0, 101, (16, 24), generator=torch.Generator().manual_seed(5))
 
@@ -27,9 +27,10 @@ def setup(tmp_path_factory):
 
 def _setup():
     torch.manual_seed(0)
-    teacher_model = AutoModelForCausalLM.from_config(tiny_configs()["qwen2"]).eval()  # tied embeddings
+    teacher_model = peaked(AutoModelForCausalLM.from_config(tiny_configs()["qwen2"]).eval())  # tied embeddings
     teacher = LoadedModel(teacher_model, None, spec_from_model(teacher_model), "tiny-teacher")
     student = prune_ffn(teacher, score(teacher, DATA[:4]), 16)
+    perturbed(student.model)  # KL 0.0003 after pruning alone: too close for distillation to show anything
     train, evaluation = DATA[:12], DATA[12:]
     return teacher, student, train, evaluation, teacher_topk(teacher_model, train, k=16), teacher_topk(teacher_model, evaluation, k=16)
 
@@ -38,7 +39,7 @@ def _setup():
 def test_distillation_brings_the_student_closer_to_the_teacher(setup, tmp_path, loss):
     teacher, student, train, evaluation, train_topk, eval_topk = setup
     model = copy.deepcopy(student.model)
-    config = DistillConfig(loss=loss, lr=3e-3, steps=30, batch_size=4, checkpoint_every=10)
+    config = DistillConfig(loss=loss, lr=1e-3, steps=30, batch_size=4, checkpoint_every=10)
     report = distill(model, train, train_topk, config, tmp_path, evaluation, eval_topk)
     assert report.eval_after["kl"] < report.eval_before["kl"]
     if loss != "taid":  # TAID's target moves towards the teacher as it trains: its losses are not comparable
@@ -50,7 +51,7 @@ def test_teacher_cache_is_reused(setup):
     teacher, _, train, _, train_topk, _ = setup
     again = teacher_topk(teacher.model, train, k=16)
     assert torch.equal(again[0], train_topk[0]) and torch.equal(again[1], train_topk[1])
-    assert train_topk[0].dtype == torch.float16 and train_topk[1].shape == (12, 24, 16)
+    assert train_topk[0].dtype == torch.float32 and train_topk[1].shape == (12, 24, 16)
 
 
 def test_killed_run_resumes_to_identical_weights(setup, tmp_path):
@@ -208,7 +209,8 @@ def test_cli_distills_and_torchrun_gives_the_same_student(tiny_text_model_dir, t
     env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     shrink = shutil.which("shrink") or pytest.skip("the shrink command is not installed")
     student = tmp_path / "pruned"
-    pruned = subprocess.run([shrink, "prune", str(model_dir), "--ffn", "24", "--data", str(text), "--seq-len", "16",
+    # hidden 32 -> 16: a KL of about 1 nat to recover (FFN pruning of a random tiny model costs ~0.003)
+    pruned = subprocess.run([shrink, "prune", str(model_dir), "--hidden", "16", "--data", str(text), "--seq-len", "16",
                              "-o", str(student)], env=env, capture_output=True, text=True)
     assert pruned.returncode == 0, pruned.stderr
     common = ["distill", str(student), "--teacher", str(model_dir), "--data", str(text), "--seq-len", "16",

@@ -194,12 +194,13 @@ def test_quantize_command_ptq_then_qad_lowers_kl_and_exports(tiny_text_model_dir
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
     model_dir, text = tiny_text_model_dir
     runner = CliRunner()
-    args = ["quantize", str(model_dir), "--format", "int4", "--runtime", "torch", "--data", str(text),
+    # ternary: a grid coarse enough to leave the tiny model a gap to recover (its int4 PTQ is within 0.01 nats)
+    args = ["quantize", str(model_dir), "--format", "ternary", "--runtime", "torch", "--data", str(text),
             "--seq-len", "16", "--json"]
     result = runner.invoke(app, [*args, "--qad", "--tokens", "2048", "--lr", "1e-3", "-o", str(tmp_path / "qad")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["grid"] == "int4_g128" or report["fallbacks"]
+    assert report["grid"] == "ternary" and report["kept"] == "qad"
     assert report["qad"]["after"]["kl"] < report["ptq"]["kl"]
     assert report["qad"]["tokens"] == 2048
     assert saved_plan(load(str(tmp_path / "qad")).model).runtime == "torch"
@@ -265,8 +266,8 @@ def test_qad_that_raises_the_kl_leaves_the_ptq_weights(tiny_text_model_dir, tmp_
     model_dir, text = tiny_text_model_dir
     teacher, student = load(str(model_dir)), load(str(model_dir))
     split = prepare(teacher, str(text), seq_len=16)
-    # a learning rate far too large for an 8-bit grid: QAD can only make it worse
-    settings = QuantizeSettings(format="int8", runtime="torch", calibration="max", qad=True, tokens=512, lr=0.5)
+    # a learning rate far too large for an 8-bit grid: QAD can only make it worse (PTQ KL 4e-5 -> 0.07)
+    settings = QuantizeSettings(format="int8", runtime="torch", calibration="max", qad=True, tokens=512, lr=1e-3)
     report = quantize_model(student, teacher, split, settings, tmp_path / "ckpt")
     assert report["qad"]["after"]["kl"] > report["ptq"]["kl"] and report["kept"] == "ptq"
     with torch.no_grad():

@@ -44,3 +44,28 @@ def tiny_configs() -> dict:
             moe_shared_expert_intermediate_size=24,
         ),
     }
+
+
+def peaked(model, factor: float = 16.0):
+    """Scale the final norm of a random tiny model so that its logits spread (std ~2 instead of ~0.1):
+    its next-token distribution is then far from uniform, and a pruned or quantized student's KL to
+    it is a real distance rather than ~0 by construction. Returns the model."""
+    import torch
+
+    final = [m for name, m in model.named_modules() if name.endswith(("model.norm", "norm_f"))][-1]
+    with torch.no_grad():
+        final.weight.mul_(factor)
+    return model
+
+
+def perturbed(model, std: float = 0.02, seed: int = 1):
+    """Add Gaussian noise to every 2-D weight but the embeddings: a student with a real distance to
+    its teacher (a pruned random tiny model is within 0.001 nats of it), for distillation to close."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 and "embed" not in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * std)
+    return model
