@@ -38,6 +38,7 @@ def run_command(
     proxy_calibration: str = typer.Option("max", help="PTQ calibration behind the planner's format proxy (max: instant; awq costs minutes per format)."),
     data: str = typer.Option(None, help="Text for calibration, training and held-out checks; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    top: int = typer.Option(12, help="Planned runs: candidates shown, best first (within budget by predicted KL, then the rest by estimated time); 0 shows all. plan.json holds them all."),
     json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON on stdout."),
 ) -> None:
     """Compose prune, distill, quantize, export, verify and bench into one run, from a recipe or a budget.
@@ -76,7 +77,7 @@ def run_command(
                      RunSettings(tokens, qad_tokens, calibration), plot)
         steps = plan.pop("steps")
         if not json_out:
-            _print_plan(plan)
+            _print_plan(plan, top)
         if dry_run:
             if json_out:
                 print_json({k: v for k, v in plan.items() if k != "recipe_toml"})
@@ -204,7 +205,21 @@ def _short(reason: str) -> str:
     return f"rows of {match.group(1)} vs {match.group(2)}-blocks" if match else reason.split(",")[0]
 
 
-def _print_plan(plan: dict) -> None:
+def _ranked(candidates: list[dict], chosen_label: str) -> list[dict]:
+    """Chosen first, then the others within budget by predicted KL, those that miss it by estimated
+    time per token, and the ones that could not be costed last."""
+    def key(c: dict) -> tuple:
+        if c["label"] == chosen_label:
+            return (0, 0.0)
+        if c["rejected"]:
+            return (3, 0.0)
+        if c["misses"]:
+            return (2, c["tpot_s_estimated"])
+        return (1, c["predicted_kl"] if c["predicted_kl"] is not None else float("inf"))
+    return sorted(candidates, key=key)
+
+
+def _print_plan(plan: dict, top: int = 0) -> None:
     factors = plan.get("host_calibration")
     console.print(f"[bold]Plan[/] for {plan['model']} on {plan['target']} ({plan['target_title']}) within "
                   f"{_budget_text(_budget_of(plan))}; workload {plan['workload']}", highlight=False)
@@ -213,8 +228,13 @@ def _print_plan(plan: dict) -> None:
                       f"{factors['prefill']:.2f}x (prefill): the original as F16 GGUF took "
                       f"{fmt_time(factors['measured_decode_s'])}/token measured against "
                       f"{fmt_time(factors['estimated_decode_s'])} estimated", highlight=False)
-    console.print(_candidates_table(plan["candidates"], plan["chosen"]["label"],
-                                    "Candidates: roofline estimates on the target, quality proxy measured here"))
+    ranked = _ranked(plan["candidates"], plan["chosen"]["label"])
+    shown = ranked[:top] if top > 0 else ranked
+    table = _candidates_table(shown, plan["chosen"]["label"],
+                              "Candidates: roofline estimates on the target, quality proxy measured here")
+    if len(shown) < len(ranked):
+        table.caption = f"{len(shown)} of {len(ranked)} candidates shown, best first; --top 0 shows all, plan.json holds all"
+    console.print(table)
     console.print(f"chosen: [bold]{plan['chosen']['label']}[/], {plan['why']}", highlight=False)
     console.print(plan["recipe_toml"], highlight=False, markup=False)
     if plan.get("plot"):

@@ -200,6 +200,9 @@ def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, 
     assert plan["chosen"]["tpot_s_estimated"] <= tight and plan["chosen"]["label"] != original["label"]
     assert "lowest predicted KL" in plan["why"]
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    shown = CliRunner().invoke(app, [*args, "--budget", "1s", "--dry-run", "--top", "3"], terminal_width=200)
+    assert shown.exit_code == 0 and f"3 of {len(plan['candidates'])} candidates shown" in shown.stdout
+    assert shown.stdout.index("chosen") < shown.stdout.index("within budget")
     assert not (tmp_path / "run").exists()
 
 
@@ -214,3 +217,16 @@ def test_on_host_the_measured_decode_time_decides_the_budget():
     assert not check["passed"] and check["lines"][0]["by"] == "measured"
     report["steps"][0]["metrics"]["measured"]["decode_s_per_token"] = 0.0098
     assert _budget_check(plan, report)["passed"]
+
+
+def test_the_plan_view_ranks_candidates_best_first():
+    from shrink.cli.run import _ranked
+
+    def candidate(label, kl, tpot, misses=(), rejected=None):
+        return {"label": label, "predicted_kl": kl, "tpot_s_estimated": tpot, "misses": list(misses),
+                "rejected": rejected}
+
+    candidates = [candidate("slow", 0.01, 9e-3, misses=["time/token"]), candidate("odd", None, 1e-3, rejected="rows"),
+                  candidate("b", 0.5, 2e-3), candidate("chosen", 0.2, 3e-3), candidate("a", 0.3, 1e-3),
+                  candidate("slower", 0.0, 12e-3, misses=["time/token"])]
+    assert [c["label"] for c in _ranked(candidates, "chosen")] == ["chosen", "a", "b", "slow", "slower", "odd"]
