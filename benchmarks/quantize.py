@@ -121,9 +121,9 @@ def main() -> None:
                 rows.append({**common, "stage": f"{stage}: raised the KL to {qad['after']['kl']:.4f} "
                                                 f"(PyTorch), PTQ kept", **ptq})
             else:
-                rows.append({**common, "stage": stage, "tokens_per_s": qad["tokens_per_second"],
-                             **measure(student.model, saved_plan(student.model), teacher, split, eval_topk, sequences, workdir,
-                                       f"{family}-qad")})
+                qad_row = measure(student.model, saved_plan(student.model), teacher, split, eval_topk, sequences,
+                                  workdir, f"{family}-qad")
+                rows.append({**common, "stage": stage, "tokens_per_s": qad["tokens_per_second"], **qad_row})
             rows[-1]["seconds"] = time.perf_counter() - started
             console.print(rows[-1])
             del student

@@ -35,7 +35,7 @@ def quantize_command(
     data: str = typer.Option(None, help="Calibration/training text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     batch_size: int = typer.Option(4, help="Sequences per QAD step."),
-    lr: float = typer.Option(None, help="QAD peak learning rate; default by grid: 1e-7 for 8-bit grids (Q8_0, INT8, FP8), 1e-5 for 4-bit and lower (measured by benchmarks/qad_lr.py)."),
+    lr: float = typer.Option(None, help="QAD peak learning rate; default by grid: 1e-7 for 8-bit grids (Q8_0, INT8, FP8), 1e-5 for 4-bit and lower (where each comes from: compress/quant/run.py, QAD_LR)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Quantize a model's weights on a runtime's grid: PTQ, then optionally QAD, measured before and after.

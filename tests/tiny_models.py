@@ -11,7 +11,8 @@ from transformers import (
     Qwen3Config,
 )
 
-COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+COMMON = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+          "num_key_value_heads": 2}
 
 
 def tiny_configs() -> dict:

@@ -3,8 +3,9 @@
 The values are log-probabilities over the whole vocabulary, not raw logits, so that the mass the
 teacher puts outside its top k is known (1 - sum of exp(values)) and the top-k KL can count it
 (compress/distill/losses.py: topk_forward_kl). Keyed by the teacher's weights, the token sequences,
-k and the layout version, stored as safetensors in the shrink cache (written atomically). A 262,144-token vocabulary is never held for a whole batch: each batch's
-logits are reduced to k columns right after the teacher's forward pass.
+k and the layout version, stored as safetensors in the shrink cache (written atomically). A
+262,144-token vocabulary is never held for a whole batch: each batch's logits are reduced to k
+columns right after the teacher's forward pass.
 """
 
 from __future__ import annotations

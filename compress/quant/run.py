@@ -59,7 +59,7 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
                      settings.activations)
     seq_len = split.train.shape[1]
     steps = max(1, settings.tokens // (settings.batch_size * seq_len))
-    lr = settings.lr or qad_lr(plan.grid)
+    lr = qad_lr(plan.grid) if settings.lr is None else settings.lr
     config = DistillConfig(lr=lr, steps=steps, batch_size=settings.batch_size, checkpoint_every=max(1, steps // 4))
     config.check()
     status("Caching the teacher's top-k logits")
