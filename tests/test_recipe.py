@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from shrink.compress.recipe import STEPS, parse_recipe, shipped_recipes
+from shrink.flows.recipe import STEPS, parse_recipe, recipe_toml, shipped_recipes
 from shrink.errors import ShrinkError
 
 
@@ -19,9 +19,46 @@ def test_every_shipped_recipe_parses_into_its_step_configs():
             assert dataclasses.is_dataclass(config)
 
 
-def test_demo_recipe_reads_as_written():
-    steps = dict(parse_recipe(shipped_recipes()["demo"]))
-    assert steps["prune"].params == 0.6 and steps["quantize"].format == "int4" and steps["quantize"].qad
+WRITTEN = """description = "values chosen here, none of them a default"
+
+[[step]]
+name = "prune"
+params = 0.25
+axis = "both"
+
+[[step]]
+name = "quantize"
+format = "nvfp4"
+qad = true
+tokens = 4096
+
+[[step]]
+name = "verify"
+max_kl = 0.5
+"""
+
+
+def test_a_recipe_reads_as_written_and_what_it_leaves_out_is_the_default(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(WRITTEN)
+    steps = parse_recipe(path)
+    assert [name for name, _ in steps] == ["prune", "quantize", "verify"]  # the file's order
+    prune, quantize, verify = (config for _, config in steps)
+    assert (prune.params, prune.axis) == (0.25, "both")
+    assert (quantize.format, quantize.qad, quantize.tokens) == ("nvfp4", True, 4096)
+    assert verify.max_kl == 0.5
+    # every key the file does not name is the step's default
+    assert prune == dataclasses.replace(STEPS["prune"](), params=0.25, axis="both")
+    assert quantize == dataclasses.replace(STEPS["quantize"](), format="nvfp4", qad=True, tokens=4096)
+    assert verify == dataclasses.replace(STEPS["verify"](), max_kl=0.5)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_a_recipe_written_back_reads_the_same(tmp_path, name):
+    steps = parse_recipe(shipped_recipes()[name])
+    path = tmp_path / "again.toml"
+    path.write_text(recipe_toml(steps, "written back"))
+    assert parse_recipe(path) == steps
 
 
 @pytest.mark.parametrize("body, line, message", [

@@ -70,16 +70,21 @@ def test_gemma3_kv_cache_respects_sliding_windows():
     assert kv == 2 * (15 * 512 + 3 * 4096) * 1024
 
 
-@pytest.mark.parametrize("model", ["llama-3.1-8b", "gemma-3-270m"])
+# Published parameter counts and the input table a decode step reads one row of (an untied one; a
+# tied table is read whole, as lm_head): Llama 3.1 8B, 8,030,261,248 with an untied 128,256 x 4,096
+# table; Gemma 3 270M, 268,098,176 with its 262,144 x 640 table tied.
+PUBLISHED = {"llama-3.1-8b": (8_030_261_248, 128_256 * 4_096), "gemma-3-270m": (268_098_176, 0)}
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED))
 def test_memory_bound_decode_is_no_faster_than_reading_the_weights(model):
     spec = load_spec(model)
-    # A decode step reads every weight once, except an untied input embedding table, of which it
-    # reads one row per token (tied tables are read whole, as lm_head).
-    table = 0 if spec.tied_embeddings else spec.vocab_size * spec.hidden_size * 2
+    params, untied_table = PUBLISHED[model]
+    read = 2 * (params - untied_table)  # bf16: every weight once, but one row of an untied input table
     for name in ("h100-sxm", "jetson-orin-nano", "phone-sd8g3", "sg2042"):
         profile = get_profile(name)
         result = estimate(spec, profile, Workload(batch=1, prompt_len=128, gen_len=16))
-        read = result.memory.weights_bytes - table
+        assert result.memory.weights_bytes == 2 * params
         assert result.decode.bound == "memory"
         assert result.tpot_s >= read / (profile.bandwidth_GBps * 1e9 * profile.bandwidth_efficiency)
 
@@ -88,16 +93,26 @@ def test_quantized_weights_shrink_memory_and_decode_time():
     spec = load_spec("llama-3.1-8b")
     profile = get_profile("jetson-agx-orin")
     bf16 = estimate(spec, profile)
-    int4 = estimate(spec.with_formats(weights="int4"), profile)
+    int4 = estimate(spec.with_formats(weights="int4_g128"), profile)
     assert int4.memory.weights_bytes < 0.4 * bf16.memory.weights_bytes
     assert int4.tpot_s < 0.5 * bf16.tpot_s
 
 
 def test_missing_compute_class_is_costed_as_its_upcast():
-    profile = get_profile("jetson-orin-nano")  # Ampere: no fp8, no fp4
-    assert profile.peak_for("fp8") == ("fp16", 10.0)
-    assert profile.peak_for("fp4") == ("fp16", 10.0)
-    assert profile.peak_for("int4") == ("int8", 20.0)
+    # a made-up part with fp16 and int8 units only, then one without the int8 units
+    part = dict(name="t", title="t", kind="gpu", runtimes=(), bandwidth_GBps=1.0, capacity_GB=1.0,
+                bandwidth_efficiency=1.0, compute_efficiency=1.0)
+    profile = Profile(**part, peak_tflops={"fp32": 1.0, "fp16": 8.0, "int8": 16.0})
+    assert profile.peak_for("fp16") == ("fp16", 8.0) and profile.peak_for("int8") == ("int8", 16.0)  # native
+    assert profile.peak_for("fp8") == profile.peak_for("fp4") == profile.peak_for("bf16") == ("fp16", 8.0)
+    assert profile.peak_for("int4") == ("int8", 16.0)
+    no_int8 = Profile(**part, peak_tflops={"fp32": 1.0, "fp16": 8.0})
+    assert no_int8.peak_for("int4") == no_int8.peak_for("int8") == ("fp16", 8.0)
+    # a shipped Ampere profile lists no fp8, fp4 or int4 units, and costs them as fp16 and int8
+    nano = get_profile("jetson-orin-nano")
+    assert not {"fp8", "fp4", "int4"} & set(nano.peak_tflops)
+    assert nano.peak_for("fp8") == nano.peak_for("fp4") == ("fp16", nano.peak_tflops["fp16"])
+    assert nano.peak_for("int4") == ("int8", nano.peak_tflops["int8"])
 
 
 def test_prefill_is_compute_bound_on_a_gpu_and_fit_is_reported():
