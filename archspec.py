@@ -141,16 +141,29 @@ class Formats:
     """Number format per tensor group, by name from shrink.numformats."""
 
     weights: str = "bf16"  # linear layers of every block
-    embeddings: str = "bf16"  # token embedding and lm_head
+    embeddings: str = "bf16"  # token embedding (and a tied lm_head)
     activations: str = "bf16"
     kv_cache: str = "bf16"
     ssm_state: str = "fp32"
     other: str = "bf16"  # norms, biases, SSM scalars, conv weights: small, kept in high precision
+    lm_head: str | None = None  # the output projection when stored apart from the embedding; None: as embeddings
+    # per operator (attn.qkv, attn.o, ffn.up, ffn.down, ssm.in_proj, ...): a stored format other than `weights`
+    ops: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def output(self) -> str:
+        return self.lm_head or self.embeddings
+
+    def of_op(self, op: str) -> str:
+        return dict(self.ops).get(op, self.weights)
 
     def validated(self) -> Formats:
         from shrink.numformats import get_format
 
-        return Formats(**{f.name: get_format(getattr(self, f.name)).name for f in fields(self)})
+        names = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lm_head", "ops")}
+        return Formats(**{k: get_format(v).name for k, v in names.items()},
+                       lm_head=get_format(self.lm_head).name if self.lm_head else None,
+                       ops=tuple(sorted((op, get_format(name).name) for op, name in dict(self.ops).items())))
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,7 @@ class ArchSpec:
         data = dict(data)
         layers = tuple(_layer_from_dict(layer) for layer in data.pop("layers"))
         formats = _strict(Formats, data.pop("formats", {}), "formats")
+        formats = replace(formats, ops=tuple(tuple(pair) for pair in formats.ops))  # JSON gives lists
         return _strict(cls, {**data, "layers": layers, "formats": formats}, "ArchSpec")
 
 

@@ -1,20 +1,25 @@
 """What a GGUF file stores, read from its header: the number formats of its tensors, so that an
-estimate for a GGUF artifact costs the bytes the runtime really reads."""
+estimate for a GGUF artifact costs the bytes the runtime really reads, and the tokenizer keys that a
+new GGUF copies from the one its model came from. The gguf package (numpy under it) is imported only
+when a file is read, so that config-only commands stay light."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shrink.archspec import Formats
 from shrink.errors import ShrinkError
 
-# GGML tensor types -> shrink format names (numformats.FORMATS)
-_GGML_TO_FORMAT = {
-    "F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
-    "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "TQ1_0": "tq1_0",
-    "TQ2_0": "tq2_0", "MXFP4": "mxfp4", "NVFP4": "nvfp4", "Q1_0": "binary",
+# GGUF block tensor name (blk.N.<name>.weight) -> the roofline operator that reads it (hardware/ops.py)
+_OP_OF_TENSOR = {
+    "attn_q": "attn.qkv", "attn_k": "attn.qkv", "attn_v": "attn.qkv", "attn_qkv": "attn.qkv", "attn_output": "attn.o",
+    "ffn_gate": "ffn.up", "ffn_up": "ffn.up", "ffn_down": "ffn.down", "ssm_in": "ssm.in_proj", "ssm_out": "ssm.out_proj",
+    "ffn_gate_inp": "moe.router", "ffn_gate_exps": "moe.experts_up", "ffn_up_exps": "moe.experts_up",
+    "ffn_down_exps": "moe.experts_down", "ffn_gate_shexp": "moe.shared_up", "ffn_up_shexp": "moe.shared_up",
+    "ffn_down_shexp": "moe.shared_down",
 }
 
 
@@ -22,6 +27,7 @@ _GGML_TO_FORMAT = {
 class GGUFFormats:
     formats: Formats
     linear_bytes_by_type: dict[str, int]  # GGML type -> bytes of 2-D block weights stored in it
+    exact: bool  # every operator's tensors share one type, so the formats cost the file's bytes exactly
 
     @property
     def mixed(self) -> bool:
@@ -29,34 +35,67 @@ class GGUFFormats:
 
 
 def gguf_formats(path: str | Path) -> GGUFFormats:
-    """Formats of a GGUF's tensors: block weights take the type holding most of their bytes (a
-    Q4_K_M file mixes several), embeddings the token table's type. llama.cpp keeps the KV cache in
-    f16 and quantizes activations to 8 bits for its quantized dot products, hence int8 activations
-    whenever the weights are quantized."""
+    """Formats of a GGUF's tensors, per operator: each operator's weights take the type holding most
+    of its bytes (exact unless one operator mixes types across layers, as Q4_K_M files do), the
+    embedding the token table's type, a separate output projection its own. llama.cpp keeps the KV
+    cache in f16 and quantizes activations to 8 bits for its quantized dot products, hence int8
+    activations whenever the weights are quantized."""
     from gguf import GGUFReader
+
+    from shrink.numformats import format_by_gguf_type
 
     try:
         reader = GGUFReader(str(path))
     except (OSError, ValueError) as err:
         raise ShrinkError(f"'{path}' is corrupt or truncated: not a readable GGUF file ({err}).") from None
+    by_op: dict[str, Counter[str]] = {}
     linear: Counter[str] = Counter()
-    embedding = None
+    embedding = output = None
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         if tensor.name == "token_embd.weight":
             embedding = kind
+        elif tensor.name == "output.weight":
+            output = kind
         elif tensor.name.startswith("blk.") and len(tensor.shape) >= 2:
+            op = _OP_OF_TENSOR.get(tensor.name.split(".")[2], "other")
+            by_op.setdefault(op, Counter())[kind] += int(tensor.n_bytes)
             linear[kind] += int(tensor.n_bytes)
-    unknown = {k for k in [*linear, embedding] if k is not None and k not in _GGML_TO_FORMAT}
-    if unknown or not linear or embedding is None:
-        raise ShrinkError(f"'{path}' holds tensor types shrink cannot cost yet: {sorted(unknown) or 'no block weights'}.")
-    weights = _GGML_TO_FORMAT[linear.most_common(1)[0][0]]
+    if not linear or embedding is None:
+        raise ShrinkError(f"'{path}' holds no block weights or no token embedding that shrink can cost.")
+    name = {k: format_by_gguf_type(k).name for k in {*linear, embedding, output} if k is not None}
+    weights = name[linear.most_common(1)[0][0]]
+    ops = tuple(sorted((op, name[types.most_common(1)[0][0]]) for op, types in by_op.items()
+                       if op != "other" and name[types.most_common(1)[0][0]] != weights))
     quantized = weights not in ("fp32", "fp16", "bf16")
     formats = Formats(
         weights=weights,
-        embeddings=_GGML_TO_FORMAT[embedding],
+        embeddings=name[embedding],
         activations="int8" if quantized else "fp32",
         kv_cache="fp16",
         other="fp32",
+        lm_head=name[output] if output else None,
+        ops=ops,
     )
-    return GGUFFormats(formats, dict(linear))
+    return GGUFFormats(formats, dict(linear), exact=all(len(types) == 1 for types in by_op.values()))
+
+
+def copy_tokenizer_fields(source: str | Path, writer: Any) -> None:
+    """Copy every tokenizer.* key of a GGUF file into a GGUFWriter verbatim (token strings as raw bytes):
+    the tokenizer a GGUF export carries, and the sidecar `shrink.model.save` keeps beside the weights."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(source))
+    for name, field_ in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field_.types[0]
+        if kind == GGUFValueType.ARRAY:
+            if field_.types[1] == GGUFValueType.STRING:
+                writer.add_array(name, [bytes(field_.parts[i]) for i in field_.data])
+            else:
+                writer.add_array(name, [field_.parts[i][0].item() for i in field_.data])
+        elif kind == GGUFValueType.STRING:
+            writer.add_string(name, bytes(field_.parts[field_.data[0]]).decode())
+        else:
+            writer.add_key_value(name, field_.parts[field_.data[0]][0].item(), kind)

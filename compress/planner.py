@@ -28,13 +28,6 @@ from shrink.errors import ShrinkError
 KEEPS = (1.0, 0.8, 0.6, 0.4)  # fractions of the non-embedding parameters
 AXES = ("width", "depth")
 RUNTIME_EXPORTS = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
-# format family -> (weights, embeddings) as the export stores them, for the roofline
-COSTING: dict[str, dict[str | None, tuple[str, str]]] = {
-    "gguf": {None: ("fp16", "fp16"), "int8": ("q8_0", "q8_0"), "nvfp4": ("nvfp4", "q8_0"), "mxfp4": ("mxfp4", "q8_0"),
-             "int4": ("q4_0", "q8_0"), "ternary": ("tq2_0", "q8_0"), "binary": ("binary", "q8_0")},
-    # a quantized ONNX export reads lm_head as a quantized MatMulNBits copy (export/bench.py)
-    "onnx": {None: ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int4_g32", "int4_g32")},
-}
 
 
 # --- what the user asks for ---
@@ -107,7 +100,7 @@ class Candidate:
     @property
     def label(self) -> str:
         shape = "unpruned" if self.shape is None else f"{self.axis} {self.keep:.0%}"
-        return f"{shape}, {self.format or ('f16' if self.runtime == 'gguf' else 'f32')}"
+        return f"{shape}, {self.format or {'gguf': 'f16', 'onnx': 'f32'}.get(self.runtime, 'bf16')}"
 
     @property
     def fits(self) -> bool:
@@ -135,41 +128,27 @@ def target_runtime(profile: Any) -> str:
     raise ShrinkError(f"Target '{profile.name}' names no runtime shrink exports to (llama.cpp or onnxruntime).")
 
 
-def _rows(spec: Any) -> set[int]:
-    """Row lengths (input features) of the Linear weights a quantization plan covers."""
-    from shrink.archspec import AttentionSpec
-
-    rows = {spec.hidden_size}
-    for layer in spec.layers:
-        if isinstance(layer.mixer, AttentionSpec):
-            rows.add(layer.mixer.num_heads * layer.mixer.head_dim)
-        if layer.ffn is not None and not layer.ffn.is_moe:
-            rows.add(layer.ffn.width)
-    return rows
-
-
 def _fallback(spec: Any, family: str | None, runtime: str) -> str | None:
-    from shrink.compress.quant.formats import block_size
-    from shrink.compress.quant.plan import grid_for
+    """Why a candidate is not built as costed: part of it would fall back to another format."""
+    from shrink.export.costing import fallbacks, op_row_lengths
+    from shrink.numformats import stored_format
 
-    if family is None:
-        return None
-    grid = grid_for(family, runtime)
-    bad = sorted(r for r in _rows(spec) if r % block_size(grid))
-    if bad:
-        return (f"rows of {bad[0]} do not divide into {grid}'s {block_size(grid)}-element blocks, so part of the "
-                "model would fall back to another grid; not costed as this format")
+    wanted = stored_format(family, runtime)
+    moved = fallbacks(spec, wanted)
+    if moved:
+        rows = sorted(r for op in moved for r in op_row_lengths(spec)[op] if r % wanted.block)
+        return (f"rows of {rows[0]} do not divide into {wanted.name}'s {wanted.block}-element blocks, so part of the "
+                "model would fall back to another format; not costed as this format")
     return None
 
 
 def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: TargetBudget,
          host_factor: tuple[float, float] = (1.0, 1.0)) -> Candidate:
     """Fill in the candidate's roofline figures on the target and the budget lines it misses."""
+    from shrink.export.costing import costed_spec
     from shrink.hardware.roofline import estimate
 
-    weights, embeddings = COSTING[candidate.runtime][candidate.format]
-    costed = spec.with_formats(weights=weights, embeddings=embeddings)
-    est = estimate(costed, profile, workload)
+    est = estimate(costed_spec(spec, candidate.format, candidate.runtime), profile, workload)
     candidate.tpot_s = est.tpot_s * host_factor[0]
     candidate.ttft_s = est.ttft_s * host_factor[1]
     candidate.memory_bytes = est.memory.total_bytes
@@ -190,6 +169,7 @@ def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: A
                          host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
     from shrink.compress.pruning import budget_shape
     from shrink.compress.search import Budget
+    from shrink.numformats import runtime_families
 
     runtime = target_runtime(profile)
     shapes: list[tuple[float, str, Any]] = [(1.0, "-", None)]
@@ -204,7 +184,7 @@ def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: A
     candidates = []
     for keep, axis, plan in shapes:
         spec = loaded.spec if plan is None else plan.spec
-        for family in COSTING[runtime]:
+        for family in runtime_families(runtime):
             candidates.append(cost(Candidate(keep, axis, family, runtime, plan), spec, profile, workload, budget,
                                    host_factor))
     return candidates

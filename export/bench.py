@@ -7,15 +7,16 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from shrink.archspec import ArchSpec
 from shrink.errors import ShrinkError
+from shrink.export.backend import backend_for
 from shrink.export.manifest import manifest_path, read_manifest
-from shrink.export.runtimes import artifact_kind
+from shrink.hardware.profiles import get_profile
+from shrink.hardware.roofline import Workload, estimate
 
 
 @dataclass
@@ -63,83 +64,44 @@ def token_ids(count: int, vocab: int) -> list[int]:
     return [rng.randrange(1, vocab) for _ in range(count)]
 
 
-def time_gguf(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
-    from shrink.export.runtimes import open_llama
-
-    llm = open_llama(path, n_ctx=len(prompt) + len(gen) + 8, n_batch=len(prompt), threads=threads)
-    prefill, decode = [], []
-    for run in range(repeats + 1):  # run 0 is a warm-up (page-in, kernel selection) and is dropped
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        elapsed = time.perf_counter() - start
-        steps = []
-        for token in gen:
-            start = time.perf_counter()
-            llm.eval([token])
-            steps.append(time.perf_counter() - start)
-        if run:
-            prefill.append(elapsed)
-            decode += steps
-    return prefill, decode
-
-
-def time_onnx(path: Path, threads: int, prompt: list[int], gen: list[int], repeats: int) -> tuple[list[float], list[float]]:
-    from shrink.export.onnx_runtime import OnnxRunner
-
-    runner = OnnxRunner(path, threads)
-    prefill, decode = [], []
-    for run in range(repeats + 1):
-        start = time.perf_counter()
-        _, cache = runner.step(prompt, runner.empty_cache())
-        elapsed = time.perf_counter() - start
-        steps = []
-        for token in gen:
-            start = time.perf_counter()
-            _, cache = runner.step([token], cache)
-            steps.append(time.perf_counter() - start)
-        if run:
-            prefill.append(elapsed)
-            decode += steps
-    return prefill, decode
-
-
 def artifact_costing(artifact: Path, kind: str) -> tuple[ArchSpec | None, dict]:
+    """The artifact's ArchSpec (from its manifest) and the formats its file stores, read from the file
+    itself, so that the roofline costs the bytes its runtime reads (an untied lm_head copy included)."""
+    from dataclasses import asdict, replace
+
     own = manifest_path(artifact)
     manifest = read_manifest(own) if own.is_file() else None
     if manifest is None:
         return None, {}
     spec = ArchSpec.from_dict(manifest["archspec"])
-    quant = manifest.get("export", {}).get("quant", "f32")
     if kind == "gguf":
         from shrink.ggufmeta import gguf_formats
 
         stored = gguf_formats(artifact).formats
-        return spec, {k: getattr(stored, k) for k in ("weights", "embeddings", "activations", "kv_cache", "other")}
-    weights = {"f32": "fp32", "int8": "int8", "int4": "int4_g32"}[quant]
-    # A quantized ONNX export reads lm_head as a quantized MatMulNBits copy (tied tables are untied
-    # for it), so per-token traffic follows the weight format; the f32 gather table is read a row at a time.
-    return spec, {"weights": weights, "embeddings": weights, "activations": "fp32", "kv_cache": "fp32", "other": "fp32"}
+    else:
+        from shrink.export.onnx import onnx_formats
+
+        read = onnx_formats(artifact)
+        stored = read.formats
+        spec = replace(spec, tied_embeddings=spec.tied_embeddings and read.tied)
+    return spec, {k: v for k, v in asdict(stored).items() if k != "ssm_state"}
 
 
-def bench(artifact: str | Path, threads: int | None = None, prompt_len: int = 128, gen_len: int = 32,
-          repeats: int = 3) -> BenchResult:
-    from shrink.hardware.profiles import get_profile
-    from shrink.hardware.roofline import Workload, estimate
-
+def bench(artifact: str | Path, threads: int | None = None, *, prompt_len: int, gen_len: int,
+          repeats: int) -> BenchResult:
+    """Time the artifact in its runtime here (the lengths' defaults: flows/defaults.py)."""
     artifact = Path(artifact)
-    kind = artifact_kind(artifact)
+    kind = backend_for(artifact)
     Workload(batch=1, prompt_len=prompt_len, gen_len=gen_len)  # validates the numbers
     if repeats < 1:
         raise ShrinkError(f"--repeats must be at least 1, got {repeats}.")
     threads = threads or os.cpu_count() or 1
-    spec, formats = artifact_costing(artifact, kind)
+    spec, formats = artifact_costing(artifact, kind.kind)
     vocab = spec.vocab_size if spec else 256
     prompt, gen = token_ids(prompt_len, vocab), token_ids(gen_len, vocab)
-    runner = time_gguf if kind == "gguf" else time_onnx
-    prefill, decode = runner(artifact, threads, prompt, gen, repeats)
+    prefill, decode = kind.time(artifact, threads, prompt, gen, repeats)
     est = None
     if spec is not None:
         est = estimate(spec.with_formats(**formats), get_profile("host"), Workload(1, prompt_len, gen_len))
-    return BenchResult(str(artifact), "llama.cpp" if kind == "gguf" else "onnxruntime", threads, prompt_len, gen_len,
-                       repeats, _timing(prefill), _timing(decode), est)
+    return BenchResult(str(artifact), kind.runtime, threads, prompt_len, gen_len, repeats, _timing(prefill),
+                       _timing(decode), est)

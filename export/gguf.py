@@ -25,11 +25,14 @@ import numpy as np
 from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
+from shrink.numformats.plan import saved_plan
+from shrink.numformats.registry import (FAMILIES, FORMATS, NumberFormat, fallback_chain, stored_format,
+                                        vocabulary_format)
 
 log = logging.getLogger("shrink")
 
-QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "tq1_0", "tq2_0", "mxfp4")
-_WIDE = ("f32", "f16", "bf16", "q8_0")
+# the stored formats (registry names) the gguf package's own quantizers write
+QUANT_TYPES = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "tq1_0", "tq2_0", "mxfp4")
 
 
 @dataclass
@@ -60,9 +63,7 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
 
     from shrink.storage import atomic_path
 
-    quant = quant.lower()
-    if quant not in QUANT_TYPES:
-        raise ShrinkError(f"Unknown GGUF type '{quant}'; choose one of: {', '.join(QUANT_TYPES)}.")
+    quant = _quant_format(quant)
     spec: ArchSpec = loaded.spec
     layout = choose_layout(spec, pad_to_uniform)
     config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
@@ -70,8 +71,8 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     if spec.tied_embeddings:
         state.pop("lm_head.weight", None)
     plan = _gguf_plan(loaded, quant)
-    grids = _planned_grids(plan, state) if plan else {}
-    result = GGUFExport(Path(path), layout.arch, plan.grid if plan else quant, {})
+    planned = _planned_formats(plan, state) if plan else {}
+    result = GGUFExport(Path(path), layout.arch, plan.stored if plan else quant, {})
     if pad_to_uniform and not spec.is_uniform:
         spec = _pad_ffn_to_uniform(spec, state, result)
 
@@ -82,16 +83,16 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
         for hf_name, array in state.items():
             name = gguf_tensor_name(hf_name, layout)
             array = _convert(hf_name, array, layout, spec)
-            if hf_name in grids:
-                data, ggml_type = _pack_on_grid(hf_name, array, grids[hf_name])
+            if hf_name in planned:
+                data, ggml_type = _pack_on_grid(hf_name, array, planned[hf_name])
                 writer.add_tensor(name, data, raw_dtype=ggml_type)
                 result.tensor_types[name] = ggml_type.name
                 continue
-            kind = _tensor_type(name, array, quant if not plan else "f16", result)
+            kind = _tensor_type(name, array, quant if not plan else "fp16", result)
             data = array if kind == "F32" else gguf.quants.quantize(array.astype(np.float32), _ggml(kind))
             writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else _ggml(kind))
             result.tensor_types[name] = kind
-        writer.add_file_type(_file_type(_PLAN_FILE_TYPES.get(plan.grid, "f16") if plan else quant))
+        writer.add_file_type(_file_type(plan.stored if plan else quant))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -100,70 +101,76 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     return result
 
 
-# the file type a planned export declares (llama.cpp reads each tensor's own type; this is a label)
-_PLAN_FILE_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1", "mxfp4": "mxfp4", "ternary_b256": "tq2_0"}
+def _quant_format(quant: str) -> str:
+    from shrink.numformats import get_format
+
+    name = get_format(quant).name if quant.lower() not in FAMILIES else stored_format(quant.lower(), "gguf").name
+    if name not in QUANT_TYPES:
+        raise ShrinkError(f"GGUF type '{quant}' is not one the gguf package writes; choose one of: {', '.join(QUANT_TYPES)}.")
+    return name
 
 
 def _gguf_plan(loaded: Any, quant: str) -> Any:
-    from shrink.compress.quant.student import saved_plan
-
     plan = saved_plan(loaded.model)
     if plan is None:
         return None
     if plan.runtime != "gguf":
         raise ShrinkError(f"This model was quantized on the {plan.runtime} grid ({plan.grid}); export it with "
                           f"-f {plan.runtime if plan.runtime != 'torch' else 'onnx'} or quantize it again with --runtime gguf.")
-    if quant not in ("f16",):
+    if quant != "fp16":
         raise ShrinkError(f"This model carries its own quantization plan ({plan.grid}); --quant does not apply to it.")
     return plan
 
 
-def _planned_grids(plan: Any, state: dict) -> dict[str, str]:
-    """HF tensor name -> grid, for the planned Linear weights and the vocabulary tensors."""
-    grids = {f"{t.module}.weight": t.grid for t in plan.tensors}
+def _planned_formats(plan: Any, state: dict) -> dict[str, NumberFormat]:
+    """HF tensor name -> stored format, for the planned Linear weights and the vocabulary tensors."""
+    from shrink.numformats.plan import TensorGrid
+
+    formats = {f"{t.module}.weight": FORMATS[t.stored] for t in plan.tensors}
     if plan.vocabulary:
-        grids.update({name: plan.vocabulary for name in state if name.endswith(("embed_tokens.weight", "lm_head.weight"))})
-    return grids
+        vocabulary = FORMATS[TensorGrid("", plan.vocabulary).stored]
+        formats.update({name: vocabulary for name in state if name.endswith(("embed_tokens.weight", "lm_head.weight"))})
+    return formats
 
 
-def _pack_on_grid(hf_name: str, array: np.ndarray, grid: str) -> tuple[np.ndarray, Any]:
+def _pack_on_grid(hf_name: str, array: np.ndarray, stored: NumberFormat) -> tuple[np.ndarray, Any]:
     import torch
 
-    from shrink.compress.quant.formats import dequantize, from_grid_values
-    from shrink.compress.quant.ggufpack import pack
+    from shrink.numformats.grids import dequantize, from_grid_values
+    from shrink.numformats.ggufpack import pack
 
     weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    packed = from_grid_values(weight, grid)
+    packed = from_grid_values(weight, stored.grid)
     if not torch.equal(dequantize(packed), weight):
         worst = float((dequantize(packed) - weight).abs().max())
-        raise ShrinkError(f"{hf_name} is not on its {grid} grid (off by up to {worst:.3g}); was it changed after "
+        raise ShrinkError(f"{hf_name} is not on its {stored.grid} grid (off by up to {worst:.3g}); was it changed after "
                           "`shrink quantize`? Quantize it again.")
-    return pack(packed)
+    return pack(packed, stored.gguf_type)
 
 
-def _file_type(quant: str) -> int:
+def _file_type(stored: str) -> int:
+    """The file type a GGUF declares: a label (llama.cpp reads each tensor's own type)."""
     from gguf import LlamaFileType
 
     # llama.cpp names MXFP4 files after their first use (MoE experts); the type is the same
-    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "mxfp4": "MOSTLY_MXFP4_MOE"}
-    return int(LlamaFileType[names.get(quant, "MOSTLY_" + quant.upper())])
+    names = {"fp32": "ALL_F32", "mxfp4": "MOSTLY_MXFP4_MOE"}
+    name = names.get(stored, "MOSTLY_" + (FORMATS[stored].gguf_type or "F16"))
+    return int(LlamaFileType[name]) if name in LlamaFileType.__members__ else int(LlamaFileType.GUESSED)
 
 
 def _tensor_type(name: str, array: np.ndarray, quant: str, result: GGUFExport) -> str:
-    from gguf.constants import GGML_QUANT_SIZES
-
     if array.ndim == 1:
         return "F32"
-    wanted = quant if name not in ("token_embd.weight", "output.weight") or quant in _WIDE else "q8_0"
-    wanted_block, _ = GGML_QUANT_SIZES[_ggml(wanted)]
-    for candidate in (wanted, "q8_0", "f16"):
-        block, _ = GGML_QUANT_SIZES[_ggml(candidate)]
-        if array.shape[-1] % block == 0:
-            if candidate != wanted:
-                result.substitutions.append({"tensor": name, "wanted": wanted.upper(), "written": candidate.upper(),
-                                             "reason": f"rows of {array.shape[-1]} are not a multiple of {wanted_block}"})
-            return candidate.upper()
-    raise AssertionError("f16 has a block of 1")
+    wanted = FORMATS[quant]
+    if name in ("token_embd.weight", "output.weight"):
+        wanted = vocabulary_format(wanted, "gguf")
+    for candidate in (FORMATS[n] for n in fallback_chain(wanted.name)):
+        if array.shape[-1] % candidate.block == 0:
+            if candidate is not wanted:
+                result.substitutions.append({"tensor": name, "wanted": wanted.gguf_type, "written": candidate.gguf_type,
+                                             "reason": f"rows of {array.shape[-1]} are not a multiple of {wanted.block}"})
+            return candidate.gguf_type
+    raise AssertionError("the fallback chain ends at fp16, which has a block of 1")
 
 
 def _convert(hf_name: str, array: np.ndarray, layout: GGUFLayout, spec: ArchSpec) -> np.ndarray:

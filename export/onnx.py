@@ -22,11 +22,13 @@ from typing import Any
 
 from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
+from shrink.numformats.plan import saved_plan
+from shrink.numformats.registry import FORMATS, NumberFormat
 from shrink.storage import atomic_directory
 
 log = logging.getLogger("shrink")
 LAYOUT_FILE = "shrink_onnx.json"  # what the runner needs to feed the graph: layers, KV shapes, vocab
-ONNX_QUANTS = ("f32", "int8", "int4")
+ONNX_QUANTS = ("f32", "int8", "int4")  # --quant; with --block-size they name a registry format (onnx_int4_g32)
 
 
 @dataclass
@@ -75,12 +77,10 @@ def _decoder_with_cache(model: Any, layers: int) -> Any:
 def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_size: int = 32) -> OnnxExport:
     import torch
 
-    quant = quant.lower()
-    if quant not in ONNX_QUANTS:
-        raise ShrinkError(f"Unknown ONNX weight type '{quant}'; choose one of: {', '.join(ONNX_QUANTS)}.")
-    planned = _planned_weights(loaded, quant)
+    stored = onnx_format(quant, block_size)
+    planned = _planned_weights(loaded, stored)
     if planned is not None:
-        quant, block_size = planned[0], 32
+        stored = planned[0]
     spec: ArchSpec = loaded.spec
     attention = _attention_layers(spec)
     model = loaded.model.float().eval()
@@ -99,7 +99,7 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
               "past": tuple({0: dyn, 2: dyn} for _ in names)}
     directory = Path(directory)
-    result = OnnxExport(directory, quant)
+    result = OnnxExport(directory, stored.name)
     with atomic_directory(directory) as tmp:
         try:
             program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamo=True, input_names=["input_ids", "attention_mask", "position_ids", *names],
@@ -107,8 +107,8 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
         except Exception as err:  # the exporter raises many types; the user needs the sentence, not the trace
             raise ShrinkError(f"torch.onnx.export could not trace this model ({type(err).__name__}: {str(err).splitlines()[0]}).") from None
         program.save(str(tmp / "model.onnx"), external_data=True)
-        if quant != "f32":
-            _quantize_weights(tmp, quant, block_size, result, planned[1] if planned else None)
+        if stored.quantized:
+            _quantize_weights(tmp, stored, result, planned[1] if planned else None)
         layout = {"layers": [{"num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for a in attention],
                   "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
@@ -130,15 +130,25 @@ def _initializer_types(path: Path) -> dict[str, int]:
     return counts
 
 
-_ONNX_GRIDS = {"int4_g32": "int4", "int8_g32": "int8"}
+def onnx_format(quant: str, block_size: int = 32) -> NumberFormat:
+    """The registry format `--quant` and `--block-size` name: fp32, or MatMulNBits int8/int4 per block."""
+    quant = quant.lower()
+    if quant not in ONNX_QUANTS:
+        raise ShrinkError(f"Unknown ONNX weight type '{quant}'; choose one of: {', '.join(ONNX_QUANTS)}.")
+    if quant == "f32":
+        return FORMATS["fp32"]
+    name = f"onnx_{quant}_g{block_size}"
+    if name not in FORMATS:
+        blocks = sorted({f.block for f in FORMATS.values() if f.runtime == "onnx"})
+        raise ShrinkError(f"--block-size {block_size} is not one MatMulNBits takes here; choose one of: "
+                          f"{', '.join(map(str, blocks))}.")
+    return FORMATS[name]
 
 
-def _planned_weights(loaded: Any, quant: str) -> tuple[str, dict[bytes, str]] | None:
-    """For a student from `shrink quantize --runtime onnx`: its MatMulNBits type and its planned
+def _planned_weights(loaded: Any, stored: NumberFormat) -> tuple[NumberFormat, dict[bytes, str]] | None:
+    """For a student from `shrink quantize --runtime onnx`: its MatMulNBits format and its planned
     weights by content (ONNX renames initializers, the values are what identify them)."""
     import numpy as np
-
-    from shrink.compress.quant.student import saved_plan
 
     plan = saved_plan(loaded.model)
     if plan is None:
@@ -146,14 +156,14 @@ def _planned_weights(loaded: Any, quant: str) -> tuple[str, dict[bytes, str]] | 
     if plan.runtime != "onnx":
         raise ShrinkError(f"This model was quantized on the {plan.runtime} grid ({plan.grid}); export it with "
                           f"-f {plan.runtime if plan.runtime != 'torch' else 'gguf'} or quantize it again with --runtime onnx.")
-    if quant != "f32":
+    if stored.quantized:
         raise ShrinkError(f"This model carries its own quantization plan ({plan.grid}); --quant does not apply to it.")
-    if plan.fallbacks or any(t.grid not in _ONNX_GRIDS for t in plan.tensors):
+    if plan.fallbacks or any(FORMATS[t.stored].runtime != "onnx" for t in plan.tensors):
         raise ShrinkError("MatMulNBits takes one block size per export; this plan mixes grids "
                           f"({', '.join(sorted({t.grid for t in plan.tensors}))}), which ONNX export does not write yet.")
     weights = {np.ascontiguousarray(loaded.model.get_submodule(t.module).weight.detach().float().numpy().T).tobytes(): t.module
                for t in plan.tensors}
-    return _ONNX_GRIDS[plan.grid], weights
+    return FORMATS[plan.stored], weights
 
 
 def _matmul_nbits_weight(model: Any, node: Any) -> Any:
@@ -174,7 +184,7 @@ def _matmul_nbits_weight(model: Any, node: Any) -> Any:
     return np.ascontiguousarray(blocks.reshape(n, k).T)
 
 
-def _quantize_weights(directory: Path, quant: str, block_size: int, result: OnnxExport,
+def _quantize_weights(directory: Path, stored: NumberFormat, result: OnnxExport,
                       planned: dict[bytes, str] | None = None) -> None:
     """Weight-only quantization with ONNX Runtime's MatMulNBits (4 or 8 bits, one scale per block).
     A planned student's weights are already on this grid (symmetric, signed max / -8 or -128 per 32),
@@ -190,8 +200,8 @@ def _quantize_weights(directory: Path, quant: str, block_size: int, result: Onnx
     untied = _untie_transposed_matmuls(model)
     if untied:
         result.notes.append(f"untied {untied} MatMul weight(s) read through a Transpose (tied lm_head) so they quantize too")
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                          bits=4 if quant == "int4" else 8)
+    bits = 4 if stored.compute == "int4" else 8
+    config = DefaultWeightOnlyQuantConfig(block_size=stored.block, is_symmetric=True, accuracy_level=4, bits=bits)
     exclude = []
     if planned is not None:  # the kept layers (an lm_head) stay f32: they are not on any grid
         matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
@@ -206,12 +216,13 @@ def _quantize_weights(directory: Path, quant: str, block_size: int, result: Onnx
         quantized = quantizer.model.model
         for node in (n for n in quantized.graph.node if n.op_type == "MatMulNBits"):
             if _matmul_nbits_weight(quantized, node).tobytes() not in planned:
-                raise ShrinkError(f"ONNX Runtime's {quant} of {node.name} differs from the student's grid; not written.")
+                raise ShrinkError(f"ONNX Runtime's {stored.name} of {node.name} differs from the student's grid; not written.")
     for path in directory.iterdir():
         if path.name.startswith("model.onnx"):
             path.unlink()
     onnx.save_model(quantizer.model.model, str(source), save_as_external_data=True, location="model.onnx.data")
-    result.notes.append(f"MatMul weights as MatMulNBits {quant}, blocks of {block_size}, symmetric; embeddings and norms stay f32")
+    kept = " (the lm_head too: the plan keeps it)" if planned is not None else ""
+    result.notes.append(f"MatMul weights as {stored.onnx_op}, symmetric; embeddings and norms stay f32{kept}")
 
 
 def _initializer_bytes(model: Any, name: str) -> bytes | None:
@@ -244,3 +255,53 @@ def _untie_transposed_matmuls(model: Any) -> int:
         count += 1
     return count
 
+
+
+@dataclass(frozen=True)
+class OnnxFormats:
+    formats: Any  # archspec.Formats of what the graph stores
+    tied: bool  # the lm_head reads the embedding table itself (no untied copy stored)
+
+
+def onnx_formats(directory: str | Path) -> OnnxFormats:
+    """What an exported decoder stores, read from its graph: the block MatMuls' format, the gather
+    table's, and the lm_head's (an untied copy when the weights were quantized), so that an estimate
+    costs the bytes ONNX Runtime reads."""
+    import onnx
+
+    from shrink.archspec import Formats
+
+    directory = Path(directory)
+    layout = json.loads((directory / LAYOUT_FILE).read_text())
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    inits = {init.name for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    blocks: dict[str, int] = {}
+    lm_head, tied = "fp32", False
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            name, columns = f"onnx_int{attrs['bits']}_g{attrs['block_size']}", attrs["N"]
+        elif node.op_type == "MatMul" and (node.input[1] in inits or node.input[1] in producers):
+            source = producers.get(node.input[1])
+            through_transpose = source is not None and source.op_type == "Transpose" and source.input[0] in inits
+            if node.input[1] not in inits and not through_transpose:
+                continue  # an activation x activation MatMul (attention scores)
+            name, columns = "fp32", _columns(model, node.input[1] if not through_transpose else source.input[0],
+                                             through_transpose)
+            tied = tied or (through_transpose and columns == layout["vocab_size"])
+        else:
+            continue
+        if columns == layout["vocab_size"]:
+            lm_head = name
+        else:
+            blocks[name] = blocks.get(name, 0) + 1
+    weights = max(blocks, key=blocks.get) if blocks else "fp32"
+    formats = Formats(weights=weights, embeddings="fp32", activations="fp32", kv_cache="fp32", other="fp32",
+                      lm_head=None if tied else lm_head)
+    return OnnxFormats(formats, tied)
+
+
+def _columns(model: Any, name: str, transposed: bool) -> int:
+    init = next(i for i in model.graph.initializer if i.name == name)
+    return int(init.dims[0] if transposed else init.dims[-1])

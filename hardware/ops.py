@@ -38,32 +38,50 @@ class _Bytes:
 
     weight: float
     embedding: float
+    lm_head: float
     act: float
     kv: float
     state: float
     other: float
     matmul_class: str
+    lm_head_class: str
     attention_class: str
+    op_weights: tuple[tuple[str, float, str], ...] = ()  # per-operator (name, bytes per weight, class)
+
+    def of(self, op: str) -> tuple[float, str]:
+        """(bytes per weight, compute class) of an operator's weights."""
+        return next(((w, c) for name, w, c in self.op_weights if name == op), (self.weight, self.matmul_class))
 
 
 def _bytes_of(spec: ArchSpec) -> _Bytes:
     f = spec.formats
     act = get_format(f.activations)
+
+    def of(name: str) -> tuple[float, str]:
+        fmt = get_format(name)
+        return fmt.bytes_per_element, matmul_compute_class(fmt, act)
+
     return _Bytes(
-        weight=get_format(f.weights).bytes_per_element,
+        weight=of(f.weights)[0],
         embedding=get_format(f.embeddings).bytes_per_element,
+        lm_head=of(f.output)[0],
         act=act.bytes_per_element,
         kv=get_format(f.kv_cache).bytes_per_element,
         state=get_format(f.ssm_state).bytes_per_element,
         other=get_format(f.other).bytes_per_element,
-        matmul_class=matmul_compute_class(get_format(f.weights), act),
+        matmul_class=of(f.weights)[1],
+        lm_head_class=of(f.output)[1],
         attention_class=matmul_compute_class(get_format(f.kv_cache), act),
+        op_weights=tuple((op, *of(name)) for op, name in f.ops),
     )
 
 
-def _matmul(name: str, tokens: int, d_in: int, d_out: int, b: _Bytes, weight_bytes: float | None = None) -> Op:
-    weights = d_in * d_out * b.weight if weight_bytes is None else weight_bytes
-    return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, b.matmul_class)
+def _matmul(name: str, tokens: int, d_in: int, d_out: int, b: _Bytes, weight_bytes: float | None = None,
+            weight_of: str | None = None) -> Op:
+    """A matmul's op; its weights are costed in the format of operator `weight_of` (default: `name`)."""
+    per_weight, compute = b.of(weight_of or name)
+    weights = d_in * d_out * per_weight if weight_bytes is None else weight_bytes * per_weight
+    return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, compute)
 
 
 def _norm(name: str, tokens: int, width: int, count: int, b: _Bytes) -> Op:
@@ -139,8 +157,8 @@ def ffn_ops(f: FFNSpec, hidden: int, tokens: int, b: _Bytes) -> list[Op]:
     routed = tokens * f.experts_per_token
     ops = [
         _matmul("moe.router", tokens, hidden, f.num_experts, b),
-        _matmul("moe.experts_up", routed, hidden, up_width, b, weight_bytes=touched * hidden * up_width * b.weight),
-        _matmul("moe.experts_down", routed, f.width, hidden, b, weight_bytes=touched * f.width * hidden * b.weight),
+        _matmul("moe.experts_up", routed, hidden, up_width, b, weight_bytes=touched * hidden * up_width),
+        _matmul("moe.experts_down", routed, f.width, hidden, b, weight_bytes=touched * f.width * hidden),
     ]
     if f.shared_width:
         shared = (f.matrices - 1) * f.shared_width
@@ -171,7 +189,7 @@ def model_edge_ops(spec: ArchSpec, batch: int, new: int, b: _Bytes) -> list[Op]:
     return [
         Op("embedding", "embedding", float(tokens * h), tokens * h * (b.embedding + b.act), "fp32"),
         _norm("final_norm", batch, h, 1 if spec.final_norm else 0, b),
-        _matmul("lm_head", batch, h, v, b, weight_bytes=h * v * b.embedding),
+        Op("lm_head", "matmul", 2.0 * batch * h * v, h * v * b.lm_head + batch * (h + v) * b.act, b.lm_head_class),
     ]
 
 
@@ -185,19 +203,50 @@ def pass_ops(spec: ArchSpec, batch: int, new: int, past: int) -> list[Op]:
     return ops
 
 
-def linear_params(layer: LayerSpec, hidden: int) -> int:
-    """Parameters held in matrices (what a weight format quantizes); the rest are norms, biases,
-    SSM scalars and conv taps, kept in the `other` format."""
-    n = 0
+def linear_params_by_op(layer: LayerSpec, hidden: int) -> dict[str, int]:
+    """Parameters held in matrices (what a weight format quantizes), by the operator that reads them;
+    the rest are norms, biases, SSM scalars and conv taps, kept in the `other` format."""
+    n: dict[str, int] = {}
     m = layer.mixer
     if isinstance(m, AttentionSpec):
         kv = 2 * m.num_kv_heads * m.head_dim if m.owns_kv else 0
-        n += hidden * (m.num_heads * m.head_dim + kv) + m.num_heads * m.head_dim * hidden
+        n["attn.qkv"] = hidden * (m.num_heads * m.head_dim + kv)
+        n["attn.o"] = m.num_heads * m.head_dim * hidden
     elif isinstance(m, SSMSpec):
-        n += hidden * m.in_proj_out + m.inner * hidden
+        n["ssm.in_proj"] = hidden * m.in_proj_out
+        n["ssm.out_proj"] = m.inner * hidden
     f = layer.ffn
-    if f is not None:
-        n += f.matrices * hidden * f.width * max(f.num_experts, 1)
-        if f.is_moe:
-            n += f.num_experts * hidden + f.matrices * hidden * f.shared_width
+    if f is not None and not f.is_moe:
+        n["ffn.up"] = (f.matrices - 1) * hidden * f.width
+        n["ffn.down"] = f.width * hidden
+    elif f is not None:
+        n["moe.router"] = f.num_experts * hidden
+        n["moe.experts_up"] = (f.matrices - 1) * hidden * f.width * f.num_experts
+        n["moe.experts_down"] = f.width * hidden * f.num_experts
+        if f.shared_width:
+            n["moe.shared_up"] = (f.matrices - 1) * hidden * f.shared_width
+            n["moe.shared_down"] = f.shared_width * hidden
     return n
+
+
+def linear_params(layer: LayerSpec, hidden: int) -> int:
+    return sum(linear_params_by_op(layer, hidden).values())
+
+
+def weight_bytes_by_group(spec: ArchSpec) -> dict[str, float]:
+    """Bytes of every stored weight by group (blocks' matrices, embedding, a separate lm_head, the
+    rest: norms, biases, SSM scalars), each operator's matrices in its own format."""
+    b = _bytes_of(spec)
+    table = spec.vocab_size * spec.hidden_size
+    blocks = linear = 0
+    for layer in spec.layers:
+        for op, n in linear_params_by_op(layer, spec.hidden_size).items():
+            blocks += n * b.of(op)[0]
+            linear += n
+    return {"blocks": blocks, "embedding": table * b.embedding,
+            "lm_head": 0.0 if spec.tied_embeddings else table * b.lm_head,
+            "other": (spec.param_counts().non_embedding - linear) * b.other}
+
+
+def weight_bytes(spec: ArchSpec) -> float:
+    return sum(weight_bytes_by_group(spec).values())

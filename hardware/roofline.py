@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
 from shrink.errors import ShrinkError
-from shrink.hardware.ops import Op, linear_params, pass_ops
+from shrink.hardware.ops import Op, weight_bytes, pass_ops
 from shrink.hardware.profiles import Profile
 from shrink.numformats import get_format
 
@@ -148,11 +148,8 @@ def _phase(name: str, steps: list[list[Op]], profile: Profile) -> PhaseEstimate:
 def memory_needed(spec: ArchSpec, workload: Workload) -> tuple[float, float, float, float]:
     """(weights, KV cache, SSM state, activations) in bytes."""
     f = spec.formats
-    w, emb, other = (get_format(x).bytes_per_element for x in (f.weights, f.embeddings, f.other))
     kv, act, state = (get_format(x).bytes_per_element for x in (f.kv_cache, f.activations, f.ssm_state))
-    counts = spec.param_counts()
-    linear = sum(linear_params(layer, spec.hidden_size) for layer in spec.layers)
-    weights = linear * w + (counts.non_embedding - linear) * other + counts.embedding * emb
+    weights = weight_bytes(spec)
     batch, context = workload.batch, workload.prompt_len + workload.gen_len
     kv_cache = ssm_state = 0.0
     widest = 2 * spec.hidden_size

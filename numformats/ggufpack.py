@@ -15,15 +15,15 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from shrink.compress.quant.formats import UE4M3_VALUES, QTensor
+from shrink.numformats.grids import UE4M3_VALUES, QTensor
+from shrink.numformats.registry import FORMATS
 from shrink.errors import ShrinkError
 
-# format -> the GGUF types it can be written as (the first is the default)
-PACKABLE: dict[str, tuple[str, ...]] = {
-    "q8_0": ("Q8_0",), "q4_0": ("Q4_0",), "q4_1": ("Q4_1",), "mxfp4": ("MXFP4",), "nvfp4_gguf": ("NVFP4",),
-    "ternary_b256": ("TQ2_0", "TQ1_0"), "binary_b128": ("Q1_0",),  # Q1_0: type 41 in gguf 0.19
-    "f16": ("F16",),  # not blocks: float16 [rows, cols]
-}
+# grid -> the GGUF types it can be written as (the first is the default), from the registry's records
+PACKABLE: dict[str, tuple[str, ...]] = {}
+for _record in FORMATS.values():
+    if _record.grid and _record.gguf_type:
+        PACKABLE[_record.grid] = (*PACKABLE.get(_record.grid, ()), _record.gguf_type)
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink.compress.quant.formats import block_size, clipped, dequantize, quantize, weight_format
+from shrink.numformats.grids import block_size, clipped, dequantize, quantize, weight_format
 from shrink.errors import ShrinkError
 
 # an activation format applies per token: one scale per row of the flattened input

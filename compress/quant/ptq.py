@@ -45,7 +45,7 @@ def calibrate(model: Any, plan: QuantPlan, method: str, batches: Any = None, fam
 
 def _scale_groups(weight: Any, grid: str) -> Any:
     """View the weight as [groups, elements sharing one scale]."""
-    from shrink.compress.quant.formats import scale_group_size
+    from shrink.numformats.grids import scale_group_size
 
     size = scale_group_size(grid, tuple(weight.shape))
     return weight.reshape(-1, size)
@@ -55,7 +55,7 @@ def clip_to_mse(model: Any, plan: QuantPlan) -> float:
     """Per scale group, the clipping ratio with the least squared error; returns the mean ratio."""
     import torch
 
-    from shrink.compress.quant.formats import quantize_dequantize
+    from shrink.numformats.grids import quantize_dequantize
 
     chosen = []
     with torch.no_grad():
@@ -154,7 +154,7 @@ def _capture_inputs(model: Any, projections: list[Any], batches: Any, batch_size
 def _search_exponent(x: Any, projections: list[Any], grids: list[str]) -> tuple[float, Any]:
     import torch
 
-    from shrink.compress.quant.formats import quantize_dequantize
+    from shrink.numformats.grids import quantize_dequantize
 
     magnitude = x.abs().mean(0).clamp(min=1e-8)
     reference = [x @ p.weight.detach().float().T for p in projections]

@@ -21,7 +21,7 @@ QAD_LR = {8: 1e-7, 4: 1e-5, 2: 1e-5, 1: 1e-5}
 
 
 def qad_lr(grid: str) -> float:
-    from shrink.compress.quant.formats import weight_format
+    from shrink.numformats.grids import weight_format
 
     bits = weight_format(grid).element_bits
     return QAD_LR[min((b for b in QAD_LR if b >= bits), default=max(QAD_LR))]
@@ -102,7 +102,7 @@ def _weight(loaded: Any, tensor: Any) -> Any:
 
 def mean_bits(loaded: Any, plan: Any) -> float:
     """Effective bits per quantized weight (scales included), weighted by tensor size."""
-    from shrink.compress.quant.formats import effective_bits
+    from shrink.numformats.grids import effective_bits
 
     weights = [_weight(loaded, t) for t in plan.tensors]
     total = sum(w.numel() for w in weights)

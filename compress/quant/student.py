@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shrink.compress.quant.plan import SAVED_KEY, QuantPlan
+from shrink.numformats.plan import SAVED_KEY, QuantPlan, saved_plan  # noqa: F401  (saved_plan: the student API)
 
 
 def _config(model: Any) -> Any:
@@ -28,7 +28,7 @@ def fake_quantize(model: Any, plan: QuantPlan) -> Any:
     import torch
 
     from shrink.compress.quant.fakequant import FakeQuantLinear
-    from shrink.compress.quant.formats import quantize_dequantize
+    from shrink.numformats.grids import quantize_dequantize
 
     for vocabulary in _vocabulary(model):
         vocabulary.weight.requires_grad_(False)  # frozen: its grid is fixed once, here
@@ -67,10 +67,3 @@ def materialize(model: Any, plan: QuantPlan) -> Any:
         vocabulary.weight.requires_grad_(True)
     setattr(_config(model), SAVED_KEY, plan.to_dict())
     return model
-
-
-def saved_plan(model_or_config: Any) -> QuantPlan | None:
-    config = getattr(model_or_config, "config", model_or_config)
-    config = getattr(config, "text_config", None) or config
-    data = getattr(config, SAVED_KEY, None)
-    return QuantPlan.from_dict(data) if data else None

@@ -1,0 +1,16 @@
+"""Number formats: the registry (records, families, verify gates) and, in submodules, the exact grids.
+
+Importing this package imports neither torch nor the gguf package: `grids` (torch) and `ggufpack`
+(gguf) are imported by name where their numerics are needed.
+"""
+
+from shrink.numformats.registry import (ALIASES, COMPUTE_CLASSES, FALLBACK, FAMILIES, FORMATS, RUNTIMES,
+                                        UNQUANTIZED, UPCAST, Family, Gate, NumberFormat, fallback_chain,
+                                        family_hint, format_by_gguf_type, gate_for, get_format,
+                                        matmul_compute_class, resolve_weights, runtime_families, stored_format,
+                                        vocabulary_format, wilson_interval)
+
+__all__ = ["ALIASES", "COMPUTE_CLASSES", "FALLBACK", "FAMILIES", "FORMATS", "RUNTIMES", "UNQUANTIZED", "UPCAST",
+           "Family", "Gate", "NumberFormat", "fallback_chain", "family_hint", "format_by_gguf_type", "gate_for",
+           "get_format", "matmul_compute_class", "resolve_weights", "runtime_families", "stored_format",
+           "vocabulary_format", "wilson_interval"]
