@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shrink.compress.quant.fakequant import FakeQuantLinear, fake_quant, quantized_grid_weight
-from shrink.compress.quant.formats import (
+from shrink.numformats.grids import (
     E2M1_VALUES, FORMATS, IDEMPOTENT, UE4M3_VALUES, QTensor, _e2m1_code, _ggml_ue4m3, block_size, clipped,
     dequantize, e2m1_round, e4m3_round, effective_bits, element_scale, quantize, quantize_dequantize,
 )
-from shrink.compress.quant.ggufpack import pack
+from shrink.numformats.ggufpack import pack
 from shrink.errors import ShrinkError
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
