@@ -2,42 +2,89 @@
 
 A family is keyed by the config's `model_type`. A model type with no adapter fails loudly with the
 list of supported ones; there is no generic fallback that would guess a shape and mis-estimate it.
+
+An adapter reads a transformers config object, or a config.json read as plain JSON (`config_from_dict`):
+commands that need only a config (estimate, inspect) then import neither transformers nor torch. For
+that, each family records its transformers config class's defaults for the fields its adapter reads
+(a config.json omits what equals them) and what the class derives when it is built (layer types,
+windows, legacy names); tests/test_archspec.py holds both to transformers itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
 
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, Formats, LayerSpec, SSMSpec
 from shrink.errors import ShrinkError
 
 Adapter = Callable[[Any], ArchSpec]
-_ADAPTERS: dict[str, Adapter] = {}
+Settle = Callable[[dict[str, Any]], None]
 
 
-def register(*model_types: str) -> Callable[[Adapter], Adapter]:
+def _nothing_derived(fields: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Family:
+    adapter: Adapter
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # the config class's defaults the adapter reads
+    settle: Settle = _nothing_derived  # what the config class derives from the fields when it is built
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(*model_types: str, defaults: Mapping[str, Any] | None = None, settle: Settle | None = None):
     def wrap(fn: Adapter) -> Adapter:
         for model_type in model_types:
-            _ADAPTERS[model_type] = fn
+            _FAMILIES[model_type] = Family(fn, dict(defaults or {}), settle or _nothing_derived)
         return fn
 
     return wrap
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted(_FAMILIES)
 
 
-def spec_from_config(config: Any) -> ArchSpec:
-    model_type = getattr(config, "model_type", None)
-    adapter = _ADAPTERS.get(model_type)
-    if adapter is None:
+def _family(model_type: Any) -> Family:
+    family = _FAMILIES.get(model_type)
+    if family is None:
         raise ShrinkError(
             f"Architecture '{model_type}' is not supported; supported model types: "
             f"{', '.join(supported_model_types())}."
         )
-    return adapter(config)
+    return family
+
+
+def spec_from_config(config: Any) -> ArchSpec:
+    """The ArchSpec of a transformers config or of a `config_from_dict` view of a config.json."""
+    return _family(getattr(config, "model_type", None)).adapter(config)
+
+
+# Older configs name layer kinds as transformers did before v5 (PreTrainedConfig remaps them on load).
+_LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def _remapped(kinds: list[str]) -> list[str]:
+    return [_LEGACY_LAYER_TYPES.get(kind, kind) for kind in kinds]
+
+
+def config_from_dict(data: Mapping[str, Any]) -> SimpleNamespace:
+    """A config.json's contents as its family's transformers config class would read them: the class's
+    defaults for omitted fields, the fields it derives, `torch_dtype` read as `dtype`; other fields are
+    kept as they are. Raises ShrinkError for a model type with no adapter."""
+    family = _family(data.get("model_type"))
+    fields = {**family.defaults, **data}
+    if fields.get("dtype") is None:
+        fields["dtype"] = fields.pop("torch_dtype", None)
+    if fields.get("layer_types") is not None:
+        fields["layer_types"] = _remapped(fields["layer_types"])
+    family.settle(fields)
+    return SimpleNamespace(**fields)
 
 
 def _dtype_format(config: Any) -> str:
@@ -99,7 +146,17 @@ def _decoder_spec(
     )
 
 
-@register("llama")
+_DECODER = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings")
+
+
+def _defaults(values: tuple, **extra: Any) -> dict[str, Any]:
+    """The decoder fields' class defaults in `_DECODER` order, plus the family's own fields."""
+    return {**dict(zip(_DECODER, values, strict=True)), **extra}
+
+
+@register("llama", defaults=_defaults((32000, 4096, 11008, 32, 32, None, 2048, False),
+                                      head_dim=None, attention_bias=False, mlp_bias=False))
 def _llama(config: Any) -> ArchSpec:
     bias = bool(getattr(config, "attention_bias", False))
     return _decoder_spec(
@@ -108,24 +165,59 @@ def _llama(config: Any) -> ArchSpec:
     )
 
 
-@register("mistral")
+@register("mistral", defaults=_defaults((32000, 4096, 14336, 32, 32, 8, 4096 * 32, False),
+                                        head_dim=None, sliding_window=4096))
 def _mistral(config: Any) -> ArchSpec:
     return _decoder_spec(config, "mistral", norms=2, qk_norm=False, qkv_bias=False, o_bias=False, ffn_bias=False)
 
 
-@register("qwen2")
+def _settle_qwen(fields: dict[str, Any]) -> None:
+    """Qwen2/Qwen3: the window applies only with use_sliding_window, from layer max_window_layers on."""
+    if not fields["use_sliding_window"]:
+        fields["sliding_window"] = None
+    if fields["layer_types"] is None:
+        fields["layer_types"] = [
+            "sliding_attention" if fields["sliding_window"] is not None and i >= fields["max_window_layers"]
+            else "full_attention"
+            for i in range(fields["num_hidden_layers"])
+        ]
+
+
+_QWEN_WINDOWS = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28, layer_types=None)
+
+
+@register("qwen2", defaults=_defaults((151936, 4096, 22016, 32, 32, 32, 32768, False), **_QWEN_WINDOWS),
+          settle=_settle_qwen)
 def _qwen2(config: Any) -> ArchSpec:
     # Qwen2 hard-codes a bias on q/k/v and none on o_proj, whatever attention_bias says.
     return _decoder_spec(config, "qwen2", norms=2, qk_norm=False, qkv_bias=True, o_bias=False, ffn_bias=False)
 
 
-@register("qwen3")
+@register("qwen3", defaults=_defaults((151936, 4096, 22016, 32, 32, 32, 32768, False), head_dim=128,
+                                      attention_bias=False, **_QWEN_WINDOWS), settle=_settle_qwen)
 def _qwen3(config: Any) -> ArchSpec:
     bias = bool(getattr(config, "attention_bias", False))
     return _decoder_spec(config, "qwen3", norms=2, qk_norm=True, qkv_bias=bias, o_bias=bias, ffn_bias=False)
 
 
-@register("gemma3_text", "gemma3")
+def _settle_gemma3_text(fields: dict[str, Any]) -> None:
+    if fields["use_bidirectional_attention"]:
+        fields["sliding_window"] = fields["sliding_window"] // 2 + 1  # transformers' exclusive bound
+    if fields["layer_types"] is None:  # older configs give a period instead: every n-th layer is global
+        period = fields.get("sliding_window_pattern", 6)
+        fields["layer_types"] = ["sliding_attention" if (i + 1) % period else "full_attention"
+                                 for i in range(fields["num_hidden_layers"])]
+
+
+def _settle_gemma3(fields: dict[str, Any]) -> None:
+    """The multimodal config holds the decoder's config as a nested object."""
+    fields["text_config"] = config_from_dict({"model_type": "gemma3_text", **(fields.get("text_config") or {})})
+
+
+@register("gemma3", settle=_settle_gemma3)
+@register("gemma3_text", defaults=_defaults((262_208, 2304, 9216, 26, 8, 4, 131_072, True), head_dim=256,
+                                            attention_bias=False, sliding_window=4096, layer_types=None,
+                                            use_bidirectional_attention=False), settle=_settle_gemma3_text)
 def _gemma3(config: Any) -> ArchSpec:
     # The multimodal gemma3 config wraps the language model's config; only the text decoder is costed.
     text = getattr(config, "text_config", None) or config
@@ -133,7 +225,36 @@ def _gemma3(config: Any) -> ArchSpec:
     return _decoder_spec(text, "gemma3", norms=4, qk_norm=True, qkv_bias=bias, o_bias=bias, ffn_bias=False)
 
 
-@register("nemotron_h")
+_NEMOTRON_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+_NEMOTRON_LEGACY_NAMES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_conv_bias": "use_conv_bias"}
+
+
+def _settle_nemotron_h(fields: dict[str, Any]) -> None:
+    """Layer kinds from `layer_types` (its alias), else the older `hybrid_override_pattern` string."""
+    for legacy, name in _NEMOTRON_LEGACY_NAMES.items():
+        if legacy in fields:
+            fields[name] = fields.pop(legacy)
+    if fields.get("layer_types") is not None:
+        fields["layers_block_type"] = fields["layer_types"]
+    pattern = fields.get("hybrid_override_pattern")
+    if fields["layers_block_type"] is None and pattern is not None:
+        unknown = sorted(set(pattern) - set(_NEMOTRON_PATTERN))
+        if unknown:
+            raise ShrinkError(f"Nemotron-H hybrid_override_pattern has unknown layer codes {unknown}; "
+                              f"known: {', '.join(_NEMOTRON_PATTERN)}.")
+        fields["layers_block_type"] = [_NEMOTRON_PATTERN[code] for code in pattern]
+    fields["layers_block_type"] = _remapped(fields["layers_block_type"] or
+                                            ["linear_attention", "moe", "full_attention", "mlp"])
+
+
+@register("nemotron_h", defaults=dict(
+    vocab_size=131072, hidden_size=4096, layers_block_type=None, tie_word_embeddings=False,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, sliding_window=None,
+    intermediate_size=21504, mlp_bias=False, ssm_state_size=128, mamba_num_heads=128, mamba_head_dim=64,
+    n_groups=8, conv_kernel=4, use_conv_bias=True, mamba_ssm_cache_dtype="float32", n_routed_experts=8,
+    n_shared_experts=1, moe_intermediate_size=7688, moe_shared_expert_intermediate_size=7688,
+    moe_latent_size=None, num_experts_per_tok=2, num_nextn_predict_layers=0, use_bias=False,
+), settle=_settle_nemotron_h)
 def _nemotron_h(config: Any) -> ArchSpec:
     if getattr(config, "moe_latent_size", None):
         raise ShrinkError("Nemotron-H with a latent MoE projection (moe_latent_size) is not supported yet.")
@@ -172,6 +293,9 @@ def _nemotron_h(config: Any) -> ArchSpec:
     formats = _formats(config)
     if getattr(config, "mamba_ssm_cache_dtype", "float32") != "float32":
         formats = replace(formats, ssm_state=_dtype_format(config))
+    unknown = sorted(set(config.layers_block_type) - set(blocks))
+    if unknown:
+        raise ShrinkError(f"Nemotron-H layer kinds {unknown} are not supported; known: {', '.join(blocks)}.")
     return ArchSpec(
         family="nemotron_h",
         vocab_size=config.vocab_size,

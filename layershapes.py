@@ -10,9 +10,12 @@ shrink loader (`shrink.model.load`) knows the key; plain `from_pretrained` refus
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from shrink import blocks
 from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.errors import ShrinkError
 
 KEY = "shrink_layer_shapes"
 
@@ -61,7 +64,7 @@ def apply_to_spec(spec: ArchSpec, config: Any) -> ArchSpec:
 
 
 def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> Any:
-    import torch
+    import torch  # heavy: only building a narrowed model needs it
 
     out_features = rows if rows is not None else linear.out_features
     in_features = cols if cols is not None else linear.in_features
@@ -70,8 +73,6 @@ def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> A
 
 def narrow(model: Any, shapes: list[dict]) -> None:
     """Give each decoder layer's projections the recorded shapes (weights are loaded afterwards)."""
-    from shrink.compress import blocks
-
     for block, shape in zip(model.model.layers, shapes):
         if shape["ffn"] is not None:
             mlp = blocks.mlp(block)
@@ -94,9 +95,7 @@ def narrow(model: Any, shapes: list[dict]) -> None:
 
 def load_narrowed(location: str, config: Any, dtype: Any) -> Any:
     """Build the widest model from `config`, narrow it, then read the saved weights into it."""
-    from pathlib import Path
-
-    import torch
+    import torch  # heavy: only loading weights needs torch and transformers
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -109,8 +108,6 @@ def load_narrowed(location: str, config: Any, dtype: Any) -> Any:
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        from shrink.errors import ShrinkError
-
         raise ShrinkError(f"The weights in '{location}' do not match their recorded layer shapes "
                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}).")
     model.tie_weights()

@@ -9,6 +9,8 @@ Sources, in the order they are recognised:
   (enough for estimates, which need no weights);
 - a bundled config name (`llama-3.1-405b`): a published architecture, for estimates;
 - a hub id (`org/name`), through transformers with trust_remote_code off by default.
+
+A spec (`load_spec`) needs a config only, read as JSON wherever one exists: no transformers, no torch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 from shrink import layershapes, normeps
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
-from shrink.families import spec_from_config, spec_from_model
+from shrink.families import config_from_dict, spec_from_config, spec_from_model
+from shrink.ggufmeta import copy_tokenizer_fields, gguf_formats
 from shrink.storage import atomic_directory, cache_dir
 
 log = logging.getLogger("shrink")
@@ -173,20 +176,44 @@ def load_config(source: str, *, trust_remote_code: bool = False) -> Any:
     return _guard(lambda: AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code), where)
 
 
-def load_spec(source: str, *, trust_remote_code: bool = False) -> ArchSpec:
-    """The ArchSpec of a source from its config alone: no weights are read or allocated."""
-    where = _resolve(source)
-    if where.kind == "json":
-        data = _read_json(Path(where.location))
-        if "layers" in data and "hidden_size" in data and "family" in data:
-            return ArchSpec.from_dict(data)
-    config = load_config(source, trust_remote_code=trust_remote_code)
-    spec = layershapes.apply_to_spec(spec_from_config(config), config)
-    if where.kind == "gguf":  # cost the formats the file stores, not the dequantized config's dtype
-        from shrink.ggufmeta import gguf_formats
+def load_spec(source: str) -> ArchSpec:
+    """The ArchSpec of a source from its config alone: no weights are read or allocated.
 
-        spec = replace(spec, formats=gguf_formats(Path(where.location, where.gguf_file)).formats)
-    return _named(spec, where, source)
+    A config.json (of a directory, a bundled name, the embedded model's cache or a hub id) is read as
+    JSON and mapped by the family adapters, so that this imports neither transformers nor torch; only a
+    GGUF's header needs transformers to become a config."""
+    where = _resolve(source)
+    if where.kind == "gguf":  # cost the formats the file stores, not the dequantized config's dtype
+        config = load_config(source)
+        spec = replace(spec_from_config(config), formats=gguf_formats(Path(where.location, where.gguf_file)).formats)
+    else:
+        data, path = _config_dict(where)
+        if where.kind == "json" and "layers" in data and "hidden_size" in data and "family" in data:
+            return ArchSpec.from_dict(data)
+        if "model_type" not in data:
+            raise ShrinkError(f"'{path}' has no 'model_type', so it is not a Hugging Face config.json.")
+        config = config_from_dict(data)
+        spec = spec_from_config(config)
+    return _named(layershapes.apply_to_spec(spec, config), where, source)
+
+
+def _config_dict(where: _Source) -> tuple[dict, str]:
+    """The JSON object of a source's config.json and where it was read from."""
+    if where.kind == "hub":
+        path = _guard(lambda: _hub_config_file(where.location), where)
+    elif where.kind == "json":
+        path = Path(where.location)
+    else:
+        directory = embedded_model_dir(where.location) if where.kind == "embedded" else Path(where.location)
+        path = Path(directory, "config.json")
+    return _read_json(path), str(path)
+
+
+def _hub_config_file(repo_id: str) -> Path:
+    # Only a hub id needs the hub client; the download is the config alone, cached by the client.
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, "config.json"))
 
 
 def _named(spec: ArchSpec, where: _Source, source: str) -> ArchSpec:
@@ -388,9 +415,7 @@ def save_loaded(loaded: LoadedModel, directory: str | Path) -> Path:
 
 
 def _write_tokenizer_sidecar(source: Path, target: Path) -> None:
-    import gguf
-
-    from shrink.export.gguf import copy_tokenizer_fields
+    import gguf  # only saving a model that came from a GGUF needs the gguf writer
 
     writer = gguf.GGUFWriter(str(target), "tokenizer")
     copy_tokenizer_fields(source, writer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shrink.compress import blocks
+from shrink import blocks
 
 KEY = "shrink_norm_eps"
 

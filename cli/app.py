@@ -1,8 +1,15 @@
-"""Entry point: the Typer app and the commands it carries."""
+"""Entry point: the Typer app and the commands it carries.
+
+Command modules import only typer, rich and light shrink modules at import time; whatever needs torch
+or transformers is imported inside the command that uses it, so that `shrink estimate` and the other
+config-only commands start in a fraction of a second (tests/test_light_imports.py holds this).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import typer
 
@@ -61,9 +68,13 @@ def _root(
     logging.getLogger("shrink").setLevel(logging.DEBUG if verbose else logging.INFO)
     # The hub client logs every retry; shrink reports the outcome in one sentence instead.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    # shrink shows its own status; the hub's per-file and transformers' per-tensor bars are noise here.
+    # Both read this variable when they are imported, which config-only commands never do.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process callers such as tests): no cost
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # shrink shows its own status; per-tensor bars are noise here
+        hf_logging.disable_progress_bar()
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ def inspect_command(
         False, "--load", help="Instantiate the weights and read layer shapes from the tensors (pruned, non-uniform models); also counts the instantiated parameters."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub model's own Python code to run (off: safer)."),
+    trust_remote_code: bool = typer.Option(False, help="With --load: allow a hub model's own Python code to run (off: safer). A config alone runs no code."),
 ) -> None:
     """Describe a model layer by layer: mixers, heads, windows, FFN and SSM shapes, formats, parameter counts.
 
@@ -36,7 +36,7 @@ def inspect_command(
         spec = loaded.spec
         instantiated = sum(p.numel() for p in loaded.model.parameters())
     else:
-        spec = load_spec(model, trust_remote_code=trust_remote_code)
+        spec = load_spec(model)
     counts = spec.param_counts()
     if json_out:
         params = {"embedding": counts.embedding, "non_embedding": counts.non_embedding, "total": counts.total}

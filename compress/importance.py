@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shrink.archspec import AttentionSpec, SSMSpec
-from shrink.compress import blocks
+from shrink import blocks
 from shrink.errors import ShrinkError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "nemotron_h")

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from shrink.archspec import AttentionSpec, SSMSpec
-from shrink.compress import blocks
+from shrink import blocks
 from shrink.compress.importance import Importance, _check_family
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model

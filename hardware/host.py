@@ -1,5 +1,9 @@
 """The `host` profile: this machine's memory bandwidth and matmul throughput, measured in a few
-seconds and cached, so that estimates can be set beside measurements taken here."""
+seconds and cached, so that estimates can be set beside measurements taken here.
+
+This module measures and describes; `profiles.get_profile("host")` validates the description like any
+profile file. torch is imported only to measure, so a cached host profile costs no torch import.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,34 @@ import json
 import os
 import platform
 import time
-from typing import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
 
-from shrink.hardware.profiles import Profile
 from shrink.storage import atomic_write_text, cache_dir
 
 _REPEATS = 5
 _CACHE_VERSION = 2
 
 
-def host_profile(refresh: bool = False) -> Profile:
+def host_profile_data(refresh: bool = False) -> dict[str, Any]:
+    """This machine as a profile table (the schema of profiles/*.toml), from the cache unless `refresh`."""
     path = cache_dir("host") / f"{_fingerprint()}.json"
     if path.is_file() and not refresh:
         data = json.loads(path.read_text())
         if data.get("version") == _CACHE_VERSION:
-            return _profile(data)
+            return _profile_data(data)
     data = {"version": _CACHE_VERSION, **measure()}
     atomic_write_text(path, json.dumps(data, indent=2))
-    return _profile(data)
+    return _profile_data(data)
 
 
 def _fingerprint() -> str:
-    import torch
-
+    try:  # the installed torch's version, read without importing torch (a second on 2 cores)
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "no-torch"
     cpu = platform.processor() or platform.machine()
-    return "-".join([platform.node(), cpu, str(os.cpu_count()), torch.__version__]).replace("/", "_").replace(" ", "_")
+    return "-".join([platform.node(), cpu, str(os.cpu_count()), torch_version]).replace("/", "_").replace(" ", "_")
 
 
 def _best_rate(work: float, fn: Callable[[], object], repeats: int = _REPEATS) -> float:
@@ -48,7 +55,7 @@ def _best_rate(work: float, fn: Callable[[], object], repeats: int = _REPEATS) -
 
 def measure() -> dict:
     """Read bandwidth (GB/s) and dense matmul throughput (TFLOPS/TOPS) per compute class."""
-    import torch
+    import torch  # heavy: imported only when the host is measured, not when its cache is read
 
     threads = torch.get_num_threads()
     bandwidth = _read_bandwidth(torch)
@@ -100,23 +107,27 @@ def _matmul_rate(operands: tuple, repeats: int) -> float:
         return 0.0
 
 
-def _profile(data: dict) -> Profile:
-    return Profile(
-        name="host",
-        title=f"This machine ({os.cpu_count()} CPUs, measured with {data['threads']} threads)",
-        kind="cpu",
-        runtimes=("llama.cpp", "onnxruntime"),
-        bandwidth_GBps=data["bandwidth_GBps"],
-        capacity_GB=data["capacity_GB"],
-        peak_tflops=data["peak_tflops"],
-        bandwidth_efficiency=1.0,
-        compute_efficiency=1.0,
-        sources={
-            "memory": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), best of {_REPEATS}",
-            "compute": f"measured {data['measured_at']}: torch 2048x2048 matmul per dtype (torch._int_mm for int8), best of {_REPEATS}",
+def _profile_data(data: dict) -> dict[str, Any]:
+    return {
+        "name": "host",
+        "title": f"This machine ({os.cpu_count()} CPUs, measured with {data['threads']} threads)",
+        "kind": "cpu",
+        "runtimes": ["llama.cpp", "onnxruntime"],
+        "memory": {
+            "bandwidth_GBps": data["bandwidth_GBps"],
+            "capacity_GB": data["capacity_GB"],
+            "source": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), best of {_REPEATS}",
         },
-        reasoning="Measured throughputs are already achievable figures, so both efficiencies are 1.0. "
-        "Runtimes' own kernels (llama.cpp's quantized dot products) may be faster or slower than torch's: "
-        "benchmarks/estimate_vs_measured.py shows the gap.",
-        measured=True,
-    )
+        "compute": {
+            **data["peak_tflops"],
+            "source": f"measured {data['measured_at']}: torch 2048x2048 matmul per dtype (torch._int_mm for int8), "
+            f"best of {_REPEATS}",
+        },
+        "efficiency": {
+            "bandwidth": 1.0,
+            "compute": 1.0,
+            "reasoning": "Measured throughputs are already achievable figures, so both efficiencies are 1.0. "
+            "Runtimes' own kernels (llama.cpp's quantized dot products) may be faster or slower than torch's: "
+            "benchmarks/estimate_vs_measured.py shows the gap.",
+        },
+    }

@@ -9,12 +9,13 @@ only what the silicon really does.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.hardware.host import host_profile_data
 from shrink.numformats import COMPUTE_CLASSES, UPCAST
 
 # Short names people type, mapped to the profile they mean.
@@ -155,9 +156,8 @@ def _check(data: Any, schema: dict[str, Any], where: str, prefix: str) -> None:
 def get_profile(target: str, *, refresh_host: bool = False) -> Profile:
     """A built-in profile by name or alias, `host` (measured here, cached), or a path to a TOML file."""
     if target == "host":
-        from shrink.hardware.host import host_profile
-
-        return host_profile(refresh=refresh_host)
+        host = profile_from_dict(host_profile_data(refresh=refresh_host), where="host (measured on this machine)")
+        return replace(host, measured=True, path=None)
     name = ALIASES.get(target, target)
     builtin = builtin_dir() / f"{name}.toml"
     if builtin.is_file():

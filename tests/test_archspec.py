@@ -1,5 +1,7 @@
 """ArchSpec: exact parameter counts for every family, shapes read from weights, strict JSON."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -90,3 +92,57 @@ def test_unsupported_family_names_the_supported_ones():
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "nemotron_h"):
         assert family in supported_model_types()
         assert family in str(err.value)
+
+
+# A config.json read as JSON (no transformers) must give the spec transformers' own config class gives:
+# the family records hold the class defaults and derivations by hand, so each case is checked against
+# the class itself. Keys a config.json omits exercise the defaults; the rest, the derivations.
+JSON_CASES = {
+    **{f"{t}-defaults-only": {"model_type": t} for t in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "nemotron_h")},
+    "qwen2-windows": {"model_type": "qwen2", "num_hidden_layers": 6, "use_sliding_window": True,
+                      "sliding_window": 64, "max_window_layers": 4},
+    "qwen3-window-off": {"model_type": "qwen3", "num_hidden_layers": 3, "sliding_window": 64, "layer_types":
+                         ["sliding_attention", "full_attention", "sliding_attention"]},
+    "gemma3-period": {"model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window_pattern": 3,
+                      "torch_dtype": "float32"},
+    "gemma3-bidirectional": {"model_type": "gemma3_text", "num_hidden_layers": 2, "use_bidirectional_attention": True},
+    "gemma3-multimodal": {"model_type": "gemma3", "torch_dtype": "bfloat16",
+                          "text_config": {"model_type": "gemma3_text", "num_hidden_layers": 4, "hidden_size": 64}},
+    "nemotron_h-pattern": {"model_type": "nemotron_h", "hybrid_override_pattern": "M-M*-E", "mamba_n_groups": 2,
+                           "mamba_d_conv": 3, "mamba_conv_bias": False, "dtype": "float16"},
+    "nemotron_h-legacy-kinds": {"model_type": "nemotron_h", "layers_block_type": ["mamba", "attention", "mlp"]},
+    "llama-legacy-bias": {"model_type": "llama", "num_hidden_layers": 2, "attention_bias": True,
+                          "head_dim": 64, "num_key_value_heads": None},
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSON_CASES))
+def test_config_json_read_as_json_gives_the_spec_transformers_gives(case):
+    from transformers import AutoConfig
+
+    from shrink.families import config_from_dict
+
+    data = JSON_CASES[case]
+    reference = AutoConfig.for_model(**data)
+    assert spec_from_config(config_from_dict(data)) == spec_from_config(reference)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_saved_config_json_read_as_json_gives_the_spec_of_the_config(tmp_path, name):
+    """save_pretrained writes only what differs from the defaults, so this reads what really ships."""
+    CONFIGS[name].save_pretrained(tmp_path)
+    assert replace(load_spec(str(tmp_path / "config.json")), name="") == replace(spec_from_config(CONFIGS[name]), name="")
+
+
+def test_unknown_model_type_in_a_config_json_names_the_supported_ones(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "gpt2", "n_layer": 2}')
+    with pytest.raises(ShrinkError, match="'gpt2' is not supported; supported model types: .*llama"):
+        load_spec(str(path))
+
+
+def test_unknown_nemotron_h_layer_code_is_one_sentence():
+    from shrink.families import config_from_dict
+
+    with pytest.raises(ShrinkError, match=r"unknown layer codes \['X'\]"):
+        config_from_dict({"model_type": "nemotron_h", "hybrid_override_pattern": "M*X"})
