@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from shrink.errors import ShrinkError
+from shrink.numformats import get_format
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,6 @@ class Formats:
         return dict(self.ops).get(op, self.weights)
 
     def validated(self) -> Formats:
-        from shrink.numformats import get_format
-
         names = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lm_head", "ops")}
         return Formats(**{k: get_format(v).name for k, v in names.items()},
                        lm_head=get_format(self.lm_head).name if self.lm_head else None,

@@ -12,6 +12,7 @@ from typing import Any
 
 from shrink.archspec import Formats
 from shrink.errors import ShrinkError
+from shrink.numformats import format_by_gguf_type
 
 # GGUF block tensor name (blk.N.<name>.weight) -> the roofline operator that reads it (hardware/ops.py)
 _OP_OF_TENSOR = {
@@ -41,8 +42,6 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
     cache in f16 and quantizes activations to 8 bits for its quantized dot products, hence int8
     activations whenever the weights are quantized."""
     from gguf import GGUFReader
-
-    from shrink.numformats import format_by_gguf_type
 
     try:
         reader = GGUFReader(str(path))

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import random
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from shrink.archspec import ArchSpec
+from shrink.export.onnx import onnx_formats
+from shrink.ggufmeta import gguf_formats
 from shrink.errors import ShrinkError
 from shrink.export.backend import backend_for
 from shrink.export.manifest import manifest_path, read_manifest
@@ -67,20 +69,14 @@ def token_ids(count: int, vocab: int) -> list[int]:
 def artifact_costing(artifact: Path, kind: str) -> tuple[ArchSpec | None, dict]:
     """The artifact's ArchSpec (from its manifest) and the formats its file stores, read from the file
     itself, so that the roofline costs the bytes its runtime reads (an untied lm_head copy included)."""
-    from dataclasses import asdict, replace
-
     own = manifest_path(artifact)
     manifest = read_manifest(own) if own.is_file() else None
     if manifest is None:
         return None, {}
     spec = ArchSpec.from_dict(manifest["archspec"])
     if kind == "gguf":
-        from shrink.ggufmeta import gguf_formats
-
         stored = gguf_formats(artifact).formats
     else:
-        from shrink.export.onnx import onnx_formats
-
         read = onnx_formats(artifact)
         stored = read.formats
         spec = replace(spec, tied_embeddings=spec.tied_embeddings and read.tied)

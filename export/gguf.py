@@ -16,17 +16,19 @@ plan's vocabulary grid, and `--quant` does not apply.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.storage import atomic_path
 from shrink.errors import ShrinkError
+from shrink.ggufmeta import copy_tokenizer_fields
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
-from shrink.numformats.plan import saved_plan
-from shrink.numformats.registry import (FAMILIES, FORMATS, NumberFormat, fallback_chain, stored_format,
+from shrink.numformats.plan import TensorGrid, saved_plan
+from shrink.numformats.registry import (FAMILIES, FORMATS, NumberFormat, fallback_chain, get_format, stored_format,
                                         vocabulary_format)
 
 log = logging.getLogger("shrink")
@@ -60,8 +62,6 @@ def _ggml(name: str):
 
 def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_uniform: bool = False) -> GGUFExport:
     import gguf
-
-    from shrink.storage import atomic_path
 
     quant = _quant_format(quant)
     spec: ArchSpec = loaded.spec
@@ -102,8 +102,6 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
 
 
 def _quant_format(quant: str) -> str:
-    from shrink.numformats import get_format
-
     name = get_format(quant).name if quant.lower() not in FAMILIES else stored_format(quant.lower(), "gguf").name
     if name not in QUANT_TYPES:
         raise ShrinkError(f"GGUF type '{quant}' is not one the gguf package writes; choose one of: {', '.join(QUANT_TYPES)}.")
@@ -124,8 +122,6 @@ def _gguf_plan(loaded: Any, quant: str) -> Any:
 
 def _planned_formats(plan: Any, state: dict) -> dict[str, NumberFormat]:
     """HF tensor name -> stored format, for the planned Linear weights and the vocabulary tensors."""
-    from shrink.numformats.plan import TensorGrid
-
     formats = {f"{t.module}.weight": FORMATS[t.stored] for t in plan.tensors}
     if plan.vocabulary:
         vocabulary = FORMATS[TensorGrid("", plan.vocabulary).stored]
@@ -247,30 +243,8 @@ def _write_tokenizer(writer: Any, loaded: Any, spec: ArchSpec) -> None:
     copy_tokenizer_fields(Path(source), writer)
 
 
-def copy_tokenizer_fields(source: Path, writer: Any) -> None:
-    """Copy every tokenizer.* key of a GGUF file verbatim (token strings as raw bytes)."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(str(source))
-    for name, field_ in reader.fields.items():
-        if not name.startswith("tokenizer."):
-            continue
-        kind = field_.types[0]
-        if kind == GGUFValueType.ARRAY:
-            if field_.types[1] == GGUFValueType.STRING:
-                writer.add_array(name, [bytes(field_.parts[i]) for i in field_.data])
-            else:
-                writer.add_array(name, [field_.parts[i][0].item() for i in field_.data])
-        elif kind == GGUFValueType.STRING:
-            writer.add_string(name, bytes(field_.parts[field_.data[0]]).decode())
-        else:
-            writer.add_key_value(name, field_.parts[field_.data[0]][0].item(), kind)
-
-
 def _pad_ffn_to_uniform(spec: ArchSpec, state: dict[str, np.ndarray], result: GGUFExport) -> ArchSpec:
     """Zero-pad every layer's FFN to the widest one: the extra neurons output exactly zero."""
-    from dataclasses import replace
-
     attention = {(a.num_heads, a.num_kv_heads, a.head_dim) for a in (layer.mixer for layer in spec.layers)}
     if len(attention) > 1:
         raise ShrinkError("--pad-to-uniform pads FFN widths only; this model also has per-layer head counts: export it as ONNX instead.")

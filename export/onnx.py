@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.archspec import ArchSpec, AttentionSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.numformats.plan import saved_plan
 from shrink.numformats.registry import FORMATS, NumberFormat
@@ -268,8 +268,6 @@ def onnx_formats(directory: str | Path) -> OnnxFormats:
     table's, and the lm_head's (an untied copy when the weights were quantized), so that an estimate
     costs the bytes ONNX Runtime reads."""
     import onnx
-
-    from shrink.archspec import Formats
 
     directory = Path(directory)
     layout = json.loads((directory / LAYOUT_FILE).read_text())

@@ -9,10 +9,12 @@ a baseline manifest, when it is no worse than the baseline by more than a tolera
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
 from shrink.export.runtimes import Runner
+from shrink.numformats import gate_for, wilson_interval
 
 @dataclass
 class Metrics:
@@ -95,8 +97,6 @@ def threshold_checks(metrics: Metrics, fmt: str, min_top1: float | None, max_kl:
     """The registry's gate for the stored format `fmt` (numformats/registry.py says why each bound is
     what it is), or the user's bounds. Top-1 fails only when the measured rate is significantly below
     its bound: the upper end of its 95% Wilson interval is under it."""
-    from shrink.numformats import gate_for, wilson_interval
-
     if min_top1 is None or max_kl is None:
         gate = gate_for(fmt)
         min_top1 = gate.min_top1 if min_top1 is None else min_top1
@@ -127,8 +127,6 @@ def baseline_checks(metrics: Metrics, baseline: dict, top1_tolerance: float, kl_
 
 
 def junit_xml(verdict: Verdict, suite: str) -> str:
-    from xml.sax.saxutils import escape, quoteattr
-
     cases = []
     for check in verdict.checks:
         body = "" if check.passed else f"<failure message={quoteattr(check.detail)}/>"
