@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from shrink.numformats import resolve_weights, runtime_for
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import console, fmt_bytes, fmt_count, fmt_rate, fmt_time, handle_user_errors, print_json
 from shrink.hardware.roofline import Estimate
@@ -52,9 +53,7 @@ def estimate_command(
     profiles = resolve_targets(target)
     spec = load_spec(model)
     changes = {k: v for k, v in dict(weights=weights, embeddings=embeddings, activations=activations, kv_cache=kv).items() if v}
-    if changes:
-        spec = spec.with_formats(**changes)
-    results = [estimate(spec, profile, workload) for profile in profiles]
+    results = [estimate(_with_formats(spec, changes, profile), profile, workload) for profile in profiles]
     if plot is not None:
         from shrink.hardware.plot import roofline_chart
 
@@ -140,3 +139,11 @@ def _comparison_table(model: str, results: list[Estimate]) -> Table:
             fmt_bytes(e.memory.total_bytes), fits, f"{e.prefill.bound} / {e.decode.bound}",
         )
     return table
+
+
+def _with_formats(spec, changes: dict, profile):
+    """The spec in the formats asked for; a family (int4, nvfp4...) given for weights or embeddings is
+    stored as the target's runtime stores it (int4 on llama.cpp: q4_0, the grid `shrink quantize` writes)."""
+    runtime = runtime_for(profile.runtimes)
+    resolved = {k: resolve_weights(v, runtime).name if k in ("weights", "embeddings") else v for k, v in changes.items()}
+    return spec.with_formats(**resolved) if resolved else spec

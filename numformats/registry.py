@@ -235,6 +235,15 @@ def runtime_families(runtime: str) -> list[str | None]:
     return [None, *(name for name, f in FAMILIES.items() if runtime in f.stored)]
 
 
+# the names hardware profiles give runtimes -> the runtime key of the formats they load
+PROFILE_RUNTIMES = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
+
+
+def runtime_for(profile_runtimes: list[str] | tuple[str, ...]) -> str:
+    """The format runtime of a target: its first runtime shrink exports to, else PyTorch's grids."""
+    return next((PROFILE_RUNTIMES[r] for r in profile_runtimes if r in PROFILE_RUNTIMES), "torch")
+
+
 def resolve_weights(name: str, runtime: str) -> NumberFormat:
     """A name given for weights: a stored format as it is, a family as `runtime` stores it."""
     key = name.lower()
