@@ -8,25 +8,25 @@ import typer
 from rich.table import Table
 
 from shrink.cli.render import console, err_console, fmt_time, handle_user_errors, print_json
+from shrink.export.bench import bench
+from shrink.flows import defaults
 
 
 @handle_user_errors
 def bench_command(
     artifact: Path = typer.Argument(..., help="A .gguf file or an ONNX directory written by `shrink export`."),
     threads: int = typer.Option(None, help="Runtime threads (default: all cores)."),
-    prompt_len: int = typer.Option(128, help="Prompt tokens (prefill)."),
-    gen_len: int = typer.Option(32, help="Decoded tokens per run."),
-    repeats: int = typer.Option(3, help="Timed runs after one warm-up run."),
+    prompt_len: int = typer.Option(defaults.BENCH_PROMPT_LEN, help="Prompt tokens (prefill)."),
+    gen_len: int = typer.Option(defaults.BENCH_GEN_LEN, help="Decoded tokens per run."),
+    repeats: int = typer.Option(defaults.BENCH_REPEATS, help="Timed runs after one warm-up run."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Measure prefill and per-token decode time here (median and spread), next to the roofline estimate for `host`.
 
     The estimate needs the manifest `shrink export` writes beside the artifact; without it only measurements are shown.
     """
-    from shrink.export.bench import bench
-
     with err_console.status(f"Benchmarking {artifact} ({repeats} runs after a warm-up)"):
-        result = bench(artifact, threads, prompt_len, gen_len, repeats)
+        result = bench(artifact, threads, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats)
     if json_out:
         print_json(result.to_dict())
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -9,6 +10,12 @@ from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import console, err_console, handle_user_errors, print_json
+from shrink.export.generate import generate
+from shrink.export.onnx_backend import OnnxBackend
+from shrink.export.verify import junit_xml
+from shrink.export.workflow import export_artifact, verify_artifact
+from shrink.model import load
+from shrink.storage import atomic_write_text
 
 
 @handle_user_errors
@@ -17,7 +24,7 @@ def export_command(
     fmt: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp) or onnx (ONNX Runtime)."),
     output: Path = typer.Option(..., "--output", "-o", help="The .gguf file, or the directory for ONNX."),
     quant: str = typer.Option(None, help="GGUF: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4. ONNX: f32 (default), int8, int4."),
-    block_size: int = typer.Option(32, help="ONNX int4/int8: weights per quantization block."),
+    block_size: int = typer.Option(OnnxBackend.default_block_size, help="ONNX int4/int8: weights per quantization block."),
     pad_to_uniform: bool = typer.Option(False, help="GGUF of a non-uniform model llama.cpp cannot shape per layer: zero-pad to the widest layer (same outputs, no speed gain)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the artifact in its runtime against the model and record the metrics in the manifest."),
     prompts: Path = typer.Option(None, help="Text file for verification (blocks separated by blank lines); default: varied built-in text."),
@@ -33,9 +40,6 @@ def export_command(
 
       shrink export gemma-3-270m -f onnx -o gemma-onnx
     """
-    from shrink.export.workflow import export_artifact
-    from shrink.model import load
-
     with err_console.status(f"Loading {model}"):
         loaded = load(model)
     with err_console.status(f"Exporting to {fmt} and verifying in its runtime"):
@@ -98,10 +102,6 @@ def verify_command(
     Checks the artifact's sha256 against its manifest, then top-1 agreement and KL against the reference,
     then (with --baseline) regression against an earlier artifact. Exit code 0 pass, 1 fail, 2 bad input.
     """
-    from shrink.export.verify import junit_xml
-    from shrink.export.workflow import verify_artifact
-    from shrink.storage import atomic_write_text
-
     verdict = verify_artifact(artifact, reference, prompts_file=str(prompts) if prompts else None,
                               baseline=str(baseline) if baseline else None, min_top1=min_top1, max_kl=max_kl,
                               top1_tolerance=top1_tolerance, kl_tolerance=kl_tolerance, threads=threads)
@@ -124,10 +124,6 @@ def generate_command(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Continue a prompt greedily inside the artifact's runtime, with the artifact's own tokenizer."""
-    from dataclasses import asdict
-
-    from shrink.export.generate import generate
-
     result = generate(artifact, prompt, max_tokens, threads)
     if json_out:
         print_json(asdict(result))

@@ -2,7 +2,8 @@
 
 Two ways to say what to keep: explicit sizes (--ffn, --heads, --kv-groups, --hidden, --layers), or a
 budget (--params, --memory, --budget with --target) from which a uniform shape is chosen by a fixed
-rule, or, with --search, by a short distillation proxy over several candidates.
+rule, or, with --search, by a short distillation proxy over several candidates. The pruning itself is
+flows/steps.py's `prune`, the function a recipe's prune step calls; this module parses and renders.
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import console, err_console, fmt_bytes, fmt_time, handle_user_errors, print_json
+from shrink.cli.render import Spinner, console, fmt_bytes, fmt_time, handle_user_errors, print_json
+from shrink.cli.training import cli_hooks
+from shrink.errors import ShrinkError
+from shrink.flows import defaults
+from shrink.flows.steps import load_model, prepare_split, prune, prune_budget
+from shrink.model import save_loaded
+from shrink.units import parse_duration, parse_size
 
 
 @handle_user_errors
@@ -32,13 +40,13 @@ def prune_command(
     budget: str = typer.Option(None, help="Budget: estimated decode time per token on --target, e.g. 20ms."),
     target: str = typer.Option(None, "--target", "-t", help="Hardware profile for --budget (see `shrink profiles`)."),
     weights: str = typer.Option(None, help="Weight format the budget is costed in, e.g. q8_0 for a GGUF deployment (default: the model's dtype)."),
-    axis: str = typer.Option("width", help="With a budget: prune width (FFN, heads, hidden), depth (layers) or both."),
+    axis: str = typer.Option(defaults.PRUNE_AXIS, help="With a budget: prune width (FFN, heads, hidden), depth (layers) or both."),
     search: bool = typer.Option(False, "--search", help="With a budget: rank several candidate shapes by a short distillation and keep the best."),
-    candidates: int = typer.Option(4, help="Candidates the --search distils."),
-    proxy_steps: int = typer.Option(8, help="Distillation steps per --search candidate."),
-    depth_criterion: str = typer.Option("bi", help="Layer importance: bi (Block Influence, one pass) or kl (KL to the full model without each layer, one pass per layer)."),
+    candidates: int = typer.Option(defaults.SEARCH_CANDIDATES, help="Candidates the --search distils."),
+    proxy_steps: int = typer.Option(defaults.SEARCH_PROXY_STEPS, help="Distillation steps per --search candidate."),
+    depth_criterion: str = typer.Option(defaults.DEPTH_CRITERION, help="Layer importance: bi (Block Influence, one pass) or kl (KL to the full model without each layer, one pass per layer)."),
     data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
-    seq_len: int = typer.Option(128, help="Calibration sequence length in tokens."),
+    seq_len: int = typer.Option(defaults.SEQ_LEN, help="Calibration sequence length in tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Prune width (FFN, heads, KV groups, hidden) and depth by activation importance, and save the model.
@@ -56,43 +64,31 @@ def prune_command(
 
       shrink prune gemma-3-270m --target jetson-orin --budget 2ms --axis both --search -o gemma-orin
     """
-    from dataclasses import replace
-
-    from shrink.compress.data import prepare
-    from shrink.compress.importance import cached_score, layer_kl_scores
-    from shrink.compress.pruning import prune_to_budget, prune_to_sizes
-    from shrink.errors import ShrinkError
-    from shrink.model import load, save_loaded
-
     ffn, heads = _sizes(ffn, "--ffn"), _sizes(heads, "--heads")
-    sizes = (ffn, heads, kv_groups, layers, hidden, ssm_heads, ssm_head_dim)
+    sizes = {"ffn": ffn, "heads": heads, "kv_groups": kv_groups, "hidden": hidden, "layers": layers,
+             "ssm_heads": ssm_heads, "ssm_head_dim": ssm_head_dim}
     budgeted = any(v is not None for v in (params, memory, budget))
-    if depth_criterion not in ("bi", "kl"):
-        raise ShrinkError(f"--depth-criterion must be bi or kl, not '{depth_criterion}'.")
-    if budgeted and any(v is not None for v in sizes):
+    if budgeted and any(v is not None for v in sizes.values()):
         raise ShrinkError("Give either sizes (--ffn, --heads, ...) or a budget (--params, --memory, --budget), not both.")
-    if not budgeted and not any(v is not None for v in sizes):
+    if not budgeted and not any(v is not None for v in sizes.values()):
         raise ShrinkError("Say what to prune: sizes (--ffn, --heads, --kv-groups, --hidden, --layers, --ssm-heads, "
                           "--ssm-head-dim) or a budget "
                           "(--params, --memory, --budget with --target).")
     if search and not budgeted:
         raise ShrinkError("--search chooses among shapes that meet a budget: give --params, --memory or --budget.")
-    plan_budget = _budget(params, memory, budget, target) if budgeted else None
-    with err_console.status(f"Loading {model}"):
-        loaded = load(model)
-    split = prepare(loaded, data, seq_len=seq_len)
-    with err_console.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens"):
-        importance = cached_score(loaded, split.calibration)
-        if depth_criterion == "kl" and (layers is not None or axis != "width"):
-            importance = replace(importance, layers=layer_kl_scores(loaded, split.calibration))
-    before = loaded.spec.param_counts().total
-    report: dict = {}
+    plan_budget = None
     if budgeted:
-        with err_console.status("Choosing the shape") as status:
-            pruned, report = prune_to_budget(loaded, importance, split, plan_budget, axis, search, candidates,
-                                             proxy_steps, weights, status=status.update)
-    else:
-        pruned = prune_to_sizes(loaded, importance, ffn, heads, kv_groups, hidden, layers, ssm_heads, ssm_head_dim)
+        plan_budget = prune_budget(params, parse_size(memory, "--memory") if memory else None,
+                                   parse_duration(budget, "--budget") if budget else None, target)
+    with Spinner() as spinner:
+        hooks = cli_hooks(spinner)
+        loaded = load_model(model, hooks)
+        before = loaded.spec.param_counts().total
+        split = prepare_split(loaded, data, seq_len, hooks)
+        result = prune(loaded, split, hooks, sizes=None if budgeted else sizes, budget=plan_budget, axis=axis,
+                       search=search, candidates=candidates, proxy_steps=proxy_steps, weights=weights,
+                       depth_criterion=depth_criterion)
+    pruned, report, importance = result.model, result.report, result.importance
     save_loaded(pruned, output)
     after = pruned.spec.param_counts().total
     if json_out:
@@ -115,23 +111,8 @@ def prune_command(
                   f"next: shrink distill {output} --teacher {model} -o {output}-distilled")
 
 
-def _budget(params, memory, budget, target):
-    from shrink.cli.units import parse_duration, parse_size
-    from shrink.compress.search import Budget
-    from shrink.errors import ShrinkError
-    from shrink.hardware.profiles import get_profile
-
-    if target is not None and budget is None:
-        raise ShrinkError("--target is the hardware a latency --budget is estimated on; give --budget too.")
-    return Budget(params=params, memory_bytes=parse_size(memory, "--memory") if memory else None,
-                  latency_s=parse_duration(budget, "--budget") if budget else None,
-                  profile=get_profile(target) if target else None)
-
-
 def _sizes(text, option):
     """`N` (every layer) or `N1,N2,...` (one per layer that has the unit)."""
-    from shrink.errors import ShrinkError
-
     if text is None:
         return None
     try:
@@ -147,8 +128,6 @@ def _widths(values):
 
 
 def _shapes_table(title, rows):
-    from shrink.archspec import AttentionSpec, SSMSpec
-
     table = Table(title=title, title_justify="left")
     for column in ("", "layers", "hidden", "FFN", "heads / KV heads", "SSM heads x dim", "parameters"):
         table.add_column(column)

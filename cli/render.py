@@ -1,4 +1,4 @@
-"""Shared rendering: one console for people (stderr for messages), JSON for machines, units."""
+"""Shared rendering: one console for people (stderr for messages), JSON for machines, units (shrink/units.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import sys
 from typing import Any
 
 from rich.console import Console
+
+from shrink.units import fmt_bytes, fmt_count, fmt_rate, fmt_time  # re-exported: the commands print with them
+
 
 def _width() -> int | None:
     # Piped output (CI logs, README pastes) gets 120 columns instead of rich's 80, which would
@@ -30,32 +33,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "to_dict"):
         return value.to_dict()
     return str(value)
-
-
-def fmt_time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.1f} µs"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def fmt_rate(per_s: float, unit: str) -> str:
-    return f"{per_s:,.1f} {unit}/s" if per_s < 1e4 else f"{per_s:,.0f} {unit}/s"
 
 
 def handle_user_errors(fn):

@@ -1,37 +1,28 @@
-"""The distillation run behind `shrink distill` and `shrink quantize --qad`: one progress bar, one trainer."""
+"""The flows' Hooks rendered with rich: status lines on a spinner, a distillation as a progress bar."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shrink.cli.render import err_console
+from shrink.cli.render import Spinner, err_console
+from shrink.flows.steps import Hooks
 
 
-def run_distillation(student: Any, split: Any, train_topk: Any, eval_topk: Any, config: Any, checkpoints: Path,
-                     teacher: Any = None, current: Any = None, label: str = "distilling") -> Any:
-    """Train `student` (a torch module) with the shared trainer under a rich progress bar (loss,
-    tokens/s, ETA); returns the trainer's report."""
-    from shrink.compress.distill.parallel import world
-    from shrink.compress.distill.trainer import distill
+def cli_hooks(spinner: Spinner, **more: Any) -> Hooks:
+    """Hooks whose status goes to `spinner` and whose training shows a progress bar (loss, tokens/s,
+    ETA); `more` adds the run's step boundaries."""
+    return Hooks(status=spinner.update, training=lambda label, total, visible=True: _bar(spinner, label, total, visible),
+                 **more)
 
-    current = current or world()
+
+@contextlib.contextmanager
+def _bar(spinner: Spinner, label: str, total: int, visible: bool) -> Iterator[Any]:
+    spinner.stop()  # rich allows one live display at a time
     with Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:,.0f} tok/s"),
-                  TimeRemainingColumn(), console=err_console, transient=True, disable=not current.is_main) as bar:
-        task = bar.add_task(label, total=config.steps, loss=float("nan"), speed=0.0)
-        return distill(student, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk,
-                       teacher=teacher, current=current,
-                       progress=lambda step, value, speed: bar.update(task, completed=step, loss=value, speed=speed))
-
-
-def spinner_paused(spinner: Any, train: Any) -> Any:
-    """`train` with the spinner stopped first, so that its progress bar can take the screen."""
-
-    def paused(*args: Any, **kwargs: Any) -> Any:
-        spinner.stop()
-        return train(*args, **kwargs)
-
-    return paused
+                  TimeRemainingColumn(), console=err_console, transient=True, disable=not visible) as bar:
+        task = bar.add_task(label, total=total, loss=float("nan"), speed=0.0)
+        yield lambda step, value, speed: bar.update(task, completed=step, loss=value, speed=speed)

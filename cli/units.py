@@ -1,30 +1,5 @@
-"""Quantities typed on the command line: sizes (300MB, 1.5GB) and durations (20ms, 1.2s)."""
+"""Kept only while compress/planner.py imports the parsers from here (it moves to flows/); shrink/units.py holds them."""
 
-from __future__ import annotations
+from shrink.units import parse_duration, parse_size
 
-import re
-
-from shrink.errors import ShrinkError
-
-_SIZES = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
-_TIMES = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
-_NUMBER = r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-zµ]*)\s*"
-
-
-def parse_size(text: str, option: str) -> float:
-    """Bytes from '300MB', '1.5 GB', '2GiB' or a plain number of bytes."""
-    match = re.fullmatch(_NUMBER, text.lower())
-    if not match or match.group(2) not in _SIZES:
-        raise ShrinkError(f"{option} must be a size such as 300MB or 1.5GB, not '{text}'.")
-    return float(match.group(1)) * _SIZES[match.group(2)]
-
-
-def parse_duration(text: str, option: str) -> float:
-    """Seconds from '20ms', '1.5s' or '800us' (a unit is required: '20' is ambiguous)."""
-    match = re.fullmatch(_NUMBER, text.lower())
-    if not match or match.group(2) not in _TIMES:
-        raise ShrinkError(f"{option} must be a duration with a unit such as 20ms or 1.5s, not '{text}'.")
-    value = float(match.group(1)) * _TIMES[match.group(2)]
-    if value <= 0:
-        raise ShrinkError(f"{option} must be positive, not '{text}'.")
-    return value
+__all__ = ["parse_duration", "parse_size"]

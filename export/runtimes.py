@@ -1,15 +1,17 @@
 """Runtimes that execute an artifact, behind one call: logits for every position of a token sequence.
 
-The reference runs in PyTorch; a GGUF runs in llama.cpp (llama-cpp-python) and an ONNX directory in
-ONNX Runtime. Every runner is teacher-forced: it is given the whole sequence, never samples.
+The reference runs in PyTorch; a GGUF runs in llama.cpp (llama-cpp-python, here) and an ONNX directory
+in ONNX Runtime (onnx_runtime.py). Every runner is teacher-forced: it is given the whole sequence, never
+samples. Which runner an artifact gets is its backend's choice (export/backend.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -74,20 +76,23 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def artifact_kind(path: Path) -> str:
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir() and (path / "model.onnx").is_file():
-        return "onnx"
-    if not path.exists():
-        raise ShrinkError(f"Artifact '{path}' does not exist.")
-    raise ShrinkError(f"'{path}' is neither a .gguf file nor a directory holding model.onnx.")
-
-
-def open_runner(path: Path, max_tokens: int, threads: int | None = None) -> Runner:
-    kind = artifact_kind(path)
-    if kind == "gguf":
-        return LlamaCppRunner(path, max_tokens, threads)
-    from shrink.export.onnx_runtime import OnnxRunner
-
-    return OnnxRunner(path, threads)
+def timed_runs(prefill: Callable[[], Any], decode: Callable[[Any, int], Any], gen: list[int],
+               repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each prefill and of each decoded token over `repeats` runs after one warm-up run
+    (page-in, kernel selection), which is dropped. `prefill()` starts a sequence and returns the
+    runtime's state; `decode(state, token)` feeds one token and returns the new state."""
+    prefill_s: list[float] = []
+    decode_s: list[float] = []
+    for run in range(repeats + 1):
+        start = time.perf_counter()
+        state = prefill()
+        elapsed = time.perf_counter() - start
+        steps = []
+        for token in gen:
+            start = time.perf_counter()
+            state = decode(state, token)
+            steps.append(time.perf_counter() - start)
+        if run:
+            prefill_s.append(elapsed)
+            decode_s += steps
+    return prefill_s, decode_s

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.export.backend import backend, backend_for
 from shrink.export.manifest import hash_mismatches, manifest_path, read_manifest, write_manifest
-from shrink.model import load, weights_hash
 from shrink.export.prompts import verification_sequences
-from shrink.export.runtimes import TorchRunner, artifact_kind, open_runner
+from shrink.export.runtimes import TorchRunner
 from shrink.export.verify import Check, Verdict, baseline_checks, compare, threshold_checks
-
-FORMATS = ("gguf", "onnx")
+from shrink.model import load, weights_hash
 
 
 @dataclass
@@ -26,18 +25,12 @@ class ExportResult:
 
 def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | None = None,
                     pad_to_uniform: bool = False, verify: bool = True, prompts_file: str | None = None,
-                    block_size: int = 32) -> ExportResult:
+                    block_size: int | None = None) -> ExportResult:
+    """Write the artifact with its kind's backend, check it in its runtime against `loaded` (unless
+    verify=False) and write the manifest beside it. `quant` None: the backend's default, or the grid a
+    quantized student brings."""
     output = Path(output)
-    if fmt == "gguf":
-        from shrink.export.gguf import export_gguf
-
-        report = export_gguf(loaded, output, quant or "f16", pad_to_uniform).to_dict()
-    elif fmt == "onnx":
-        from shrink.export.onnx import export_onnx
-
-        report = export_onnx(loaded, output, quant or "f32", block_size).to_dict()
-    else:
-        raise ShrinkError(f"Unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}.")
+    report = backend(fmt).export(loaded, output, quant, pad_to_uniform=pad_to_uniform, block_size=block_size)
     verdict = verify_against(output, loaded, report["quant"], prompts_file) if verify else None
     manifest = write_manifest(output, source=loaded.source, source_hash=weights_hash(loaded.model), spec=loaded.spec,
                               export=report, verify=verdict.to_dict() if verdict else None)
@@ -47,7 +40,7 @@ def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | N
 def verify_against(artifact: Path, loaded: Any, fmt: str, prompts_file: str | None = None,
                    min_top1: float | None = None, max_kl: float | None = None, threads: int | None = None) -> Verdict:
     sequences = verification_sequences(loaded.tokenizer, loaded.spec.vocab_size, prompts_file)
-    runner = open_runner(artifact, max(len(s) for s in sequences), threads)
+    runner = backend_for(artifact).open_runner(artifact, max(len(s) for s in sequences), threads)
     metrics = compare(TorchRunner(loaded.model), runner, sequences)
     return Verdict(metrics, threshold_checks(metrics, fmt, min_top1, max_kl))
 
@@ -58,7 +51,7 @@ def verify_artifact(artifact: str | Path, reference: str | None = None, *, promp
     """The CI gate: integrity against the artifact's own manifest, quality against the reference,
     and, given a baseline manifest, no regression beyond the tolerances."""
     artifact = Path(artifact)
-    artifact_kind(artifact)
+    kind = backend_for(artifact)
     own = manifest_path(artifact)
     manifest = read_manifest(own) if own.is_file() else None
     baseline_manifest = read_manifest(Path(baseline)) if baseline else None
@@ -72,19 +65,10 @@ def verify_artifact(artifact: str | Path, reference: str | None = None, *, promp
     reference = reference or (manifest or {}).get("source", {}).get("model")
     if reference is None:
         raise ShrinkError("No --reference given and no manifest beside the artifact names its source model.")
-    fmt = (manifest or {}).get("export", {}).get("quant") or _stored_format(artifact)
+    fmt = (manifest or {}).get("export", {}).get("quant") or kind.stored_quant(artifact)
     verdict = verify_against(artifact, load(reference), fmt, prompts_file, min_top1, max_kl, threads)
     verdict.checks.insert(0, integrity)
     if baseline_manifest is not None:
         verdict.checks += baseline_checks(verdict.metrics, baseline_manifest, top1_tolerance, kl_tolerance)
     return verdict
 
-
-def _stored_format(artifact: Path) -> str:
-    if artifact_kind(artifact) == "onnx":
-        return "f32"
-    from shrink.ggufmeta import gguf_formats
-
-    names = {"fp32": "f32", "fp16": "f16"}
-    stored = gguf_formats(artifact).formats.weights
-    return names.get(stored, stored)

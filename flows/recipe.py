@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.flows import defaults
 
 
 @dataclass(frozen=True)
@@ -31,31 +32,31 @@ class PruneStep:
     heads: int | None = None
     hidden: int | None = None
     layers: int | None = None
-    axis: str = "width"
+    axis: str = defaults.PRUNE_AXIS
     search: bool = False
 
 
 @dataclass(frozen=True)
 class DistillStep:
-    tokens: int = 12288
-    lr: float = 1e-4
-    loss: str = "forward_kl"
-    batch_size: int = 4
+    tokens: int = defaults.DISTILL_TOKENS
+    lr: float = defaults.DISTILL_LR
+    loss: str = defaults.DISTILL_LOSS
+    batch_size: int = defaults.BATCH_SIZE
 
 
 @dataclass(frozen=True)
 class QuantizeStep:
-    format: str = "int4"
-    runtime: str = "gguf"
-    calibration: str = "auto"
+    format: str = defaults.QUANT_FORMAT
+    runtime: str = defaults.QUANT_RUNTIME
+    calibration: str = defaults.CALIBRATION
     qad: bool = False
-    tokens: int = 12288
+    tokens: int = defaults.QAD_TOKENS
     lr: float | None = None  # None: the grid's default (compress/quant/run.py: qad_lr)
 
 
 @dataclass(frozen=True)
 class ExportStep:
-    format: str = "gguf"
+    format: str = defaults.EXPORT_FORMAT
     quant: str | None = None  # for an unquantized model; a quantized student brings its own grid
 
 
@@ -68,9 +69,9 @@ class VerifyStep:
 @dataclass(frozen=True)
 class BenchStep:
     threads: int | None = None  # default: every core
-    prompt_len: int = 128
-    gen_len: int = 32
-    repeats: int = 3
+    prompt_len: int = defaults.BENCH_PROMPT_LEN
+    gen_len: int = defaults.BENCH_GEN_LEN
+    repeats: int = defaults.BENCH_REPEATS
 
 
 STEPS: dict[str, type] = {"prune": PruneStep, "distill": DistillStep, "quantize": QuantizeStep,

@@ -56,7 +56,8 @@ def test_candidates_are_costed_as_exported_and_an_impossible_budget_says_what_it
 
 
 def test_the_planner_picks_the_lowest_predicted_kl_within_budget(planning, tiny_text_model_dir):
-    from shrink.compress.planner import RunSettings, choose, enumerate_candidates, measure_proxies, recipe_for
+    from shrink.compress.planner import choose, enumerate_candidates, measure_proxies
+    from shrink.flows.plan import RunSettings, recipe_for
     from shrink.hardware.profiles import get_profile
     from shrink.hardware.roofline import Workload
 
@@ -107,9 +108,11 @@ min_top1 = 0.0
 
 def test_a_recipe_runs_step_by_step_and_resumes_after_a_kill_mid_distillation(tiny_text_model_dir, tmp_path,
                                                                               monkeypatch):
-    from shrink.compress.distill.trainer import distill
-    from shrink.compress.pipeline import Hooks, read_report, run_recipe
-    from shrink.compress.recipe import parse_recipe
+    import contextlib
+
+    from shrink.flows.recipe import parse_recipe
+    from shrink.flows.run import read_report, run_recipe
+    from shrink.flows.steps import Hooks
     from shrink.model import load
 
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
@@ -120,12 +123,16 @@ def test_a_recipe_runs_step_by_step_and_resumes_after_a_kill_mid_distillation(ti
     class Killed(Exception):
         pass
 
-    def killed_after_four(model, split, train_topk, eval_topk, config, checkpoints, label=""):
-        distill(model, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk, stop_after=4)
-        raise Killed  # as if the process died right after the fourth step (a checkpoint: every 2 of 16)
+    def killed_in_the_fifth_step(label, total, visible=True):
+        def progress(step, loss, speed):
+            if step == 5:  # the fourth step's checkpoint is written (every 2 of 16), the fifth's is not
+                raise Killed  # as if the process died there
+
+        return contextlib.nullcontext(progress)
 
     with pytest.raises(Killed):
-        run_recipe(str(model_dir), steps, run_dir, data=str(text), seq_len=16, hooks=Hooks(train=killed_after_four))
+        run_recipe(str(model_dir), steps, run_dir, data=str(text), seq_len=16,
+                   hooks=Hooks(training=killed_in_the_fifth_step))
     interrupted = read_report(run_dir)
     assert [s["status"] for s in interrupted["steps"]] == ["finished", "running"]
     with pytest.raises(ShrinkError, match="--resume"):
@@ -207,16 +214,16 @@ def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, 
 
 
 def test_on_host_the_measured_decode_time_decides_the_budget():
-    from shrink.cli.run import _budget_check
+    from shrink.flows.plan import budget_check
 
     plan = {"target": "host", "budget": {"tpot_s": 0.012, "ttft_s": None, "memory_bytes": None},
             "workload": {"batch": 1, "prompt_len": 512, "gen_len": 128}, "host_calibration": None}
     report = {"final": {"artifact": None}, "steps": [
         {"name": "bench", "metrics": {"measured": {"decode_s_per_token": 0.0131}}}]}
-    check = _budget_check(plan, report)
+    check = budget_check(plan, report)
     assert not check["passed"] and check["lines"][0]["by"] == "measured"
     report["steps"][0]["metrics"]["measured"]["decode_s_per_token"] = 0.0098
-    assert _budget_check(plan, report)["passed"]
+    assert budget_check(plan, report)["passed"]
 
 
 def test_the_plan_view_ranks_candidates_best_first():

@@ -1,0 +1,56 @@
+"""One backend per artifact kind (GGUF, ONNX): it exports, opens a runner, times, generates and says
+what it stores. Everything else asks the registry by name (`backend("gguf")`) or by path
+(`backend_for(path)`), so adding a kind is one class and one line here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from shrink.errors import ShrinkError
+from shrink.export.gguf_backend import GGUFBackend
+from shrink.export.onnx_backend import OnnxBackend
+from shrink.export.runtimes import Runner
+
+
+class Backend(Protocol):
+    kind: str  # `shrink export --format` name
+    runtime: str  # the runtime that executes it, as reports name it
+    default_quant: str  # `--quant` when none is given and the model brings no grid of its own
+
+    def matches(self, path: Path) -> bool: ...
+
+    def artifact_in(self, folder: Path) -> Path: ...
+
+    def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
+               block_size: int | None = None) -> dict: ...
+
+    def open_runner(self, path: Path, max_tokens: int, threads: int | None = None) -> Runner: ...
+
+    def time(self, path: Path, threads: int, prompt: list[int], gen: list[int],
+             repeats: int) -> tuple[list[float], list[float]]: ...
+
+    def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]: ...
+
+    def stored_quant(self, path: Path) -> str: ...
+
+
+BACKENDS: dict[str, Backend] = {b.kind: b for b in (GGUFBackend(), OnnxBackend())}
+FORMATS = tuple(BACKENDS)
+
+
+def backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ShrinkError(f"Unknown export format '{name}'; choose one of: {', '.join(FORMATS)}.")
+    return BACKENDS[name]
+
+
+def backend_for(path: str | Path) -> Backend:
+    """The backend of an artifact on disk: a .gguf file or a directory holding model.onnx."""
+    path = Path(path)
+    for candidate in BACKENDS.values():
+        if candidate.matches(path):
+            return candidate
+    if not path.exists():
+        raise ShrinkError(f"Artifact '{path}' does not exist.")
+    raise ShrinkError(f"'{path}' is neither a .gguf file nor a directory holding model.onnx.")

@@ -1,0 +1,59 @@
+"""The GGUF artifact kind: a single .gguf file, written by export/gguf.py and run in llama.cpp."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from shrink.errors import ShrinkError
+from shrink.export.gguf import export_gguf
+from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
+from shrink.ggufmeta import gguf_formats
+
+_QUANT_NAMES = {"fp32": "f32", "fp16": "f16"}  # number-format names -> `shrink export --quant` names
+
+
+class GGUFBackend:
+    kind = "gguf"
+    runtime = "llama.cpp"
+    default_quant = "f16"  # half the bytes of f32 and exact for bf16/f16 checkpoints; llama.cpp runs it everywhere
+
+    def matches(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".gguf"
+
+    def artifact_in(self, folder: Path) -> Path:
+        """Where a run step writes its artifact inside the step's folder."""
+        return folder / "model.gguf"
+
+    def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
+               block_size: int | None = None) -> dict:
+        return export_gguf(loaded, output, quant or self.default_quant, pad_to_uniform).to_dict()
+
+    def open_runner(self, path: Path, max_tokens: int, threads: int | None = None) -> Runner:
+        return LlamaCppRunner(path, max_tokens, threads)
+
+    def time(self, path: Path, threads: int, prompt: list[int], gen: list[int],
+             repeats: int) -> tuple[list[float], list[float]]:
+        llm = open_llama(path, n_ctx=len(prompt) + len(gen) + 8, n_batch=len(prompt), threads=threads)
+
+        def prefill() -> None:
+            llm.reset()
+            llm.eval(prompt)
+
+        return timed_runs(prefill, lambda _, token: llm.eval([token]), gen, repeats)
+
+    def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]:
+        """Greedy continuation: (text, new tokens, seconds measured)."""
+        llm = LlamaCppRunner(path, 512, threads).llm
+        # Checked from the metadata: llama.cpp aborts the process when asked to tokenize without a vocabulary.
+        if llm.metadata.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):
+            raise ShrinkError(f"'{path}' carries no tokenizer, so it cannot generate text (verify and bench still work).")
+        start = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        return out["choices"][0]["text"], out["usage"]["completion_tokens"], time.perf_counter() - start
+
+    def stored_quant(self, path: Path) -> str:
+        """The `--quant` name of what the file stores, for the verify thresholds when no manifest says it."""
+        stored = gguf_formats(path).formats.weights
+        return _QUANT_NAMES.get(stored, stored)

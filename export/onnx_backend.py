@@ -1,0 +1,68 @@
+"""The ONNX artifact kind: a directory holding model.onnx, written by export/onnx.py and run in ONNX Runtime."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shrink.errors import ShrinkError
+from shrink.export.onnx import export_onnx
+from shrink.export.onnx_runtime import OnnxRunner
+from shrink.export.runtimes import Runner, timed_runs
+
+
+class OnnxBackend:
+    kind = "onnx"
+    runtime = "onnxruntime"
+    default_quant = "f32"  # ONNX Runtime's CPU kernels compute in float32; int8/int4 are MatMulNBits on request
+    default_block_size = 32  # weights per MatMulNBits block: the block GGUF's Q8_0/Q4_0 use too
+
+    def matches(self, path: Path) -> bool:
+        return path.is_dir() and (path / "model.onnx").is_file()
+
+    def artifact_in(self, folder: Path) -> Path:
+        """Where a run step writes its artifact inside the step's folder."""
+        return folder / "onnx"
+
+    def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
+               block_size: int | None = None) -> dict:
+        return export_onnx(loaded, output, quant or self.default_quant, block_size or self.default_block_size).to_dict()
+
+    def open_runner(self, path: Path, max_tokens: int, threads: int | None = None) -> Runner:
+        return OnnxRunner(path, threads)
+
+    def time(self, path: Path, threads: int, prompt: list[int], gen: list[int],
+             repeats: int) -> tuple[list[float], list[float]]:
+        runner = OnnxRunner(path, threads)
+
+        def prefill() -> dict:
+            return runner.step(prompt, runner.empty_cache())[1]
+
+        return timed_runs(prefill, lambda cache, token: runner.step([token], cache)[1], gen, repeats)
+
+    def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]:
+        """Greedy continuation: (text, new tokens, seconds measured)."""
+        from transformers import AutoTokenizer  # heavy: only generation needs the artifact's tokenizer
+
+        if not (path / "tokenizer_config.json").is_file():
+            raise ShrinkError(f"'{path}' carries no tokenizer, so it cannot generate text (verify and bench still work).")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        runner = OnnxRunner(path, threads)
+        ids = tokenizer(prompt).input_ids
+        start = time.perf_counter()
+        logits, cache = runner.step(ids, runner.empty_cache())
+        new: list[int] = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits[-1]))
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            logits, cache = runner.step([token], cache)
+        return tokenizer.decode(new), len(new), time.perf_counter() - start
+
+    def stored_quant(self, path: Path) -> str:
+        """Without a manifest an ONNX directory is taken as f32 (its graph does not name the export's --quant)."""
+        return "f32"

@@ -1,0 +1,172 @@
+"""Planning `shrink run MODEL --target T --budget X`: the candidates costed on the target, the quality
+proxy measured here, the choice written as a recipe; then, after the run, the exported artifact itself
+costed on the target and each budget line checked against it (or, on `host`, against its measured time).
+
+The candidates, their costing and the proxy are compress/planner.py's (it moves here once the number
+format registry lands); this module composes them and owns the plan's dictionary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shrink.compress.data import prepare
+from shrink.compress.importance import cached_score
+from shrink.compress.planner import (Candidate, TargetBudget, choose, closest, enumerate_candidates, factor_pair,
+                                     host_factors, measure_proxies, no_plan_message, parse_workload)
+from shrink.errors import ShrinkError
+from shrink.export.backend import backend_for
+from shrink.export.bench import artifact_costing
+from shrink.flows import defaults
+from shrink.flows.recipe import BenchStep, DistillStep, ExportStep, PruneStep, QuantizeStep, VerifyStep, recipe_toml
+from shrink.flows.steps import Hooks
+from shrink.hardware.profiles import get_profile
+from shrink.hardware.roofline import Workload, estimate
+from shrink.model import load
+from shrink.units import fmt_bytes, fmt_time
+
+
+class NoPlan(ShrinkError):
+    """No candidate meets the budget; `closest` holds the nearest ones (as dictionaries) to show."""
+
+    def __init__(self, message: str, closest: list[dict]) -> None:
+        super().__init__(message)
+        self.closest = closest
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a planned recipe's steps train for."""
+    distill_tokens: int = defaults.DISTILL_TOKENS
+    qad_tokens: int = defaults.QAD_TOKENS  # 0: PTQ only
+    calibration: str = defaults.CALIBRATION
+    bench: bool = True
+
+
+def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, Any]]:
+    """The chosen candidate as recipe steps: prune and distill (when pruned), quantize (when quantized),
+    export to the target's runtime, verify, bench."""
+    steps: list[tuple[str, Any]] = []
+    if candidate.shape is not None:
+        steps.append(("prune", PruneStep(params=candidate.keep, axis=candidate.axis)))
+        steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
+    if candidate.format is not None:
+        steps.append(("quantize", QuantizeStep(format=candidate.format, runtime=candidate.runtime,
+                                               calibration=settings.calibration, qad=settings.qad_tokens > 0,
+                                               tokens=max(settings.qad_tokens, 1))))
+    steps.append(("export", ExportStep(format=candidate.runtime)))
+    steps.append(("verify", VerifyStep()))
+    if settings.bench:
+        steps.append(("bench", BenchStep()))
+    return steps
+
+
+def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dict:
+    """A recipe run with a budget: the steps are the recipe's, the budget gates the result."""
+    profile = get_profile(target)
+    return {"target": profile.name, "target_title": profile.title, "budget": TargetBudget.parse(budget_texts).to_dict(),
+            "workload": vars(parse_workload(workload_text)), "host_calibration": None}
+
+
+def plan(model: str, target: str, budget_texts: list[str], workload_text: str | None = None, *,
+         proxy_steps: int = defaults.PROXY_STEPS, proxy_calibration: str = defaults.PROXY_CALIBRATION,
+         data: str | None = None, seq_len: int = defaults.SEQ_LEN, settings: RunSettings | None = None,
+         hooks: Hooks | None = None) -> dict:
+    """The plan: every candidate costed, the chosen one, why, and its recipe (under "steps", and as
+    TOML under "recipe_toml"). Raises NoPlan when no candidate meets the budget."""
+    hooks = hooks or Hooks()
+    profile = get_profile(target)
+    budget = TargetBudget.parse(budget_texts)
+    workload = parse_workload(workload_text)
+    hooks.status(f"Loading {model}")
+    loaded = load(model)
+    hooks.status("Preparing calibration and held-out text")
+    split = prepare(loaded, data, seq_len=seq_len)
+    hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
+    importance = cached_score(loaded, split.calibration)
+    factors = host_factors(model, workload, hooks.status) if profile.measured else None
+    candidates = enumerate_candidates(loaded, importance, profile, workload, budget, factor_pair(factors))
+    if not any(c.fits for c in candidates):
+        raise NoPlan(no_plan_message(candidates, budget, profile), [c.to_dict() for c in closest(candidates, budget)])
+    measure_proxies(candidates, model, importance, split, proxy_steps, proxy_calibration, hooks.status)
+    chosen = choose(candidates)
+    steps = recipe_for(chosen, settings or RunSettings())
+    return {"model": model, "target": profile.name, "target_title": profile.title, "budget": budget.to_dict(),
+            "workload": vars(workload), "host_calibration": factors, "proxy_steps": proxy_steps,
+            "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(),
+            "why": why(chosen, candidates), "candidates": [c.to_dict() for c in candidates],
+            "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {budget_text(budget)}"),
+            "steps": steps}
+
+
+def pareto_points(plan: dict) -> list[dict]:
+    """The plan's candidates as points for hardware/plot.pareto_chart."""
+    return [{"label": c["label"], "tpot_s": c["tpot_s_estimated"], "kl": c["predicted_kl"],
+             "fits": not c["misses"] and c["rejected"] is None, "chosen": c["label"] == plan["chosen"]["label"]}
+            for c in plan["candidates"]]
+
+
+def why(chosen: Candidate, candidates: list[Candidate]) -> str:
+    fitting = [c for c in candidates if c.fits]
+    faster = [c for c in fitting if c.tpot_s < chosen.tpot_s]
+    text = (f"lowest predicted KL ({chosen.predicted_kl:.4f}: shape {chosen.kl_shape:.4f} + format "
+            f"{chosen.kl_format:.4f}, measured) of the {len(fitting)} of {len(candidates)} candidates within budget")
+    if faster:
+        text += f"; {len(faster)} faster candidate(s) predict more loss"
+    return text
+
+
+def budget_text(budget: TargetBudget | dict) -> str:
+    if isinstance(budget, dict):
+        budget = TargetBudget(**budget)
+    parts = []
+    if budget.tpot_s is not None:
+        parts.append(f"{fmt_time(budget.tpot_s)}/token")
+    if budget.ttft_s is not None:
+        parts.append(f"TTFT {fmt_time(budget.ttft_s)}")
+    if budget.memory_bytes is not None:
+        parts.append(f"memory {fmt_bytes(budget.memory_bytes)}")
+    return ", ".join(parts)
+
+
+# --- after the run ---
+
+def artifact_estimate(report: dict, plan: dict) -> dict | None:
+    """The exported artifact itself (its stored tensor types) costed on the target."""
+    artifact = report["final"]["artifact"]
+    if artifact is None:
+        return None
+    spec, formats = artifact_costing(Path(artifact), backend_for(artifact).kind)
+    if spec is None:
+        return None
+    est = estimate(spec.with_formats(**formats), get_profile(plan["target"]), Workload(**plan["workload"]))
+    decode, prefill = factor_pair(plan.get("host_calibration"))
+    return {"tpot_s_estimated": est.tpot_s * decode, "ttft_s_estimated": est.ttft_s * prefill,
+            "memory_bytes_estimated": est.memory.total_bytes, "host_factors": [decode, prefill], "formats": formats}
+
+
+def budget_check(plan: dict | None, report: dict, estimated: dict | None = None) -> dict:
+    """Each budget line against the result: on `host` the measured decode time decides the per-token
+    line; elsewhere, and for TTFT and memory, the exported artifact's own estimate on the target."""
+    if plan is None:
+        return {}
+    budget, lines = plan["budget"], []
+    estimated = estimated if estimated is not None else artifact_estimate(report, plan)
+    bench = next((s["metrics"] for s in report["steps"] if s["name"] == "bench"), None)
+    if budget.get("tpot_s") is not None:
+        if plan["target"] == "host" and bench is not None:
+            lines.append(("time per token", bench["measured"]["decode_s_per_token"], budget["tpot_s"], "measured"))
+        elif estimated is not None:
+            lines.append(("time per token", estimated["tpot_s_estimated"], budget["tpot_s"], "estimated"))
+    if budget.get("ttft_s") is not None and estimated is not None:
+        lines.append(("time to first token", estimated["ttft_s_estimated"], budget["ttft_s"], "estimated"))
+    if budget.get("memory_bytes") is not None and estimated is not None:
+        lines.append(("memory", estimated["memory_bytes_estimated"], budget["memory_bytes"], "estimated"))
+    if not lines:
+        return {}
+    return {"passed": all(value <= limit for _, value, limit, _ in lines), "target": plan["target"],
+            "lines": [{"what": what, "value": value, "budget": limit, "by": by, "passed": value <= limit}
+                      for what, value, limit, by in lines]}
+

@@ -1,0 +1,292 @@
+"""Executing a recipe: each step in turn on the output of the one before, in a run directory.
+
+    run_dir/
+      recipe.toml        the steps (written by the planner, or copied from --recipe)
+      plan.json          the plan, or a recipe's budget gate, when there is one
+      run.json           the run report: per step its config, inputs, outputs, metrics, time, status
+      01-prune/          each step's output (a model directory, an artifact, checkpoints)
+      02-distill/ ...
+
+run.json is rewritten (atomically) whenever a step starts, finishes or fails, so a killed run leaves
+a report that says how far it got, and `resume=True` skips the finished steps and restarts the
+interrupted one (a distillation continues from its last checkpoint). The teacher, the verify
+reference and the data are always the original model's. The steps themselves are flows/steps.py's,
+the same functions `shrink prune`, `distill` and `quantize` call.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from shrink.compress.distill.teacher import teacher_topk
+from shrink.compress.search import Budget
+from shrink.errors import ShrinkError
+from shrink.export.backend import backend
+from shrink.export.bench import bench
+from shrink.export.workflow import export_artifact, verify_artifact
+from shrink.flows import defaults
+from shrink.flows import steps as flow
+from shrink.flows.plan import artifact_estimate, budget_check
+from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
+from shrink.flows.steps import Hooks
+from shrink.model import load, save_loaded
+from shrink.storage import atomic_write_text
+
+REPORT = "run.json"
+PLAN_FILE = "plan.json"
+
+
+class StepFailed(Exception):
+    """A step ran but its result failed a gate (verification); the run stops with exit code 1."""
+
+
+@dataclass
+class RunState:
+    model: str  # the original model: teacher, data source and verify reference
+    run_dir: Path
+    data: str | None = None
+    seq_len: int = defaults.SEQ_LEN
+    current: str = ""  # the model the next step starts from
+    artifact: str | None = None  # the last exported artifact
+    hooks: Hooks = field(default_factory=Hooks)
+    _teacher: Any = None
+    _split: Any = None
+    _topk: dict = field(default_factory=dict)
+
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            self._teacher = flow.load_model(self.model, self.hooks)
+        return self._teacher
+
+    def split(self) -> Any:
+        if self._split is None:
+            self._split = flow.prepare_split(self.teacher(), self.data, self.seq_len, self.hooks)
+        return self._split
+
+    def student(self) -> Any:
+        return load(self.current)  # a fresh copy: steps change models in place
+
+    def teacher_topk(self, part: str) -> Any:
+        if part not in self._topk:
+            self.hooks.status("Teacher top-k logits (cached on disk after the first run)")
+            self._topk[part] = teacher_topk(self.teacher().model, getattr(self.split(), part))
+        return self._topk[part]
+
+    def artifact_or_fail(self) -> str:
+        if self.artifact is None:
+            raise ShrinkError("A verify or bench step needs an export step before it.")
+        return self.artifact
+
+
+# --- the recipe's steps: each takes the state and its config, writes into `out`, returns its record ---
+
+def _save(loaded: Any, out: Path) -> str:
+    save_loaded(loaded, out)
+    return str(out)
+
+
+def prune_step(state: RunState, config: Any, out: Path) -> dict:
+    sizes = {"ffn": config.ffn, "heads": config.heads, "hidden": config.hidden, "layers": config.layers}
+    given = {k: v for k, v in sizes.items() if v is not None}
+    loaded = state.student()
+    before = loaded.spec.param_counts().total
+    result = flow.prune(loaded, state.split(), state.hooks, sizes=given,
+                        budget=Budget(params=config.params) if config.params is not None else None,
+                        axis=config.axis, search=config.search)
+    pruned = result.model
+    metrics = {"params_before": before, "params_after": pruned.spec.param_counts().total,
+               "shape": result.report.get("chosen", given), "chosen_by": result.report.get("chosen_by", "sizes given"),
+               "held_out_after_pruning": flow.evaluate_against(pruned.model, state.split(),
+                                                               state.teacher_topk("evaluation"))}
+    return {"outputs": {"model": _save(pruned, out)}, "metrics": metrics}
+
+
+def distill_step(state: RunState, config: Any, out: Path) -> dict:
+    settings = flow.distill_config(config.tokens, state.seq_len, loss=config.loss, lr=config.lr,
+                                   batch_size=config.batch_size)
+    student = state.student()
+    report = flow.distill(student, state.teacher(), state.split(), settings, Path(f"{out}.checkpoints"), state.hooks,
+                          topk=(state.teacher_topk("train"), state.teacher_topk("evaluation")))
+    path = _save(student, out)
+    shutil.rmtree(f"{out}.checkpoints", ignore_errors=True)  # the step is done: the model is the result
+    return {"outputs": {"model": path}, "metrics": {k: v for k, v in asdict(report).items() if k != "history"}}
+
+
+def quantize_step(state: RunState, config: Any, out: Path) -> dict:
+    settings = flow.quantize_settings(config.format, runtime=config.runtime, calibration=config.calibration,
+                                      qad=config.qad, tokens=config.tokens, lr=config.lr)
+    student = state.student()
+    report = flow.quantize(student, state.teacher(), state.split(), settings, Path(f"{out}.checkpoints"), state.hooks)
+    path = _save(student, out)
+    shutil.rmtree(f"{out}.checkpoints", ignore_errors=True)
+    report["fallbacks"] = len(report["fallbacks"])  # the per-tensor list is in the model's plan
+    report["kept_high_precision"] = len(report["kept_high_precision"])
+    return {"outputs": {"model": path}, "metrics": report}
+
+
+def export_step(state: RunState, config: Any, out: Path) -> dict:
+    loaded = state.student()
+    artifact = backend(config.format).artifact_in(out)
+    state.hooks.status(f"Exporting to {config.format} and checking it in its runtime against the model")
+    result = export_artifact(loaded, config.format, artifact, quant=config.quant)
+    size = sum(p.stat().st_size for p in ([artifact] if artifact.is_file() else artifact.rglob("*")) if p.is_file())
+    record = {"outputs": {"artifact": str(artifact), "manifest": str(result.manifest)},
+              "metrics": {"bytes_on_disk": size, "export": result.report,
+                          "verify_against_model": result.verdict.to_dict() if result.verdict else None}}
+    if result.verdict is not None and not result.verdict.passed:
+        raise StepFailed(f"the {config.format} artifact does not match the model it was exported from: "
+                         + "; ".join(c.detail for c in result.verdict.checks if not c.passed))
+    return record
+
+
+def verify_step(state: RunState, config: Any, out: Path) -> dict:
+    state.hooks.status(f"Verifying the artifact against {state.model}")
+    # The per-format defaults of `shrink verify` judge an export's fidelity; a compressed model is
+    # judged against the original only by the gates the recipe sets (the metrics are always recorded).
+    gated = config.min_top1 is not None or config.max_kl is not None
+    verdict = verify_artifact(state.artifact_or_fail(), state.model,
+                              min_top1=config.min_top1 if config.min_top1 is not None else 0.0,
+                              max_kl=config.max_kl if config.max_kl is not None else float("inf"))
+    record = {"outputs": {}, "metrics": {**verdict.to_dict(), "gated": gated}}
+    if not verdict.passed:
+        raise StepFailed(f"the artifact fails verification against {state.model}: "
+                         + "; ".join(c.detail for c in verdict.checks if not c.passed))
+    return record
+
+
+def bench_step(state: RunState, config: Any, out: Path) -> dict:
+    state.hooks.status("Timing the artifact in its runtime on this machine")
+    result = bench(state.artifact_or_fail(), config.threads, prompt_len=config.prompt_len, gen_len=config.gen_len,
+                   repeats=config.repeats)
+    return {"outputs": {}, "metrics": result.to_dict()}
+
+
+EXECUTORS: dict[str, Callable[[RunState, Any, Path], dict]] = {
+    "prune": prune_step, "distill": distill_step, "quantize": quantize_step, "export": export_step,
+    "verify": verify_step, "bench": bench_step,
+}
+
+
+# --- the run ---
+
+def read_report(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / REPORT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ShrinkError(f"{path} is not valid JSON; it was not written by shrink run, or was damaged.") from None
+
+
+def _write_report(run_dir: Path, report: dict) -> None:
+    atomic_write_text(run_dir / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _busy(run_dir: Path) -> ShrinkError:
+    return ShrinkError(f"'{run_dir}' holds a run already; add --resume to continue it, or choose another --output.")
+
+
+def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *, resume: bool = False,
+               data: str | None = None, seq_len: int = defaults.SEQ_LEN, hooks: Hooks | None = None,
+               extra: dict | None = None) -> dict:
+    """Execute `steps` on `model` in `run_dir`; returns the run report (also in run_dir/run.json).
+
+    Raises StepFailed when a gate fails, ShrinkError on bad input; the report records either.
+    `extra` (the planner's choice, say) is stored in the report as it is.
+    """
+    run_dir = Path(run_dir)
+    recipe = [step_to_dict(name, config) for name, config in steps]
+    report = read_report(run_dir)
+    if report is not None and not resume:
+        raise _busy(run_dir)
+    if report is not None and (report["model"] != model or report["recipe"] != recipe):
+        raise ShrinkError(f"The run in '{run_dir}' was started with another model or recipe; --resume continues "
+                          "only the same run (choose another --output for a new one).")
+    if report is None:
+        report = {"model": model, "recipe": recipe, "steps": [], **(extra or {})}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = RunState(model=model, run_dir=run_dir, data=data, seq_len=seq_len, current=model,
+                     hooks=hooks or Hooks())
+    finished = [s for s in report["steps"] if s["status"] == "finished"]
+    for record in finished:  # pick up where the finished steps left the model and the artifact
+        state.current = record["outputs"].get("model", state.current)
+        state.artifact = record["outputs"].get("artifact", state.artifact)
+    report["steps"] = finished
+    report["resumed"] = bool(finished) or report.get("resumed", False)
+    for index in range(len(finished), len(steps)):
+        name, config = steps[index]
+        out = run_dir / f"{index + 1:02d}-{name}"
+        record = {"name": name, "config": recipe[index], "status": "running",
+                  "inputs": {"model": state.current, "artifact": state.artifact}, "started": time.time()}
+        report["steps"].append(record)
+        _write_report(run_dir, report)
+        state.hooks.step_started(index, name)
+        began = time.perf_counter()
+        try:
+            record.update(EXECUTORS[name](state, config, out))
+        except (StepFailed, ShrinkError) as err:
+            record.update(status="failed", error=str(err), seconds=time.perf_counter() - began)
+            _write_report(run_dir, report)
+            raise
+        record.update(status="finished", seconds=time.perf_counter() - began)
+        state.current = record["outputs"].get("model", state.current)
+        state.artifact = record["outputs"].get("artifact", state.artifact)
+        _write_report(run_dir, report)
+        state.hooks.step_finished(index, record)
+    report["final"] = {"model": state.current, "artifact": state.artifact}
+    _write_report(run_dir, report)
+    return report
+
+
+# --- `shrink run`: a run directory around run_recipe ---
+
+def recipe_path(recipe: Path) -> Path:
+    """A recipe file, or the file of a shipped recipe named by its stem (demo, minitron-width, ...)."""
+    shipped = shipped_recipes()
+    return shipped[str(recipe)] if not recipe.exists() and str(recipe) in shipped else recipe
+
+
+def resumed(run_dir: Path) -> tuple[list[tuple[str, Any]], dict | None] | None:
+    """The steps and plan a run directory was started with (no re-planning on resume), or None."""
+    saved = run_dir / "recipe.toml"
+    if not saved.is_file():
+        return None
+    path = run_dir / PLAN_FILE
+    return parse_recipe(saved), (json.loads(path.read_text()) if path.is_file() else None)
+
+
+def execute(model: str, steps: list[tuple[str, Any]], run_dir: Path, *, resume: bool = False,
+            data: str | None = None, seq_len: int = defaults.SEQ_LEN, plan: dict | None = None, recipe: Path | None = None,
+            hooks: Hooks | None = None) -> dict:
+    """Run `steps` in `run_dir` (recipe.toml and plan.json written first, so that --resume finds them),
+    then cost the artifact on the plan's target and check the budget. Raises StepFailed on a failed gate."""
+    saved = run_dir / "recipe.toml"
+    existing = read_report(run_dir)
+    if existing is not None and not resume:
+        raise _busy(run_dir)
+    if existing is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if plan is not None and "recipe_toml" in plan:
+            atomic_write_text(saved, plan["recipe_toml"])
+        elif recipe is not None and recipe.resolve() != saved.resolve():
+            shutil.copyfile(recipe, saved)
+        if plan is not None:  # the plan, or a recipe's budget gate, outlives an interruption
+            atomic_write_text(run_dir / PLAN_FILE, json.dumps({k: v for k, v in plan.items() if k != "recipe_toml"},
+                                                              indent=2, default=str) + "\n")
+    report = run_recipe(model, steps, run_dir, resume=resume, data=data, seq_len=seq_len, hooks=hooks,
+                        extra={"plan": plan is not None})
+    estimated = artifact_estimate(report, plan) if plan is not None else None
+    report["budget_check"] = budget_check(plan, report, estimated)
+    report["run_dir"] = str(run_dir)
+    if plan is not None:
+        report["artifact_on_target"] = estimated
+    if plan is not None and "chosen" in plan:
+        report["planned"] = {k: plan[k] for k in ("target", "budget", "chosen", "why")}
+    _write_report(run_dir, report)
+    return report
