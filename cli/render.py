@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
+
+from shrink.errors import ShrinkError
 
 from shrink.units import fmt_bytes, fmt_count, fmt_rate, fmt_time  # re-exported: the commands print with them
 
@@ -37,12 +41,6 @@ def _jsonable(value: Any) -> Any:
 
 def handle_user_errors(fn):
     """Turn a ShrinkError into one red sentence on stderr and exit code 2 (no traceback)."""
-    import functools
-
-    import typer
-
-    from shrink.errors import ShrinkError
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:

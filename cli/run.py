@@ -9,6 +9,7 @@ This module parses the options, calls the flows and renders their results.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -132,8 +133,6 @@ def _candidates_table(candidates: list[dict], chosen_label: str | None, title: s
 
 def _short(reason: str) -> str:
     """'rows of 640 do not divide into ternary_b256's 256-element blocks, ...' -> 'rows of 640 vs 256-blocks'."""
-    import re
-
     match = re.match(r"rows of (\d+) .* (\d+)-element blocks", reason)
     return f"rows of {match.group(1)} vs {match.group(2)}-blocks" if match else reason.split(",")[0]
 

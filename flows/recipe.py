@@ -15,9 +15,10 @@ from Python: `parse_recipe(path)` gives [(name, config)] and `STEPS` maps names 
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,6 @@ STEPS: dict[str, type] = {"prune": PruneStep, "distill": DistillStep, "quantize"
 
 def step_to_dict(name: str, config: Any) -> dict[str, Any]:
     """A step as a TOML table would give it (defaults included), for reports and recipe files."""
-    from dataclasses import asdict
-
     return {"name": name, **asdict(config)}
 
 
@@ -95,8 +94,6 @@ def recipe_toml(steps: list[tuple[str, Any]], description: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
-    import json
-
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(value) if isinstance(value, str) else repr(value)
