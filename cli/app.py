@@ -1,50 +1,86 @@
 """Entry point: the Typer app and the commands it carries.
 
-Command modules import only typer, rich and light shrink modules at import time; whatever needs torch
-or transformers is imported inside the command that uses it, so that `shrink estimate` and the other
-config-only commands start in a fraction of a second (tests/test_light_imports.py holds this).
+A command's module is imported when that command runs (or when help lists the commands), so that one
+command never pays for another's imports: `shrink estimate` reads a config without loading the training
+and export stacks, and imports neither torch nor transformers (tests/test_light_imports.py holds this).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator, Mapping
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from shrink import __version__
-from shrink.cli.bench import bench_command
-from shrink.cli.distill import distill_command
-from shrink.cli.estimate import estimate_command
-from shrink.cli.export import export_command, generate_command, verify_command
-from shrink.cli.formats import formats_command
-from shrink.cli.inspect import inspect_command
-from shrink.cli.profiles import profiles_app
-from shrink.cli.prune import prune_command
-from shrink.cli.quantize import quantize_command
-from shrink.cli.run import run_command
+
+# command -> (module, attribute): a command function, or a Typer app for a command with subcommands
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("shrink.cli.run", "run_command"),
+    "inspect": ("shrink.cli.inspect", "inspect_command"),
+    "estimate": ("shrink.cli.estimate", "estimate_command"),
+    "formats": ("shrink.cli.formats", "formats_command"),
+    "export": ("shrink.cli.export", "export_command"),
+    "verify": ("shrink.cli.export", "verify_command"),
+    "bench": ("shrink.cli.bench", "bench_command"),
+    "generate": ("shrink.cli.export", "generate_command"),
+    "prune": ("shrink.cli.prune", "prune_command"),
+    "distill": ("shrink.cli.distill", "distill_command"),
+    "quantize": ("shrink.cli.quantize", "quantize_command"),
+    "profiles": ("shrink.cli.profiles", "profiles_app"),  # listed last, as Typer lists command groups
+}
+
+
+@functools.cache
+def _command(name: str) -> click.Command:
+    """The click command `name`, built from its module as `app.command` / `app.add_typer` would."""
+    module, attribute = COMMANDS[name]
+    target = getattr(importlib.import_module(module), attribute)
+    holder = typer.Typer(add_completion=False, rich_markup_mode="rich")
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name)(target)
+    return typer.main.get_group(holder).commands[name]
+
+
+class _Commands(Mapping):
+    """The commands by name: the names cost nothing, a command is built on its first lookup."""
+
+    def __getitem__(self, name: str) -> click.Command:
+        return _command(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COMMANDS)
+
+    def __len__(self) -> int:
+        return len(COMMANDS)
+
+
+class _LazyGroup(TyperGroup):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = _Commands()
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # names only: listing imports nothing
+
 
 app = typer.Typer(
     name="shrink",
+    cls=_LazyGroup,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
     help="Turn a causal language model into one that meets a deployment target, with evidence.\n\n"
     "Every figure shrink prints is labelled [bold]measured[/] (run here) or [bold]estimated[/] (roofline model).",
 )
-app.command("run")(run_command)
-app.command("inspect")(inspect_command)
-app.command("estimate")(estimate_command)
-app.add_typer(profiles_app, name="profiles")
-app.command("formats")(formats_command)
-app.command("export")(export_command)
-app.command("verify")(verify_command)
-app.command("bench")(bench_command)
-app.command("generate")(generate_command)
-app.command("prune")(prune_command)
-app.command("distill")(distill_command)
-app.command("quantize")(quantize_command)
 
 
 def _version(value: bool) -> None:
