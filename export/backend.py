@@ -1,14 +1,17 @@
 """One backend per artifact kind (GGUF, ONNX): it exports, opens a runner, times, generates and says
-what it stores. Everything else asks the registry by name (`backend("gguf")`) or by path
+what it stores (for the roofline: `artifact_costing`). Everything else asks the registry by name (`backend("gguf")`) or by path
 (`backend_for(path)`), so adding a kind is one class and one line here."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
+from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.gguf_backend import GGUFBackend
+from shrink.export.manifest import manifest_path, read_manifest
 from shrink.export.onnx_backend import OnnxBackend
 from shrink.export.runtimes import Runner
 
@@ -32,6 +35,8 @@ class Backend(Protocol):
 
     def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]: ...
 
+    def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]: ...
+
     def stored_quant(self, path: Path) -> str: ...
 
 
@@ -54,3 +59,15 @@ def backend_for(path: str | Path) -> Backend:
     if not path.exists():
         raise ShrinkError(f"Artifact '{path}' does not exist.")
     raise ShrinkError(f"'{path}' is neither a .gguf file nor a directory holding model.onnx.")
+
+
+def artifact_costing(artifact: str | Path) -> tuple[ArchSpec | None, dict]:
+    """The artifact's ArchSpec (from its manifest) and the formats its file stores, read from the file
+    itself, so that the roofline costs the bytes its runtime reads (an untied lm_head copy included)."""
+    artifact = Path(artifact)
+    own = manifest_path(artifact)
+    manifest = read_manifest(own) if own.is_file() else None
+    if manifest is None:
+        return None, {}
+    spec, stored = backend_for(artifact).stored_formats(artifact, ArchSpec.from_dict(manifest["archspec"]))
+    return spec, {k: v for k, v in asdict(stored).items() if k != "ssm_state"}

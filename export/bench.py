@@ -7,16 +7,12 @@ from __future__ import annotations
 import os
 import random
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shrink.archspec import ArchSpec
-from shrink.export.onnx import onnx_formats
-from shrink.ggufmeta import gguf_formats
 from shrink.errors import ShrinkError
-from shrink.export.backend import backend_for
-from shrink.export.manifest import manifest_path, read_manifest
+from shrink.export.backend import artifact_costing, backend_for
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 
@@ -66,23 +62,6 @@ def token_ids(count: int, vocab: int) -> list[int]:
     return [rng.randrange(1, vocab) for _ in range(count)]
 
 
-def artifact_costing(artifact: Path, kind: str) -> tuple[ArchSpec | None, dict]:
-    """The artifact's ArchSpec (from its manifest) and the formats its file stores, read from the file
-    itself, so that the roofline costs the bytes its runtime reads (an untied lm_head copy included)."""
-    own = manifest_path(artifact)
-    manifest = read_manifest(own) if own.is_file() else None
-    if manifest is None:
-        return None, {}
-    spec = ArchSpec.from_dict(manifest["archspec"])
-    if kind == "gguf":
-        stored = gguf_formats(artifact).formats
-    else:
-        read = onnx_formats(artifact)
-        stored = read.formats
-        spec = replace(spec, tied_embeddings=spec.tied_embeddings and read.tied)
-    return spec, {k: v for k, v in asdict(stored).items() if k != "ssm_state"}
-
-
 def bench(artifact: str | Path, threads: int | None = None, *, prompt_len: int, gen_len: int,
           repeats: int) -> BenchResult:
     """Time the artifact in its runtime here (the lengths' defaults: flows/defaults.py)."""
@@ -92,7 +71,7 @@ def bench(artifact: str | Path, threads: int | None = None, *, prompt_len: int, 
     if repeats < 1:
         raise ShrinkError(f"--repeats must be at least 1, got {repeats}.")
     threads = threads or os.cpu_count() or 1
-    spec, formats = artifact_costing(artifact, kind.kind)
+    spec, formats = artifact_costing(artifact)
     vocab = spec.vocab_size if spec else 256
     prompt, gen = token_ids(prompt_len, vocab), token_ids(gen_len, vocab)
     prefill, decode = kind.time(artifact, threads, prompt, gen, repeats)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.gguf import export_gguf
 from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
@@ -52,6 +53,10 @@ class GGUFBackend:
         start = time.perf_counter()
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"], out["usage"]["completion_tokens"], time.perf_counter() - start
+
+    def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
+        """The formats the file stores, read from its tensor types (for the roofline)."""
+        return spec, gguf_formats(path).formats
 
     def stored_quant(self, path: Path) -> str:
         """The `--quant` name of what the file stores, for the verify thresholds when no manifest says it."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
-from shrink.export.onnx import export_onnx
+from shrink.export.onnx import export_onnx, onnx_formats
 from shrink.export.onnx_runtime import OnnxRunner
 from shrink.export.runtimes import Runner, timed_runs
 
@@ -62,6 +64,12 @@ class OnnxBackend:
             new.append(token)
             logits, cache = runner.step([token], cache)
         return tokenizer.decode(new), len(new), time.perf_counter() - start
+
+    def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
+        """The formats the graph stores (MatMulNBits scales included) and whether it keeps the lm_head
+        tied: a quantized export reads an untied copy, so the spec says untied when the file does."""
+        read = onnx_formats(path)
+        return replace(spec, tied_embeddings=spec.tied_embeddings and read.tied), read.formats
 
     def stored_quant(self, path: Path) -> str:
         """Without a manifest an ONNX directory is taken as f32 (its graph does not name the export's --quant)."""

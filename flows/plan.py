@@ -2,23 +2,25 @@
 proxy measured here, the choice written as a recipe; then, after the run, the exported artifact itself
 costed on the target and each budget line checked against it (or, on `host`, against its measured time).
 
-The candidates, their costing and the proxy are compress/planner.py's (it moves here once the number
-format registry lands); this module composes them and owns the plan's dictionary.
+The candidates, their costing and the quality proxy are flows/candidates.py's; this module composes
+them, calibrates `host` estimates by a measurement, and owns the plan's dictionary.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from shrink.compress.data import prepare
 from shrink.compress.importance import cached_score
-from shrink.compress.planner import (Candidate, TargetBudget, choose, closest, enumerate_candidates, factor_pair,
-                                     host_factors, measure_proxies, no_plan_message, parse_workload)
 from shrink.errors import ShrinkError
-from shrink.export.backend import backend_for
-from shrink.export.bench import artifact_costing
+from shrink.export.backend import artifact_costing
+from shrink.export.bench import bench
+from shrink.export.workflow import export_artifact
+from shrink.flows.candidates import (Candidate, TargetBudget, choose, closest, enumerate_candidates, measure_proxies,
+                                     no_plan_message, parse_workload)
 from shrink.flows import defaults
 from shrink.flows.recipe import BenchStep, DistillStep, ExportStep, PruneStep, QuantizeStep, VerifyStep, recipe_toml
 from shrink.flows.steps import Hooks
@@ -131,6 +133,25 @@ def budget_text(budget: TargetBudget | dict) -> str:
     return ", ".join(parts)
 
 
+def host_factors(source: str, workload: Any, status: Callable[[str], None] = lambda m: None) -> dict:
+    """Measured/estimated ratios on this machine (decode, prefill), from the original model exported
+    to an F16 GGUF and timed in llama.cpp: the roofline's peaks are measured too, but a runtime
+    reaches only part of them, and `--target host` budgets are judged by measurement."""
+    with tempfile.TemporaryDirectory(prefix="shrink-host-") as folder:
+        status("Timing the original model on this machine (F16 GGUF in llama.cpp) to calibrate host estimates")
+        artifact = Path(folder) / "original.gguf"
+        export_artifact(load(source), "gguf", artifact, quant="f16", verify=False)  # the manifest costs it
+        result = bench(artifact, prompt_len=min(workload.prompt_len, 128), gen_len=16, repeats=2)
+    est = result.estimate
+    return {"decode": result.decode.median_s / est.tpot_s, "prefill": result.prefill.median_s / est.ttft_s,
+            "measured_decode_s": result.decode.median_s, "estimated_decode_s": est.tpot_s,
+            "measured_prefill_s": result.prefill.median_s, "estimated_prefill_s": est.ttft_s}
+
+
+def factor_pair(factors: dict | None) -> tuple[float, float]:
+    return (factors["decode"], factors["prefill"]) if factors else (1.0, 1.0)
+
+
 # --- after the run ---
 
 def artifact_estimate(report: dict, plan: dict) -> dict | None:
@@ -138,7 +159,7 @@ def artifact_estimate(report: dict, plan: dict) -> dict | None:
     artifact = report["final"]["artifact"]
     if artifact is None:
         return None
-    spec, formats = artifact_costing(Path(artifact), backend_for(artifact).kind)
+    spec, formats = artifact_costing(Path(artifact))
     if spec is None:
         return None
     est = estimate(spec.with_formats(**formats), get_profile(plan["target"]), Workload(**plan["workload"]))

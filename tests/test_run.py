@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shrink.compress.planner import TargetBudget, parse_workload
+from shrink.flows.candidates import TargetBudget, parse_workload
 from shrink.errors import ShrinkError
 
 
@@ -37,7 +37,7 @@ def planning(tiny_text_model_dir, tmp_path_factory):
 
 
 def test_candidates_are_costed_as_exported_and_an_impossible_budget_says_what_it_needs(planning):
-    from shrink.compress.planner import enumerate_candidates, no_plan_message
+    from shrink.flows.candidates import enumerate_candidates, no_plan_message
     from shrink.hardware.profiles import get_profile
     from shrink.hardware.roofline import Workload
 
@@ -56,7 +56,7 @@ def test_candidates_are_costed_as_exported_and_an_impossible_budget_says_what_it
 
 
 def test_the_planner_picks_the_lowest_predicted_kl_within_budget(planning, tiny_text_model_dir):
-    from shrink.compress.planner import choose, enumerate_candidates, measure_proxies
+    from shrink.flows.candidates import choose, enumerate_candidates, measure_proxies
     from shrink.flows.plan import RunSettings, recipe_for
     from shrink.hardware.profiles import get_profile
     from shrink.hardware.roofline import Workload

@@ -1,11 +1,11 @@
-"""The budget-driven planner behind `shrink run MODEL --target T --budget X`.
+"""The candidates of the budget-driven planner behind `shrink run MODEL --target T --budget X`.
 
 Candidates are prune shapes (a fraction of the non-embedding parameters kept, on the width or the
 depth axis, shaped by the same rule as `shrink prune --params`) times the weight formats the target's
 runtime executes (llama.cpp: GGUF F16/Q8_0/NVFP4/MXFP4/Q4_0/TQ2_0/Q1_0; ONNX Runtime: f32/int8/int4).
 Each is costed with the roofline model on the target, exactly as it would be exported (a GGUF keeps
 its vocabulary tensors on Q8_0, see compress/quant/plan.py). Those within the budget are ranked by a
-quality proxy measured on held-out text, and the best becomes a recipe (compress/recipe.py).
+quality proxy measured on held-out text, and the best becomes a recipe (flows/plan.py: recipe_for).
 
 The quality proxy, and why: a candidate's predicted KL to the original is the KL of its prune shape
 after a short distillation (what `shrink prune --search` ranks shapes by) plus the KL of its format
@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.compress.distill.teacher import teacher_topk
+from shrink.compress.pruning import budget_shape
+from shrink.compress.quant.plan import make_plan
+from shrink.compress.quant.ptq import calibrate
+from shrink.compress.quant.student import fake_quantize, materialize
+from shrink.compress.search import Budget, apply, rank_by_proxy
 from shrink.errors import ShrinkError
+from shrink.export.costing import costed_spec, fallbacks, op_row_lengths
+from shrink.hardware.roofline import Workload, estimate
+from shrink.model import load
+from shrink.numformats import runtime_families, stored_format
+from shrink.units import fmt_bytes, fmt_time, parse_duration, parse_size
 
 KEEPS = (1.0, 0.8, 0.6, 0.4)  # fractions of the non-embedding parameters
 AXES = ("width", "depth")
@@ -41,8 +52,6 @@ class TargetBudget:
     @classmethod
     def parse(cls, texts: list[str]) -> "TargetBudget":
         """'20ms', 'tpot=20ms', 'ttft=200ms', 'mem=2GB', given separately or joined by commas."""
-        from shrink.cli.units import parse_duration, parse_size
-
         values: dict[str, float] = {}
         for item in (part.strip() for text in texts for part in text.split(",") if part.strip()):
             key, _, value = item.rpartition("=")
@@ -65,8 +74,6 @@ class TargetBudget:
 
 def parse_workload(text: str | None) -> Any:
     """'batch=1,prompt=512,gen=128' (any subset) -> a roofline Workload."""
-    from shrink.hardware.roofline import Workload
-
     if not text:
         return Workload()
     names = {"batch": "batch", "prompt": "prompt_len", "gen": "gen_len", "generate": "gen_len"}
@@ -130,9 +137,6 @@ def target_runtime(profile: Any) -> str:
 
 def _fallback(spec: Any, family: str | None, runtime: str) -> str | None:
     """Why a candidate is not built as costed: part of it would fall back to another format."""
-    from shrink.export.costing import fallbacks, op_row_lengths
-    from shrink.numformats import stored_format
-
     wanted = stored_format(family, runtime)
     moved = fallbacks(spec, wanted)
     if moved:
@@ -145,9 +149,6 @@ def _fallback(spec: Any, family: str | None, runtime: str) -> str | None:
 def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: TargetBudget,
          host_factor: tuple[float, float] = (1.0, 1.0)) -> Candidate:
     """Fill in the candidate's roofline figures on the target and the budget lines it misses."""
-    from shrink.export.costing import costed_spec
-    from shrink.hardware.roofline import estimate
-
     est = estimate(costed_spec(spec, candidate.format, candidate.runtime), profile, workload)
     candidate.tpot_s = est.tpot_s * host_factor[0]
     candidate.ttft_s = est.ttft_s * host_factor[1]
@@ -167,10 +168,6 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
 
 def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: Any, budget: TargetBudget,
                          host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
-    from shrink.compress.pruning import budget_shape
-    from shrink.compress.search import Budget
-    from shrink.numformats import runtime_families
-
     runtime = target_runtime(profile)
     shapes: list[tuple[float, str, Any]] = [(1.0, "-", None)]
     for keep in (k for k in keeps if k < 1):
@@ -198,15 +195,7 @@ PROXY_SEQUENCES = 8  # held-out sequences the proxy's KL is measured on (a slice
 def measure_proxies(candidates: list[Candidate], loaded_source: str, importance: Any, split: Any,
                     proxy_steps: int, calibration: str, status: Callable[[str], None] = lambda m: None) -> None:
     """Measure KL(teacher || candidate part) on a held-out slice, once per shape and once per format."""
-    from dataclasses import replace
-
-    from shrink.compress.distill.evaluate import evaluate
-    from shrink.compress.distill.teacher import teacher_topk
-    from shrink.compress.quant.plan import make_plan
-    from shrink.compress.quant.ptq import calibrate
-    from shrink.compress.quant.student import fake_quantize, materialize
-    from shrink.compress.search import apply, rank_by_proxy
-    from shrink.model import load
+    from shrink.compress.distill.evaluate import evaluate  # imports torch
 
     live = [c for c in candidates if c.rejected is None]
     split = replace(split, evaluation=split.evaluation[:PROXY_SEQUENCES])
@@ -249,8 +238,6 @@ def choose(candidates: list[Candidate]) -> Candidate:
 
 def no_plan_message(candidates: list[Candidate], budget: TargetBudget, profile: Any) -> str:
     """One sentence: what the best candidate reaches and how much smaller a model the budget needs."""
-    from shrink.cli.render import fmt_bytes, fmt_time
-
     costed = [c for c in candidates if c.rejected is None] or candidates
     parts = []
     if budget.tpot_s is not None:
@@ -281,56 +268,3 @@ def closest(candidates: list[Candidate], budget: TargetBudget, count: int = 5) -
                   c.memory_bytes / budget.memory_bytes if budget.memory_bytes else 0]
         return max(ratios)
     return sorted((c for c in candidates if c.rejected is None), key=excess)[:count]
-
-
-# --- from the chosen candidate to a recipe ---
-
-@dataclass(frozen=True)
-class RunSettings:
-    distill_tokens: int = 12288
-    qad_tokens: int = 6144
-    calibration: str = "auto"
-    bench: bool = True
-
-
-def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, Any]]:
-    from shrink.compress.recipe import (BenchStep, DistillStep, ExportStep, PruneStep, QuantizeStep,
-                                        VerifyStep)
-
-    steps: list[tuple[str, Any]] = []
-    if candidate.shape is not None:
-        steps.append(("prune", PruneStep(params=candidate.keep, axis=candidate.axis)))
-        steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
-    if candidate.format is not None:
-        steps.append(("quantize", QuantizeStep(format=candidate.format, runtime=candidate.runtime,
-                                               calibration=settings.calibration, qad=settings.qad_tokens > 0,
-                                               tokens=max(settings.qad_tokens, 1))))
-    steps.append(("export", ExportStep(format=candidate.runtime)))
-    steps.append(("verify", VerifyStep()))
-    if settings.bench:
-        steps.append(("bench", BenchStep()))
-    return steps
-
-
-def host_factors(source: str, workload: Any, status: Callable[[str], None] = lambda m: None) -> dict:
-    """Measured/estimated ratios on this machine (decode, prefill), from the original model exported
-    to an F16 GGUF and timed in llama.cpp: the roofline's peaks are measured too, but a runtime
-    reaches only part of them, and `--target host` budgets are judged by measurement."""
-    from shrink.export.bench import bench
-    from shrink.export.workflow import export_artifact
-    from shrink.model import load
-
-    with tempfile.TemporaryDirectory(prefix="shrink-host-") as folder:
-        status("Timing the original model on this machine (F16 GGUF in llama.cpp) to calibrate host estimates")
-        artifact = Path(folder) / "original.gguf"
-        export_artifact(load(source), "gguf", artifact, quant="f16", verify=False)  # the manifest costs it
-        result = bench(artifact, prompt_len=min(workload.prompt_len, 128), gen_len=16, repeats=2)
-    est = result.estimate
-    return {"decode": result.decode.median_s / est.tpot_s, "prefill": result.prefill.median_s / est.ttft_s,
-            "measured_decode_s": result.decode.median_s, "estimated_decode_s": est.tpot_s,
-            "measured_prefill_s": result.prefill.median_s, "estimated_prefill_s": est.ttft_s}
-
-
-def factor_pair(factors: dict | None) -> tuple[float, float]:
-    return (factors["decode"], factors["prefill"]) if factors else (1.0, 1.0)
-
