@@ -11,17 +11,24 @@ Sources, in the order they are recognised:
 - a hub id (`org/name`), through transformers with trust_remote_code off by default.
 
 A spec (`load_spec`) needs a config only, read as JSON wherever one exists: no transformers, no torch.
+Those two (seconds to import) are imported inside the functions that load weights or tokenizers.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import json
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass, replace
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from shrink import layershapes, normeps
 from shrink.archspec import ArchSpec, Formats
@@ -74,8 +81,6 @@ class _Source:
 
 def bundled_configs() -> dict[str, Path]:
     """Configs shipped with shrink (published architectures), usable wherever weights are not needed."""
-    from importlib.resources import files
-
     return {p.stem: p for p in sorted(Path(str(files("shrink") / "configs")).glob("*.json"))}
 
 
@@ -123,8 +128,6 @@ def _check_gguf(path: Path) -> _Source:
 
 def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
     """The embedded model's original GGUF, assembled from its package once and sha256-checked."""
-    import importlib
-
     entry = EMBEDDED[name]
     target = cache_dir("gguf") / entry.gguf_name
     if target.is_file():
@@ -164,7 +167,7 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
 
 def load_config(source: str, *, trust_remote_code: bool = False) -> Any:
     """The transformers config of a source, without touching its weights."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy; load_spec reads configs as JSON instead
 
     where = _resolve(source)
     if where.kind == "embedded":
@@ -210,8 +213,8 @@ def _config_dict(where: _Source) -> tuple[dict, str]:
 
 
 def _hub_config_file(repo_id: str) -> Path:
-    # Only a hub id needs the hub client; the download is the config alone, cached by the client.
-    from huggingface_hub import hf_hub_download
+    """A hub model's config.json alone, downloaded once into the hub client's cache."""
+    from huggingface_hub import hf_hub_download  # only a hub id needs the hub client
 
     return Path(hf_hub_download(repo_id, "config.json"))
 
@@ -225,7 +228,7 @@ def _named(spec: ArchSpec, where: _Source, source: str) -> ArchSpec:
 
 def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load weights and tokenizer; the ArchSpec is read from the instantiated model's shapes."""
-    import torch
+    import torch  # heavy: only commands that load weights import torch and transformers
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
@@ -326,10 +329,6 @@ def _config_from_json(path: Path) -> Any:
 def _hub_reachable() -> bool:
     """One DNS lookup, so that an offline machine fails in milliseconds instead of half a minute of
     retries; a model already in the local Hugging Face cache still loads offline."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
@@ -341,11 +340,9 @@ def _hub_reachable() -> bool:
 
 
 def _guard(fn, where: _Source):
-    """Run a transformers call, turning the errors a user can cause into one sentence."""
-    import os
-
+    """Run a transformers or hub call, turning the errors a user can cause into one sentence."""
     if where.kind == "hub" and not _hub_reachable():
-        import huggingface_hub.constants
+        import huggingface_hub.constants  # only a hub id needs the hub client
 
         # Read the local hub cache only: no retries. The client reads the flag at import time,
         # so the module constant is set as well as the variable.
@@ -377,8 +374,6 @@ def _first_line(err: BaseException) -> str:
 def weights_hash(model: Any) -> str:
     """sha256 over a model's tensors in name order: the same weights give the same hash whatever file
     they were loaded from (manifests, and the keys of every cache derived from a model)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

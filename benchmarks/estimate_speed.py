@@ -4,12 +4,12 @@ the estimate itself, with the memory it allocates.
     python benchmarks/estimate_speed.py [--model llama-3.1-405b] [--target h100-sxm] [--repeats 5]
 
 Prints medians over `--repeats` runs of:
-- the whole process `shrink estimate MODEL -t TARGET` (run as `python -m shrink`, output discarded),
-  beside a bare `python -c pass` for the interpreter's own start;
+- the whole process `shrink estimate MODEL -t TARGET` with the command's defaults (run as
+  `python -m shrink`, output discarded), beside a bare `python -c pass` for the interpreter's own start;
 - the time that command spends importing modules, and the part of it spent importing torch and
   transformers (with everything they import), read from `python -X importtime`;
-- in this process: config -> ArchSpec, the estimate of prefill plus every decode step, and the peak
-  memory Python allocated for one estimate (weights are never made).
+- in this process, for --prompt-len and --gen-len: config -> ArchSpec, the estimate of prefill plus
+  every decode step, and the peak memory Python allocated for one estimate (weights are never made).
 """
 
 from __future__ import annotations
@@ -69,8 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    command = [sys.executable, "-m", "shrink", "estimate", args.model, "-t", args.target,
-               "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
+    command = [sys.executable, "-m", "shrink", "estimate", args.model, "-t", args.target]  # its own defaults
     subprocess.run(command, stdout=subprocess.DEVNULL, check=True)  # warm-up: .pyc files, file cache
     whole = _median_wall(command, args.repeats)
     bare = _median_wall([sys.executable, "-c", "pass"], args.repeats)
@@ -93,12 +92,11 @@ def main() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     counts = spec.param_counts()
-    print(f"{args.model}: {counts.total:,} parameters, {spec.num_layers} layers; target {profile.name}; "
-          f"prompt {args.prompt_len}, generate {args.gen_len}")
+    print(f"{args.model}: {counts.total:,} parameters, {spec.num_layers} layers; target {profile.name}")
     print(f"measured (median of {args.repeats}): `shrink estimate {args.model} -t {args.target}` as a whole "
           f"process {whole:.2f} s (a bare `python -c pass` {bare:.2f} s); of it, imports {all_imports:.2f} s, "
           f"of which torch and transformers {heavy:.2f} s (read with -X importtime, which adds its own overhead)")
-    print(f"measured (median of {args.repeats}): config -> ArchSpec {statistics.median(loads) * 1e3:.1f} ms, "
+    print(f"measured (median of {args.repeats}) for prompt {args.prompt_len}, generate {args.gen_len}: config -> ArchSpec {statistics.median(loads) * 1e3:.1f} ms, "
           f"estimate {statistics.median(estimates) * 1e3:.1f} ms, "
           f"peak Python allocation during an estimate {peak / 2**20:.1f} MiB")
     print(f"estimated: TTFT {result.ttft_s * 1e3:.1f} ms, {result.tpot_s * 1e3:.2f} ms per token, "

@@ -10,7 +10,11 @@ from rich.table import Table
 from shrink.numformats import resolve_weights, runtime_for
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import console, fmt_bytes, fmt_count, fmt_rate, fmt_time, handle_user_errors, print_json
-from shrink.hardware.roofline import Estimate
+from shrink.errors import ShrinkError
+from shrink.hardware.plot import roofline_chart
+from shrink.hardware.profiles import resolve_targets
+from shrink.hardware.roofline import Estimate, Workload, estimate
+from shrink.model import load_spec
 
 
 @handle_user_errors
@@ -41,22 +45,14 @@ def estimate_command(
 
       shrink estimate gemma-3-270m -t orin-nano --weights q4_0 --plot r.png
     """
-    from shrink.hardware.profiles import resolve_targets
-    from shrink.hardware.roofline import Workload, estimate
-    from shrink.model import load_spec
-
     workload = Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
     if plot is not None and target == "all":
-        from shrink.errors import ShrinkError
-
         raise ShrinkError("--plot draws one target's roofline; pass a single --target with it.")
     profiles = resolve_targets(target)
     spec = load_spec(model)
     changes = {k: v for k, v in dict(weights=weights, embeddings=embeddings, activations=activations, kv_cache=kv).items() if v}
     results = [estimate(_with_formats(spec, changes, profile), profile, workload) for profile in profiles]
     if plot is not None:
-        from shrink.hardware.plot import roofline_chart
-
         roofline_chart(results[0], profiles[0], plot)
     if json_out:
         print_json({"model": model, "estimates": [r.to_dict() for r in results]})

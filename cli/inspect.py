@@ -7,6 +7,8 @@ from rich.table import Table
 
 from shrink.archspec import ArchSpec, AttentionSpec, LayerSpec, SSMSpec
 from shrink.cli.render import console, handle_user_errors, print_json
+from shrink.model import load as load_model
+from shrink.model import load_spec
 
 MODEL_HELP = (
     "A model: 'gemma-3-270m' (embedded default), a Hugging Face directory, a .gguf file, "
@@ -27,9 +29,6 @@ def inspect_command(
 
     Reads only the config unless --load is given, so it works on configs of models too large for this machine.
     """
-    from shrink.model import load as load_model
-    from shrink.model import load_spec
-
     instantiated = None
     if load:
         loaded = load_model(model, trust_remote_code=trust_remote_code)

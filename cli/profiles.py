@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from shrink.cli.render import console, handle_user_errors, print_json
+from shrink.hardware.profiles import ALIASES, get_profile, known_targets
 
 profiles_app = typer.Typer(
     help="List the hardware targets shrink can estimate for, or show one with the source of every number.",
@@ -23,8 +24,6 @@ def list_profiles(
     """List every target (built-in profiles and `host`, measured on this machine)."""
     if ctx.invoked_subcommand is not None:
         return
-    from shrink.hardware.profiles import ALIASES, get_profile, known_targets
-
     profiles = [get_profile(name) for name in known_targets()]
     if json_out:
         print_json([p.to_dict() for p in profiles])
@@ -53,8 +52,6 @@ def show_profile(
     refresh: bool = typer.Option(False, "--refresh", help="For host: measure again instead of using the cache."),
 ) -> None:
     """Show one profile: every number, its source and the reasoning behind its efficiency factors."""
-    from shrink.hardware.profiles import get_profile
-
     profile = get_profile(name, refresh_host=refresh)
     if json_out:
         print_json(profile.to_dict())

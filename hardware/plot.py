@@ -1,7 +1,12 @@
-"""Roofline chart: the target's achievable ceilings with the model's operators placed on them."""
+"""Roofline chart: the target's achievable ceilings with the model's operators placed on them.
+
+matplotlib (a second or more to import here) is imported only when a chart is drawn.
+"""
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 from shrink.errors import ShrinkError
@@ -64,8 +69,6 @@ def _chart_path(path: str | Path) -> Path:
 
 def _save(fig, path: Path) -> Path:
     """Render in memory, then write atomically (no half-written chart on a failure)."""
-    import io
-
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -90,8 +93,6 @@ def _ceilings(profile: Profile) -> list[tuple[float, list[str]]]:
 
 def _clusters(ops: list[OpCost]) -> dict[tuple[float, float], list[str]]:
     """Operators that land on nearly the same point share one label, so labels do not overprint."""
-    import math
-
     groups: dict[tuple[int, int], list[OpCost]] = {}
     for op in ops:
         key = (round(math.log10(op.intensity) * 5), round(math.log10(max(_achieved(op), 1.0)) * 5))
