@@ -7,17 +7,42 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, helpers
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A saved tiny random Llama: a real Hugging Face directory for CLI and loading tests."""
+def tiny_model():
+    """A factory of tiny random models: tiny_model("llama", num_hidden_layers=3) -> LoadedModel.
+
+    `name` is a family of tiny_models.tiny_configs() (or a variant such as "nemotron_h-dense"); the
+    keyword arguments are set on its config (see tiny_models.build). Each model is built once per
+    session; every call returns a private deep copy, so a test may prune, patch or train it freely.
+    torch's random state is left as building the model would leave it (seed 0, then the weight
+    draws), so whatever a test draws afterwards is the same as if it had built the model itself."""
+    import copy
+
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from shrink.families import spec_from_model
+    from shrink.model import LoadedModel
+    from tiny_models import build
+
+    built = {}
+
+    def make(name: str = "llama", **overrides) -> LoadedModel:
+        key = (name, repr(sorted(overrides.items())))
+        if key not in built:
+            model = build(name, **overrides)
+            built[key] = (model, spec_from_model(model), torch.get_rng_state())
+        model, spec, rng = built[key]
+        torch.set_rng_state(rng)
+        return LoadedModel(copy.deepcopy(model), None, spec, f"tiny-{name}")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_model):
+    """A saved tiny random Llama: a real Hugging Face directory for CLI and loading tests."""
     from shrink.model import save
-    from tiny_models import tiny_configs
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_configs()["llama"]).eval()
-    return save(model, tmp_path_factory.mktemp("models") / "tiny-llama")
+    return save(tiny_model("llama").model, tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
@@ -35,37 +60,31 @@ WORDS = [f"w{i}" for i in range(99)]  # with <unk> and <eos>: the tiny configs' 
 def tiny_text_model_dir(tmp_path_factory):
     """A tiny random Llama with a word-level tokenizer, and a text file in its words: what the
     commands that read text (prune, distill) need, at test speed."""
-    config = __import__("tiny_models").tiny_configs()["llama"]
-    config.num_hidden_layers = 4
-    return _text_model(tmp_path_factory, config, "tiny-text-llama")
+    return _text_model(tmp_path_factory, "llama", "tiny-text-llama", num_hidden_layers=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_text_nemotron_dir(tmp_path_factory):
     """The same for a dense hybrid Nemotron-H: SSM, MLP, attention, MLP, SSM blocks."""
-    config = __import__("tiny_models").tiny_configs()["nemotron_h"]
-    config.layers_block_type = ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention"]
-    return _text_model(tmp_path_factory, config, "tiny-text-nemotron")
+    return _text_model(tmp_path_factory, "nemotron_h-dense", "tiny-text-nemotron")
 
 
-def _text_model(tmp_path_factory, config, name):
+def _text_model(tmp_path_factory, family, name, **overrides):
     import random
 
-    import torch
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from shrink.model import save
+    from tiny_models import build, peaked
 
     vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
-    torch.manual_seed(0)
-    config.eos_token_id = 1
-    model = __import__("tiny_models").peaked(AutoModelForCausalLM.from_config(config).eval())
+    model = peaked(build(family, eos_token_id=1, **overrides))
     root = tmp_path_factory.mktemp("text-model")
     directory = save(model, root / name, tokenizer=tokenizer)
     rng = random.Random(0)

@@ -4,31 +4,27 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from shrink.compress.distill.teacher import teacher_topk
 from shrink.compress.distill.trainer import DistillConfig, distill
 from shrink.compress.importance import score
 from shrink.compress.prune import prune_ffn
 from shrink.errors import ShrinkError
-from shrink.families import spec_from_model
-from shrink.model import LoadedModel
-from tiny_models import peaked, perturbed, tiny_configs
+from tiny_models import peaked, perturbed
 
 DATA = torch.randint(0, 101, (16, 24), generator=torch.Generator().manual_seed(5))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model):
     with pytest.MonkeyPatch.context() as patch:  # teacher caches of this module stay in a temporary dir
         patch.setenv("SHRINK_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield _setup()
+        yield _setup(tiny_model)
 
 
-def _setup():
-    torch.manual_seed(0)
-    teacher_model = peaked(AutoModelForCausalLM.from_config(tiny_configs()["qwen2"]).eval())  # tied embeddings
-    teacher = LoadedModel(teacher_model, None, spec_from_model(teacher_model), "tiny-teacher")
+def _setup(tiny_model):
+    teacher = tiny_model("qwen2")  # tied embeddings
+    teacher_model = peaked(teacher.model)
     student = prune_ffn(teacher, score(teacher, DATA[:4]), 16)
     perturbed(student.model)  # KL 0.0003 after pruning alone: too close for distillation to show anything
     train, evaluation = DATA[:12], DATA[12:]

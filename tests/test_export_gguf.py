@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from shrink.errors import ShrinkError
 from shrink.export.gguf import export_gguf
@@ -11,18 +10,8 @@ from shrink.export.runtimes import LlamaCppRunner, TorchRunner
 from shrink.export.verify import compare
 from shrink.families import spec_from_model
 from shrink.model import LoadedModel
-from tiny_models import tiny_configs
 
 IDS = [list(range(1, 41)), [7, 3, 99, 42] * 10]
-
-
-def tiny(name, layers=None):
-    torch.manual_seed(0)
-    config = tiny_configs()[name]
-    if layers:
-        config.num_hidden_layers = layers
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return LoadedModel(model, None, spec_from_model(model), f"tiny-{name}")
 
 
 def run(loaded, path, **kwargs):
@@ -32,36 +21,36 @@ def run(loaded, path, **kwargs):
 
 @pytest.mark.parametrize("family, arch", [("llama", "llama"), ("llama-bias", "llama"), ("qwen2", "qwen2"),
                                           ("qwen3", "qwen3"), ("gemma3", "gemma3")])
-def test_f32_export_matches_pytorch_in_llama_cpp(tmp_path, family, arch):
-    report, metrics = run(tiny(family), tmp_path / "m.gguf", quant="f32")
+def test_f32_export_matches_pytorch_in_llama_cpp(tmp_path, tiny_model, family, arch):
+    report, metrics = run(tiny_model(family), tmp_path / "m.gguf", quant="f32")
     assert report.arch == arch
     assert metrics.top1_agreement == 1.0
     assert metrics.max_abs_logit_diff < 2e-3
 
 
-def test_quantized_export_writes_packed_types(tmp_path):
-    report, metrics = run(tiny("llama"), tmp_path / "m.gguf", quant="q8_0")
+def test_quantized_export_writes_packed_types(tmp_path, tiny_model):
+    report, metrics = run(tiny_model("llama"), tmp_path / "m.gguf", quant="q8_0")
     # ffn_down rows are 48 wide (the tiny FFN width), not a multiple of Q8_0's 32: F16, and reported
     assert {s["tensor"] for s in report.substitutions} == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
     assert {k: v for k, v in report.tensor_types.items() if "ffn_down" not in k and v != "F32"}
     assert set(v for k, v in report.tensor_types.items() if "ffn_down" not in k) == {"Q8_0", "F32"}
     assert metrics.mean_kl < 0.01
-    q4, _ = run(tiny("llama"), tmp_path / "q4.gguf", quant="q4_0")
+    q4, _ = run(tiny_model("llama"), tmp_path / "q4.gguf", quant="q4_0")
     assert q4.tensor_types["blk.0.attn_q.weight"] == "Q4_0"
     assert q4.tensor_types["token_embd.weight"] == "Q8_0"  # documented: embeddings keep 8 bits below q8_0
     assert (tmp_path / "q4.gguf").stat().st_size < (tmp_path / "m.gguf").stat().st_size
 
 
-def test_rows_a_type_cannot_take_are_reported_not_hidden(tmp_path):
-    report, _ = run(tiny("llama"), tmp_path / "m.gguf", quant="tq2_0")  # 256-wide blocks, 32-wide rows
+def test_rows_a_type_cannot_take_are_reported_not_hidden(tmp_path, tiny_model):
+    report, _ = run(tiny_model("llama"), tmp_path / "m.gguf", quant="tq2_0")  # 256-wide blocks, 32-wide rows
     written = {s["tensor"]: s["written"] for s in report.substitutions}
     assert written["blk.0.attn_q.weight"] == "Q8_0" and written["blk.0.ffn_down.weight"] == "F16"
     assert all("multiple of 256" in s["reason"] for s in report.substitutions)
     assert not any(kind == "TQ2_0" for kind in report.tensor_types.values())
 
 
-def _non_uniform_llama():
-    loaded = tiny("llama", layers=3)
+def _non_uniform_llama(tiny_model):
+    loaded = tiny_model("llama", num_hidden_layers=3)
     for i, width in ((0, 32), (2, 64)):
         mlp = loaded.model.model.layers[i].mlp
         mlp.gate_proj = torch.nn.Linear(32, width, bias=False)
@@ -70,15 +59,15 @@ def _non_uniform_llama():
     return LoadedModel(loaded.model, None, spec_from_model(loaded.model), "tiny-non-uniform")
 
 
-def test_non_uniform_llama_exports_as_deci(tmp_path):
-    loaded = _non_uniform_llama()
+def test_non_uniform_llama_exports_as_deci(tmp_path, tiny_model):
+    loaded = _non_uniform_llama(tiny_model)
     report, metrics = run(loaded, tmp_path / "deci.gguf", quant="f32")
     assert report.arch == "deci"
     assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 2e-3
 
 
-def test_non_uniform_gemma3_refuses_unless_padded(tmp_path):
-    loaded = tiny("gemma3")
+def test_non_uniform_gemma3_refuses_unless_padded(tmp_path, tiny_model):
+    loaded = tiny_model("gemma3")
     mlp = loaded.model.model.layers[0].mlp
     mlp.gate_proj, mlp.up_proj = torch.nn.Linear(32, 24, bias=False), torch.nn.Linear(32, 24, bias=False)
     mlp.down_proj = torch.nn.Linear(24, 32, bias=False)
@@ -91,9 +80,9 @@ def test_non_uniform_gemma3_refuses_unless_padded(tmp_path):
     assert metrics.top1_agreement == 1.0
 
 
-def test_nemotron_h_is_refused_with_the_way_out(tmp_path):
+def test_nemotron_h_is_refused_with_the_way_out(tmp_path, tiny_model):
     with pytest.raises(ShrinkError, match="ONNX"):
-        export_gguf(tiny("nemotron_h"), tmp_path / "n.gguf")
+        export_gguf(tiny_model("nemotron_h"), tmp_path / "n.gguf")
 
 
 @pytest.mark.slow
@@ -115,8 +104,8 @@ def test_embedded_gemma3_f16_in_llama_cpp(embedded, tmp_path):
     assert "France" in embedded.tokenizer.decode(generated)
 
 
-def test_per_layer_head_counts_export_as_deci(tmp_path):
-    loaded = tiny("llama")
+def test_per_layer_head_counts_export_as_deci(tmp_path, tiny_model):
+    loaded = tiny_model("llama")
     attention = loaded.model.model.layers[1].self_attn
     # keep 2 of 4 query heads in layer 1, one per KV group (GQA structure kept)
     attention.q_proj = torch.nn.Linear(32, 2 * 8, bias=False)
@@ -130,7 +119,7 @@ def test_per_layer_head_counts_export_as_deci(tmp_path):
 
 
 @pytest.mark.parametrize("quant, kind", [("bf16", "BF16"), ("f16", "F16"), ("q5_0", "Q5_0"), ("q4_1", "Q4_1"), ("mxfp4", "MXFP4")])
-def test_gguf_types_pack_and_run(tmp_path, quant, kind):
-    report, metrics = run(tiny("llama"), tmp_path / "m.gguf", quant=quant)
+def test_gguf_types_pack_and_run(tmp_path, tiny_model, quant, kind):
+    report, metrics = run(tiny_model("llama"), tmp_path / "m.gguf", quant=quant)
     assert report.tensor_types["blk.0.attn_q.weight"] == kind
     assert metrics.positions == 80 and metrics.top1_agreement >= 0.5  # it runs and tracks the model

@@ -4,30 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shrink.compress import blocks
+from shrink import blocks
 from shrink.compress.importance import score
 from shrink.compress.prune import prune_ffn, prune_heads, prune_kv_groups, prune_layers, prune_ssm
 from shrink.errors import ShrinkError
-from shrink.families import spec_from_model
-from shrink.model import LoadedModel, load, save
-from tiny_models import tiny_configs
+from shrink.model import load, save
+from tiny_models import NEMOTRON_DENSE
 
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "nemotron_h"]
-# Nemotron-H blocks hold one mixer each: SSM, MLP, attention, MLP, SSM (dense; MoE is refused)
-NEMOTRON_DENSE = ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention"]
+# Nemotron-H as SSM, MLP, attention, MLP, SSM blocks: pruning refuses its MoE block
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "nemotron_h-dense"]
 CALIBRATION = torch.randint(0, 101, (6, 24), generator=torch.Generator().manual_seed(1))
 PROBE = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2))
-
-
-def tiny(name, **overrides):
-    torch.manual_seed(0)
-    config = tiny_configs()[name]
-    if name == "nemotron_h":
-        overrides = {"layers_block_type": NEMOTRON_DENSE, **overrides}
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return LoadedModel(model, None, spec_from_model(model), f"tiny-{name}")
 
 
 def logits(model, ids=PROBE):
@@ -50,8 +37,8 @@ def dropped(scores, keep):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ffn_pruning_equals_masking(family):
-    loaded = tiny(family)
+def test_ffn_pruning_equals_masking(tiny_model, family):
+    loaded = tiny_model(family)
     imp = score(loaded, CALIBRATION)
     pruned = prune_ffn(loaded, imp, 20)
     widths = [layer.ffn.width for layer in pruned.spec.layers if layer.ffn is not None]
@@ -68,8 +55,8 @@ def test_ffn_pruning_equals_masking(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_head_pruning_within_kv_groups_equals_masking(family):
-    loaded = tiny(family)  # 4 query heads in 2 KV groups
+def test_head_pruning_within_kv_groups_equals_masking(tiny_model, family):
+    loaded = tiny_model(family)  # 4 query heads in 2 KV groups
     imp = score(loaded, CALIBRATION)
     pruned = prune_heads(loaded, imp, heads_per_group=1)
     a = next(layer.mixer for layer in pruned.spec.layers if hasattr(layer.mixer, "num_kv_heads"))
@@ -87,8 +74,8 @@ def test_head_pruning_within_kv_groups_equals_masking(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-def test_kv_group_pruning_equals_masking(family):
-    loaded = tiny(family)
+def test_kv_group_pruning_equals_masking(tiny_model, family):
+    loaded = tiny_model(family)
     imp = score(loaded, CALIBRATION)
     pruned = prune_kv_groups(loaded, imp, groups=1)
     assert pruned.spec.layers[0].mixer.num_kv_heads == 1 and pruned.spec.layers[0].mixer.num_heads == 2
@@ -102,9 +89,9 @@ def test_kv_group_pruning_equals_masking(family):
     assert torch.allclose(logits(pruned.model), logits(masked(loaded, mask)), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "nemotron_h"])
-def test_depth_pruning_equals_skipping_the_layers(family):
-    loaded = tiny(family)
+@pytest.mark.parametrize("family", ["llama", "gemma3", "nemotron_h-dense"])
+def test_depth_pruning_equals_skipping_the_layers(tiny_model, family):
+    loaded = tiny_model(family)
     imp = score(loaded, CALIBRATION)
     keep = loaded.spec.num_layers - 1
     pruned = prune_layers(loaded, imp, keep)
@@ -116,8 +103,8 @@ def test_depth_pruning_equals_skipping_the_layers(family):
     assert torch.allclose(logits(pruned.model), logits(reference), atol=1e-5)
 
 
-def test_uniformly_pruned_model_saves_and_reloads_identically(tmp_path):
-    loaded = tiny("gemma3")
+def test_uniformly_pruned_model_saves_and_reloads_identically(tiny_model, tmp_path):
+    loaded = tiny_model("gemma3")
     imp = score(loaded, CALIBRATION)
     pruned = prune_layers(prune_heads(prune_ffn(loaded, imp, 16), imp, 1), imp, 4)
     save(pruned.model, tmp_path / "pruned")
@@ -126,8 +113,8 @@ def test_uniformly_pruned_model_saves_and_reloads_identically(tmp_path):
     assert pruned.spec.param_counts().total < loaded.spec.param_counts().total
 
 
-def test_block_influence_ranks_an_identity_layer_last():
-    loaded = tiny("llama", num_hidden_layers=3)
+def test_block_influence_ranks_an_identity_layer_last(tiny_model):
+    loaded = tiny_model("llama", num_hidden_layers=3)
     with torch.no_grad():  # layer 1 adds nothing to the residual stream
         loaded.model.model.layers[1].self_attn.o_proj.weight.zero_()
         loaded.model.model.layers[1].mlp.down_proj.weight.zero_()
@@ -135,18 +122,18 @@ def test_block_influence_ranks_an_identity_layer_last():
     assert imp.layers[1] == pytest.approx(0, abs=1e-6) and int(imp.layers.argmin()) == 1
 
 
-def test_impossible_targets_are_refused():
-    loaded = tiny("llama")
+def test_impossible_targets_are_refused(tiny_model):
+    loaded = tiny_model("llama")
     imp = score(loaded, CALIBRATION)
     with pytest.raises(ShrinkError, match="between 1 and 48"):
         prune_ffn(loaded, imp, 64)
     with pytest.raises(ShrinkError, match="between 1 and 2"):
         prune_heads(loaded, imp, 3)
     with pytest.raises(ShrinkError, match="MoE"):
-        score(tiny("nemotron_h", layers_block_type=NEMOTRON_DENSE[:3] + ["moe"]), CALIBRATION)
+        score(tiny_model("nemotron_h", layers_block_type=NEMOTRON_DENSE[:3] + ["moe"]), CALIBRATION)
     with pytest.raises(ShrinkError, match="no SSM"):
         prune_ssm(loaded, imp, heads_per_group=1)
-    nemotron = tiny("nemotron_h")
+    nemotron = tiny_model("nemotron_h-dense")
     with pytest.raises(ShrinkError, match="between 1 and 4"):  # 8 SSM heads in 2 groups
         prune_ssm(nemotron, score(nemotron, CALIBRATION), heads_per_group=5)
 
@@ -168,10 +155,12 @@ def test_prune_command_on_the_embedded_model_then_gguf_export(tmp_path):
                                  "--seq-len", "32", "-o", str(tmp_path / "pruned"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["params_after"] < report["params_before"]
+    # Gemma 3 270M: 268,098,176 parameters; each of its 18 layers loses 3 x 640 x 1024 FFN weights and
+    # 2 query heads of 256 (640 x 512 in q_proj, 512 x 640 in o_proj): 18 x (1,966,080 + 655,360) = 47,185,920
+    assert (report["params_before"], report["params_after"]) == (268_098_176, 268_098_176 - 47_185_920)
     pruned = load(str(tmp_path / "pruned"))
     assert pruned.spec.layers[0].ffn.width == 1024 and pruned.spec.layers[0].mixer.num_heads == 2
-    assert pruned.spec.param_counts().total == report["params_after"]
+    assert sum(p.numel() for p in pruned.model.parameters()) == report["params_after"]  # the saved tensors
     assert pruned.gguf_tokenizer is not None  # the tokenizer travels, so GGUF export still works
     result = runner.invoke(app, ["export", str(tmp_path / "pruned"), "-f", "gguf", "--quant", "f16",
                                  "-o", str(tmp_path / "pruned.gguf"), "--json"])
@@ -180,10 +169,10 @@ def test_prune_command_on_the_embedded_model_then_gguf_export(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hidden_pruning_equals_masking(family, tmp_path):
+def test_hidden_pruning_equals_masking(tiny_model, family, tmp_path):
     from shrink.compress.prune import prune_hidden
 
-    loaded = tiny(family)
+    loaded = tiny_model(family)
     imp = score(loaded, CALIBRATION)
     pruned = prune_hidden(loaded, imp, 24)
     assert pruned.spec.hidden_size == 24
@@ -204,10 +193,10 @@ def test_hidden_pruning_equals_masking(family, tmp_path):
     assert torch.allclose(logits(again), logits(pruned.model), atol=1e-6)
 
 
-def test_layer_kl_ranks_an_identity_layer_last_and_agrees_with_block_influence():
+def test_layer_kl_ranks_an_identity_layer_last_and_agrees_with_block_influence(tiny_model):
     from shrink.compress.importance import layer_kl_scores
 
-    loaded = tiny("llama", num_hidden_layers=3)
+    loaded = tiny_model("llama", num_hidden_layers=3)
     with torch.no_grad():
         loaded.model.model.layers[1].self_attn.o_proj.weight.zero_()
         loaded.model.model.layers[1].mlp.down_proj.weight.zero_()
@@ -215,11 +204,11 @@ def test_layer_kl_ranks_an_identity_layer_last_and_agrees_with_block_influence()
     assert kl[1] == pytest.approx(0, abs=1e-9) and kl[0] > 0 and kl[2] > 0
 
 
-def test_importance_is_cached_and_reused(tmp_path, monkeypatch):
+def test_importance_is_cached_and_reused(tiny_model, tmp_path, monkeypatch):
     from shrink.compress import importance as module
 
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
-    loaded = tiny("qwen3")
+    loaded = tiny_model("qwen3")
     first = module.cached_score(loaded, CALIBRATION)
     assert len(list((tmp_path / "importance").glob("*.pt"))) == 1
     monkeypatch.setattr(module, "score", lambda *a, **k: pytest.fail("scored again instead of reading the cache"))
@@ -245,8 +234,8 @@ def ssm_mask(imp, layers, heads_per_group, head_dim, num_heads=8, num_groups=2, 
 
 
 @pytest.mark.parametrize("heads_per_group,head_dim", [(2, 8), (4, 5), (1, 3)])
-def test_group_aware_ssm_pruning_equals_masking(heads_per_group, head_dim, tmp_path):
-    loaded = tiny("nemotron_h")  # SSM layers 0 and 4: 8 heads of 8 channels in 2 groups
+def test_group_aware_ssm_pruning_equals_masking(tiny_model, heads_per_group, head_dim, tmp_path):
+    loaded = tiny_model("nemotron_h-dense")  # SSM layers 0 and 4: 8 heads of 8 channels in 2 groups
     imp = score(loaded, CALIBRATION)
     pruned = prune_ssm(loaded, imp, heads_per_group=heads_per_group, head_dim=head_dim)
     ssm = pruned.spec.layers[0].mixer
@@ -264,8 +253,8 @@ def test_group_aware_ssm_pruning_equals_masking(heads_per_group, head_dim, tmp_p
     assert torch.allclose(logits(again.model), logits(pruned.model), atol=1e-6)
 
 
-def test_ssm_heads_are_kept_in_equal_numbers_per_group():
-    loaded = tiny("nemotron_h")
+def test_ssm_heads_are_kept_in_equal_numbers_per_group(tiny_model):
+    loaded = tiny_model("nemotron_h-dense")
     imp = score(loaded, CALIBRATION)
     with torch.no_grad():  # make group 0's heads all outrank group 1's
         imp.ssm[0][:4] += 100
@@ -276,9 +265,9 @@ def test_ssm_heads_are_kept_in_equal_numbers_per_group():
     assert sum(h < 4 for h in kept) == 2 and sum(h >= 4 for h in kept) == 2
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
-def test_per_layer_widths_make_a_non_uniform_model_that_equals_masking_and_reloads(family, tmp_path):
-    loaded = tiny(family)
+@pytest.mark.parametrize("family", ["llama", "nemotron_h-dense"])
+def test_per_layer_widths_make_a_non_uniform_model_that_equals_masking_and_reloads(tiny_model, family, tmp_path):
+    loaded = tiny_model(family)
     imp = score(loaded, CALIBRATION)
     ffn_layers = [i for i, s in enumerate(imp.ffn) if s is not None]
     widths = [40, 12][:len(ffn_layers)]

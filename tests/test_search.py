@@ -5,28 +5,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from shrink.cli.app import app
 from shrink.compress.importance import score
 from shrink.compress.search import Budget, apply, default_plan, feasible, grid, rank_by_proxy, shortlist
 from shrink.errors import ShrinkError
-from shrink.families import spec_from_model
 from shrink.hardware.profiles import get_profile
-from shrink.model import LoadedModel
-from tiny_models import tiny_configs
 
 CALIBRATION = torch.randint(0, 101, (6, 24), generator=torch.Generator().manual_seed(1))
-
-
-def tiny(name, layers=None):
-    torch.manual_seed(0)
-    config = tiny_configs()[name]
-    if layers:
-        config.num_hidden_layers = layers
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return LoadedModel(model, None, spec_from_model(model), f"tiny-{name}")
 
 
 def ranking(importance):
@@ -34,8 +21,8 @@ def ranking(importance):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
-def test_planned_spec_is_the_pruned_models_spec(family):
-    loaded = tiny(family)
+def test_planned_spec_is_the_pruned_models_spec(tiny_model, family):
+    loaded = tiny_model(family)
     importance = score(loaded, CALIBRATION)
     plans = feasible(loaded.spec, ranking(importance), "both", Budget(params=0.5))
     for plan in shortlist(plans, 3):
@@ -44,13 +31,35 @@ def test_planned_spec_is_the_pruned_models_spec(family):
         assert pruned.spec.param_counts() == plan.spec.param_counts()
 
 
-def test_every_feasible_candidate_meets_a_parameter_budget():
-    loaded = tiny("llama", layers=4)
+def llama_non_embedding(hidden, heads_per_group, ffn, layers):
+    """A second count of a tiny Llama's weights outside its embeddings (2 KV heads of 8, no biases), by
+    hand: per layer q and o are hidden x (2 groups x heads_per_group x 8) each, k and v hidden x 16 each,
+    gate, up and down hidden x ffn each, and 2 norms of hidden; then a final norm."""
+    per_layer = 2 * hidden * 16 * heads_per_group + 2 * hidden * 16 + 3 * hidden * ffn + 2 * hidden
+    return layers * per_layer + hidden
+
+
+def non_embedding(model):
+    """The parameters a model holds outside its token embedding and lm_head, counted from its tensors."""
+    tables = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in tables)
+
+
+def test_every_feasible_candidate_meets_a_parameter_budget(tiny_model):
+    loaded = tiny_model("llama", num_hidden_layers=4)
     importance = score(loaded, CALIBRATION)
-    limit = 0.6 * loaded.spec.param_counts().non_embedding
+    # 4 layers of 32 x (2 x 16 x 2 + 2 x 16 + 3 x 48 + 2) = 7,744 each, plus the final norm's 32
+    assert llama_non_embedding(32, 2, 48, 4) == non_embedding(loaded.model) == 31_008
+    limit = 0.6 * 31_008
     for axis in ("width", "depth", "both"):
         plans = feasible(loaded.spec, ranking(importance), axis, Budget(params=0.6))
-        assert plans and all(p.figures["non_embedding_params"] <= limit for p in plans)
+        sizes = {shape: llama_non_embedding(shape[2], shape[1], shape[0], len(shape[3]))
+                 for shape in grid(loaded.spec, ranking(importance), axis)}
+        shapes = [(p.ffn, p.heads_per_group, p.hidden, p.kept_layers) for p in plans]
+        assert plans and all(sizes[shape] <= limit for shape in shapes)
+        assert set(shapes) == {shape for shape, size in sizes.items() if size <= limit}  # none that fits is lost
+        assert [p.figures["non_embedding_params"] for p in plans] == [sizes[shape] for shape in shapes]
+        assert [sizes[shape] for shape in shapes] == sorted((sizes[shape] for shape in shapes), reverse=True)
         if axis == "depth":
             assert {p.ffn for p in plans} == {48} and all(len(p.kept_layers) < 4 for p in plans)
         if axis == "width":
@@ -64,8 +73,8 @@ def test_every_feasible_candidate_meets_a_parameter_budget():
     assert len(chosen.kept_layers) == 4 and chosen.heads_per_group == 2
 
 
-def test_latency_budget_is_met_by_estimate_and_an_impossible_one_is_refused():
-    loaded = tiny("llama", layers=4)
+def test_latency_budget_is_met_by_estimate_and_an_impossible_one_is_refused(tiny_model):
+    loaded = tiny_model("llama", num_hidden_layers=4)
     importance = score(loaded, CALIBRATION)
     profile = get_profile("jetson-orin")
     full = feasible(loaded.spec, ranking(importance), "both", Budget(latency_s=1.0, profile=profile))[0]
@@ -76,7 +85,7 @@ def test_latency_budget_is_met_by_estimate_and_an_impossible_one_is_refused():
         feasible(loaded.spec, ranking(importance), "width", Budget(latency_s=1e-12, profile=profile))
 
 
-def test_bad_budgets_are_refused():
+def test_bad_budgets_are_refused(tiny_model):
     with pytest.raises(ShrinkError, match="Give a budget"):
         Budget()
     with pytest.raises(ShrinkError, match="between 0 and 1"):
@@ -84,15 +93,15 @@ def test_bad_budgets_are_refused():
     with pytest.raises(ShrinkError, match="needs a --target"):
         Budget(latency_s=0.01)
     with pytest.raises(ShrinkError, match="--axis"):
-        grid(tiny("llama").spec, [0, 1], "sideways")
+        grid(tiny_model("llama").spec, [0, 1], "sideways")
 
 
-def test_proxy_ranks_candidates_by_held_out_kl(tmp_path, monkeypatch):
+def test_proxy_ranks_candidates_by_held_out_kl(tiny_model, tmp_path, monkeypatch):
     from shrink.compress.data import split
     from shrink.compress.distill.teacher import teacher_topk
 
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
-    loaded = tiny("llama", layers=4)
+    loaded = tiny_model("llama", num_hidden_layers=4)
     importance = score(loaded, CALIBRATION)
     data = split(torch.randint(0, 101, (24, 16), generator=torch.Generator().manual_seed(3)))
     plans = shortlist(feasible(loaded.spec, ranking(importance), "both", Budget(params=0.6)), 3)
@@ -112,11 +121,14 @@ def test_cli_prunes_to_a_parameter_budget_and_searches(tiny_text_model_dir, tmp_
                                  "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["chosen"]["non_embedding_params"] <= 0.6 * report["non_embedding_before"]
     from shrink.model import load
 
     again = load(str(out))
-    assert again.spec.param_counts().total == report["params_after"] < report["params_before"]
+    # the saved model's tensors, counted: at most 60% of the 4-layer tiny Llama's 31,008 non-embedding
+    # parameters (its 2 untied 101 x 32 tables aside), and its total is what the report says
+    assert report["params_before"] == 31_008 + 2 * 101 * 32
+    assert non_embedding(again.model) <= 0.6 * 31_008
+    assert sum(p.numel() for p in again.model.parameters()) == report["params_after"]
     searched = runner.invoke(app, ["prune", str(model_dir), "--params", "0.5", "--axis", "both", "--search",
                                    "--candidates", "2", "--proxy-steps", "2", "--data", str(text), "--seq-len", "16",
                                    "-o", str(tmp_path / "s50"), "--json"])
@@ -160,5 +172,6 @@ def test_cli_prunes_a_hybrid_ssm_model_by_sizes_and_by_budget(tiny_text_nemotron
     budget = runner.invoke(app, ["prune", str(model_dir), "--params", "0.7", "-o", str(tmp_path / "p70"), *common])
     assert budget.exit_code == 0, budget.output
     report = json.loads(budget.stdout)
-    assert report["chosen"]["non_embedding_params"] <= 0.7 * report["non_embedding_before"]
-    assert load(str(tmp_path / "p70")).spec.param_counts().total == report["params_after"]
+    saved = load(str(tmp_path / "p70")).model
+    assert non_embedding(saved) <= 0.7 * non_embedding(load(str(model_dir)).model)  # counted from the tensors
+    assert sum(p.numel() for p in saved.parameters()) == report["params_after"]

@@ -15,6 +15,12 @@ COMMON = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 48, "num_at
           "num_key_value_heads": 2}
 
 
+# Nemotron-H blocks hold one mixer each: SSM, MLP, attention, MLP, SSM (dense: the tiny config's MoE block
+# becomes an MLP, for what refuses MoE)
+NEMOTRON_DENSE = ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention"]
+VARIANTS = {"nemotron_h-dense": ("nemotron_h", {"layers_block_type": NEMOTRON_DENSE})}
+
+
 def tiny_configs() -> dict:
     return {
         "llama": LlamaConfig(num_hidden_layers=2, **COMMON),
@@ -45,6 +51,21 @@ def tiny_configs() -> dict:
             moe_shared_expert_intermediate_size=24,
         ),
     }
+
+
+def build(name: str, **overrides):
+    """A tiny random model of family `name` (a key of tiny_configs() or of VARIANTS), eval mode,
+    weights drawn after torch.manual_seed(0); each override is set on the config as an attribute
+    (num_hidden_layers=3, hidden_size=256, ...). Returns the bare Hugging Face model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family, defaults = VARIANTS.get(name, (name, {}))
+    config = tiny_configs()[family]
+    for key, value in {**defaults, **overrides}.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def peaked(model, factor: float = 16.0):
