@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.model import weights_hash
 from shrink.storage import atomic_write_text, cache_dir
 
 log = logging.getLogger("shrink")
@@ -130,8 +131,6 @@ def _read_hub_dataset(name: str, field: str) -> list[str]:
 
 def teacher_texts(loaded: Any, settings: GenerationSettings = GenerationSettings()) -> list[str]:
     """The teacher's own continuations of the seed prompts, cached by weights and settings."""
-    from shrink.model import weights_hash
-
     if loaded.tokenizer is None:
         raise ShrinkError("The teacher has no tokenizer, so it cannot write its own data; pass --data.")
     key = hashlib.sha256((weights_hash(loaded.model) + json.dumps(asdict(settings), sort_keys=True)).encode()).hexdigest()[:24]

@@ -14,12 +14,15 @@ Llama, Mistral, Qwen2/3, Gemma 3 and Nemotron-H (dense); others fail loudly.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from shrink.archspec import AttentionSpec, SSMSpec
 from shrink import blocks
+from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.errors import ShrinkError
+from shrink.model import weights_hash
+from shrink.storage import atomic_path, cache_dir
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "nemotron_h")
 FIELDS = ("ffn", "heads", "ssm", "hidden", "layers", "tokens")
@@ -161,12 +164,8 @@ def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
 def cached_score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
     """`score`, cached on disk by the model's weights and the calibration tokens, so several prune
     targets (or a --search over them) reuse one pass."""
-    import hashlib
-
     import torch
 
-    from shrink.model import weights_hash
-    from shrink.storage import atomic_path, cache_dir
 
     digest = hashlib.sha256(CACHE_VERSION + weights_hash(loaded.model).encode() + batches.contiguous().numpy().tobytes()).hexdigest()[:24]
     path = cache_dir("importance") / f"{digest}.pt"

@@ -10,11 +10,12 @@ transformers reloads the model as it is.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from typing import Any
 
-from shrink.archspec import AttentionSpec, SSMSpec
 from shrink import blocks
+from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.compress.importance import Importance, _check_family
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
@@ -150,8 +151,6 @@ def prune_ssm(loaded: Any, importance: Importance, heads_per_group: int | None =
     channels of every head. The gated RMSNorm normalises over each group's channels: its weight is
     scaled by sqrt(g / g') and its epsilon by g / g' (g channels per group before, g' after), so the
     pruned mixer computes exactly what the full one computes with the dropped channels at zero."""
-    import math
-
     import torch
 
     ssm_layers = [i for i, layer in enumerate(loaded.spec.layers) if isinstance(layer.mixer, SSMSpec)]
@@ -240,8 +239,6 @@ def prune_hidden(loaded: Any, importance: Importance, hidden: int) -> Any:
     stream. RMSNorm averages over the channels it sees, so every hidden-size norm's weight is scaled
     by sqrt(d / d') and its epsilon by d / d': the pruned model then computes exactly what the full
     model computes with the dropped channels held at zero."""
-    import math
-
     import torch
 
     d = loaded.spec.hidden_size

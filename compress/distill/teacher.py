@@ -14,6 +14,7 @@ import hashlib
 import logging
 from typing import Any
 
+from shrink.model import weights_hash
 from shrink.storage import atomic_path, cache_dir
 
 log = logging.getLogger("shrink")
@@ -28,7 +29,6 @@ def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4)
     import torch
     from safetensors.torch import load_file, save_file
 
-    from shrink.model import weights_hash
 
     digest = hashlib.sha256()
     digest.update(weights_hash(teacher).encode())

@@ -19,7 +19,7 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.numformats.plan import QuantPlan, TensorGrid
-from shrink.numformats.registry import fallback_chain, stored_format, vocabulary_format
+from shrink.numformats.registry import FORMATS, fallback_chain, stored_format, vocabulary_format
 
 KEEP_DEFAULT = ("lm_head", "*.router", "*.gate", "*embed*")
 
@@ -34,7 +34,6 @@ def make_plan(model: Any, family: str, runtime: str = "gguf", keep: tuple[str, .
     """One stored format per Linear weight of `model` (module names matched against `keep` stay unquantized)."""
     import torch
 
-    from shrink.numformats.registry import FORMATS
 
     wanted = stored_format(family, runtime)
     vocabulary = vocabulary_format(wanted, runtime) if runtime == "gguf" else None

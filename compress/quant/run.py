@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.compress.distill.teacher import teacher_topk
+from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
+from shrink.compress.quant.ptq import calibrate
+from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.errors import ShrinkError
-
 
 # default QAD peak learning rate by the grid's bits per element. Adam moves every weight by about
 # lr per step whatever its gradient, so a grid with finer steps needs a smaller lr for the student to
@@ -49,11 +52,7 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
     (default: the trainer without a progress display). `after_ptq(model, plan)` sees the fake-quantized
     PTQ student before QAD changes it (the benchmark exports it from there)."""
     from shrink.compress.distill.evaluate import evaluate
-    from shrink.compress.distill.teacher import teacher_topk
     from shrink.compress.distill.trainer import DistillConfig
-    from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
-    from shrink.compress.quant.ptq import calibrate
-    from shrink.compress.quant.student import fake_quantize, materialize
 
     plan = make_plan(student.model, settings.format, settings.runtime, settings.keep or KEEP_DEFAULT,
                      settings.activations)
