@@ -5,7 +5,8 @@ the estimate itself, with the memory it allocates.
 
 Prints medians over `--repeats` runs of:
 - the whole process `shrink estimate MODEL -t TARGET` with the command's defaults (run as
-  `python -m shrink`, output discarded), beside a bare `python -c pass` for the interpreter's own start;
+  `python -m shrink`, output discarded): wall and CPU time, beside a bare `python -c pass` for the
+  interpreter's own start, with the load average (wall time on a shared machine grows with it);
 - the time that command spends importing modules, and the part of it spent importing torch and
   transformers (with everything they import), read from `python -X importtime`;
 - in this process, for --prompt-len and --gen-len: config -> ArchSpec, the estimate of prefill plus
@@ -15,6 +16,8 @@ Prints medians over `--repeats` runs of:
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,13 +54,18 @@ def _import_seconds(command: list[str]) -> tuple[float, float]:
     return total / 1e6, heavy / 1e6
 
 
-def _median_wall(command: list[str], repeats: int) -> float:
-    times = []
+def _median_run(command: list[str], repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of `command`, medians; CPU time (user + system) moves far less than wall
+    time when other processes share the cores."""
+    walls, cpus = [], []
     for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -71,8 +79,8 @@ def main() -> None:
 
     command = [sys.executable, "-m", "shrink", "estimate", args.model, "-t", args.target]  # its own defaults
     subprocess.run(command, stdout=subprocess.DEVNULL, check=True)  # warm-up: .pyc files, file cache
-    whole = _median_wall(command, args.repeats)
-    bare = _median_wall([sys.executable, "-c", "pass"], args.repeats)
+    whole, whole_cpu = _median_run(command, args.repeats)
+    bare, _ = _median_run([sys.executable, "-c", "pass"], args.repeats)
     imports = [_import_seconds(command) for _ in range(args.repeats)]
     all_imports = statistics.median(total for total, _ in imports)
     heavy = statistics.median(heavy for _, heavy in imports)
@@ -94,7 +102,8 @@ def main() -> None:
     counts = spec.param_counts()
     print(f"{args.model}: {counts.total:,} parameters, {spec.num_layers} layers; target {profile.name}")
     print(f"measured (median of {args.repeats}): `shrink estimate {args.model} -t {args.target}` as a whole "
-          f"process {whole:.2f} s (a bare `python -c pass` {bare:.2f} s); of it, imports {all_imports:.2f} s, "
+          f"process {whole:.2f} s wall, {whole_cpu:.2f} s CPU (a bare `python -c pass` {bare:.2f} s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); of it, imports {all_imports:.2f} s, "
           f"of which torch and transformers {heavy:.2f} s (read with -X importtime, which adds its own overhead)")
     print(f"measured (median of {args.repeats}) for prompt {args.prompt_len}, generate {args.gen_len}: config -> ArchSpec {statistics.median(loads) * 1e3:.1f} ms, "
           f"estimate {statistics.median(estimates) * 1e3:.1f} ms, "
