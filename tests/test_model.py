@@ -104,6 +104,31 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
         load_spec("no-such-org/no-such-model")
 
 
+def test_hub_id_reads_its_config_json_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    """A hub id's spec needs only its config.json, read through the hub client's cache."""
+    import json
+
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--some-org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    config = {"model_type": "llama", "vocab_size": 101, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    spec = load_spec("some-org/tiny")
+    assert spec.name == "some-org/tiny" and spec.num_layers == 3
+    # 101 x 32 embedding and untied head, 3 layers of q/k/v/o (32x32, 2 x 16x32, 32x32), MLP 3 x 32x48,
+    # two norms of 32, and the final norm: counted by hand, not by the code under test
+    per_layer = 32 * 32 + 2 * 16 * 32 + 32 * 32 + 3 * 32 * 48 + 2 * 32
+    assert spec.param_counts().total == 2 * 101 * 32 + 3 * per_layer + 32
+
+
 def test_config_json_without_weights_cannot_be_loaded(tiny_llama_dir):
     with pytest.raises(ShrinkError, match="without weights"):
         load(str(tiny_llama_dir / "config.json"))
