@@ -226,7 +226,8 @@ def _gemma3(config: Any) -> ArchSpec:
 
 
 _NEMOTRON_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
-_NEMOTRON_LEGACY_NAMES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_conv_bias": "use_conv_bias"}
+_NEMOTRON_LEGACY_NAMES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel",
+                          "mamba_conv_bias": "use_conv_bias"}
 
 
 def _settle_nemotron_h(fields: dict[str, Any]) -> None:

@@ -105,7 +105,8 @@ def main() -> None:
           f"process {whole:.2f} s wall, {whole_cpu:.2f} s CPU (a bare `python -c pass` {bare:.2f} s; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); of it, imports {all_imports:.2f} s, "
           f"of which torch and transformers {heavy:.2f} s (read with -X importtime, which adds its own overhead)")
-    print(f"measured (median of {args.repeats}) for prompt {args.prompt_len}, generate {args.gen_len}: config -> ArchSpec {statistics.median(loads) * 1e3:.1f} ms, "
+    print(f"measured (median of {args.repeats}) for prompt {args.prompt_len}, generate {args.gen_len}: "
+          f"config -> ArchSpec {statistics.median(loads) * 1e3:.1f} ms, "
           f"estimate {statistics.median(estimates) * 1e3:.1f} ms, "
           f"peak Python allocation during an estimate {peak / 2**20:.1f} MiB")
     print(f"estimated: TTFT {result.ttft_s * 1e3:.1f} ms, {result.tpot_s * 1e3:.2f} ms per token, "

@@ -116,7 +116,8 @@ def _profile_data(data: dict) -> dict[str, Any]:
         "memory": {
             "bandwidth_GBps": data["bandwidth_GBps"],
             "capacity_GB": data["capacity_GB"],
-            "source": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), best of {_REPEATS}",
+            "source": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), "
+            f"best of {_REPEATS}",
         },
         "compute": {
             **data["peak_tflops"],

@@ -98,7 +98,8 @@ def test_unsupported_family_names_the_supported_ones():
 # the family records hold the class defaults and derivations by hand, so each case is checked against
 # the class itself. Keys a config.json omits exercise the defaults; the rest, the derivations.
 JSON_CASES = {
-    **{f"{t}-defaults-only": {"model_type": t} for t in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "nemotron_h")},
+    **{f"{t}-defaults-only": {"model_type": t}
+       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "nemotron_h")},
     "qwen2-windows": {"model_type": "qwen2", "num_hidden_layers": 6, "use_sliding_window": True,
                       "sliding_window": 64, "max_window_layers": 4},
     "qwen3-window-off": {"model_type": "qwen3", "num_hidden_layers": 3, "sliding_window": 64, "layer_types":
@@ -131,7 +132,8 @@ def test_config_json_read_as_json_gives_the_spec_transformers_gives(case):
 def test_saved_config_json_read_as_json_gives_the_spec_of_the_config(tmp_path, name):
     """save_pretrained writes only what differs from the defaults, so this reads what really ships."""
     CONFIGS[name].save_pretrained(tmp_path)
-    assert replace(load_spec(str(tmp_path / "config.json")), name="") == replace(spec_from_config(CONFIGS[name]), name="")
+    from_json = load_spec(str(tmp_path / "config.json"))
+    assert replace(from_json, name="") == replace(spec_from_config(CONFIGS[name]), name="")
 
 
 def test_unknown_model_type_in_a_config_json_names_the_supported_ones(tmp_path):
