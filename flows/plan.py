@@ -27,6 +27,7 @@ from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load
+from shrink.numformats import gate_for, stored_format
 from shrink.units import fmt_bytes, fmt_time
 
 
@@ -59,10 +60,24 @@ def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, A
                                                calibration=settings.calibration, qad=settings.qad_tokens > 0,
                                                tokens=max(settings.qad_tokens, 1))))
     steps.append(("export", ExportStep(format=candidate.runtime)))
-    steps.append(("verify", VerifyStep()))
+    steps.append(("verify", verify_gate(candidate)))
     if settings.bench:
         steps.append(("bench", BenchStep()))
     return steps
+
+
+def verify_gate(candidate: Candidate) -> VerifyStep:
+    """What the planned artifact must keep of the original: the registry's gate for the format it stores
+    (numformats/registry.py gives each bound's reason). A pruned candidate may also lose what its shape
+    was measured to lose before recovery (the proxy's shape KL): added to the KL bound, top-1 not gated."""
+    stored = stored_format(candidate.format, candidate.runtime)
+    gate = gate_for(stored.name)
+    if candidate.shape is None:
+        return VerifyStep(min_top1=gate.min_top1, max_kl=gate.max_kl, reason=f"registry gate of {stored.name}")
+    allowance = candidate.kl_shape or 0.0
+    return VerifyStep(min_top1=0.0, max_kl=round(gate.max_kl + allowance, 4),
+                      reason=f"registry gate of {stored.name} + the {candidate.axis} {candidate.keep:.0%} shape's "
+                             f"measured KL {allowance:.4f} before distillation")
 
 
 def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dict:

@@ -63,8 +63,9 @@ class ExportStep:
 
 @dataclass(frozen=True)
 class VerifyStep:
-    min_top1: float | None = None
+    min_top1: float | None = None  # against the original; None with max_kl None: reported, not gated
     max_kl: float | None = None
+    reason: str | None = None  # where the bounds come from (a planned run: the format registry's gate)
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,33 @@ def test_the_plan_view_ranks_candidates_best_first():
                   candidate("b", 0.5, 2e-3), candidate("chosen", 0.2, 3e-3), candidate("a", 0.3, 1e-3),
                   candidate("slower", 0.0, 12e-3, misses=["time/token"])]
     assert [c["label"] for c in _ranked(candidates, "chosen")] == ["chosen", "a", "b", "slow", "slower", "odd"]
+
+
+def test_a_planned_recipe_verifies_against_the_registry_gate():
+    from shrink.flows.candidates import Candidate
+    from shrink.flows.plan import verify_gate
+
+    # unpruned Q8_0 on llama.cpp: the 8-bit tier of the registry, top-1 97% and KL 0.03
+    step = verify_gate(Candidate(1.0, "-", "int8", "gguf"))
+    assert (step.min_top1, step.max_kl) == (0.97, 0.03) and "q8_0" in step.reason
+    # pruned to 60% width then Q4_0: the 4-bit KL bound 0.40 plus the shape's measured 1.5, top-1 not gated
+    step = verify_gate(Candidate(0.6, "width", "int4", "gguf", shape=object(), kl_shape=1.5))
+    assert (step.min_top1, step.max_kl) == (0.0, 1.9) and "q4_0" in step.reason
+
+
+def test_a_run_whose_artifact_misses_its_verify_gate_exits_1(tiny_text_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    # an 8-bit export passes its own gate against its model but is never at KL 0 from it: the verify
+    # step's bound cannot be met
+    recipe = _recipe(tmp_path, '[[step]]\nname = "export"\nformat = "onnx"\nquant = "int8"\n\n[[step]]\nname = "verify"\n'
+                               'max_kl = 0.0\nreason = "a bound no artifact meets"\n')
+    result = CliRunner().invoke(app, ["run", str(model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "r"),
+                                      "--data", str(text), "--seq-len", "16", "--json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert report["steps"][-1]["name"] == "verify" and report["steps"][-1]["status"] == "failed"
