@@ -16,7 +16,8 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from shrink.export.bench import time_gguf, token_ids
+from shrink.export.backend import backend
+from shrink.export.bench import token_ids
 from shrink.ggufmeta import gguf_formats
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
@@ -35,12 +36,12 @@ def main() -> None:
     path = embedded_gguf_path()
     stored = gguf_formats(path)
     spec = load_spec("gemma-3-270m")
-    spec = spec.with_formats(**{k: getattr(stored.formats, k) for k in ("weights", "embeddings", "activations", "kv_cache", "other")})
+    spec = spec.with_formats(**{k: v for k, v in vars(stored.formats).items() if k != "ssm_state"})
     profile = get_profile("host")
     est = estimate(spec, profile, Workload(batch=1, prompt_len=args.prompt_len, gen_len=args.gen_len))
 
     prompt, gen = token_ids(args.prompt_len, spec.vocab_size), token_ids(args.gen_len, spec.vocab_size)
-    prefill, decode = time_gguf(path, args.threads, prompt, gen, args.repeats)
+    prefill, decode = backend("gguf").time(path, args.threads, prompt, gen, args.repeats)
     prefill_med, decode_med = statistics.median(prefill), statistics.median(decode)
     q1, _, q3 = statistics.quantiles(decode, n=4)
 

@@ -45,7 +45,7 @@ def main() -> None:
     for family in args.formats.split(","):
         for lr in (float(x) for x in args.lrs.split(",")):
             student = dataclasses.replace(teacher, model=copy.deepcopy(teacher.model))
-            settings = QuantizeSettings(format=family, calibration=args.calibration, qad=True, tokens=args.tokens,
+            settings = QuantizeSettings(format=family, runtime="gguf", calibration=args.calibration, qad=True, tokens=args.tokens,
                                         lr=lr)
             started = time.perf_counter()
             report = quantize_model(student, teacher, split, settings, checkpoints / f"{family}-{lr:g}",

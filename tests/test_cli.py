@@ -86,4 +86,7 @@ def test_malformed_profile_via_cli(tmp_path):
 
 def test_formats_lists_bits_per_weight():
     data = json.loads(run("formats", "--json").stdout)
-    assert {"name": "q4_0", "bits_per_element": 4.5, "compute": "int4"}.items() <= next(d for d in data if d["name"] == "q4_0").items()
+    q4_0 = next(d for d in data["formats"] if d["name"] == "q4_0")
+    # 18 bytes per block of 32 (an fp16 scale and 16 bytes of nibbles): 4.5 bits
+    assert {"bits_per_element": 4.5, "compute": "int4", "gguf_type": "Q4_0", "runtime": "gguf"}.items() <= q4_0.items()
+    assert q4_0["gate"]["reason"] and data["families"]["int4"]["gguf"] == "q4_0"

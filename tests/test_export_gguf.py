@@ -44,7 +44,8 @@ def test_quantized_export_writes_packed_types(tmp_path, tiny_model):
 def test_rows_a_type_cannot_take_are_reported_not_hidden(tmp_path, tiny_model):
     report, _ = run(tiny_model("llama"), tmp_path / "m.gguf", quant="tq2_0")  # 256-wide blocks, 32-wide rows
     written = {s["tensor"]: s["written"] for s in report.substitutions}
-    assert written["blk.0.attn_q.weight"] == "Q8_0" and written["blk.0.ffn_down.weight"] == "F16"
+    # the registry's chain TQ2_0 -> Q4_0 -> Q8_0 -> F16: rows of 32 take Q4_0, rows of 48 only F16
+    assert written["blk.0.attn_q.weight"] == "Q4_0" and written["blk.0.ffn_down.weight"] == "F16"
     assert all("multiple of 256" in s["reason"] for s in report.substitutions)
     assert not any(kind == "TQ2_0" for kind in report.tensor_types.values())
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from shrink.compress import blocks
+from shrink import blocks
 from shrink.compress.quant.plan import QuantPlan
 from shrink.errors import ShrinkError
 

@@ -32,12 +32,13 @@ def qad_lr(grid: str) -> float:
 
 @dataclass(frozen=True)
 class QuantizeSettings:
+    # no defaults for what a user chooses: flows/defaults.py holds them, once
     format: str
-    runtime: str = "gguf"
-    calibration: str = "auto"
-    qad: bool = False
-    tokens: int = 16384
-    batch_size: int = 4
+    runtime: str
+    calibration: str
+    qad: bool
+    tokens: int
+    batch_size: int = 4  # the trainer's batch, as DistillConfig's
     lr: float | None = None  # None: qad_lr(grid)
     keep: tuple[str, ...] | None = None
     activations: str | None = None
