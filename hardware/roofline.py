@@ -8,7 +8,7 @@ this module returns is an estimate; nothing here runs the model.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
@@ -107,18 +107,21 @@ def _phase(name: str, steps: list[list[Op]], profile: Profile) -> PhaseEstimate:
     cache: dict[Op, tuple[str, float, float]] = {}
     grouped: dict[str, dict] = defaultdict(lambda: {"count": 0, "flops": 0.0, "bytes": 0.0, "tc": 0.0, "tm": 0.0, "t": 0.0})
     for ops in steps:
-        for op in ops:
+        # identical layers share their Op objects (ops.layer_ops is cached): cost each once, times its count
+        unique = {id(op): op for op in ops}
+        for key, k in Counter(map(id, ops)).items():
+            op = unique[key]
             if op not in cache:
                 cache[op] = _cost(op, profile)
             cls, tc, tm = cache[op]
             g = grouped[op.name]
             g.update(kind=op.kind, cls=cls)
-            g["count"] += 1
-            g["flops"] += op.flops
-            g["bytes"] += op.bytes
-            g["tc"] += tc if tc >= tm else 0.0
-            g["tm"] += tm if tm > tc else 0.0
-            g["t"] += max(tc, tm)
+            g["count"] += k
+            g["flops"] += k * op.flops
+            g["bytes"] += k * op.bytes
+            g["tc"] += k * tc if tc >= tm else 0.0
+            g["tm"] += k * tm if tm > tc else 0.0
+            g["t"] += k * max(tc, tm)
     n = len(steps)
     costs = [
         OpCost(
