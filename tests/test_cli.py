@@ -18,7 +18,11 @@ def test_inspect_json_counts_match_the_instantiated_model(tiny_llama_dir):
     result = run("inspect", str(tiny_llama_dir), "--load", "--json")
     assert result.exit_code == 0, result.output
     params = json.loads(result.stdout)["params"]
-    assert params["total"] == params["instantiated"] == params["embedding"] + params["non_embedding"]
+    assert params["total"] == params["instantiated"]
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    # an untied tiny Llama: embedding and lm_head tables of vocab x hidden each
+    assert not config["tie_word_embeddings"]
+    assert params["embedding"] == 2 * config["vocab_size"] * config["hidden_size"]
 
 
 def test_inspect_table(tiny_llama_dir):

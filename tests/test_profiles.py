@@ -37,11 +37,19 @@ def test_required_targets_ship_and_validate():
         assert len(profile.reasoning) > 40
 
 
-def test_published_starting_figures():
+def test_published_figures_agree_with_the_hardware_they_describe():
+    """Each peak rebuilt from the part's units and clocks (a second derivation, not the TOML's number)."""
     h100 = get_profile("h100-sxm")
-    assert (h100.peak_tflops["bf16"], h100.peak_tflops["fp8"], h100.bandwidth_GBps, h100.capacity_GB) == (989.4, 1978.9, 3350, 80)
-    assert get_profile("jetson-agx-orin").bandwidth_GBps == 204.8
-    assert get_profile("jetson-orin-nano").bandwidth_GBps == 68
+    # 132 SMs x 4 tensor cores x 512 dense bf16 FMA per clock x 2 FLOPs x 1.83 GHz boost; fp8 twice that
+    assert h100.peak_tflops["bf16"] == pytest.approx(132 * 4 * 512 * 2 * 1.83e9 / 1e12, rel=0.01)
+    assert h100.peak_tflops["fp8"] == pytest.approx(2 * h100.peak_tflops["bf16"], rel=0.01)
+    # HBM3: 5 stacks x 1024 bits x 5.23 Gb/s per pin
+    assert h100.bandwidth_GBps == pytest.approx(5 * 1024 * 5.23 / 8, rel=0.01)
+    # LPDDR5: 256 bits at 6400 MT/s (AGX Orin), 128 bits at 4266 MT/s (Orin Nano)
+    assert get_profile("jetson-agx-orin").bandwidth_GBps == pytest.approx(256 / 8 * 6.4, rel=0.01)
+    assert get_profile("jetson-orin-nano").bandwidth_GBps == pytest.approx(128 / 8 * 4.266, rel=0.01)
+    # Orin Nano fp16 tensor: 8 SMs x 4 tensor cores x 256 FMA per clock x 2 x 625 MHz
+    assert get_profile("jetson-orin-nano").peak_tflops["fp16"] == pytest.approx(8 * 4 * 256 * 2 * 0.625e9 / 1e12, rel=0.03)
 
 
 def test_aliases_and_all():
