@@ -12,7 +12,6 @@ from shrink.export.gguf import export_gguf
 from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
 from shrink.ggufmeta import gguf_formats
 
-_QUANT_NAMES = {"fp32": "f32", "fp16": "f16"}  # number-format names -> `shrink export --quant` names
 
 
 class GGUFBackend:
@@ -59,6 +58,5 @@ class GGUFBackend:
         return spec, gguf_formats(path).formats
 
     def stored_quant(self, path: Path) -> str:
-        """The `--quant` name of what the file stores, for the verify thresholds when no manifest says it."""
-        stored = gguf_formats(path).formats.weights
-        return _QUANT_NAMES.get(stored, stored)
+        """The registry format the file stores its block weights in (the type holding most of their bytes)."""
+        return gguf_formats(path).formats.weights

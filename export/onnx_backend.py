@@ -72,5 +72,5 @@ class OnnxBackend:
         return replace(spec, tied_embeddings=spec.tied_embeddings and read.tied), read.formats
 
     def stored_quant(self, path: Path) -> str:
-        """Without a manifest an ONNX directory is taken as f32 (its graph does not name the export's --quant)."""
-        return "f32"
+        """The registry format the graph stores its block weights in, read from the graph itself."""
+        return onnx_formats(path).formats.weights

@@ -65,7 +65,7 @@ def verify_artifact(artifact: str | Path, reference: str | None = None, *, promp
     reference = reference or (manifest or {}).get("source", {}).get("model")
     if reference is None:
         raise ShrinkError("No --reference given and no manifest beside the artifact names its source model.")
-    fmt = (manifest or {}).get("export", {}).get("quant") or kind.stored_quant(artifact)
+    fmt = kind.stored_quant(artifact)  # read from the file: what it stores, whatever a manifest says
     verdict = verify_against(artifact, load(reference), fmt, prompts_file, min_top1, max_kl, threads)
     verdict.checks.insert(0, integrity)
     if baseline_manifest is not None:
