@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
+from shrink.export.costing import fallback_ops, planned_weights
 from shrink.export.gguf_backend import GGUFBackend
 from shrink.export.manifest import manifest_path, read_manifest
 from shrink.export.onnx_backend import OnnxBackend
@@ -38,6 +39,8 @@ class Backend(Protocol):
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]: ...
 
     def stored_quant(self, path: Path) -> str: ...
+
+    def costed_spec(self, spec: ArchSpec, family: str | None, lm_head_kept: bool = True) -> ArchSpec: ...
 
 
 BACKENDS: dict[str, Backend] = {b.kind: b for b in (GGUFBackend(), OnnxBackend())}
@@ -71,3 +74,12 @@ def artifact_costing(artifact: str | Path) -> tuple[ArchSpec | None, dict]:
         return None, {}
     spec, stored = backend_for(artifact).stored_formats(artifact, ArchSpec.from_dict(manifest["archspec"]))
     return spec, {k: v for k, v in asdict(stored).items() if k != "ssm_state"}
+
+
+def costed_spec(spec: ArchSpec, family: str | None, runtime: str, *, lm_head_kept: bool = True) -> ArchSpec:
+    """`spec` in the formats an export of `family` (or of one stored format) to `runtime` stores: that
+    backend's rule; PyTorch (no artifact) stores the family's grid in place of the weights."""
+    if runtime in BACKENDS:
+        return BACKENDS[runtime].costed_spec(spec, family, lm_head_kept)
+    weights = planned_weights(family, runtime)
+    return spec.with_formats(weights=weights.name, ops=fallback_ops(spec, weights))

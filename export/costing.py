@@ -1,24 +1,13 @@
-"""What an export will store, as an ArchSpec the roofline costs: the one rule the planner, the budget
-check and `shrink estimate` share with the exporters, so that what is costed is what is written.
-
-Per runtime (the rules live in the exporters; each line names where):
-- GGUF (export/gguf.py): block weights in the family's stored format, an operator whose rows do not
-  divide into its blocks in the registry's fallback; token embedding and output on at least 8 bits
-  (Q8_0 below that); norms f32; activations int8 for quantized dot products (llama.cpp quantizes them
-  on the fly), f32 otherwise; KV cache f16.
-- ONNX (export/onnx.py): MatMulNBits block weights; the gather table stays f32; a quantized export
-  unties a tied lm_head into its own initializer, quantized like the blocks for `shrink export
-  --quant`, f32 for a student whose plan keeps it (every planned run); activations and KV f32.
-"""
+"""What an export will store, as the roofline costs it: the parts every backend's `costed_spec` shares
+(which operators fall back from a format whose blocks their rows do not divide, and into what). Each
+backend (export/gguf_backend.py, export/onnx_backend.py) states its own storage rules beside them;
+`export.backend.costed_spec` picks the backend, so that what is costed is what is written."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from shrink.archspec import ArchSpec, AttentionSpec, Formats, SSMSpec
+from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
 from shrink.errors import ShrinkError
-from shrink.numformats.registry import (FAMILIES, FORMATS, NumberFormat, fallback_chain, resolve_weights, stored_format,
-                                        vocabulary_format)
+from shrink.numformats.registry import FAMILIES, FORMATS, NumberFormat, fallback_chain, resolve_weights, stored_format
 
 
 def op_row_lengths(spec: ArchSpec) -> dict[str, set[int]]:
@@ -56,21 +45,11 @@ def fallbacks(spec: ArchSpec, weights: NumberFormat) -> dict[str, NumberFormat]:
     return found
 
 
-def costed_spec(spec: ArchSpec, family: str | None, runtime: str, *, lm_head_kept: bool = True) -> ArchSpec:
-    """`spec` with the formats an export of `family` (or of one stored format) to `runtime` stores.
-    lm_head_kept: an ONNX student keeps its lm_head in f32 (a plan's default); False for `shrink export`."""
-    weights = stored_format(family, runtime) if family is None or family in FAMILIES else resolve_weights(family, runtime)
-    ops = tuple((op, f.name) for op, f in fallbacks(spec, weights).items())
-    if runtime == "gguf":
-        formats = Formats(weights=weights.name, embeddings=vocabulary_format(weights, "gguf").name,
-                          activations="int8" if weights.quantized else "fp32", kv_cache="fp16", other="fp32", ops=ops)
-        return replace(spec, formats=formats.validated())
-    if runtime == "onnx":
-        lm_head = None
-        if weights.quantized:
-            lm_head = "fp32" if lm_head_kept else weights.name
-        formats = Formats(weights=weights.name, embeddings="fp32", activations="fp32", kv_cache="fp32", other="fp32",
-                          lm_head=lm_head, ops=ops)
-        tied = spec.tied_embeddings and not weights.quantized  # a quantized export unties it
-        return replace(spec, tied_embeddings=tied, formats=formats.validated())
-    return spec.with_formats(weights=weights.name, ops=ops)
+def planned_weights(family: str | None, runtime: str) -> NumberFormat:
+    """The stored format of the block weights: a family's for `runtime`, or a stored format named as it is."""
+    return stored_format(family, runtime) if family is None or family in FAMILIES else resolve_weights(family, runtime)
+
+
+def fallback_ops(spec: ArchSpec, weights: NumberFormat) -> tuple[tuple[str, str], ...]:
+    """Formats.ops for the operators that fall back from `weights`."""
+    return tuple((op, f.name) for op, f in fallbacks(spec, weights).items())

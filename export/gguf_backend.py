@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
+from shrink.export.costing import fallback_ops, planned_weights
 from shrink.export.gguf import export_gguf
 from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
 from shrink.ggufmeta import gguf_formats
-
+from shrink.numformats import vocabulary_format
 
 
 class GGUFBackend:
@@ -56,6 +58,17 @@ class GGUFBackend:
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
         """The formats the file stores, read from its tensor types (for the roofline)."""
         return spec, gguf_formats(path).formats
+
+    def costed_spec(self, spec: ArchSpec, family: str | None, lm_head_kept: bool = True) -> ArchSpec:
+        """What export/gguf.py writes for `family`: block weights in its stored format (an operator whose
+        rows its blocks do not divide in the registry's fallback), token embedding and output on at least
+        8 bits (Q8_0 below that), norms f32; activations int8 for quantized dot products (llama.cpp
+        quantizes them on the fly), f32 otherwise; KV cache f16. lm_head_kept: no effect (always stored)."""
+        weights = planned_weights(family, self.kind)
+        formats = Formats(weights=weights.name, embeddings=vocabulary_format(weights, self.kind).name,
+                          activations="int8" if weights.quantized else "fp32", kv_cache="fp16", other="fp32",
+                          ops=fallback_ops(spec, weights))
+        return replace(spec, formats=formats.validated())
 
     def stored_quant(self, path: Path) -> str:
         """The registry format the file stores its block weights in (the type holding most of their bytes)."""

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
+from shrink.export.costing import fallback_ops, planned_weights
 from shrink.export.onnx import export_onnx, onnx_formats
 from shrink.export.onnx_runtime import OnnxRunner
 from shrink.export.runtimes import Runner, timed_runs
@@ -70,6 +70,18 @@ class OnnxBackend:
         tied: a quantized export reads an untied copy, so the spec says untied when the file does."""
         read = onnx_formats(path)
         return replace(spec, tied_embeddings=spec.tied_embeddings and read.tied), read.formats
+
+    def costed_spec(self, spec: ArchSpec, family: str | None, lm_head_kept: bool = True) -> ArchSpec:
+        """What export/onnx.py writes for `family`: MatMulNBits block weights, the gather table f32; a
+        quantized export unties a tied lm_head into its own initializer, f32 when the student's plan
+        keeps it (lm_head_kept: every planned run), else quantized like the blocks (`shrink export
+        --quant`); activations and KV f32."""
+        weights = planned_weights(family, self.kind)
+        lm_head = ("fp32" if lm_head_kept else weights.name) if weights.quantized else None
+        formats = Formats(weights=weights.name, embeddings="fp32", activations="fp32", kv_cache="fp32", other="fp32",
+                          lm_head=lm_head, ops=fallback_ops(spec, weights))
+        tied = spec.tied_embeddings and not weights.quantized  # a quantized export unties it
+        return replace(spec, tied_embeddings=tied, formats=formats.validated())
 
     def stored_quant(self, path: Path) -> str:
         """The registry format the graph stores its block weights in, read from the graph itself."""

@@ -30,7 +30,8 @@ from shrink.compress.quant.ptq import calibrate
 from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.compress.search import Budget, apply, rank_by_proxy
 from shrink.errors import ShrinkError
-from shrink.export.costing import costed_spec, fallbacks, op_row_lengths
+from shrink.export.backend import costed_spec
+from shrink.export.costing import fallbacks, op_row_lengths
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load
 from shrink.numformats import runtime_families, stored_format

@@ -5,7 +5,7 @@ initializers), for the quantized block weights (within 0.5%) and for all weights
 import numpy as np
 import pytest
 
-from shrink.export.costing import costed_spec
+from shrink.export.backend import costed_spec
 from shrink.hardware.ops import weight_bytes_by_group
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import estimate
