@@ -12,7 +12,7 @@ from typing import Any
 
 from shrink.archspec import Formats
 from shrink.errors import ShrinkError
-from shrink.numformats import format_by_gguf_type
+from shrink.numformats import FORMATS, format_by_gguf_type, gguf_activations
 
 # GGUF block tensor name (blk.N.<name>.weight) -> the roofline operator that reads it (hardware/ops.py)
 _OP_OF_TENSOR = {
@@ -39,8 +39,7 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
     """Formats of a GGUF's tensors, per operator: each operator's weights take the type holding most
     of its bytes (exact unless one operator mixes types across layers, as Q4_K_M files do), the
     embedding the token table's type, a separate output projection its own. llama.cpp keeps the KV
-    cache in f16 and quantizes activations to 8 bits for its quantized dot products, hence int8
-    activations whenever the weights are quantized."""
+    cache in f16; activations are what its dot products take (registry.gguf_activations)."""
     from gguf import GGUFReader
 
     try:
@@ -66,11 +65,10 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
     weights = name[linear.most_common(1)[0][0]]
     ops = tuple(sorted((op, name[types.most_common(1)[0][0]]) for op, types in by_op.items()
                        if op != "other" and name[types.most_common(1)[0][0]] != weights))
-    quantized = weights not in ("fp32", "fp16", "bf16")
     formats = Formats(
         weights=weights,
         embeddings=name[embedding],
-        activations="int8" if quantized else "fp32",
+        activations=gguf_activations(FORMATS[weights]),
         kv_cache="fp16",
         other="fp32",
         lm_head=name[output] if output else None,

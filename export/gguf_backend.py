@@ -13,7 +13,7 @@ from shrink.export.costing import fallback_ops, planned_weights
 from shrink.export.gguf import export_gguf
 from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
 from shrink.ggufmeta import gguf_formats
-from shrink.numformats import vocabulary_format
+from shrink.numformats import gguf_activations, vocabulary_format
 
 
 class GGUFBackend:
@@ -62,11 +62,11 @@ class GGUFBackend:
     def costed_spec(self, spec: ArchSpec, family: str | None, lm_head_kept: bool = True) -> ArchSpec:
         """What export/gguf.py writes for `family`: block weights in its stored format (an operator whose
         rows its blocks do not divide in the registry's fallback), token embedding and output on at least
-        8 bits (Q8_0 below that), norms f32; activations int8 for quantized dot products (llama.cpp
-        quantizes them on the fly), f32 otherwise; KV cache f16. lm_head_kept: no effect (always stored)."""
+        8 bits (Q8_0 below that), norms f32; activations as llama.cpp's dot products take them
+        (registry.gguf_activations); KV cache f16. lm_head_kept: no effect (always stored)."""
         weights = planned_weights(family, self.kind)
         formats = Formats(weights=weights.name, embeddings=vocabulary_format(weights, self.kind).name,
-                          activations="int8" if weights.quantized else "fp32", kv_cache="fp16", other="fp32",
+                          activations=gguf_activations(weights), kv_cache="fp16", other="fp32",
                           ops=fallback_ops(spec, weights))
         return replace(spec, formats=formats.validated())
 

@@ -230,6 +230,12 @@ def vocabulary_format(weights: NumberFormat, runtime: str) -> NumberFormat:
     return FORMATS["fp32"] if runtime == "onnx" else weights
 
 
+def gguf_activations(weights: NumberFormat) -> str:
+    """What llama.cpp multiplies `weights` with: quantized weights take activations quantized to 8 bits
+    (its vec_dot types Q8_0/Q8_K), F16 and BF16 weights activations converted to their own type, F32 F32."""
+    return "int8" if weights.quantized else weights.name
+
+
 def runtime_families(runtime: str) -> list[str | None]:
     """Every family `runtime` exports (None: unquantized), in registry order."""
     return [None, *(name for name, f in FAMILIES.items() if runtime in f.stored)]

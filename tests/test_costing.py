@@ -115,6 +115,9 @@ def test_artifact_formats_read_back_equal_the_costing(tiny_model, tmp_path):
     loaded = _student(_model(tiny_model, True), "int4", "gguf")
     export_gguf(loaded, tmp_path / "m.gguf")
     assert gguf_formats(tmp_path / "m.gguf").formats == costed_spec(loaded.spec, "int4", "gguf").formats
+    loaded = _model(tiny_model, False)
+    export_gguf(loaded, tmp_path / "f16.gguf", "fp16")
+    assert gguf_formats(tmp_path / "f16.gguf").formats == costed_spec(loaded.spec, None, "gguf").formats
     loaded = _model(tiny_model, True)
     export_onnx(loaded, tmp_path / "onnx", "int4", 32)
     read = onnx_formats(tmp_path / "onnx")
