@@ -71,7 +71,7 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
         activations=gguf_activations(FORMATS[weights]),
         kv_cache="fp16",
         other="fp32",
-        lm_head=name[output] if output else None,
+        lm_head=name[output] if output and name[output] != name[embedding] else None,  # None: as embeddings
         ops=ops,
     )
     return GGUFFormats(formats, dict(linear), exact=all(len(types) == 1 for types in by_op.values()))
