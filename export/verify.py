@@ -105,8 +105,8 @@ def threshold_checks(metrics: Metrics, fmt: str, min_top1: float | None, max_kl:
     low, high = wilson_interval(agreed, metrics.positions)
     return [
         Check("top-1 agreement", high >= min_top1,
-              f"{metrics.top1_agreement:.2%} of {metrics.positions} positions, 95% interval {low:.2%}-{high:.2%} "
-              f"(needs >= {min_top1:.2%} for {fmt}, within the interval)"),
+              f"{metrics.top1_agreement:.2%} of {metrics.positions} positions, 95% interval {low:.1%}-{high:.1%} "
+              f"(needs >= {min_top1:.2%} for {fmt})"),
         Check("mean KL", metrics.mean_kl <= max_kl, f"{metrics.mean_kl:.5f} nats (needs <= {max_kl:g} for {fmt})"),
     ]
 
