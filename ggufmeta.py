@@ -12,7 +12,7 @@ from typing import Any
 
 from shrink.archspec import Formats
 from shrink.errors import ShrinkError
-from shrink.numformats import FORMATS, format_by_gguf_type, gguf_activations
+from shrink.numformats import FORMATS, format_by_gguf_type, gguf_activations, mixture_name
 
 # GGUF block tensor name (blk.N.<name>.weight) -> the roofline operator that reads it (hardware/ops.py)
 _OP_OF_TENSOR = {
@@ -28,7 +28,6 @@ _OP_OF_TENSOR = {
 class GGUFFormats:
     formats: Formats
     linear_bytes_by_type: dict[str, int]  # GGML type -> bytes of 2-D block weights stored in it
-    exact: bool  # every operator's tensors share one type, so the formats cost the file's bytes exactly
 
     @property
     def mixed(self) -> bool:
@@ -36,9 +35,10 @@ class GGUFFormats:
 
 
 def gguf_formats(path: str | Path) -> GGUFFormats:
-    """Formats of a GGUF's tensors, per operator: each operator's weights take the type holding most
-    of its bytes (exact unless one operator mixes types across layers, as Q4_K_M files do), the
-    embedding the token table's type, a separate output projection its own. llama.cpp keeps the KV
+    """Formats of a GGUF's tensors, per operator: `weights` is the type holding most block-weight bytes,
+    and an operator stored otherwise gets its own entry, a mixture by element share where its layers
+    use several types (as Q4_K_M files do), so that the bytes costed are the file's; the embedding
+    takes the token table's type, a separate output projection its own. llama.cpp keeps the KV
     cache in f16; activations are what its dot products take (registry.gguf_activations)."""
     from gguf import GGUFReader
 
@@ -57,14 +57,14 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
             output = kind
         elif tensor.name.startswith("blk.") and len(tensor.shape) >= 2:
             op = _OP_OF_TENSOR.get(tensor.name.split(".")[2], "other")
-            by_op.setdefault(op, Counter())[kind] += int(tensor.n_bytes)
+            by_op.setdefault(op, Counter())[kind] += int(tensor.n_elements)
             linear[kind] += int(tensor.n_bytes)
     if not linear or embedding is None:
         raise ShrinkError(f"'{path}' holds no block weights or no token embedding that shrink can cost.")
     name = {k: format_by_gguf_type(k).name for k in {*linear, embedding, output} if k is not None}
     weights = name[linear.most_common(1)[0][0]]
-    ops = tuple(sorted((op, name[types.most_common(1)[0][0]]) for op, types in by_op.items()
-                       if op != "other" and name[types.most_common(1)[0][0]] != weights))
+    mixed = {op: mixture_name({name[k]: n for k, n in types.items()}) for op, types in by_op.items() if op != "other"}
+    ops = tuple(sorted((op, fmt) for op, fmt in mixed.items() if fmt != weights))
     formats = Formats(
         weights=weights,
         embeddings=name[embedding],
@@ -74,7 +74,7 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
         lm_head=name[output] if output and name[output] != name[embedding] else None,  # None: as embeddings
         ops=ops,
     )
-    return GGUFFormats(formats, dict(linear), exact=all(len(types) == 1 for types in by_op.values()))
+    return GGUFFormats(formats, dict(linear))
 
 
 def copy_tokenizer_fields(source: str | Path, writer: Any) -> None:

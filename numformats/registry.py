@@ -149,8 +149,35 @@ ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "
            "fp8_e4m3": "fp8"}
 
 
+def mixture_name(shares: dict[str, float]) -> str:
+    """The name of a mixture of stored formats by share of elements (a GGUF operator whose layers use
+    several types, as Q4_K_M files do): 'q4_k*0.6667+q6_k*0.3333'; one format alone is its own name."""
+    total = sum(shares.values())
+    parts = {name: share / total for name, share in sorted(shares.items()) if share > 0}
+    if len(parts) == 1:
+        return next(iter(parts))
+    return "+".join(f"{name}*{share:.6f}" for name, share in parts.items())
+
+
+def _mixture(key: str) -> NumberFormat:
+    """A mixture's record: bits weighted by element share, the widest part's compute class."""
+    parts = []
+    for item in key.split("+"):
+        name, _, share = item.partition("*")
+        try:
+            parts.append((get_format(name), float(share)))
+        except ValueError:
+            raise ShrinkError(f"'{key}' is not a format mixture (name*share+name*share).") from None
+    order = ["fp4", "int4", "fp8", "int8", "bf16", "fp16", "tf32", "fp32"]
+    compute = max((f.compute for f, _ in parts), key=order.index)
+    bits = sum(f.bits_per_element * share for f, share in parts)
+    return NumberFormat(key, bits, compute, "mixture of " + ", ".join(f"{f.name} {share:.1%}" for f, share in parts))
+
+
 def get_format(name: str) -> NumberFormat:
     key = ALIASES.get(name.lower(), name.lower())
+    if "+" in key:
+        return _mixture(key)
     if key not in FORMATS:
         hint = f" ('{key}' is a family: {family_hint(key)})" if key in FAMILIES else ""
         raise ShrinkError(f"Unknown number format '{name}'{hint}; known formats: {', '.join(FORMATS)}.")

@@ -124,3 +124,23 @@ def test_artifact_formats_read_back_equal_the_costing(tiny_model, tmp_path):
     planned = costed_spec(loaded.spec, "onnx_int4_g32", "onnx", lm_head_kept=False)
     assert read.formats == planned.formats and read.tied == planned.tied_embeddings
     assert replace(planned.formats, lm_head=None) != planned.formats  # the untied copy is costed apart
+
+
+def test_a_mixed_k_quant_file_is_costed_byte_for_byte():
+    """The embedded Q4_K_M file mixes types inside one operator (ffn_down: Q4_K in some layers, Q6_K in
+    others; attn_v on Q8_0 beside Q5_0 q/k): costed per operator as a mixture, its bytes are the file's."""
+    from dataclasses import asdict
+
+    from gguf import GGUFReader
+
+    from shrink.ggufmeta import gguf_formats
+    from shrink.model import embedded_gguf_path, load_spec
+
+    path = embedded_gguf_path()
+    stored = gguf_formats(path).formats
+    assert any("+" in fmt for _, fmt in stored.ops)  # a mixture was needed
+    spec = load_spec("gemma-3-270m").with_formats(**{k: v for k, v in asdict(stored).items() if k != "ssm_state"})
+    tensors = GGUFReader(str(path)).tensors
+    blocks = sum(int(t.n_bytes) for t in tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+    assert weight_bytes_by_group(spec)["blocks"] == pytest.approx(blocks, rel=1e-6)
+    assert sum(weight_bytes_by_group(spec).values()) == pytest.approx(sum(int(t.n_bytes) for t in tensors), rel=1e-6)

@@ -74,3 +74,15 @@ def test_wilson_interval_hand_values():
     low, high = wilson_interval(361, 374)
     assert low == pytest.approx(0.9414, abs=2e-4) and high == pytest.approx(0.9796, abs=2e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_a_mixture_costs_its_parts_by_share():
+    from shrink.numformats import mixture_name
+
+    name = mixture_name({"q4_k": 2, "q6_k": 1})  # two thirds of the elements in Q4_K
+    # (2 x 4.5 + 6.5625) / 3 bits, and the wider part's compute class (Q6_K computes as int8)
+    assert get_format(name).bits_per_element == pytest.approx((2 * 4.5 + 6.5625) / 3, rel=1e-6)
+    assert get_format(name).compute == "int8"
+    assert mixture_name({"q8_0": 5}) == "q8_0"
+    with pytest.raises(ShrinkError, match="not a format mixture"):
+        get_format("q4_k*half+q6_k*half")
