@@ -206,9 +206,13 @@ def _config_dict(where: _Source) -> tuple[dict, str]:
         path = _guard(lambda: _hub_config_file(where.location), where)
     elif where.kind == "json":
         path = Path(where.location)
+    elif where.kind == "embedded":
+        # the converted directory's config when it exists, else the same config shipped with shrink, so
+        # that a config-only command (and a plan's budget check) never waits for the first conversion
+        converted = cache_dir("models") / where.location / "config.json"
+        path = converted if converted.is_file() else Path(str(files("shrink") / "configs" / "embedded")) / f"{where.location}.json"
     else:
-        directory = embedded_model_dir(where.location) if where.kind == "embedded" else Path(where.location)
-        path = Path(directory, "config.json")
+        path = Path(where.location, "config.json")
     return _read_json(path), str(path)
 
 

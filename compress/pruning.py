@@ -35,8 +35,13 @@ RULE = "rule (layers and heads kept where the budget allows, FFN and hidden cuts
 
 def budget_shape(spec: Any, importance: Any, budget: Any, axis: str, weights: str | None = None) -> tuple[Any, list]:
     """The shape the fixed rule picks for a budget, and every feasible candidate (largest first)."""
+    return ranked_shape(spec, importance.layers.argsort(descending=True).tolist(), budget, axis, weights)
+
+
+def ranked_shape(spec: Any, ranking: list[int], budget: Any, axis: str, weights: str | None = None) -> tuple[Any, list]:
+    """budget_shape for a given layer ranking (most important first): the sizes follow from the spec
+    and the budget alone, the ranking only says which layers a depth cut keeps."""
     costed = spec.with_formats(weights=weights, embeddings=weights) if weights else spec
-    ranking = importance.layers.argsort(descending=True).tolist()
     plans = feasible(costed, ranking, axis, budget)
     return default_plan(plans, costed), plans
 

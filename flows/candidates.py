@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shrink.compress.distill.teacher import teacher_topk
-from shrink.compress.pruning import budget_shape
+from shrink.compress.pruning import ranked_shape
 from shrink.compress.quant.plan import make_plan
 from shrink.compress.quant.ptq import calibrate
 from shrink.compress.quant.student import fake_quantize, materialize
@@ -169,23 +169,48 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
 
 def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: Any, budget: TargetBudget,
                          host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
+    ranking = importance.layers.argsort(descending=True).tolist()
+    return candidates_for(loaded.spec, ranking, profile, workload, budget, host_factor, keeps, axes)
+
+
+def candidates_for(model_spec: Any, ranking: list[int], profile: Any, workload: Any, budget: TargetBudget,
+                   host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
+    """Every candidate costed on the target, the layers ranked by `ranking` (most important first)."""
     runtime = target_runtime(profile)
     shapes: list[tuple[float, str, Any]] = [(1.0, "-", None)]
     for keep in (k for k in keeps if k < 1):
         for axis in axes:
             try:
-                plan, _ = budget_shape(loaded.spec, importance, Budget(params=keep), axis)
+                plan, _ = ranked_shape(model_spec, ranking, Budget(params=keep), axis)
             except ShrinkError:  # a non-uniform model, or no shape of this size on this axis
                 continue
             if all(p is None or p.spec != plan.spec for _, _, p in shapes):
                 shapes.append((keep, axis, plan))
     candidates = []
     for keep, axis, plan in shapes:
-        spec = loaded.spec if plan is None else plan.spec
+        spec = model_spec if plan is None else plan.spec
         for family in runtime_families(runtime):
             candidates.append(cost(Candidate(keep, axis, family, runtime, plan), spec, profile, workload, budget,
                                    host_factor))
     return candidates
+
+
+# Before anything is loaded, the plan checks the budget with the layers ranked by index (importance needs
+# the weights): the sizes, and so the estimates, are the same; only which layers a depth cut keeps can
+# change the attention windows it reads. A budget is refused early only when even the fastest candidate
+# misses it by more than this factor, far beyond what the choice of layers can change.
+EARLY_MARGIN = 1.10
+
+
+def hopeless(spec: Any, profile: Any, workload: Any, budget: TargetBudget) -> tuple[str, list[Candidate]] | None:
+    """(the no-plan message, the closest candidates) when no candidate can meet the budget, from the
+    config alone, in about a second; None when one may (the full plan then decides)."""
+    relaxed = TargetBudget(*(None if v is None else v * EARLY_MARGIN
+                             for v in (budget.tpot_s, budget.ttft_s, budget.memory_bytes)))
+    candidates = candidates_for(spec, list(range(spec.num_layers)), profile, workload, relaxed)
+    if any(c.fits for c in candidates):
+        return None
+    return no_plan_message(candidates, budget, profile), closest(candidates, budget)
 
 
 # --- the quality proxy ---
@@ -245,21 +270,27 @@ def no_plan_message(candidates: list[Candidate], budget: TargetBudget, profile: 
         best = min(costed, key=lambda c: c.tpot_s)
         if best.tpot_s > budget.tpot_s:
             parts.append(f"the fastest candidate ({best.label}) reaches {fmt_time(best.tpot_s)} per token on "
-                         f"{profile.name} (estimated); {fmt_time(budget.tpot_s)} needs a model about "
-                         f"{1 - budget.tpot_s / best.tpot_s:.0%} smaller in bytes read per token than it")
+                         f"{profile.name} (estimated); {fmt_time(budget.tpot_s)} needs a model "
+                         f"{_less(budget.tpot_s, best.tpot_s)} in bytes read per token than it")
     if budget.ttft_s is not None:
         best = min(costed, key=lambda c: c.ttft_s)
         if best.ttft_s > budget.ttft_s:
             parts.append(f"the quickest first token ({best.label}) takes {fmt_time(best.ttft_s)} (estimated); "
-                         f"{fmt_time(budget.ttft_s)} needs about {1 - budget.ttft_s / best.ttft_s:.0%} less prefill work")
+                         f"{fmt_time(budget.ttft_s)} needs prefill work {_less(budget.ttft_s, best.ttft_s)}")
     if budget.memory_bytes is not None:
         best = min(costed, key=lambda c: c.memory_bytes)
         if best.memory_bytes > budget.memory_bytes:
             parts.append(f"the smallest candidate ({best.label}) needs {fmt_bytes(best.memory_bytes)} (estimated); "
-                         f"{fmt_bytes(budget.memory_bytes)} needs about {1 - budget.memory_bytes / best.memory_bytes:.0%} less")
+                         f"{fmt_bytes(budget.memory_bytes)} needs a model {_less(budget.memory_bytes, best.memory_bytes)}")
     if not parts:
         parts.append("each candidate misses one line of the budget or another, none meets all of them together")
     return "No plan meets the budget: " + "; ".join(parts) + "."
+
+
+def _less(wanted: float, reached: float) -> str:
+    """'about 23% smaller', or 'about 258 times smaller' where a percentage would round to 100%."""
+    share = 1 - wanted / reached
+    return f"about {share:.0%} smaller" if share < 0.95 else f"about {reached / wanted:,.0f} times smaller"
 
 
 def closest(candidates: list[Candidate], budget: TargetBudget, count: int = 5) -> list[Candidate]:

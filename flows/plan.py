@@ -19,14 +19,14 @@ from shrink.errors import ShrinkError
 from shrink.export.backend import artifact_costing
 from shrink.export.bench import bench
 from shrink.export.workflow import export_artifact
-from shrink.flows.candidates import (Candidate, TargetBudget, choose, closest, enumerate_candidates, measure_proxies,
-                                     no_plan_message, parse_workload)
+from shrink.flows.candidates import (Candidate, TargetBudget, choose, closest, enumerate_candidates, hopeless,
+                                     measure_proxies, no_plan_message, parse_workload)
 from shrink.flows import defaults
 from shrink.flows.recipe import BenchStep, DistillStep, ExportStep, PruneStep, QuantizeStep, VerifyStep, recipe_toml
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
-from shrink.model import load
+from shrink.model import load, load_spec
 from shrink.numformats import gate_for, stored_format
 from shrink.units import fmt_bytes, fmt_time
 
@@ -97,6 +97,11 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     profile = get_profile(target)
     budget = TargetBudget.parse(budget_texts)
     workload = parse_workload(workload_text)
+    # the config alone, before any weight or text: a measured target (host) is scaled by a measurement
+    # taken later, so only the published targets are refused this early
+    early = None if profile.measured else hopeless(load_spec(model), profile, workload, budget)
+    if early is not None:
+        raise NoPlan(early[0], [c.to_dict() for c in early[1]])
     hooks.status(f"Loading {model}")
     loaded = load(model)
     hooks.status("Preparing calibration and held-out text")

@@ -182,3 +182,16 @@ def test_non_uniform_model_saves_and_reloads_through_shrink(tmp_path):
         assert torch.equal(again.model(ids).logits, expected)
     assert again.spec.layers == spec.layers
     assert load_spec(str(tmp_path / "nonuniform")).param_counts() == spec.param_counts()
+
+
+@pytest.mark.slow
+def test_the_shipped_embedded_config_is_the_converted_one(embedded, tmp_path, monkeypatch):
+    """A config-only command on a fresh machine reads configs/embedded/gemma-3-270m.json instead of waiting
+    for the conversion: it must describe exactly the model the conversion writes."""
+    from shrink.model import load_spec
+
+    converted = load_spec("gemma-3-270m")  # the `embedded` fixture converted it into the cache
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "empty"))
+    shipped = load_spec("gemma-3-270m")
+    assert shipped == converted and shipped.num_layers == embedded.spec.num_layers
+    assert not (tmp_path / "empty" / "models" / "gemma-3-270m" / "config.json").exists()

@@ -267,3 +267,19 @@ def test_a_run_whose_artifact_misses_its_verify_gate_exits_1(tiny_text_model_dir
     assert result.exit_code == 1, result.output
     report = json.loads((tmp_path / "r" / "run.json").read_text())
     assert report["steps"][-1]["name"] == "verify" and report["steps"][-1]["status"] == "failed"
+
+
+def test_an_impossible_budget_is_refused_from_the_config_before_any_weight_is_loaded(tiny_llama_dir, monkeypatch):
+    import shrink.flows.plan as flow_plan
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded for a budget the config already rules out")
+
+    monkeypatch.setattr(flow_plan, "load", no_loading)
+    monkeypatch.setattr(flow_plan, "prepare", no_loading)
+    with pytest.raises(flow_plan.NoPlan, match="No plan meets the budget") as refused:
+        flow_plan.plan(str(tiny_llama_dir), "jetson-orin-nano", ["0.001us"])
+    assert refused.value.closest  # the nearest candidates come with it
+    # a budget the fastest candidate meets is not refused early: the plan goes on to load the model
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        flow_plan.plan(str(tiny_llama_dir), "jetson-orin-nano", ["1s"])
