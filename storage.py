@@ -4,11 +4,15 @@ directory that looks finished."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from shrink.errors import ShrinkError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -70,3 +74,53 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK_FILE = ".shrink.lock"
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path, holder: str = "run") -> Iterator[Path]:
+    """Hold `directory` for this process: a second holder is refused with the first one's process id;
+    a lock left by a process that no longer runs (a killed run) is taken over."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            other = _lock_holder(lock)
+            if other is not None and _alive(other, me["host"]):
+                raise ShrinkError(f"'{directory}' is in use by another {holder} (process {other['pid']} on "
+                                  f"{other['host']}); wait for it, or choose another --output.") from None
+            lock.unlink(missing_ok=True)  # stale or half-written: its process is gone
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(me))
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    try:
+        data = json.loads(lock.read_text())
+        return data if isinstance(data.get("pid"), int) and isinstance(data.get("host"), str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _alive(holder: dict, host: str) -> bool:
+    """Whether the lock's process still runs; one on another host cannot be checked and counts as alive."""
+    if holder["host"] != host:
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True

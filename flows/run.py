@@ -35,7 +35,7 @@ from shrink.flows.plan import artifact_estimate, budget_check
 from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
 from shrink.flows.steps import Hooks
 from shrink.model import load, save_loaded
-from shrink.storage import atomic_write_text
+from shrink.storage import atomic_write_text, directory_lock
 
 REPORT = "run.json"
 PLAN_FILE = "plan.json"
@@ -210,37 +210,37 @@ def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *,
                           "only the same run (choose another --output for a new one).")
     if report is None:
         report = {"model": model, "recipe": recipe, "steps": [], **(extra or {})}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(model=model, run_dir=run_dir, data=data, seq_len=seq_len, current=model,
-                     hooks=hooks or Hooks())
-    finished = [s for s in report["steps"] if s["status"] == "finished"]
-    for record in finished:  # pick up where the finished steps left the model and the artifact
-        state.current = record["outputs"].get("model", state.current)
-        state.artifact = record["outputs"].get("artifact", state.artifact)
-    report["steps"] = finished
-    report["resumed"] = bool(finished) or report.get("resumed", False)
-    for index in range(len(finished), len(steps)):
-        name, config = steps[index]
-        out = run_dir / f"{index + 1:02d}-{name}"
-        record = {"name": name, "config": recipe[index], "status": "running",
-                  "inputs": {"model": state.current, "artifact": state.artifact}, "started": time.time()}
-        report["steps"].append(record)
-        _write_report(run_dir, report)
-        state.hooks.step_started(index, name)
-        began = time.perf_counter()
-        try:
-            record.update(EXECUTORS[name](state, config, out))
-        except (StepFailed, ShrinkError) as err:
-            record.update(status="failed", error=str(err), seconds=time.perf_counter() - began)
+    with directory_lock(run_dir):  # one run per directory; a killed run's lock is taken over
+        state = RunState(model=model, run_dir=run_dir, data=data, seq_len=seq_len, current=model,
+                         hooks=hooks or Hooks())
+        finished = [s for s in report["steps"] if s["status"] == "finished"]
+        for record in finished:  # pick up where the finished steps left the model and the artifact
+            state.current = record["outputs"].get("model", state.current)
+            state.artifact = record["outputs"].get("artifact", state.artifact)
+        report["steps"] = finished
+        report["resumed"] = bool(finished) or report.get("resumed", False)
+        for index in range(len(finished), len(steps)):
+            name, config = steps[index]
+            out = run_dir / f"{index + 1:02d}-{name}"
+            record = {"name": name, "config": recipe[index], "status": "running",
+                      "inputs": {"model": state.current, "artifact": state.artifact}, "started": time.time()}
+            report["steps"].append(record)
             _write_report(run_dir, report)
-            raise
-        record.update(status="finished", seconds=time.perf_counter() - began)
-        state.current = record["outputs"].get("model", state.current)
-        state.artifact = record["outputs"].get("artifact", state.artifact)
+            state.hooks.step_started(index, name)
+            began = time.perf_counter()
+            try:
+                record.update(EXECUTORS[name](state, config, out))
+            except (StepFailed, ShrinkError) as err:
+                record.update(status="failed", error=str(err), seconds=time.perf_counter() - began)
+                _write_report(run_dir, report)
+                raise
+            record.update(status="finished", seconds=time.perf_counter() - began)
+            state.current = record["outputs"].get("model", state.current)
+            state.artifact = record["outputs"].get("artifact", state.artifact)
+            _write_report(run_dir, report)
+            state.hooks.step_finished(index, record)
+        report["final"] = {"model": state.current, "artifact": state.artifact}
         _write_report(run_dir, report)
-        state.hooks.step_finished(index, record)
-    report["final"] = {"model": state.current, "artifact": state.artifact}
-    _write_report(run_dir, report)
     return report
 
 
