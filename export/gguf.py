@@ -21,15 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from shrink.archspec import ArchSpec, AttentionSpec
-from shrink.storage import atomic_path
 from shrink.errors import ShrinkError
-from shrink.ggufmeta import copy_tokenizer_fields
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
+from shrink.export.numerics import check_weights
+from shrink.ggufmeta import copy_tokenizer_fields
 from shrink.numformats.plan import TensorGrid, saved_plan
-from shrink.numformats.registry import (FAMILIES, FORMATS, NumberFormat, fallback_chain, get_format, stored_format,
-                                        vocabulary_format)
+from shrink.numformats.registry import (
+    FAMILIES,
+    FORMATS,
+    NumberFormat,
+    fallback_chain,
+    get_format,
+    stored_format,
+    vocabulary_format,
+)
+from shrink.storage import atomic_path
 
 log = logging.getLogger("shrink")
 
@@ -75,6 +82,8 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     result = GGUFExport(Path(path), layout.arch, plan.stored if plan else quant, {})
     if pad_to_uniform and not spec.is_uniform:
         spec = _pad_ffn_to_uniform(spec, state, result)
+    check_weights(state, half=tuple(k for k, v in state.items() if v.ndim > 1 and k not in planned)
+                  if quant == "fp16" else ())
 
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), layout.arch)
@@ -131,9 +140,8 @@ def _planned_formats(plan: Any, state: dict) -> dict[str, NumberFormat]:
 
 def _pack_on_grid(hf_name: str, array: np.ndarray, stored: NumberFormat) -> tuple[np.ndarray, Any]:
     import torch
-
-    from shrink.numformats.grids import dequantize, from_grid_values
     from shrink.numformats.ggufpack import pack
+    from shrink.numformats.grids import dequantize, from_grid_values
 
     weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     packed = from_grid_values(weight, stored.grid)

@@ -22,6 +22,7 @@ from typing import Any
 
 from shrink.archspec import ArchSpec, AttentionSpec, Formats
 from shrink.errors import ShrinkError
+from shrink.export.numerics import check_weights
 from shrink.numformats.plan import saved_plan
 from shrink.numformats.registry import FORMATS, NumberFormat
 from shrink.storage import atomic_directory
@@ -83,6 +84,7 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
         stored = planned[0]
     spec: ArchSpec = loaded.spec
     attention = _attention_layers(spec)
+    check_weights({k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()})
     model = loaded.model.float().eval()
     wrapper = _decoder_with_cache(model, len(attention))
     batch, past_len, new_len = 1, 3, 4

@@ -124,3 +124,18 @@ def test_gguf_types_pack_and_run(tmp_path, tiny_model, quant, kind):
     report, metrics = run(tiny_model("llama"), tmp_path / "m.gguf", quant=quant)
     assert report.tensor_types["blk.0.attn_q.weight"] == kind
     assert metrics.positions == 80 and metrics.top1_agreement >= 0.5  # it runs and tracks the model
+
+
+def test_damaged_weights_are_named_before_anything_is_written(tmp_path, tiny_model):
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        loaded.model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5  # beyond float16's 65504
+    with pytest.raises(ShrinkError, match="up_proj.weight holds values up to 1e\\+05, beyond float16"):
+        export_gguf(loaded, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+    export_gguf(loaded, tmp_path / "m.gguf", "f32")  # float32 holds it
+    with torch.no_grad():
+        loaded.model.model.layers[1].self_attn.q_proj.weight[2, 3] = float("nan")
+    with pytest.raises(ShrinkError, match="q_proj.weight holds 1 NaN or infinite"):
+        export_gguf(loaded, tmp_path / "n.gguf", "q8_0")
+    assert not (tmp_path / "n.gguf").exists()

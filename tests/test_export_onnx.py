@@ -88,3 +88,12 @@ def test_embedded_gemma3_onnx_stores_tied_weights_once(embedded, tmp_path):
 
     result = generate(tmp_path / "gemma", "The capital of France is", max_tokens=10)
     assert result.runtime == "onnxruntime" and "France" in result.text
+
+
+def test_a_nan_weight_is_refused_before_the_graph_is_traced(tmp_path, tiny_model):
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        loaded.model.model.layers[0].mlp.down_proj.weight[1, 1] = float("inf")
+    with pytest.raises(ShrinkError, match="down_proj.weight holds 1 NaN or infinite"):
+        export_onnx(loaded, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
