@@ -66,6 +66,9 @@ def run_command(
         raise ShrinkError("--target and --budget go together: the budget is estimated on the target.")
     run_dir = output or Path("runs") / f"{Path(model).name}-{target or (recipe.stem if recipe else 'run')}"
     saved = resumed(run_dir) if resume else None
+    if resume and saved is None and recipe is None and not target:
+        raise ShrinkError(f"Nothing to resume in '{run_dir}': it holds no run started by shrink run; give --recipe, "
+                          "or --target with --budget, to start one.")
     plan = None
     if saved is not None:
         steps, plan = saved  # the run's own steps: no re-planning on resume

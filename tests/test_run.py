@@ -283,3 +283,13 @@ def test_an_impossible_budget_is_refused_from_the_config_before_any_weight_is_lo
     # a budget the fastest candidate meets is not refused early: the plan goes on to load the model
     with pytest.raises(AssertionError, match="weights were loaded"):
         flow_plan.plan(str(tiny_llama_dir), "jetson-orin-nano", ["1s"])
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", "gemma-3-270m", "--resume", "-o", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "Nothing to resume" in result.output
+    assert not (tmp_path / "none").exists()
