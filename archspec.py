@@ -216,10 +216,18 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), (list, tuple)) or \
+                not all(isinstance(layer, dict) for layer in data["layers"]):
+            raise ShrinkError("An ArchSpec is a JSON object whose 'layers' is a list of layer objects.")
         data = dict(data)
         layers = tuple(_layer_from_dict(layer) for layer in data.pop("layers"))
-        formats = _strict(Formats, data.pop("formats", {}), "formats")
-        formats = replace(formats, ops=tuple(tuple(pair) for pair in formats.ops))  # JSON gives lists
+        formats = data.pop("formats", {})
+        if not isinstance(formats, dict) or not isinstance(formats.get("ops", []), (list, tuple)) or \
+                not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                        for p in formats.get("ops", [])):
+            raise ShrinkError("An ArchSpec's 'formats' is an object whose 'ops' is a list of [operator, format] pairs.")
+        formats = _strict(Formats, formats, "formats")
+        formats = replace(formats, ops=tuple(tuple(pair) for pair in formats.ops)).validated()  # JSON gives lists
         return _strict(cls, {**data, "layers": layers, "formats": formats}, "ArchSpec")
 
 
@@ -238,12 +246,25 @@ def _strict(cls: type, data: dict[str, Any], where: str):
     if unknown:
         raise ShrinkError(f"Unknown key(s) {sorted(unknown)} in {where}; known keys: {sorted(known)}.")
     try:
-        return cls(**data)
+        made = cls(**data)
     except TypeError as err:
         raise ShrinkError(f"Incomplete {where}: {err}.") from None
+    for f in fields(cls):  # JSON can hold any type: check the plain ones against their annotations
+        value, kinds = getattr(made, f.name), _PLAIN.get(str(f.type).replace(" | None", ""))
+        if kinds is None or (value is None and "None" in str(f.type)):
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or \
+                (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
+            raise ShrinkError(f"{where}.{f.name} must be a non-negative {str(f.type)}, not {value!r}.")
+    return made
+
+
+_PLAIN = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
 def _layer_from_dict(data: dict[str, Any]) -> LayerSpec:
+    if any(not isinstance(data.get(k), (dict, type(None))) for k in ("mixer", "ffn")):
+        raise ShrinkError("An ArchSpec layer's 'mixer' and 'ffn' are objects (or null).")
     mixer = data.get("mixer")
     if mixer is not None:
         mixer_cls = SSMSpec if "state_size" in mixer else AttentionSpec

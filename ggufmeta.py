@@ -44,21 +44,22 @@ def gguf_formats(path: str | Path) -> GGUFFormats:
 
     try:
         reader = GGUFReader(str(path))
-    except (OSError, ValueError) as err:
-        raise ShrinkError(f"'{path}' is corrupt or truncated: not a readable GGUF file ({err}).") from None
+        tensors = [(t.name, t.tensor_type.name, len(t.shape), int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    except Exception as err:  # noqa: BLE001 — gguf's reader raises IndexError, KeyError, struct errors... on a damaged file
+        raise ShrinkError(f"'{path}' is corrupt or truncated: not a readable GGUF file "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'no detail'}).") from None
     by_op: dict[str, Counter[str]] = {}
     linear: Counter[str] = Counter()
     embedding = output = None
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        if tensor.name == "token_embd.weight":
+    for name_, kind, dims, elements, size in tensors:
+        if name_ == "token_embd.weight":
             embedding = kind
-        elif tensor.name == "output.weight":
+        elif name_ == "output.weight":
             output = kind
-        elif tensor.name.startswith("blk.") and len(tensor.shape) >= 2:
-            op = _OP_OF_TENSOR.get(tensor.name.split(".")[2], "other")
-            by_op.setdefault(op, Counter())[kind] += int(tensor.n_elements)
-            linear[kind] += int(tensor.n_bytes)
+        elif name_.startswith("blk.") and dims >= 2:
+            op = _OP_OF_TENSOR.get(name_.split(".")[2] if name_.count(".") >= 2 else "", "other")
+            by_op.setdefault(op, Counter())[kind] += elements
+            linear[kind] += size
     if not linear or embedding is None:
         raise ShrinkError(f"'{path}' holds no block weights or no token embedding that shrink can cost.")
     name = {k: format_by_gguf_type(k).name for k in {*linear, embedding, output} if k is not None}
