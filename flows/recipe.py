@@ -127,10 +127,10 @@ def parse_recipe(path: str | Path) -> list[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ShrinkError(f"No recipe at '{path}'.")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ShrinkError(f"{path}: not valid TOML ({err}).") from None
     unknown_top = set(data) - {"step", "description"}
     lines = text.splitlines()
@@ -141,10 +141,12 @@ def parse_recipe(path: str | Path) -> list[tuple[str, Any]]:
     steps = data.get("step", [])
     if not steps:
         raise ShrinkError(f"{path}: the recipe has no [[step]] tables.")
+    if not isinstance(steps, list) or not all(isinstance(table, dict) for table in steps):
+        raise ShrinkError(f"{path}: 'step' must be [[step]] tables, one per step.")
     parsed = []
     for index, table in enumerate(steps):
         name = table.get("name")
-        if name not in STEPS:
+        if not isinstance(name, str) or name not in STEPS:
             raise ShrinkError(f"{path}:{_line_of(lines, index, 'name')}: unknown step '{name}'; steps: {', '.join(STEPS)}.")
         config_class = STEPS[name]
         known = {f.name: f for f in fields(config_class)}

@@ -85,3 +85,19 @@ def test_broken_toml_and_missing_files_are_one_sentence(tmp_path):
     with pytest.raises(ShrinkError, match="no \\[\\[step\\]\\] tables"):
         (tmp_path / "empty.toml").write_text('description = "x"\n')
         parse_recipe(tmp_path / "empty.toml")
+
+
+def test_a_step_name_that_is_not_a_string_is_named(tmp_path):
+    # found by benchmarks/fuzz_readers.py: a table as the step name raised TypeError (unhashable dict)
+    import pytest
+
+    from shrink.errors import ShrinkError
+    from shrink.flows.recipe import parse_recipe
+
+    path = tmp_path / "recipe.toml"
+    path.write_text('[[step]]\nname = {a = 1}\n')
+    with pytest.raises(ShrinkError, match="unknown step"):
+        parse_recipe(path)
+    path.write_text('step = 3\n')
+    with pytest.raises(ShrinkError, match="must be \\[\\[step\\]\\] tables"):
+        parse_recipe(path)
