@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from shrink.errors import ShrinkError
 from shrink.numformats import get_format
+from shrink.typecheck import accepts, is_plain
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,6 @@ class Formats:
     def output(self) -> str:
         return self.lm_head or self.embeddings
 
-    def of_op(self, op: str) -> str:
-        return dict(self.ops).get(op, self.weights)
-
     def validated(self) -> Formats:
         names = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lm_head", "ops")}
         return Formats(**{k: get_format(v).name for k, v in names.items()},
@@ -250,16 +248,11 @@ def _strict(cls: type, data: dict[str, Any], where: str):
     except TypeError as err:
         raise ShrinkError(f"Incomplete {where}: {err}.") from None
     for f in fields(cls):  # JSON can hold any type: check the plain ones against their annotations
-        value, kinds = getattr(made, f.name), _PLAIN.get(str(f.type).replace(" | None", ""))
-        if kinds is None or (value is None and "None" in str(f.type)):
-            continue
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or \
-                (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
-            raise ShrinkError(f"{where}.{f.name} must be a non-negative {str(f.type)}, not {value!r}.")
+        value = getattr(made, f.name)
+        if is_plain(f.type) and (not accepts(value, f.type) or
+                                 (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)):
+            raise ShrinkError(f"{where}.{f.name} must be a non-negative {f.type}, not {value!r}.")
     return made
-
-
-_PLAIN = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
 def _layer_from_dict(data: dict[str, Any]) -> LayerSpec:

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from shrink.cli.render import console, err_console, fmt_time, handle_user_errors, print_json
+from shrink.cli.render import console, err_console, handle_user_errors, print_json
+from shrink.units import fmt_time
 from shrink.export.bench import bench
 from shrink.flows import defaults
 

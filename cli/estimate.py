@@ -9,7 +9,8 @@ from rich.table import Table
 
 from shrink.numformats import resolve_weights, runtime_for
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import console, fmt_bytes, fmt_count, fmt_rate, fmt_time, handle_user_errors, print_json
+from shrink.cli.render import console, handle_user_errors, print_json
+from shrink.units import fmt_bytes, fmt_count, fmt_rate, fmt_time
 from shrink.errors import ShrinkError
 from shrink.hardware.plot import roofline_chart
 from shrink.hardware.profiles import resolve_targets

@@ -15,13 +15,13 @@ from rich.table import Table
 
 from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import Spinner, console, fmt_bytes, fmt_time, handle_user_errors, print_json
+from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
 from shrink.flows.steps import load_model, prepare_split, prune, prune_budget
 from shrink.model import save_loaded
-from shrink.units import parse_duration, parse_size
+from shrink.units import fmt_bytes, fmt_time, parse_duration, parse_size
 
 
 @handle_user_errors

@@ -1,4 +1,4 @@
-"""Shared rendering: one console for people (stderr for messages), JSON for machines, units (shrink/units.py)."""
+"""Shared rendering: one console for people (stderr for messages), JSON for machines (units: shrink/units.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import typer
 from rich.console import Console
 
 from shrink.errors import ShrinkError
-
-from shrink.units import fmt_bytes, fmt_count, fmt_rate, fmt_time  # re-exported: the commands print with them
 
 
 def _width() -> int | None:

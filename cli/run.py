@@ -16,7 +16,8 @@ import typer
 from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import Spinner, console, err_console, fmt_bytes, fmt_time, handle_user_errors, print_json
+from shrink.cli.render import Spinner, console, err_console, handle_user_errors, print_json
+from shrink.units import fmt_bytes, fmt_time
 from shrink.cli.training import cli_hooks
 from shrink.errors import ShrinkError
 from shrink.flows import defaults

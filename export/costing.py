@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
 from shrink.errors import ShrinkError
-from shrink.numformats.registry import FAMILIES, FORMATS, NumberFormat, fallback_chain, resolve_weights, stored_format
+from shrink.numformats.registry import NumberFormat, fitting_format, resolve_weights, stored_format
 
 
 def op_row_lengths(spec: ArchSpec) -> dict[str, set[int]]:
@@ -27,19 +27,13 @@ def op_row_lengths(spec: ArchSpec) -> dict[str, set[int]]:
     return rows
 
 
-def fitting_format(wanted: NumberFormat, rows: set[int]) -> NumberFormat:
-    """The first format of `wanted`'s fallback chain whose blocks divide every row length."""
-    for name in fallback_chain(wanted.name):
-        if all(r % FORMATS[name].block == 0 for r in rows):
-            return FORMATS[name]
-    raise ShrinkError(f"Rows of {sorted(rows)} divide into no format after {wanted.name}.")
-
-
 def fallbacks(spec: ArchSpec, weights: NumberFormat) -> dict[str, NumberFormat]:
     """Operators whose weights cannot take `weights` and the format they take instead."""
     found = {}
     for op, rows in op_row_lengths(spec).items():
         chosen = fitting_format(weights, rows)
+        if chosen is None:
+            raise ShrinkError(f"Rows of {sorted(rows)} divide into no format after {weights.name}.")
         if chosen is not weights:
             found[op] = chosen
     return found
@@ -47,7 +41,7 @@ def fallbacks(spec: ArchSpec, weights: NumberFormat) -> dict[str, NumberFormat]:
 
 def planned_weights(family: str | None, runtime: str) -> NumberFormat:
     """The stored format of the block weights: a family's for `runtime`, or a stored format named as it is."""
-    return stored_format(family, runtime) if family is None or family in FAMILIES else resolve_weights(family, runtime)
+    return stored_format(None, runtime) if family is None else resolve_weights(family, runtime)
 
 
 def fallback_ops(spec: ArchSpec, weights: NumberFormat) -> tuple[tuple[str, str], ...]:

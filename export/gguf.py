@@ -31,7 +31,7 @@ from shrink.numformats.registry import (
     FAMILIES,
     FORMATS,
     NumberFormat,
-    fallback_chain,
+    fitting_format,
     get_format,
     stored_format,
     vocabulary_format,
@@ -168,13 +168,11 @@ def _tensor_type(name: str, array: np.ndarray, quant: str, result: GGUFExport) -
     wanted = FORMATS[quant]
     if name in ("token_embd.weight", "output.weight"):
         wanted = vocabulary_format(wanted, "gguf")
-    for candidate in (FORMATS[n] for n in fallback_chain(wanted.name)):
-        if array.shape[-1] % candidate.block == 0:
-            if candidate is not wanted:
-                result.substitutions.append({"tensor": name, "wanted": wanted.gguf_type, "written": candidate.gguf_type,
-                                             "reason": f"rows of {array.shape[-1]} are not a multiple of {wanted.block}"})
-            return candidate.gguf_type
-    raise AssertionError("the fallback chain ends at fp16, which has a block of 1")
+    chosen = fitting_format(wanted, [array.shape[-1]])  # GGUF chains end at fp16, whose block is 1
+    if chosen is not wanted:
+        result.substitutions.append({"tensor": name, "wanted": wanted.gguf_type, "written": chosen.gguf_type,
+                                     "reason": f"rows of {array.shape[-1]} are not a multiple of {wanted.block}"})
+    return chosen.gguf_type
 
 
 def _convert(hf_name: str, array: np.ndarray, layout: GGUFLayout, spec: ArchSpec) -> np.ndarray:

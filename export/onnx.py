@@ -24,7 +24,7 @@ from shrink.archspec import ArchSpec, AttentionSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.numerics import check_weights
 from shrink.numformats.plan import saved_plan
-from shrink.numformats.registry import FORMATS, NumberFormat
+from shrink.numformats.registry import FORMATS, NumberFormat, matmul_nbits_name
 from shrink.storage import atomic_directory
 
 log = logging.getLogger("shrink")
@@ -139,7 +139,7 @@ def onnx_format(quant: str, block_size: int = 32) -> NumberFormat:
         raise ShrinkError(f"Unknown ONNX weight type '{quant}'; choose one of: {', '.join(ONNX_QUANTS)}.")
     if quant == "f32":
         return FORMATS["fp32"]
-    name = f"onnx_{quant}_g{block_size}"
+    name = matmul_nbits_name(int(quant[3:]), block_size)
     if name not in FORMATS:
         blocks = sorted({f.block for f in FORMATS.values() if f.runtime == "onnx"})
         raise ShrinkError(f"--block-size {block_size} is not one MatMulNBits takes here; choose one of: "
@@ -281,7 +281,7 @@ def onnx_formats(directory: str | Path) -> OnnxFormats:
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
-            name, columns = f"onnx_int{attrs['bits']}_g{attrs['block_size']}", attrs["N"]
+            name, columns = matmul_nbits_name(attrs["bits"], attrs["block_size"]), attrs["N"]
         elif node.op_type == "MatMul" and (node.input[1] in inits or node.input[1] in producers):
             source = producers.get(node.input[1])
             through_transpose = source is not None and source.op_type == "Transpose" and source.input[0] in inits

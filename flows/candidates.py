@@ -31,10 +31,10 @@ from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.compress.search import Budget, apply, rank_by_proxy
 from shrink.errors import ShrinkError
 from shrink.export.backend import costed_spec
-from shrink.export.costing import fallbacks, op_row_lengths
+from shrink.export.costing import op_row_lengths
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load
-from shrink.numformats import runtime_families, stored_format
+from shrink.numformats import get_format, runtime_families
 from shrink.units import fmt_bytes, fmt_time, parse_duration, parse_size
 
 KEEPS = (1.0, 0.8, 0.6, 0.4)  # fractions of the non-embedding parameters
@@ -136,12 +136,12 @@ def target_runtime(profile: Any) -> str:
     raise ShrinkError(f"Target '{profile.name}' names no runtime shrink exports to (llama.cpp or onnxruntime).")
 
 
-def _fallback(spec: Any, family: str | None, runtime: str) -> str | None:
-    """Why a candidate is not built as costed: part of it would fall back to another format."""
-    wanted = stored_format(family, runtime)
-    moved = fallbacks(spec, wanted)
-    if moved:
-        rows = sorted(r for op in moved for r in op_row_lengths(spec)[op] if r % wanted.block)
+def _fallback(spec: Any, costed: Any) -> str | None:
+    """Why a candidate is not built as costed: part of it falls back to another format (the operators
+    `costed_spec` gave a format of their own)."""
+    if costed.formats.ops:
+        wanted = get_format(costed.formats.weights)
+        rows = sorted(r for op, _ in costed.formats.ops for r in op_row_lengths(spec)[op] if r % wanted.block)
         return (f"rows of {rows[0]} do not divide into {wanted.name}'s {wanted.block}-element blocks, so part of the "
                 "model would fall back to another format; not costed as this format")
     return None
@@ -150,12 +150,13 @@ def _fallback(spec: Any, family: str | None, runtime: str) -> str | None:
 def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: TargetBudget,
          host_factor: tuple[float, float] = (1.0, 1.0)) -> Candidate:
     """Fill in the candidate's roofline figures on the target and the budget lines it misses."""
-    est = estimate(costed_spec(spec, candidate.format, candidate.runtime), profile, workload)
+    costed = costed_spec(spec, candidate.format, candidate.runtime)
+    est = estimate(costed, profile, workload)
     candidate.tpot_s = est.tpot_s * host_factor[0]
     candidate.ttft_s = est.ttft_s * host_factor[1]
     candidate.memory_bytes = est.memory.total_bytes
     candidate.weights_bytes = est.memory.weights_bytes
-    candidate.rejected = _fallback(spec, candidate.format, candidate.runtime)
+    candidate.rejected = _fallback(spec, costed)
     if not est.memory.fits:
         candidate.misses.append("memory capacity")
     if budget.tpot_s is not None and candidate.tpot_s > budget.tpot_s:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.typecheck import accepts
 from shrink.flows import defaults
 
 
@@ -113,16 +114,6 @@ def _line_of(lines: list[str], step_index: int, key: str | None = None) -> int:
     return start + 1
 
 
-def _accepts(value: Any, annotation: str) -> bool:
-    kinds = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,)}
-    allowed = tuple(t for name, ts in kinds.items() if name in annotation for t in ts)
-    if value is None:
-        return "None" in annotation
-    if isinstance(value, bool) and "bool" not in annotation:
-        return False
-    return isinstance(value, allowed)
-
-
 def parse_recipe(path: str | Path) -> list[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
@@ -156,7 +147,7 @@ def parse_recipe(path: str | Path) -> list[tuple[str, Any]]:
             if key not in known:
                 raise ShrinkError(f"{path}:{_line_of(lines, index, key)}: step '{name}' has no key '{key}'; "
                                   f"its keys: {', '.join(known)}.")
-            if not _accepts(value, str(known[key].type)):
+            if not accepts(value, str(known[key].type)):
                 raise ShrinkError(f"{path}:{_line_of(lines, index, key)}: '{key}' of step '{name}' must be "
                                   f"{known[key].type}, not {value!r}.")
         parsed.append((name, config_class(**{k: v for k, v in table.items() if k != "name"})))

@@ -61,16 +61,17 @@ def _bytes_of(spec: ArchSpec) -> _Bytes:
         fmt = get_format(name)
         return fmt.bytes_per_element, matmul_compute_class(fmt, act)
 
+    weights, output = of(f.weights), of(f.output)
     return _Bytes(
-        weight=of(f.weights)[0],
+        weight=weights[0],
         embedding=get_format(f.embeddings).bytes_per_element,
-        lm_head=of(f.output)[0],
+        lm_head=output[0],
         act=act.bytes_per_element,
         kv=get_format(f.kv_cache).bytes_per_element,
         state=get_format(f.ssm_state).bytes_per_element,
         other=get_format(f.other).bytes_per_element,
-        matmul_class=of(f.weights)[1],
-        lm_head_class=of(f.output)[1],
+        matmul_class=weights[1],
+        lm_head_class=output[1],
         attention_class=matmul_compute_class(get_format(f.kv_cache), act),
         op_weights=tuple((op, *of(name)) for op, name in f.ops),
     )

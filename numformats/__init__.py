@@ -6,11 +6,11 @@ Importing this package imports neither torch nor the gguf package: `grids` (torc
 
 from shrink.numformats.registry import (ALIASES, PROFILE_RUNTIMES, COMPUTE_CLASSES, FALLBACK, FAMILIES, FORMATS, RUNTIMES,
                                         UNQUANTIZED, UPCAST, Family, Gate, NumberFormat, fallback_chain,
-                                        family_hint, format_by_gguf_type, gate_for, gguf_activations, get_format,
+                                        family_hint, fitting_format, format_by_gguf_type, gate_for, gguf_activations, get_format,
                                         matmul_compute_class, mixture_name, resolve_weights, runtime_families, runtime_for, stored_format,
                                         vocabulary_format, wilson_interval)
 
 __all__ = ["ALIASES", "COMPUTE_CLASSES", "FALLBACK", "FAMILIES", "FORMATS", "RUNTIMES", "UNQUANTIZED", "UPCAST", "PROFILE_RUNTIMES",
-           "Family", "Gate", "NumberFormat", "fallback_chain", "family_hint", "format_by_gguf_type", "gate_for", "gguf_activations",
+           "Family", "Gate", "NumberFormat", "fallback_chain", "family_hint", "fitting_format", "format_by_gguf_type", "gate_for", "gguf_activations",
            "get_format", "matmul_compute_class", "mixture_name", "resolve_weights", "runtime_families", "runtime_for", "stored_format",
            "vocabulary_format", "wilson_interval"]

@@ -89,10 +89,15 @@ def _gguf(name: str, ggml: str, block: int, type_bytes: int, compute: str, descr
                 block=block, gate=gate)
 
 
+def matmul_nbits_name(bits: int, block: int) -> str:
+    """The registry name of ONNX Runtime's MatMulNBits with `bits` per weight and blocks of `block`."""
+    return f"onnx_int{bits}_g{block}"
+
+
 def _matmul_nbits(bits: int, block: int) -> NumberFormat:
     # MatMulNBits stores B as uint8 [N, blocks, block * bits / 8] and one float32 scale per block (the
     # graph's float type); a symmetric quantization writes no zero points.
-    return _fmt(f"onnx_int{bits}_g{block}", bits + 32 / block, f"int{bits}",
+    return _fmt(matmul_nbits_name(bits, block), bits + 32 / block, f"int{bits}",
                 f"ONNX Runtime MatMulNBits: {bits}-bit symmetric, fp32 scale per {block}", runtime="onnx",
                 grid=f"int{bits}_g{block}", onnx_op=f"MatMulNBits(bits={bits}, block_size={block})", block=block,
                 gate=_EIGHT if bits == 8 else _FOUR)
@@ -288,6 +293,12 @@ def fallback_chain(name: str) -> list[str]:
     while chain[-1] in FALLBACK:
         chain.append(FALLBACK[chain[-1]])
     return chain
+
+
+def fitting_format(wanted: NumberFormat, rows: set[int] | list[int]) -> NumberFormat | None:
+    """The first format of `wanted`'s fallback chain whose blocks divide every row length (None: none does)."""
+    return next((FORMATS[n] for n in fallback_chain(wanted.name) if all(r % FORMATS[n].block == 0 for r in rows)),
+                None)
 
 
 def gate_for(name: str) -> Gate:

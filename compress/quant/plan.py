@@ -19,7 +19,7 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.numformats.plan import QuantPlan, TensorGrid
-from shrink.numformats.registry import FORMATS, fallback_chain, stored_format, vocabulary_format
+from shrink.numformats.registry import fitting_format, stored_format, vocabulary_format
 
 KEEP_DEFAULT = ("lm_head", "*.router", "*.gate", "*embed*")
 
@@ -46,10 +46,9 @@ def make_plan(model: Any, family: str, runtime: str = "gguf", keep: tuple[str, .
             plan.kept.append(name)
             continue
         columns = module.weight.shape[1]
-        fitting = [f for f in fallback_chain(wanted.name) if columns % FORMATS[f].block == 0]
-        if not fitting:
+        chosen = fitting_format(wanted, [columns])
+        if chosen is None:
             raise ShrinkError(f"{name} has rows of {columns}, which no format after {wanted.name} divides into blocks.")
-        chosen = FORMATS[fitting[0]]
         reason = None if chosen is wanted else (
             f"rows of {columns} are not a multiple of {wanted.name}'s {wanted.block}-element blocks")
         plan.tensors.append(TensorGrid(name, chosen.grid, reason, chosen.name))
