@@ -56,7 +56,7 @@ def open_llama(path: Path, *, n_ctx: int, n_batch: int, threads: int | None = No
 
     threads = threads or os.cpu_count() or 1
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             return Llama(model_path=str(path), logits_all=logits_all, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                          n_threads=threads, n_threads_batch=threads, verbose=False)
     except (ValueError, RuntimeError) as err:
@@ -64,7 +64,7 @@ def open_llama(path: Path, *, n_ctx: int, n_batch: int, threads: int | None = No
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp prints its loader log on fd 2 even with verbose=False; keep the terminal for shrink."""
     saved = os.dup(2)
     try:

@@ -93,6 +93,29 @@ def compare(reference: Runner, artifact: Runner, sequences: list[list[int]], chu
     )
 
 
+class ReferenceLogProbs:
+    """The reference's log-probabilities on fixed sequences, computed once, so that many artifacts
+    can be scored against them in turn (a search over quantizations). Held in float32: enough to
+    rank candidates; `compare` stays the float64 judge of a final artifact."""
+
+    def __init__(self, reference: Runner, sequences: list[list[int]]) -> None:
+        self.sequences = sequences
+        self.logprobs = [_log_softmax(reference.logits(ids)).astype(np.float32) for ids in sequences]
+
+    @property
+    def positions(self) -> int:
+        return sum(len(ids) for ids in self.sequences)
+
+    def score(self, artifact: Runner) -> tuple[float, float]:
+        """(mean KL(reference || artifact), top-1 agreement) over every position."""
+        kl_sum, agree = 0.0, 0
+        for ids, lp_ref in zip(self.sequences, self.logprobs):
+            lp_art = _log_softmax(artifact.logits(ids)).astype(np.float32)
+            kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_art)).sum(dtype=np.float64))
+            agree += int((lp_ref.argmax(-1) == lp_art.argmax(-1)).sum())
+        return kl_sum / self.positions, agree / self.positions
+
+
 def threshold_checks(metrics: Metrics, fmt: str, min_top1: float | None, max_kl: float | None) -> list[Check]:
     """The registry's gate for the stored format `fmt` (numformats/registry.py says why each bound is
     what it is), or the user's bounds. Top-1 fails only when the measured rate is significantly below

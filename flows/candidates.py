@@ -104,10 +104,13 @@ class Candidate:
     rejected: str | None = None  # why it cannot be built as costed
     kl_shape: float | None = None  # measured proxy parts
     kl_format: float | None = None
+    quantizer: dict | None = None  # a llama.cpp quantizer option (flows/gguf_search.py), made and measured
 
     @property
     def label(self) -> str:
         shape = "unpruned" if self.shape is None else f"{self.axis} {self.keep:.0%}"
+        if self.quantizer is not None:
+            return f"{shape}, llama.cpp {self.quantizer['label']}"
         return f"{shape}, {self.format or {'gguf': 'f16', 'onnx': 'f32'}.get(self.runtime, 'bf16')}"
 
     @property
@@ -126,7 +129,7 @@ class Candidate:
                 "tpot_s_estimated": self.tpot_s, "ttft_s_estimated": self.ttft_s,
                 "memory_bytes_estimated": self.memory_bytes, "weights_bytes_estimated": self.weights_bytes,
                 "misses": self.misses, "rejected": self.rejected, "kl_shape_measured": self.kl_shape,
-                "kl_format_measured": self.kl_format, "predicted_kl": self.predicted_kl}
+                "kl_format_measured": self.kl_format, "predicted_kl": self.predicted_kl, "quantizer": self.quantizer}
 
 
 def target_runtime(profile: Any) -> str:
@@ -224,7 +227,7 @@ def measure_proxies(candidates: list[Candidate], loaded_source: str, importance:
     """Measure KL(teacher || candidate part) on a held-out slice, once per shape and once per format."""
     from shrink.compress.distill.evaluate import evaluate  # imports torch
 
-    live = [c for c in candidates if c.rejected is None]
+    live = [c for c in candidates if c.rejected is None and c.quantizer is None]  # a quantizer option is measured
     split = replace(split, evaluation=split.evaluation[:PROXY_SEQUENCES])
     teacher = load(loaded_source)
     eval_topk = teacher_topk(teacher.model, split.evaluation)

@@ -20,14 +20,17 @@ from shrink.export.backend import artifact_costing
 from shrink.export.bench import bench
 from shrink.export.workflow import export_artifact
 from shrink.flows.candidates import (Candidate, TargetBudget, choose, closest, enumerate_candidates, hopeless,
-                                     measure_proxies, no_plan_message, parse_workload)
+                                     measure_proxies, no_plan_message, parse_workload, target_runtime)
+from shrink.flows.gguf_quantize import quantizer_candidate
+from shrink.flows.gguf_search import overrides_text
 from shrink.flows import defaults
-from shrink.flows.recipe import BenchStep, DistillStep, ExportStep, PruneStep, QuantizeStep, VerifyStep, recipe_toml
+from shrink.flows.recipe import (BenchStep, DistillStep, ExportStep, GGUFQuantizeStep, PruneStep, QuantizeStep,
+                                 VerifyStep, recipe_toml)
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load, load_spec
-from shrink.numformats import gate_for, stored_format
+from shrink.numformats import gate_for, get_format, stored_format
 from shrink.units import fmt_bytes, fmt_time
 
 
@@ -52,6 +55,12 @@ def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, A
     """The chosen candidate as recipe steps: prune and distill (when pruned), quantize (when quantized),
     export to the target's runtime, verify, bench."""
     steps: list[tuple[str, Any]] = []
+    if candidate.quantizer is not None:  # made by llama.cpp's quantizer: the step re-makes the measured file
+        option = candidate.quantizer
+        steps.append(("gguf-quantize", GGUFQuantizeStep(file_type=option["file_type"], imatrix=option["imatrix"],
+                                                        overrides=overrides_text(option["overrides"]))))
+        steps.append(("verify", verify_gate(candidate)))
+        return steps + ([("bench", BenchStep())] if settings.bench else [])
     if candidate.shape is not None:
         steps.append(("prune", PruneStep(params=candidate.keep, axis=candidate.axis)))
         steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
@@ -70,7 +79,8 @@ def verify_gate(candidate: Candidate) -> VerifyStep:
     """What the planned artifact must keep of the original: the registry's gate for the format it stores
     (numformats/registry.py gives each bound's reason). A pruned candidate may also lose what its shape
     was measured to lose before recovery (the proxy's shape KL): added to the KL bound, top-1 not gated."""
-    stored = stored_format(candidate.format, candidate.runtime)
+    stored = (get_format(candidate.quantizer["weights"]) if candidate.quantizer is not None
+              else stored_format(candidate.format, candidate.runtime))
     gate = gate_for(stored.name)
     if candidate.shape is None:
         return VerifyStep(min_top1=gate.min_top1, max_kl=gate.max_kl, reason=f"registry gate of {stored.name}")
@@ -110,6 +120,9 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     importance = cached_score(loaded, split.calibration)
     factors = host_factors(model, workload, hooks.status) if profile.measured else None
     candidates = enumerate_candidates(loaded, importance, profile, workload, budget, factor_pair(factors))
+    if target_runtime(profile) == "gguf":  # llama.cpp's own quantizer, every option made and measured
+        tuned = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
+        candidates += [tuned] if tuned is not None else []
     if not any(c.fits for c in candidates):
         raise NoPlan(no_plan_message(candidates, budget, profile), [c.to_dict() for c in closest(candidates, budget)])
     measure_proxies(candidates, model, importance, split, proxy_steps, proxy_calibration, hooks.status)

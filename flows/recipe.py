@@ -1,4 +1,5 @@
-"""Recipes: an ordered list of typed steps (prune, distill, quantize, export, verify) written in TOML.
+"""Recipes: an ordered list of typed steps (prune, distill, quantize, gguf-quantize, export, verify,
+bench) written in TOML.
 
     [[step]]
     name = "prune"
@@ -57,6 +58,15 @@ class QuantizeStep:
 
 
 @dataclass(frozen=True)
+class GGUFQuantizeStep:
+    """llama.cpp's own quantizer on the model (flows/gguf_search.py): a file type, shrink's importance
+    matrix, per-tensor overrides; writes the GGUF artifact itself (no export step needed)."""
+    file_type: str = "auto"  # Q4_K_M, IQ4_XS, ...; auto: every candidate measured, the best KL within --budget
+    overrides: str = ""  # tensor=format,... on top of the file type (token_embd.weight=q4_0)
+    imatrix: bool = True  # weigh the rounding by shrink's importance matrix from the calibration text
+
+
+@dataclass(frozen=True)
 class ExportStep:
     format: str = defaults.EXPORT_FORMAT
     quant: str | None = None  # for an unquantized model; a quantized student brings its own grid
@@ -78,7 +88,8 @@ class BenchStep:
 
 
 STEPS: dict[str, type] = {"prune": PruneStep, "distill": DistillStep, "quantize": QuantizeStep,
-                          "export": ExportStep, "verify": VerifyStep, "bench": BenchStep}
+                          "gguf-quantize": GGUFQuantizeStep, "export": ExportStep, "verify": VerifyStep,
+                          "bench": BenchStep}
 
 
 def step_to_dict(name: str, config: Any) -> dict[str, Any]:

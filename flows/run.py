@@ -28,12 +28,18 @@ from shrink.compress.search import Budget
 from shrink.errors import ShrinkError
 from shrink.export.backend import backend
 from shrink.export.bench import bench
+from shrink.export.manifest import manifest_path
 from shrink.export.workflow import export_artifact, verify_artifact
 from shrink.flows import defaults
 from shrink.flows import steps as flow
+from shrink.flows.candidates import TargetBudget
+from shrink.flows.gguf_quantize import budget_fits, make_option, prepare_search, target_cost, write_choice
+from shrink.flows.gguf_search import parse_overrides, run_search
 from shrink.flows.plan import artifact_estimate, budget_check
 from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
 from shrink.flows.steps import Hooks
+from shrink.hardware.profiles import get_profile
+from shrink.hardware.roofline import Workload
 from shrink.model import load, save_loaded
 from shrink.storage import atomic_write_text, directory_lock
 
@@ -52,6 +58,7 @@ class RunState:
     data: str | None = None
     seq_len: int = defaults.SEQ_LEN
     current: str = ""  # the model the next step starts from
+    plan: dict | None = None  # target, budget and workload of a planned or budget-gated run
     artifact: str | None = None  # the last exported artifact
     hooks: Hooks = field(default_factory=Hooks)
     _teacher: Any = None
@@ -129,6 +136,42 @@ def quantize_step(state: RunState, config: Any, out: Path) -> dict:
     return {"outputs": {"model": path}, "metrics": report}
 
 
+def gguf_quantize_step(state: RunState, config: Any, out: Path) -> dict:
+    """llama.cpp's quantizer on the current model: the named file type (and overrides), or with
+    file_type auto every candidate measured and the lowest KL within the run's budget kept."""
+    loaded = state.student()
+    search_all = config.file_type.lower() == "auto"
+    if search_all and (state.plan is None or not any(v is not None for v in state.plan["budget"].values())):
+        raise ShrinkError("A gguf-quantize step with file_type auto chooses under the run's budget: give --target "
+                          "and --budget, or name a file type (Q4_K_M, IQ4_XS, ...).")
+    overrides = parse_overrides(config.overrides)
+    if state.plan is not None:
+        cost = target_cost(loaded.spec, get_profile(state.plan["target"]), Workload(**state.plan["workload"]))
+        fits = budget_fits(TargetBudget(**state.plan["budget"]))
+    else:
+        cost = target_cost(loaded.spec, get_profile("host"), Workload())
+        fits = lambda _cost: True  # noqa: E731 — a named file type is made whatever it costs
+    work = Path(f"{out}.work")
+    try:
+        search = prepare_search(loaded, state.split(), work, cost, fits, imatrix=config.imatrix,
+                                status=state.hooks.status)
+        if search_all:
+            chosen = run_search(search)
+            if chosen is None:
+                fastest = min(search.options, key=lambda o: o.cost.tpot_s)
+                raise StepFailed(f"no quantization meets the budget: the fastest, {fastest.label}, takes "
+                                 f"{fastest.cost.tpot_s * 1e3:.2f} ms per token ({fastest.cost.by})")
+        else:
+            chosen = make_option(search, config.file_type, config.imatrix, overrides)
+        artifact = backend("gguf").artifact_in(out)
+        report = write_choice(search, chosen, loaded, artifact)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"outputs": {"artifact": str(artifact), "manifest": str(manifest_path(artifact))},
+            "metrics": {"bytes_on_disk": artifact.stat().st_size, "export": report, "chosen": chosen.to_dict(),
+                        "candidates": [o.to_dict() for o in search.options]}}
+
+
 def export_step(state: RunState, config: Any, out: Path) -> dict:
     loaded = state.student()
     artifact = backend(config.format).artifact_in(out)
@@ -167,7 +210,8 @@ def bench_step(state: RunState, config: Any, out: Path) -> dict:
 
 
 EXECUTORS: dict[str, Callable[[RunState, Any, Path], dict]] = {
-    "prune": prune_step, "distill": distill_step, "quantize": quantize_step, "export": export_step,
+    "prune": prune_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
+    "export": export_step,
     "verify": verify_step, "bench": bench_step,
 }
 
@@ -194,7 +238,7 @@ def _busy(run_dir: Path) -> ShrinkError:
 
 def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *, resume: bool = False,
                data: str | None = None, seq_len: int = defaults.SEQ_LEN, hooks: Hooks | None = None,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, plan: dict | None = None) -> dict:
     """Execute `steps` on `model` in `run_dir`; returns the run report (also in run_dir/run.json).
 
     Raises StepFailed when a gate fails, ShrinkError on bad input; the report records either.
@@ -211,7 +255,7 @@ def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *,
     if report is None:
         report = {"model": model, "recipe": recipe, "steps": [], **(extra or {})}
     with directory_lock(run_dir):  # one run per directory; a killed run's lock is taken over
-        state = RunState(model=model, run_dir=run_dir, data=data, seq_len=seq_len, current=model,
+        state = RunState(model=model, run_dir=run_dir, data=data, seq_len=seq_len, current=model, plan=plan,
                          hooks=hooks or Hooks())
         finished = [s for s in report["steps"] if s["status"] == "finished"]
         for record in finished:  # pick up where the finished steps left the model and the artifact
@@ -280,7 +324,7 @@ def execute(model: str, steps: list[tuple[str, Any]], run_dir: Path, *, resume: 
             atomic_write_text(run_dir / PLAN_FILE, json.dumps({k: v for k, v in plan.items() if k != "recipe_toml"},
                                                               indent=2, default=str) + "\n")
     report = run_recipe(model, steps, run_dir, resume=resume, data=data, seq_len=seq_len, hooks=hooks,
-                        extra={"plan": plan is not None})
+                        extra={"plan": plan is not None}, plan=plan)
     estimated = artifact_estimate(report, plan) if plan is not None else None
     report["budget_check"] = budget_check(plan, report, estimated)
     report["run_dir"] = str(run_dir)

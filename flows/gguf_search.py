@@ -1,0 +1,200 @@
+"""Quantizing to GGUF by measurement: llama.cpp's own file types beside shrink's mixtures, the best
+KL to the original within the budget wins.
+
+What a llama.cpp user does without shrink is run `llama-quantize` with a file type (Q4_K_M, IQ4_XS,
+...) and, often, an importance matrix. Every such output is a candidate here, made by llama.cpp's own
+quantizer (export/llamacpp_quantize.py) with and without shrink's importance matrix. Beside them,
+shrink's mixtures: a file type for the blocks with the vocabulary tensors on another type (on a small
+model the 262,144-row output projection is most of the time per token, and llama.cpp's file types
+keep it on 6-8 bits). Each candidate is measured: its KL to the original on held-out text, and its
+time per token (measured here on `host`, else the roofline on the target from the types the file
+stores). Mixtures are proposed by an additive prediction (a file type's measured KL and time, plus the
+measured change of moving only the vocabulary to another type) and then measured like the others:
+nothing is chosen on a prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from shrink.errors import ShrinkError
+from shrink.export.llamacpp_quantize import quantize_gguf, tensor_rows
+from shrink.export.runtimes import LlamaCppRunner
+from shrink.export.verify import ReferenceLogProbs
+from shrink.ggufmeta import gguf_formats
+from shrink.numformats.filetypes import COMMON, file_type
+from shrink.numformats.registry import FORMATS
+from shrink.units import fmt_time
+
+VOCABULARY_TENSORS = ("token_embd.weight", "output.weight")
+# the types llama.cpp's quantizer writes that the vocabulary may take, widest first
+VOCABULARY_TYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "iq4_nl", "q4_k", "q4_1", "q4_0", "iq4_xs")
+MIXTURES_TRIED = 4  # predicted-best mixtures made and measured (each costs a quantization and a KL pass)
+
+
+@dataclass(frozen=True)
+class Cost:
+    tpot_s: float
+    by: str  # measured (here) or estimated (roofline on the target)
+    ttft_s: float | None = None
+    memory_bytes: float | None = None
+
+
+@dataclass
+class Option:
+    """One quantization: a llama.cpp file type, with or without the importance matrix, with overrides."""
+    file_type: str
+    imatrix: bool
+    overrides: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> registry format
+    path: Path | None = None
+    bytes: int = 0
+    vocabulary: str = ""  # the type the token embedding is stored in (read from the file)
+    weights: str = ""  # the type holding most block-weight bytes (read from the file)
+    cost: Cost | None = None
+    kl: float | None = None
+    top1: float | None = None
+    fits: bool = False
+
+    @property
+    def source(self) -> str:
+        return "shrink mixture" if self.overrides else "llama.cpp file type"
+
+    @property
+    def label(self) -> str:
+        text = self.file_type + (" + imatrix" if self.imatrix else "")
+        vocab = {fmt for name, fmt in self.overrides.items() if name in VOCABULARY_TENSORS}
+        others = len(self.overrides) - sum(name in VOCABULARY_TENSORS for name in self.overrides)
+        if vocab:
+            text += f", vocabulary {'/'.join(sorted(vocab))}"
+        if others:
+            text += f", {others} tensor override(s)"
+        return text
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(path=str(self.path) if self.path else None, label=self.label, source=self.source)
+        return data
+
+
+def overrides_text(overrides: dict[str, str]) -> str:
+    """{tensor: format} -> 'tensor=format,...', the recipe's form (parse_overrides reads it back)."""
+    return ",".join(f"{name}={fmt}" for name, fmt in sorted(overrides.items()))
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """'token_embd.weight=q4_0,blk.0.ffn_down.weight=q8_0' -> {tensor: format}."""
+    overrides = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, sep, fmt = item.partition("=")
+        if not sep or not name.strip() or not fmt.strip():
+            raise ShrinkError(f"A tensor override is tensor=format (token_embd.weight=q4_0), not '{item}'.")
+        overrides[name.strip()] = fmt.strip().lower()
+    return overrides
+
+
+@dataclass
+class Search:
+    """Makes and measures options from one F16 GGUF into `folder`; `cost` times or estimates a file,
+    `fits` judges a cost against the budget."""
+    source: Path
+    folder: Path
+    reference: ReferenceLogProbs
+    cost: Callable[[Path], Cost]
+    fits: Callable[[Cost], bool]
+    imatrix: dict[str, Any] | None = None
+    status: Callable[[str], None] = lambda message: None
+    options: list[Option] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rows = tensor_rows(self.source)
+
+    def make(self, option: Option, score: bool = True) -> Option:
+        """Quantize, cost, and (when it fits or `score`) measure the KL; recorded in self.options."""
+        name = option.label.replace(" ", "").replace(",", "_").replace("/", "-").replace("+", "_")
+        option.path = self.folder / f"{name}.gguf"
+        previous = self.best()
+        quantize_gguf(self.source, option.path, option.file_type, overrides=option.overrides,
+                      imatrix=self.imatrix if option.imatrix else None, rows=self.rows)
+        option.bytes = option.path.stat().st_size
+        stored = gguf_formats(option.path).formats
+        option.vocabulary, option.weights = stored.embeddings, stored.weights
+        option.cost = self.cost(option.path)
+        option.fits = self.fits(option.cost)
+        if option.fits or score:
+            runner = LlamaCppRunner(option.path, max(len(ids) for ids in self.reference.sequences))
+            option.kl, option.top1 = self.reference.score(runner)
+        self.status(f"{option.label}: {fmt_time(option.cost.tpot_s)}/token ({option.cost.by})"
+                    + (f", KL {option.kl:.4f}, top-1 {option.top1:.1%}" if option.kl is not None else ""))
+        self.options.append(option)
+        # only the best file so far stays on disk (a search makes dozens of model-sized files)
+        if self.best() is not option:
+            option.path.unlink()
+        elif previous is not None:
+            previous.path.unlink(missing_ok=True)
+        return option
+
+    def best(self) -> Option | None:
+        fitting = [o for o in self.options if o.fits and o.kl is not None]
+        return min(fitting, key=lambda o: o.kl) if fitting else None
+
+
+def vocabulary_types(rows: dict[str, int]) -> list[str]:
+    """The vocabulary types whose blocks divide the embedding's rows (Gemma 3's 640 takes no K-quant)."""
+    width = rows["token_embd.weight"]
+    return [t for t in VOCABULARY_TYPES if width % FORMATS[t].block == 0]
+
+
+def vocabulary_overrides(rows: dict[str, int], fmt: str) -> dict[str, str]:
+    return {name: fmt for name in VOCABULARY_TENSORS if name in rows}
+
+
+def run_search(search: Search, file_types: tuple[str, ...] = COMMON, *, plain: bool = False,
+               score_all: bool = False) -> Option | None:
+    """llama.cpp's file types (with the importance matrix when there is one; also without it when
+    `plain`), then vocabulary moves measured alone on the F16 blocks, then the mixtures they predict
+    best within the budget. Returns the lowest measured KL within the budget (None: nothing fits)."""
+    with_matrix = search.imatrix is not None
+    rows = search.rows
+    for kind in file_types:
+        spec = file_type(kind)
+        variants = ([True] if with_matrix else []) + ([False] if plain or not with_matrix else [])
+        for imatrix in variants:
+            if spec.needs_imatrix and not imatrix:
+                continue
+            search.make(Option(kind, imatrix), score=score_all)
+    # the vocabulary alone, blocks kept in F16: its KL and time apart from the blocks'
+    alone = {}
+    for fmt in vocabulary_types(rows):
+        alone[fmt] = search.make(Option("F16", with_matrix, vocabulary_overrides(rows, fmt)), score=True)
+    base = search.make(Option("F16", False), score=True)
+    for option in _predicted_mixtures(search, alone, base, rows)[:MIXTURES_TRIED]:
+        search.make(option, score=True)
+    return search.best()
+
+
+def _predicted_mixtures(search: Search, alone: dict[str, Option], base: Option, rows: dict[str, int]) -> list[Option]:
+    """Mixtures (a scored file type's blocks, another vocabulary type) predicted within the budget,
+    best predicted KL first: KL and time add the vocabulary move's measured change to the file type's."""
+    ranked = []
+    for option in [o for o in search.options if o.kl is not None and not o.overrides and o.file_type != "F16"]:
+        own = alone.get(option.vocabulary, base if option.vocabulary == base.vocabulary else None)
+        if own is None:
+            continue
+        for fmt, moved in alone.items():
+            if fmt == option.vocabulary:
+                continue
+            tpot = option.cost.tpot_s + moved.cost.tpot_s - own.cost.tpot_s
+            predicted = replace(option.cost, tpot_s=tpot)
+            if search.fits(predicted):
+                kl = option.kl + moved.kl - own.kl
+                ranked.append((kl, Option(option.file_type, option.imatrix, vocabulary_overrides(rows, fmt))))
+    made = {(o.file_type, o.imatrix, tuple(sorted(o.overrides.items()))) for o in search.options}
+    unique = []
+    for kl, option in sorted(ranked, key=lambda pair: pair[0]):
+        key = (option.file_type, option.imatrix, tuple(sorted(option.overrides.items())))
+        if key not in made:
+            made.add(key)
+            unique.append(option)
+    return unique

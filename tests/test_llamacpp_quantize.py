@@ -1,0 +1,131 @@
+"""llama.cpp's own quantizer driven by shrink: file types, per-tensor overrides, the importance matrix,
+and the measured search that chooses among them under a budget."""
+
+import numpy as np
+import pytest
+import torch
+
+from shrink.compress.quant.imatrix import importance_matrix
+from shrink.errors import ShrinkError
+from shrink.export.gguf import export_gguf
+from shrink.export.llamacpp_quantize import gguf_importance, quantize_gguf, tensor_rows
+from shrink.export.runtimes import LlamaCppRunner, TorchRunner
+from shrink.export.verify import ReferenceLogProbs, compare
+from shrink.flows.gguf_search import Cost, Search, parse_overrides, overrides_text, run_search
+from shrink.ggufmeta import gguf_formats
+
+IDS = [list(range(1, 65)), [7, 3, 99, 42] * 16]
+# rows of 256 (hidden) and 512 (FFN): K-quants' super-blocks divide every weight
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_model, tmp_path_factory):
+    loaded = tiny_model("llama", **WIDE)
+    source = tmp_path_factory.mktemp("quantizer") / "f16.gguf"
+    export_gguf(loaded, source, "f16")
+    batches = torch.randint(1, 101, (4, 32), generator=torch.Generator().manual_seed(0))
+    matrix = gguf_importance(importance_matrix(loaded.model, batches), loaded.spec, tensor_rows(source))
+    return loaded, source, matrix
+
+
+def types_of(path):
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def test_a_file_type_is_made_by_llama_cpp_and_runs(wide, tmp_path):
+    loaded, source, _ = wide
+    out = quantize_gguf(source, tmp_path / "q4km.gguf", "Q4_K_M")
+    types = types_of(out)
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.ffn_gate.weight"] == "Q4_K"
+    assert "Q6_K" in types.values()  # Q4_K_M keeps some tensors on 6 bits: a mixture, read back as one
+    metrics = compare(TorchRunner(loaded.model), LlamaCppRunner(out, 64), IDS)
+    assert metrics.mean_kl < 0.05  # random weights quantize badly, but not beyond recognition
+
+
+def test_overrides_take_their_type_and_bad_ones_are_refused_before_llama_cpp(wide, tmp_path):
+    _, source, _ = wide
+    out = quantize_gguf(source, tmp_path / "mix.gguf", "Q4_0",
+                        overrides={"token_embd.weight": "iq4_nl", "blk.1.ffn_down.weight": "q8_0"})
+    types = types_of(out)
+    assert types["token_embd.weight"] == "IQ4_NL" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "Q4_0"
+    with pytest.raises(ShrinkError, match="no 2-D tensor"):
+        quantize_gguf(source, tmp_path / "bad.gguf", "Q4_0", overrides={"blk.9.attn_q.weight": "q8_0"})
+    with pytest.raises(ShrinkError, match="not a GGUF tensor type"):
+        quantize_gguf(source, tmp_path / "bad.gguf", "Q4_0", overrides={"blk.0.attn_q.weight": "nvfp4"})
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_a_type_whose_blocks_do_not_divide_the_rows_is_refused_not_aborted(tiny_model, tmp_path):
+    narrow = tmp_path / "narrow.gguf"
+    export_gguf(tiny_model("llama"), narrow, "f16")  # rows of 32 and 48
+    # llama.cpp would abort the whole Python process on this override (checked: GGML_ASSERT in gguf.cpp)
+    with pytest.raises(ShrinkError, match="rows of 32, which q4_k's blocks of 256"):
+        quantize_gguf(narrow, tmp_path / "bad.gguf", "Q8_0", overrides={"token_embd.weight": "q4_k"})
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_the_importance_matrix_changes_the_rounding(wide, tmp_path):
+    _, source, matrix = wide
+    assert set(matrix) >= {"blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output.weight"}
+    plain = quantize_gguf(source, tmp_path / "plain.gguf", "IQ4_XS")
+    weighted = quantize_gguf(source, tmp_path / "weighted.gguf", "IQ4_XS", imatrix=matrix)
+    assert types_of(plain) == types_of(weighted)
+    assert plain.read_bytes() != weighted.read_bytes()
+    with pytest.raises(ShrinkError, match="importance matrix"):
+        quantize_gguf(source, tmp_path / "iq2.gguf", "IQ2_XXS")
+
+
+def test_importance_matrix_is_the_mean_squared_input_of_each_linear(tiny_model):
+    loaded = tiny_model("llama")
+    batches = torch.randint(1, 101, (3, 16), generator=torch.Generator().manual_seed(1))
+    seen = []
+    layer = loaded.model.model.layers[1].mlp.down_proj
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 48)))
+    matrix = importance_matrix(loaded.model, batches, batch_size=2)
+    handle.remove()
+    expected = torch.cat(seen).double().pow(2).mean(0).float().numpy()
+    np.testing.assert_allclose(matrix["model.layers.1.mlp.down_proj.weight"], expected, rtol=1e-6)
+    assert matrix["lm_head.weight"].shape == (32,)  # recorded although the logits are never computed
+
+
+def test_tied_output_statistics_belong_to_the_token_embedding(tiny_model, tmp_path):
+    loaded = tiny_model("qwen2")  # tied embeddings
+    source = tmp_path / "tied.gguf"
+    export_gguf(loaded, source, "f16")
+    rows = tensor_rows(source)
+    mapped = gguf_importance({"lm_head.weight": np.ones(32, np.float32),
+                              "model.layers.0.mlp.up_proj.weight": np.ones(7, np.float32)}, loaded.spec, rows)
+    assert set(mapped) == {"token_embd.weight"}  # the wrongly sized entry is dropped, not mis-applied
+
+
+def test_overrides_round_trip_through_recipe_text():
+    overrides = {"token_embd.weight": "q4_0", "blk.0.ffn_down.weight": "q8_0"}
+    assert parse_overrides(overrides_text(overrides)) == overrides
+    with pytest.raises(ShrinkError, match="tensor=format"):
+        parse_overrides("token_embd.weight")
+
+
+def test_search_keeps_the_lowest_measured_kl_within_the_budget(wide, tmp_path):
+    loaded, source, matrix = wide
+    reference = ReferenceLogProbs(TorchRunner(loaded.model), IDS)
+
+    def cost(path):  # bytes stand in for time: a deterministic cost the test can reason about
+        return Cost(path.stat().st_size / 1e9, "estimated")
+
+    budget = quantize_gguf(source, tmp_path / "ref.gguf", "Q5_K_M").stat().st_size / 1e9
+    search = Search(source, tmp_path / "search", reference, cost, lambda c: c.tpot_s <= budget, matrix)
+    (tmp_path / "search").mkdir()
+    chosen = run_search(search, ("Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0"), plain=True)
+    fitting = [o for o in search.options if o.fits]
+    assert chosen is not None and all(o.kl is not None for o in fitting)
+    assert chosen.kl == min(o.kl for o in fitting) and chosen.cost.tpot_s <= budget
+    assert not any(o.fits for o in search.options if o.file_type == "Q8_0" and not o.overrides)
+    labels = {o.label for o in search.options}
+    assert {"Q4_K_M", "Q4_K_M + imatrix"} <= labels  # llama.cpp's outputs with and without the matrix
+    assert any(o.overrides for o in search.options)  # shrink's vocabulary mixtures beside them
+    assert list((tmp_path / "search").glob("*.gguf")) == [chosen.path]  # only the best file is kept
+    assert gguf_formats(chosen.path).formats.embeddings == chosen.vocabulary
