@@ -2,14 +2,17 @@
 
 Blocks run along a weight's rows (the input dimension), as GGUF stores them. Each format follows
 one reference, step by step in float32, so that the values are the reference's to the bit:
-- q8_0, q4_0, q4_1, mxfp4: gguf's quantizers (gguf/quants.py, itself ggml-quants.c);
+- q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4: gguf's quantizers (gguf/quants.py, itself ggml-quants.c);
+- q4_k, q5_k, q6_k: llama.cpp's quantize_row_q*_K_ref (`shrink.numformats.kquants`), settled to a
+  fixed point of itself so that a trained student's grid is found again at export;
 - nvfp4_gguf: llama.cpp's quantize_row_nvfp4_ref (GGUF NVFP4: UE4M3 scale per 16, no tensor scale);
 - nvfp4: NVIDIA Model-Optimizer's NVFP4QTensor (E4M3 scale per 16 and an fp32 tensor scale);
 - fp8_*: torch's float8 casts; int8/int4: round half to even, as ONNX QuantizeLinear and torch;
 - ternary: BitNet b1.58 absmean; binary: FBI-LLM sign and mean |w|; their _b256/_b128 variants
   hold the scale in fp16 per block, the layouts of GGUF TQ1_0/TQ2_0 and Q1_0;
 - int8_g32: ONNX MatMulNBits' symmetric 8-bit blocks; f16: a plain cast, the last fallback.
-Re-quantizing an output returns it unchanged for every format but nvfp4 (see `IDEMPOTENT`).
+Re-quantizing an output returns it unchanged for every format but nvfp4 and the K-quants (see
+`IDEMPOTENT`; `from_grid_values` finds a K-quant's scales again).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from shrink.errors import ShrinkError
+from shrink.numformats import kquants
 
 ROW, TENSOR = 0, -1  # `block` of a format with one scale per output row / per tensor
 
@@ -71,6 +75,16 @@ FORMATS: dict[str, WeightFormat] = {
     "q4_0": WeightFormat("GGUF Q4_0: codes -8..7, fp16 signed scale max/-8 per 32", 32, 4, 16, -8.5, 7.5),
     "q4_1": WeightFormat("GGUF Q4_1: codes 0..15, fp16 scale (max-min)/15 and fp16 min per 32",
                          32, 4, 32, -0.5, 15.5),
+    "q5_0": WeightFormat("GGUF Q5_0: codes -16..15, fp16 signed scale max/-16 per 32", 32, 5, 16, -16.5, 15.5),
+    "q5_1": WeightFormat("GGUF Q5_1: codes 0..31, fp16 scale (max-min)/31 and fp16 min per 32",
+                         32, 5, 32, -0.5, 31.5),
+    # K-quants: per 32 (16) a 6-bit scale and min (an int8 scale), plus fp16 d and dmin (d) per 256
+    "q4_k": WeightFormat("GGUF Q4_K: codes 0..15, scale d*sc and min dmin*m per 32 (6-bit sc, m; fp16 d, dmin "
+                         "per 256)", 32, 4, 16, -0.5, 15.5, divides=256),
+    "q5_k": WeightFormat("GGUF Q5_K: codes 0..31, scale d*sc and min dmin*m per 32 (6-bit sc, m; fp16 d, dmin "
+                         "per 256)", 32, 5, 16, -0.5, 31.5, divides=256),
+    "q6_k": WeightFormat("GGUF Q6_K: codes -32..31, scale d*sc per 16 (int8 sc; fp16 d per 256)",
+                         16, 6, 9, -32.5, 31.5, divides=256),
     "ternary": WeightFormat("BitNet b1.58 ternary: codes -1/0/1, absmean scale per tensor (2-bit codes)",
                             TENSOR, 2, 32, -1.5, 1.5),
     "ternary_b256": WeightFormat("Ternary, fp16 absmean scale per 256: GGUF TQ2_0 (2.0625 bits) or TQ1_0 (1.6875)",
@@ -80,10 +94,12 @@ FORMATS: dict[str, WeightFormat] = {
     "f16": WeightFormat("IEEE half precision, no scale: the fallback for rows no block divides",
                         TENSOR, 16, 0, -65520, 65520),
 }
+KQUANTS = ("q4_k", "q5_k", "q6_k")
 # formats whose quantize(dequantize(quantize(w))) equals quantize(w). Not nvfp4: Model-Optimizer's
 # tensor scale amax/2688 need not survive a round trip through 6 * 448 * scale in float32, and its
-# round-to-nearest-even E4M3 block scales drift where they are subnormal.
-IDEMPOTENT = tuple(name for name in FORMATS if name != "nvfp4")
+# round-to-nearest-even E4M3 block scales drift where they are subnormal. Not the K-quants: their
+# reference is a search, settled to a fixed point where one more pass reaches one (nearly always).
+IDEMPOTENT = tuple(name for name in FORMATS if name not in ("nvfp4", *KQUANTS))
 
 
 @dataclass
@@ -94,6 +110,7 @@ class QTensor:
     scales: torch.Tensor  # float32 [rows, groups per row], [rows, 1] per row or [1, 1] per tensor
     zeros: torch.Tensor | None = None  # float32 per-group minimum of the asymmetric formats
     tensor_scale: float | None = None  # NVFP4's fp32 second-level scale
+    super_scales: torch.Tensor | None = None  # K-quants: fp16 d (and dmin) [rows, supers, 1 or 2]
 
 
 def weight_format(name: str) -> WeightFormat:
@@ -220,20 +237,22 @@ def _q8_0(b):  # gguf Q8_0: d = amax/127, codes roundf(x * (1/d)), d stored fp16
     return _round_half_away(b * inverse).to(torch.int8), _fp16(d)
 
 
-def _q4_0(b):  # gguf Q4_0: d = (the signed max) / -8, codes trunc(x * (1/d) + 8.5) clipped to 0..15
+def _signed_max(b, half: int):  # gguf Q4_0 (half 8) / Q5_0 (16): d = (the signed max) / -half,
+    # codes trunc(x * (1/d) + half + 0.5) clipped to 0..2 half - 1, less half
     top = b.gather(-1, b.abs().argmax(-1, keepdim=True))
-    d = top / -8
+    d = top / -half
     inverse = torch.where(d == 0, 0.0, 1 / d)
-    shifted = b * inverse + 8.5  # two float32 roundings, as numpy does them
-    return (torch.trunc(shifted).clamp(0, 15) - 8).to(torch.int8), _fp16(d)
+    shifted = b * inverse + (half + 0.5)  # two float32 roundings, as numpy does them
+    return (torch.trunc(shifted).clamp(0, 2 * half - 1) - half).to(torch.int8), _fp16(d)
 
 
-def _q4_1(b):  # gguf Q4_1: d = (max - min)/15, codes trunc((x - min) * (1/d) + 0.5); d, min fp16
+def _min_max(b, top_code: int):  # gguf Q4_1 (15) / Q5_1 (31): d = (max - min)/top_code,
+    # codes trunc((x - min) * (1/d) + 0.5) clipped to 0..top_code; d, min fp16
     top, low = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
-    d = (top - low) / 15
+    d = (top - low) / top_code
     inverse = torch.where(d == 0, 0.0, 1 / d)
     shifted = (b - low) * inverse + 0.5
-    return torch.trunc(shifted).clamp(0, 15).to(torch.uint8), _fp16(d), _fp16(low)
+    return torch.trunc(shifted).clamp(0, top_code).to(torch.uint8), _fp16(d), _fp16(low)
 
 
 def _int4(b):  # the Q4_0 scale rule, but rounding x / (the stored fp16 scale) half to even
@@ -322,7 +341,9 @@ def _sign(b):  # sign with sign(0) = +1, as llama.cpp's Q1_0 (x >= 0 sets the bi
     return torch.where(b >= 0, 1, -1).to(torch.int8)
 
 
-_BLOCK_QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "mxfp4": _mxfp4, "nvfp4_gguf": _nvfp4_gguf,
+_BLOCK_QUANTIZERS = {"q8_0": _q8_0, "q4_0": lambda b: _signed_max(b, 8), "q4_1": lambda b: _min_max(b, 15),
+                     "q5_0": lambda b: _signed_max(b, 16), "q5_1": lambda b: _min_max(b, 31),
+                     "mxfp4": _mxfp4, "nvfp4_gguf": _nvfp4_gguf,
                      "int8_g32": _int8_g32}
 
 
@@ -364,6 +385,8 @@ def quantize(weight: torch.Tensor, name: str) -> QTensor:
         scales, codes = _mean_abs(w), _sign(w)
     elif name == "binary_b128":
         scales, codes = _fp16(_mean_abs(b)), _sign(b)
+    elif name in KQUANTS:
+        return _kquant(name, shape, kquants.quantize(w.reshape(-1, kquants.QK_K), name))
     else:
         quantizer = _BLOCK_QUANTIZERS.get(name) or (_int4_asym if name.endswith("_asym") else _int4)
         codes, scales, *rest = quantizer(b)
@@ -372,6 +395,18 @@ def quantize(weight: torch.Tensor, name: str) -> QTensor:
     scales = scales.reshape(-1, groups).float()
     return QTensor(name, shape, codes.reshape(shape), scales,
                    None if zeros is None else zeros.reshape(rows, groups).float(), tensor_scale)
+
+
+def _kquant(name: str, shape: tuple[int, int], params) -> QTensor:
+    """A QTensor from kquants' (codes, d, dmin, sc, m): scale d*sc and zero -(dmin*m) per group (both
+    exact in float32), so that dequantize is llama.cpp's (d*sc)*q - dmin*m."""
+    codes, d, dmin, sc, m = params[:5]
+    rows, cols = shape
+    scales = (d[:, None] * sc).reshape(rows, -1)
+    if name == "q6_k":
+        return QTensor(name, shape, codes.reshape(shape), scales, super_scales=d.reshape(rows, -1, 1))
+    zeros = -(dmin[:, None] * m).reshape(rows, -1)
+    return QTensor(name, shape, codes.reshape(shape), scales, zeros, super_scales=torch.stack([d, dmin], -1).reshape(rows, -1, 2))
 
 
 def _expand(per_group: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -412,8 +447,12 @@ def quantize_dequantize(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 def from_grid_values(weight: torch.Tensor, name: str) -> QTensor:
     """Codes and scales of a weight already on its grid (a trained student's): quantize() itself,
-    which gives an on-grid weight back unchanged for every format in IDEMPOTENT."""
-    return quantize(weight, name)
+    which gives an on-grid weight back unchanged for every format in IDEMPOTENT; a K-quant super-block
+    it does not give back takes scales kquants.recover finds (a weight off its grid stays off it)."""
+    if name not in KQUANTS:
+        return quantize(weight, name)
+    quantize(weight, name)  # the shape checks
+    return _kquant(name, tuple(weight.shape), kquants.from_values(weight.detach().float().reshape(-1, kquants.QK_K), name))
 
 
 def clipped(weight: torch.Tensor, q: QTensor) -> torch.Tensor:

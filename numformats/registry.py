@@ -127,13 +127,13 @@ _RECORDS: tuple[NumberFormat, ...] = (
          grid="binary", gate=_LOW),
     # GGUF tensor types (llama.cpp), bytes per block as ggml's type traits give them
     _gguf("q8_0", "Q8_0", 32, 34, "int8", "GGUF Q8_0: 32 int8 + fp16 scale", "q8_0", _EIGHT),
-    _gguf("q5_0", "Q5_0", 32, 22, "int8", "GGUF Q5_0: 32 5-bit + fp16 scale", None, _FIVE),
-    _gguf("q5_1", "Q5_1", 32, 24, "int8", "GGUF Q5_1: 32 5-bit + fp16 scale and min", None, _FIVE),
+    _gguf("q5_0", "Q5_0", 32, 22, "int8", "GGUF Q5_0: 32 5-bit + fp16 scale", "q5_0", _FIVE),
+    _gguf("q5_1", "Q5_1", 32, 24, "int8", "GGUF Q5_1: 32 5-bit + fp16 scale and min", "q5_1", _FIVE),
     _gguf("q4_0", "Q4_0", 32, 18, "int4", "GGUF Q4_0: 32 4-bit + fp16 scale", "q4_0", _FOUR),
     _gguf("q4_1", "Q4_1", 32, 20, "int4", "GGUF Q4_1: 32 4-bit + fp16 scale and min", "q4_1", _FOUR),
-    _gguf("q6_k", "Q6_K", 256, 210, "int8", "GGUF Q6_K: super-blocks of 256", None, _FIVE),
-    _gguf("q5_k", "Q5_K", 256, 176, "int8", "GGUF Q5_K: super-blocks of 256", None, _FIVE),
-    _gguf("q4_k", "Q4_K", 256, 144, "int4", "GGUF Q4_K: super-blocks of 256", None, _FOUR),
+    _gguf("q6_k", "Q6_K", 256, 210, "int8", "GGUF Q6_K: super-blocks of 256", "q6_k", _FIVE),
+    _gguf("q5_k", "Q5_K", 256, 176, "int8", "GGUF Q5_K: super-blocks of 256", "q5_k", _FIVE),
+    _gguf("q4_k", "Q4_K", 256, 144, "int4", "GGUF Q4_K: super-blocks of 256", "q4_k", _FOUR),
     _gguf("q3_k", "Q3_K", 256, 110, "int4", "GGUF Q3_K: super-blocks of 256", None, _LOW),
     _gguf("q2_k", "Q2_K", 256, 84, "int4", "GGUF Q2_K: super-blocks of 256", None, _LOW),
     # llama.cpp's importance-aware types (made only by its own quantizer, `llama_model_quantize`)
@@ -162,6 +162,15 @@ _RECORDS: tuple[NumberFormat, ...] = (
           _LOW),
     # ONNX Runtime MatMulNBits, per block size `shrink export --block-size` accepts
     *(_matmul_nbits(bits, block) for bits in (8, 4) for block in (16, 32, 64, 128, 256)),
+    # FP8 E4M3 weights in ONNX, as TensorRT takes them (per-channel FP8 weights): a FLOAT8E4M3FN initializer
+    # [K, N] and one fp32 scale per output row, DequantizeLinear(axis=1) then MatMul (opset 19 or later;
+    # ONNX Runtime 1.32 runs per-axis float8 DequantizeLinear on the CPU, checked). The grid is the fp8
+    # family's PyTorch grid, so a QAD student's weights are stored as trained. bits_per_element counts the
+    # codes: the row scales add 32/K bits per weight (0.05 for 640-wide rows), a figure no single
+    # per-element number can give for every row length.
+    _fmt("onnx_fp8", 8, "fp8", "ONNX FP8 E4M3 initializer + fp32 scale per output row (DequantizeLinear, MatMul)",
+         runtime="onnx", grid="fp8_e4m3_channel", onnx_op="DequantizeLinear(float8e4m3fn, axis=1) + MatMul",
+         gate=_EIGHT),
 )
 FORMATS: dict[str, NumberFormat] = {f.name: f for f in _RECORDS}
 ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "bfloat16": "bf16",
@@ -234,7 +243,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("int4", {"gguf": "q4_0", "onnx": "onnx_int4_g32", "torch": "int4_g128"}, "4-bit integer weights"),
     Family("nvfp4", {"gguf": "nvfp4_gguf", "torch": "nvfp4"}, "NVIDIA FP4: E2M1 with an FP8 scale per 16"),
     Family("mxfp4", {"gguf": "mxfp4", "torch": "mxfp4"}, "OCP MXFP4: E2M1 with a power-of-two scale per 32"),
-    Family("fp8", {"torch": "fp8_channel"}, "FP8 E4M3 weights"),
+    Family("fp8", {"onnx": "onnx_fp8", "torch": "fp8_channel"}, "FP8 E4M3 weights"),
     Family("ternary", {"gguf": "tq2_0", "torch": "ternary"}, "BitNet b1.58 ternary weights"),
     Family("binary", {"gguf": "q1_0", "torch": "binary"}, "binary (sign) weights"),
 )}
@@ -243,8 +252,11 @@ UNQUANTIZED = {"gguf": "fp16", "onnx": "fp32", "torch": "bf16"}  # what each run
 # them at 6-8 bits): at 4 bits the vocabulary projection dominates the loss for a small share of time.
 GGUF_VOCABULARY = "q8_0"
 # Tried in turn when a weight's rows do not divide into a stored format's blocks (Gemma 3's 640-wide
-# rows against TQ2_0's 256-element blocks); every fallback is listed, none is silent.
+# rows against TQ2_0's 256-element blocks); every fallback is listed, none is silent. The K-quants
+# fall back as llama.cpp's own quantizer does for incompatible rows (llama-quant.cpp): Q4_K -> Q5_0,
+# Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL (which shrink cannot make: Q4_0 instead).
 FALLBACK = {"tq2_0": "q4_0", "tq1_0": "q4_0", "q1_0": "q4_0", "nvfp4_gguf": "q8_0", "mxfp4": "q8_0",
+            "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0", "q2_k": "q4_0",
             "q4_0": "q8_0", "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0", "q8_0": "fp16",
             "int4_g128": "int8", "onnx_int4_g32": "onnx_int8_g32"}
 
@@ -273,7 +285,9 @@ def vocabulary_format(weights: NumberFormat, runtime: str) -> NumberFormat:
     """The format a runtime stores the token embedding and output projection in, beside `weights`."""
     if runtime == "gguf":
         return weights if weights.bits_per_element >= 8 and weights.gguf_type else FORMATS[GGUF_VOCABULARY]
-    return FORMATS["fp32"] if runtime == "onnx" else weights
+    if runtime == "onnx":  # quantized: the blocks' own layout, read by GatherBlockQuantized (export/onnx_weights.py)
+        return weights if weights.runtime == "onnx" else FORMATS["fp32"]
+    return weights
 
 
 def gguf_activations(weights: NumberFormat) -> str:

@@ -28,7 +28,8 @@ def test_gguf_grids_are_gguf_bit_for_bit(name, ggml, data):
 
 
 GGUF = [("q8_0", T.Q8_0), ("q4_0", T.Q4_0), ("q4_1", T.Q4_1), ("mxfp4", T.MXFP4), ("nvfp4_gguf", T.NVFP4),
-        ("ternary_b256", T.TQ2_0), ("ternary_b256", T.TQ1_0), ("binary_b128", T.Q1_0)]
+        ("ternary_b256", T.TQ2_0), ("ternary_b256", T.TQ1_0), ("binary_b128", T.Q1_0), ("q5_0", T.Q5_0),
+        ("q5_1", T.Q5_1), ("q4_k", T.Q4_K), ("q5_k", T.Q5_K), ("q6_k", T.Q6_K)]
 
 
 @pytest.mark.parametrize("name, ggml", GGUF)
@@ -39,7 +40,7 @@ def test_gguf_reads_back_exactly_what_the_format_holds(name, ggml, data):
     q = quantize(w, name)
     packed, kind = pack(q, ggml)
     assert kind == ggml
-    if ggml in (T.Q8_0, T.Q4_0, T.Q4_1, T.MXFP4):  # the same grid as gguf's quantizer: the same bytes
+    if ggml in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.MXFP4):  # the same grid as gguf's quantizer: the same bytes
         assert np.array_equal(packed, gguf.quants.quantize(w.numpy(), ggml))
     read = _llama_dequantize_q1_0(packed) if ggml == T.Q1_0 else gguf.quants.dequantize(packed, ggml)
     assert np.array_equal(read, dequantize(q).numpy())

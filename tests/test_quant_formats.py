@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from shrink.compress.quant.fakequant import FakeQuantLinear, fake_quant, quantized_grid_weight
 from shrink.numformats.grids import (
-    E2M1_VALUES, FORMATS, IDEMPOTENT, UE4M3_VALUES, QTensor, _e2m1_code, _ggml_ue4m3, block_size, clipped,
+    E2M1_VALUES, FORMATS, IDEMPOTENT, KQUANTS, UE4M3_VALUES, QTensor, _e2m1_code, _ggml_ue4m3, block_size, clipped,
     dequantize, e2m1_round, e4m3_round, effective_bits, element_scale, quantize, quantize_dequantize,
 )
 from shrink.errors import ShrinkError
@@ -150,11 +150,13 @@ def test_fp8_is_torch_float8_cast(kind):
 # ---- properties of every format ----------------------------------------------------------------
 
 INTEGER_LEVELS = {"int8": (-127, 127), "q8_0": (-127, 127), "int8_g32": (-128, 127), "q4_0": (-8, 7),
-                  "q4_1": (0, 15), "ternary": (-1, 1), "ternary_b256": (-1, 1),
+                  "q4_1": (0, 15), "q5_0": (-16, 15), "q5_1": (0, 31), "q4_k": (0, 15), "q5_k": (0, 31),
+                  "q6_k": (-32, 31), "ternary": (-1, 1), "ternary_b256": (-1, 1),
                   **{f"int4_g{n}": (-8, 7) for n in (32, 64, 128)}, **{f"int4_g{n}_asym": (0, 15) for n in (32, 64, 128)}}
 # largest |x - zero| / scale the scale rule allows: the signed-max rules one step past the far end,
 # MXFP4's power of two up to 8 (amax < 2^(e+1)), E4M3 block scales their rounding (normal scales only)
 CAPS = {**{n: 8 * (1 + 2.0 ** -10) for n in ("q4_0", "int4_g32", "int4_g64", "int4_g128")}, "int8_g32": 128.0,
+        "q5_0": 16 * (1 + 2.0 ** -10),
         "mxfp4": 8.0, "nvfp4": 6.375, "nvfp4_gguf": 6.4}
 
 
@@ -187,13 +189,15 @@ def _check_rounding(name, w):
     nearest = (grid.double() - w.double().unsqueeze(-1)).abs().amin(-1)
     top = levels.abs().max().item()
     slack = 1e-6 * top * scale.abs().double()  # float32 rounding of x / scale next to a tie
-    if name in ("q8_0", "q4_0", "q4_1"):  # gguf picks codes with the unrounded scale (and min), stores them fp16
+    if name in ("q4_k", "q5_k"):  # codes of (x + dmin*m) / (d*sc): x + dmin*m rounds in float32
+        slack = slack + zero.abs().double() * 2.0 ** -23
+    if name in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):  # gguf picks codes with the unrounded scale (and min), stores them fp16
         slack = slack + top * torch.clamp(scale.abs().double() * 2.0 ** -11, min=2.0 ** -25)
         slack = slack + (zero.abs().double() * 2.0 ** -11 + 2.0 ** -25 if zero is not None else 0)
     error = (out.double() - w.double()).abs()
     assert (error <= nearest + slack).all(), (name, float((error - nearest - slack).max()))
-    if name.startswith(("ternary", "binary")):
-        return q, out
+    if name.startswith(("ternary", "binary")) or name in KQUANTS:  # K-quants: 6-bit sub-scales round
+        return q, out  # down as well as up, and their search may clip on purpose
     if name not in CAPS:
         assert not clipped(w, q).any(), name  # absmax: nothing beyond half a step past the extreme
         return q, out
@@ -242,11 +246,12 @@ def test_effective_bits():
                 "int4_g128": 4.125, "int4_g32": 4.5, "int4_g128_asym": 4.25, "ternary_b256": 2.0625,
                 "binary_b128": 1.125, "int8": 8 + 32 / 1024, "fp8_e4m3": 8 + 32 / numel,
                 "fp8_e4m3_channel": 8 + 32 / 1024, "binary": 1 + 32 / 1024, "ternary": 2 + 32 / numel,
-                "int8_g32": 9.0, "f16": 16.0}
+                "int8_g32": 9.0, "f16": 16.0, "q5_0": 5.5, "q5_1": 6.0, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
     for name, bits in expected.items():
         assert effective_bits(name, shape) == pytest.approx(bits), name
     assert effective_bits("ternary_b256", shape, "TQ1_0") == pytest.approx(1.6875)
-    for name, ggml in (("q8_0", T.Q8_0), ("q4_0", T.Q4_0), ("mxfp4", T.MXFP4), ("nvfp4_gguf", T.NVFP4),
+    for name, ggml in (("q8_0", T.Q8_0), ("q4_0", T.Q4_0), ("mxfp4", T.MXFP4), ("nvfp4_gguf", T.NVFP4), ("q5_0", T.Q5_0),
+                       ("q5_1", T.Q5_1), ("q4_k", T.Q4_K), ("q5_k", T.Q5_K), ("q6_k", T.Q6_K),
                        ("ternary_b256", T.TQ2_0), ("binary_b128", T.Q1_0)):  # = the GGUF block sizes
         elements, size = gguf.GGML_QUANT_SIZES[ggml]
         assert effective_bits(name, shape) == pytest.approx(8 * size / elements), name

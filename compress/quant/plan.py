@@ -19,14 +19,23 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.numformats.plan import QuantPlan, TensorGrid
-from shrink.numformats.registry import fitting_format, stored_format, vocabulary_format
+from shrink.numformats.registry import FORMATS, NumberFormat, fitting_format, stored_format, vocabulary_format
 
 KEEP_DEFAULT = ("lm_head", "*.router", "*.gate", "*embed*")
 
 
+def _wanted(name: str, runtime: str) -> NumberFormat:
+    """A family as `runtime` stores it, or one of `runtime`'s own stored formats by name (q4_k)."""
+    record = FORMATS.get(name.lower())
+    if record is not None and record.runtime == runtime and record.grid:
+        return record
+    return stored_format(name, runtime)
+
+
 def grid_for(family: str, runtime: str) -> str:
-    """The grid a family's weights are made on for `runtime` (an unknown family or runtime is an error)."""
-    return stored_format(family, runtime).grid
+    """The grid a family's weights (or a stored format's, such as q4_k) are made on for `runtime` (an
+    unknown family or runtime is an error)."""
+    return _wanted(family, runtime).grid
 
 
 def make_plan(model: Any, family: str, runtime: str = "gguf", keep: tuple[str, ...] = KEEP_DEFAULT,
@@ -35,7 +44,7 @@ def make_plan(model: Any, family: str, runtime: str = "gguf", keep: tuple[str, .
     import torch
 
 
-    wanted = stored_format(family, runtime)
+    wanted = _wanted(family, runtime)
     vocabulary = vocabulary_format(wanted, runtime) if runtime == "gguf" else None
     plan = QuantPlan(family=family, runtime=runtime, grid=wanted.grid, activations=activations,
                      vocabulary=vocabulary.grid if vocabulary else None, stored=wanted.name)
