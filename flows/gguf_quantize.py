@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shrink.compress.quant.imatrix import cached_importance_matrix
+from shrink.errors import ShrinkError
 from shrink.export.backend import backend
 from shrink.export.bench import token_ids
 from shrink.export.llamacpp_quantize import gguf_importance, tensor_rows
@@ -99,10 +100,15 @@ def make_option(search: Search, file_type: str, imatrix: bool, overrides: dict[s
 def quantizer_candidate(loaded: Any, split: Any, profile: Any, workload: Workload, budget: TargetBudget,
                         status: Callable[[str], None] = lambda m: None) -> Candidate | None:
     """The planner's candidate from llama.cpp's quantizer: the unpruned model, every option made and
-    measured now (its KL is measured, not a proxy), the best within the budget (None: none fits)."""
+    measured now (its KL is measured, not a proxy), the best within the budget (None: none fits, or
+    the model cannot be written as a GGUF, which the status line says)."""
     with tempfile.TemporaryDirectory(prefix="shrink-quantizer-") as folder:
-        search = prepare_search(loaded, split, Path(folder), target_cost(loaded.spec, profile, workload),
-                                budget_fits(budget), status=status)
+        try:
+            search = prepare_search(loaded, split, Path(folder), target_cost(loaded.spec, profile, workload),
+                                    budget_fits(budget), status=status)
+        except ShrinkError as err:
+            status(f"llama.cpp's quantizer is not a candidate: {err}")
+            return None
         best = run_search(search)
     if best is None:
         return None

@@ -129,3 +129,28 @@ def test_search_keeps_the_lowest_measured_kl_within_the_budget(wide, tmp_path):
     assert any(o.overrides for o in search.options)  # shrink's vocabulary mixtures beside them
     assert list((tmp_path / "search").glob("*.gguf")) == [chosen.path]  # only the best file is kept
     assert gguf_formats(chosen.path).formats.embeddings == chosen.vocabulary
+
+
+def test_the_planner_gets_the_search_best_as_a_measured_candidate_and_a_recipe_that_remakes_it(tiny_model,
+                                                                                                tmp_path):
+    from shrink.compress.data import DataSplit
+    from shrink.flows.candidates import TargetBudget
+    from shrink.flows.gguf_quantize import quantizer_candidate
+    from shrink.flows.plan import RunSettings, recipe_for
+    from shrink.hardware.profiles import get_profile
+    from shrink.hardware.roofline import Workload
+
+    loaded = tiny_model("llama", **WIDE)
+    loaded.source = "tiny"
+    ids = torch.randint(1, 101, (6, 32), generator=torch.Generator().manual_seed(0))
+    split = DataSplit(ids[:2], ids[2:4], ids[4:], "random ids")
+    profile = get_profile("jetson-orin-nano")
+    roomy = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1.0))
+    assert roomy is not None and roomy.fits and roomy.predicted_kl == roomy.quantizer["kl"]
+    assert roomy.label.startswith("unpruned, llama.cpp ") and roomy.quantizer["cost"]["by"] == "estimated"
+    steps = recipe_for(roomy, RunSettings())
+    assert [name for name, _ in steps] == ["gguf-quantize", "verify", "bench"]
+    made = steps[0][1]
+    assert made.file_type == roomy.quantizer["file_type"] and made.imatrix == roomy.quantizer["imatrix"]
+    assert parse_overrides(made.overrides) == roomy.quantizer["overrides"]
+    assert quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1e-9)) is None

@@ -293,3 +293,31 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
     result = CliRunner().invoke(app, ["run", "gemma-3-270m", "--resume", "-o", str(tmp_path / "none")])
     assert result.exit_code == 2 and "Nothing to resume" in result.output
     assert not (tmp_path / "none").exists()
+
+
+def test_a_gguf_quantize_step_makes_the_artifact_with_llama_cpps_quantizer(tiny_llama_dir, tmp_path, monkeypatch):
+    import torch
+
+    from shrink.compress.data import DataSplit
+    from shrink.errors import ShrinkError
+    from shrink.flows.recipe import GGUFQuantizeStep, VerifyStep
+    from shrink.flows.run import RunState, gguf_quantize_step, verify_step
+    from shrink.ggufmeta import tensor_infos
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    ids = torch.randint(1, 101, (6, 16), generator=torch.Generator().manual_seed(0))
+    split = DataSplit(ids[:2], ids[2:4], ids[4:], "random ids")  # the tiny model has no tokenizer to read text
+    state = RunState(model=str(tiny_llama_dir), run_dir=tmp_path, current=str(tiny_llama_dir), _split=split)
+    record = gguf_quantize_step(state, GGUFQuantizeStep(file_type="Q8_0", overrides="token_embd.weight=q4_0"),
+                                tmp_path / "01-gguf-quantize")
+    artifact = record["outputs"]["artifact"]
+    types = {t.name: t.ggml_type for t in tensor_infos(artifact)}
+    assert types["token_embd.weight"] == "Q4_0" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert record["metrics"]["chosen"]["imatrix"] and record["metrics"]["export"]["file_type"] == "Q8_0"
+    assert not list(tmp_path.glob("*.work"))  # the search's files are gone
+    state.artifact = artifact
+    verified = verify_step(state, VerifyStep(), tmp_path / "02-verify")  # the manifest names the source
+    assert verified["metrics"]["metrics"]["mean_kl"] > 0
+    # choosing among file types needs a budget to choose under
+    with pytest.raises(ShrinkError, match="give --target and --budget"):
+        gguf_quantize_step(state, GGUFQuantizeStep(), tmp_path / "03-gguf-quantize")
