@@ -32,6 +32,7 @@ from shrink.compress.search import Budget, apply, rank_by_proxy
 from shrink.errors import ShrinkError
 from shrink.export.backend import costed_spec
 from shrink.export.costing import op_row_lengths
+from shrink.flows.gguf_search import narrowest_vocabulary
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load
 from shrink.numformats import get_format, runtime_families
@@ -151,9 +152,12 @@ def _fallback(spec: Any, costed: Any) -> str | None:
 
 
 def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: TargetBudget,
-         host_factor: tuple[float, float] = (1.0, 1.0)) -> Candidate:
-    """Fill in the candidate's roofline figures on the target and the budget lines it misses."""
+         host_factor: tuple[float, float] = (1.0, 1.0), vocabulary: str | None = None) -> Candidate:
+    """Fill in the candidate's roofline figures on the target and the budget lines it misses
+    (`vocabulary`: the embedding and output projection costed in that format instead)."""
     costed = costed_spec(spec, candidate.format, candidate.runtime)
+    if vocabulary is not None:
+        costed = replace(costed, formats=replace(costed.formats, embeddings=vocabulary, lm_head=None))
     est = estimate(costed, profile, workload)
     candidate.tpot_s = est.tpot_s * host_factor[0]
     candidate.ttft_s = est.ttft_s * host_factor[1]
@@ -178,7 +182,8 @@ def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: A
 
 
 def candidates_for(model_spec: Any, ranking: list[int], profile: Any, workload: Any, budget: TargetBudget,
-                   host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
+                   host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES,
+                   vocabulary: str | None = None) -> list[Candidate]:
     """Every candidate costed on the target, the layers ranked by `ranking` (most important first)."""
     runtime = target_runtime(profile)
     shapes: list[tuple[float, str, Any]] = [(1.0, "-", None)]
@@ -195,7 +200,7 @@ def candidates_for(model_spec: Any, ranking: list[int], profile: Any, workload: 
         spec = model_spec if plan is None else plan.spec
         for family in runtime_families(runtime):
             candidates.append(cost(Candidate(keep, axis, family, runtime, plan), spec, profile, workload, budget,
-                                   host_factor))
+                                   host_factor, vocabulary))
     return candidates
 
 
@@ -211,7 +216,9 @@ def hopeless(spec: Any, profile: Any, workload: Any, budget: TargetBudget) -> tu
     config alone, in about a second; None when one may (the full plan then decides)."""
     relaxed = TargetBudget(*(None if v is None else v * EARLY_MARGIN
                              for v in (budget.tpot_s, budget.ttft_s, budget.memory_bytes)))
-    candidates = candidates_for(spec, list(range(spec.num_layers)), profile, workload, relaxed)
+    # llama.cpp's quantizer may also put the vocabulary on its narrowest type (flows/gguf_search.py)
+    vocabulary = narrowest_vocabulary(spec.hidden_size) if target_runtime(profile) == "gguf" else None
+    candidates = candidates_for(spec, list(range(spec.num_layers)), profile, workload, relaxed, vocabulary=vocabulary)
     if any(c.fits for c in candidates):
         return None
     return no_plan_message(candidates, budget, profile), closest(candidates, budget)

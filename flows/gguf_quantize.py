@@ -94,7 +94,7 @@ def write_choice(search: Search, option: Option, loaded: Any, artifact: Path) ->
 
 
 def make_option(search: Search, file_type: str, imatrix: bool, overrides: dict[str, str]) -> Option:
-    return search.make(Option(file_type.upper(), imatrix and search.imatrix is not None, overrides), score=True)
+    return search.make(Option(file_type.upper(), imatrix and search.imatrix is not None, overrides))
 
 
 def quantizer_candidate(loaded: Any, split: Any, profile: Any, workload: Workload, budget: TargetBudget,

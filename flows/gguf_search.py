@@ -110,8 +110,8 @@ class Search:
     def __post_init__(self) -> None:
         self.rows = tensor_rows(self.source)
 
-    def make(self, option: Option, score: bool = True) -> Option:
-        """Quantize, cost, and (when it fits or `score`) measure the KL; recorded in self.options."""
+    def make(self, option: Option) -> Option:
+        """Quantize, cost, measure the KL; recorded in self.options."""
         name = option.label.replace(" ", "").replace(",", "_").replace("/", "-").replace("+", "_")
         option.path = self.folder / f"{name}.gguf"
         previous = self.best()
@@ -122,11 +122,10 @@ class Search:
         option.vocabulary, option.weights = stored.embeddings, stored.weights
         option.cost = self.cost(option.path)
         option.fits = self.fits(option.cost)
-        if option.fits or score:
-            runner = LlamaCppRunner(option.path, max(len(ids) for ids in self.reference.sequences))
-            option.kl, option.top1 = self.reference.score(runner)
+        runner = LlamaCppRunner(option.path, max(len(ids) for ids in self.reference.sequences))
+        option.kl, option.top1 = self.reference.score(runner)
         self.status(f"{option.label}: {fmt_time(option.cost.tpot_s)}/token ({option.cost.by})"
-                    + (f", KL {option.kl:.4f}, top-1 {option.top1:.1%}" if option.kl is not None else ""))
+                    + f", KL {option.kl:.4f}, top-1 {option.top1:.1%}")
         self.options.append(option)
         # only the best file so far stays on disk (a search makes dozens of model-sized files)
         if self.best() is not option:
@@ -146,39 +145,56 @@ def vocabulary_types(rows: dict[str, int]) -> list[str]:
     return [t for t in VOCABULARY_TYPES if width % FORMATS[t].block == 0]
 
 
+def narrowest_vocabulary(width: int) -> str:
+    """The vocabulary type with the fewest bits whose blocks divide `width` (what the cheapest mixture
+    may store the embedding in)."""
+    return min(vocabulary_types({"token_embd.weight": width}), key=lambda t: FORMATS[t].bits_per_element)
+
+
 def vocabulary_overrides(rows: dict[str, int], fmt: str) -> dict[str, str]:
     return {name: fmt for name in VOCABULARY_TENSORS if name in rows}
 
 
-def run_search(search: Search, file_types: tuple[str, ...] = COMMON, *, plain: bool = False,
-               score_all: bool = False) -> Option | None:
-    """llama.cpp's file types (with the importance matrix when there is one; also without it when
-    `plain`), then vocabulary moves measured alone on the F16 blocks, then the mixtures they predict
-    best within the budget. Returns the lowest measured KL within the budget (None: nothing fits)."""
-    with_matrix = search.imatrix is not None
-    rows = search.rows
-    for kind in file_types:
-        spec = file_type(kind)
-        variants = ([True] if with_matrix else []) + ([False] if plain or not with_matrix else [])
-        for imatrix in variants:
-            if spec.needs_imatrix and not imatrix:
-                continue
-            search.make(Option(kind, imatrix), score=score_all)
-    # the vocabulary alone, blocks kept in F16: its KL and time apart from the blocks'
-    alone = {}
-    for fmt in vocabulary_types(rows):
-        alone[fmt] = search.make(Option("F16", with_matrix, vocabulary_overrides(rows, fmt)), score=True)
-    base = search.make(Option("F16", False), score=True)
-    for option in _predicted_mixtures(search, alone, base, rows)[:MIXTURES_TRIED]:
-        search.make(option, score=True)
+def run_search(search: Search, file_types: tuple[str, ...] = COMMON, *, plain: bool = False) -> Option | None:
+    """llama.cpp's file types, then vocabulary moves measured alone on the F16 blocks, then the
+    mixtures they predict best within the budget. Returns the lowest measured KL within the budget
+    (None: nothing fits)."""
+    make_file_types(search, file_types, plain=plain)
+    alone, base = make_vocabulary_moves(search)
+    make_mixtures(search, alone, base)
     return search.best()
+
+
+def make_file_types(search: Search, file_types: tuple[str, ...] = COMMON, *, plain: bool = False) -> None:
+    """Each file type as llama.cpp makes it: with the importance matrix when there is one, and also
+    without it when `plain` (what a llama.cpp user without a matrix ships). Each is scored, even one
+    that misses the budget: its blocks may fit beside a narrower vocabulary."""
+    with_matrix = search.imatrix is not None
+    for kind in file_types:
+        for imatrix in ([True] if with_matrix else []) + ([False] if plain or not with_matrix else []):
+            if not (file_type(kind).needs_imatrix and not imatrix):
+                search.make(Option(kind, imatrix))
+
+
+def make_vocabulary_moves(search: Search) -> tuple[dict[str, Option], Option]:
+    """The vocabulary alone on each type it can take, the blocks kept in F16 (its KL and time apart
+    from the blocks'), and the F16 file itself."""
+    with_matrix = search.imatrix is not None
+    alone = {fmt: search.make(Option("F16", with_matrix, vocabulary_overrides(search.rows, fmt)))
+             for fmt in vocabulary_types(search.rows)}
+    return alone, search.make(Option("F16", False))
+
+
+def make_mixtures(search: Search, alone: dict[str, Option], base: Option, tries: int = MIXTURES_TRIED) -> None:
+    for option in _predicted_mixtures(search, alone, base, search.rows)[:tries]:
+        search.make(option)
 
 
 def _predicted_mixtures(search: Search, alone: dict[str, Option], base: Option, rows: dict[str, int]) -> list[Option]:
     """Mixtures (a scored file type's blocks, another vocabulary type) predicted within the budget,
     best predicted KL first: KL and time add the vocabulary move's measured change to the file type's."""
     ranked = []
-    for option in [o for o in search.options if o.kl is not None and not o.overrides and o.file_type != "F16"]:
+    for option in [o for o in search.options if not o.overrides and o.file_type != "F16"]:
         own = alone.get(option.vocabulary, base if option.vocabulary == base.vocabulary else None)
         if own is None:
             continue
