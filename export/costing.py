@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
 from shrink.errors import ShrinkError
-from shrink.numformats.registry import NumberFormat, fitting_format, resolve_weights, stored_format
+from shrink.numformats.registry import FORMATS, NumberFormat, fitting_format, resolve_weights, stored_format, vocabulary_format
 
 
 def op_row_lengths(spec: ArchSpec) -> dict[str, set[int]]:
@@ -47,3 +47,13 @@ def planned_weights(family: str | None, runtime: str) -> NumberFormat:
 def fallback_ops(spec: ArchSpec, weights: NumberFormat) -> tuple[tuple[str, str], ...]:
     """Formats.ops for the operators that fall back from `weights`."""
     return tuple((op, f.name) for op, f in fallbacks(spec, weights).items())
+
+
+def onnx_vocabulary(weights: NumberFormat, hidden: int, kept: bool) -> NumberFormat:
+    """What an ONNX export stores the token embedding and the lm_head in (export/onnx_weights.py writes it):
+    f32 where a student's plan keeps them (`kept`) or the weights are f32; else the registry's vocabulary
+    format for the weights, when its blocks divide the hidden size (GatherBlockQuantized returns whole
+    blocks), else f32."""
+    if kept:
+        return FORMATS["fp32"]
+    return fitting_format(vocabulary_format(weights, "onnx"), [hidden]) or FORMATS["fp32"]

@@ -22,14 +22,24 @@ from typing import Any
 
 from shrink.archspec import ArchSpec, AttentionSpec, Formats
 from shrink.errors import ShrinkError
+from shrink.export.costing import onnx_vocabulary
 from shrink.export.numerics import check_weights
+from shrink.export.onnx_weights import read_layout, stored_weight, store_weights
 from shrink.numformats.plan import saved_plan
-from shrink.numformats.registry import FORMATS, NumberFormat, matmul_nbits_name
+from shrink.numformats.registry import FAMILIES, FORMATS, NumberFormat, matmul_nbits_name
 from shrink.storage import atomic_directory
 
 log = logging.getLogger("shrink")
 LAYOUT_FILE = "shrink_onnx.json"  # what the runner needs to feed the graph: layers, KV shapes, vocab
-ONNX_QUANTS = ("f32", "int8", "int4")  # --quant; with --block-size they name a registry format (onnx_int4_g32)
+ONNX_QUANTS = ("f32", "int8", "int4", "fp8")  # --quant; int8/int4 with --block-size name a registry format (onnx_int4_g32)
+# Why FP4 weights have no ONNX artifact: the ONNX Runtime shrink pins (1.32) has no CPU kernel that computes
+# with FLOAT4E2M1 weights: DequantizeLinear on float4e2m1 (opset 23) is NOT_IMPLEMENTED and MatMulNBits takes
+# integer blocks only; its GatherBlockQuantized reads FP4, but no MatMul could. tests/test_onnx_weights.py
+# checks this against the installed onnxruntime's kernel registry.
+FP4_REFUSAL = ("{family} has no ONNX artifact: ONNX Runtime {version} has no CPU kernel that computes with FLOAT4E2M1 "
+               "weights (DequantizeLinear on float4e2m1 is not implemented), so nothing could run or verify it; "
+               "export it with -f gguf ({gguf}) instead.")
+_matmul_nbits_weight = stored_weight  # the name tests/test_quantize.py reads a MatMulNBits weight back with
 
 
 @dataclass
@@ -110,7 +120,8 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
             raise ShrinkError(f"torch.onnx.export could not trace this model ({type(err).__name__}: {str(err).splitlines()[0]}).") from None
         program.save(str(tmp / "model.onnx"), external_data=True)
         if stored.quantized:
-            _quantize_weights(tmp, stored, result, planned[1] if planned else None)
+            vocabulary = onnx_vocabulary(stored, spec.hidden_size, kept=planned is not None)
+            _quantize_weights(tmp, stored, vocabulary, spec.vocab_size, result, planned[1] if planned else None)
         layout = {"layers": [{"num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for a in attention],
                   "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
@@ -133,130 +144,67 @@ def _initializer_types(path: Path) -> dict[str, int]:
 
 
 def onnx_format(quant: str, block_size: int = 32) -> NumberFormat:
-    """The registry format `--quant` and `--block-size` name: fp32, or MatMulNBits int8/int4 per block."""
+    """The registry format `--quant` and `--block-size` name: fp32, MatMulNBits int8/int4 per block, or FP8 E4M3."""
+    import onnxruntime
+
     quant = quant.lower()
+    family = FAMILIES.get(quant)
+    if family is not None and FORMATS[family.stored["torch"]].compute == "fp4":
+        raise ShrinkError(FP4_REFUSAL.format(family=quant, version=onnxruntime.__version__, gguf=family.stored["gguf"]))
     if quant not in ONNX_QUANTS:
         raise ShrinkError(f"Unknown ONNX weight type '{quant}'; choose one of: {', '.join(ONNX_QUANTS)}.")
     if quant == "f32":
         return FORMATS["fp32"]
+    if quant == "fp8":
+        return FORMATS[family.stored["onnx"]]
     name = matmul_nbits_name(int(quant[3:]), block_size)
     if name not in FORMATS:
-        blocks = sorted({f.block for f in FORMATS.values() if f.runtime == "onnx"})
+        blocks = sorted({f.block for f in FORMATS.values() if (f.onnx_op or "").startswith("MatMulNBits")})
         raise ShrinkError(f"--block-size {block_size} is not one MatMulNBits takes here; choose one of: "
                           f"{', '.join(map(str, blocks))}.")
     return FORMATS[name]
 
 
 def _planned_weights(loaded: Any, stored: NumberFormat) -> tuple[NumberFormat, dict[bytes, str]] | None:
-    """For a student from `shrink quantize --runtime onnx`: its MatMulNBits format and its planned
-    weights by content (ONNX renames initializers, the values are what identify them)."""
+    """For a quantized student (`shrink quantize`): the ONNX format made on its grid (MatMulNBits for
+    --runtime onnx, onnx_fp8 for the fp8 family on either runtime) and its planned weights by content
+    (ONNX renames initializers, the values are what identify them)."""
     import numpy as np
 
     plan = saved_plan(loaded.model)
     if plan is None:
         return None
-    if plan.runtime != "onnx":
-        raise ShrinkError(f"This model was quantized on the {plan.runtime} grid ({plan.grid}); export it with "
-                          f"-f {plan.runtime if plan.runtime != 'torch' else 'gguf'} or quantize it again with --runtime onnx.")
+    onnx = [f for f in FORMATS.values() if f.runtime == "onnx" and f.grid == plan.grid]
+    if not onnx:
+        raise ShrinkError(f"This model was quantized on the {plan.runtime} grid ({plan.grid}), which no ONNX layout "
+                          f"stores; export it with -f {plan.runtime if plan.runtime != 'torch' else 'gguf'} or quantize it "
+                          "again with --runtime onnx.")
     if stored.quantized:
         raise ShrinkError(f"This model carries its own quantization plan ({plan.grid}); --quant does not apply to it.")
-    if plan.fallbacks or any(FORMATS[t.stored].runtime != "onnx" for t in plan.tensors):
-        raise ShrinkError("MatMulNBits takes one block size per export; this plan mixes grids "
+    if plan.fallbacks or any(t.grid != plan.grid for t in plan.tensors):
+        raise ShrinkError("An ONNX export takes one weight layout per model; this plan mixes grids "
                           f"({', '.join(sorted({t.grid for t in plan.tensors}))}), which ONNX export does not write yet.")
     weights = {np.ascontiguousarray(loaded.model.get_submodule(t.module).weight.detach().float().numpy().T).tobytes(): t.module
                for t in plan.tensors}
-    return FORMATS[plan.stored], weights
+    return onnx[0], weights
 
 
-def _matmul_nbits_weight(model: Any, node: Any) -> Any:
-    """The [K, N] float weight a symmetric MatMulNBits node computes with."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    inits = {init.name: init for init in model.graph.initializer}
-    attrs = {a.name: a.i for a in node.attribute}
-    packed = numpy_helper.to_array(inits[node.input[1]])
-    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-    n, k, bits = attrs["N"], attrs["K"], attrs["bits"]
-    if bits == 4:
-        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32) - 8
-    else:
-        codes = packed.reshape(n, -1).astype(np.float32) - 128
-    blocks = codes[:, :k].reshape(n, -1, attrs["block_size"]) * scales.reshape(n, -1, 1)
-    return np.ascontiguousarray(blocks.reshape(n, k).T)
-
-
-def _quantize_weights(directory: Path, stored: NumberFormat, result: OnnxExport,
-                      planned: dict[bytes, str] | None = None) -> None:
-    """Weight-only quantization with ONNX Runtime's MatMulNBits (4 or 8 bits, one scale per block).
-    A planned student's weights are already on this grid (symmetric, signed max / -8 or -128 per 32),
-    which the quantizer reproduces exactly: only its planned MatMuls are quantized, and each result
-    is checked against the student."""
+def _quantize_weights(directory: Path, stored: NumberFormat, vocabulary: NumberFormat, vocab_size: int,
+                      result: OnnxExport, planned: dict[bytes, str] | None = None) -> None:
+    """Store the traced graph's weights in `stored` and its vocabulary in `vocabulary` (export/onnx_weights.py)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    # The quantizer logs a line per graph node at INFO; shrink's report says what was quantized.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     source = directory / "model.onnx"
     model = onnx.load(str(source))
-    untied = _untie_transposed_matmuls(model)
-    if untied:
-        result.notes.append(f"untied {untied} MatMul weight(s) read through a Transpose (tied lm_head) so they quantize too")
-    bits = 4 if stored.compute == "int4" else 8
-    config = DefaultWeightOnlyQuantConfig(block_size=stored.block, is_symmetric=True, accuracy_level=4, bits=bits)
-    exclude = []
-    if planned is not None:  # the kept layers (an lm_head) stay f32: they are not on any grid
-        matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
-        include = [node.name for node in matmuls if _initializer_bytes(model, node.input[1]) in planned]
-        exclude = [node.name for node in matmuls if node.name not in include]
-        if len(include) != len(planned):
-            raise ShrinkError(f"Found {len(include)} of the plan's {len(planned)} weights in the ONNX graph; "
-                              "the export cannot keep the student's grid.")
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
-    quantizer.process()
-    if planned is not None:
-        quantized = quantizer.model.model
-        for node in (n for n in quantized.graph.node if n.op_type == "MatMulNBits"):
-            if _matmul_nbits_weight(quantized, node).tobytes() not in planned:
-                raise ShrinkError(f"ONNX Runtime's {stored.name} of {node.name} differs from the student's grid; not written.")
+    count = store_weights(model, stored, vocabulary, vocab_size, planned)
     for path in directory.iterdir():
         if path.name.startswith("model.onnx"):
             path.unlink()
-    onnx.save_model(quantizer.model.model, str(source), save_as_external_data=True, location="model.onnx.data")
-    kept = " (the lm_head too: the plan keeps it)" if planned is not None else ""
-    result.notes.append(f"MatMul weights as {stored.onnx_op}, symmetric; embeddings and norms stay f32{kept}")
-
-
-def _initializer_bytes(model: Any, name: str) -> bytes | None:
-    import numpy as np
-    from onnx import numpy_helper
-
-    init = next((i for i in model.graph.initializer if i.name == name), None)
-    return None if init is None else np.ascontiguousarray(numpy_helper.to_array(init).astype(np.float32)).tobytes()
-
-
-def _untie_transposed_matmuls(model: Any) -> int:
-    """Replace MatMul(x, Transpose(W)) on an initializer W by MatMul(x, W^T stored): the quantizer only
-    handles a constant right operand, and a tied lm_head reaches MatMul through a Transpose."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    inits = {init.name: init for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    count = 0
-    for node in list(model.graph.node):
-        if node.op_type != "MatMul":
-            continue
-        source = producers.get(node.input[1])
-        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
-            continue
-        weight = numpy_helper.to_array(inits[source.input[0]])
-        name = f"{source.input[0]}.transposed"
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
-        node.input[1] = name
-        count += 1
-    return count
-
+    onnx.save_model(model, str(source), save_as_external_data=True, location="model.onnx.data")
+    kept = "; the student's kept layers stay f32" if planned is not None else ""
+    table = "the token embedding and lm_head f32" if not vocabulary.quantized else (
+        f"the lm_head and token embedding as {vocabulary.name} (the embedding through GatherBlockQuantized)")
+    result.notes.append(f"{count} MatMul weights as {stored.onnx_op}; {table}, a tied table stored once{kept}")
 
 
 @dataclass(frozen=True)
@@ -266,42 +214,15 @@ class OnnxFormats:
 
 
 def onnx_formats(directory: str | Path) -> OnnxFormats:
-    """What an exported decoder stores, read from its graph: the block MatMuls' format, the gather
-    table's, and the lm_head's (an untied copy when the weights were quantized), so that an estimate
-    costs the bytes ONNX Runtime reads."""
+    """What an exported decoder stores, read from its graph: the block MatMuls' format (the most common),
+    the token embedding's and the lm_head's, and whether they share one table, so that an estimate costs
+    the bytes ONNX Runtime reads."""
     import onnx
 
     directory = Path(directory)
     layout = json.loads((directory / LAYOUT_FILE).read_text())
-    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
-    inits = {init.name for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    blocks: dict[str, int] = {}
-    lm_head, tied = "fp32", False
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = {a.name: a.i for a in node.attribute}
-            name, columns = matmul_nbits_name(attrs["bits"], attrs["block_size"]), attrs["N"]
-        elif node.op_type == "MatMul" and (node.input[1] in inits or node.input[1] in producers):
-            source = producers.get(node.input[1])
-            through_transpose = source is not None and source.op_type == "Transpose" and source.input[0] in inits
-            if node.input[1] not in inits and not through_transpose:
-                continue  # an activation x activation MatMul (attention scores)
-            name, columns = "fp32", _columns(model, node.input[1] if not through_transpose else source.input[0],
-                                             through_transpose)
-            tied = tied or (through_transpose and columns == layout["vocab_size"])
-        else:
-            continue
-        if columns == layout["vocab_size"]:
-            lm_head = name
-        else:
-            blocks[name] = blocks.get(name, 0) + 1
-    weights = max(blocks, key=blocks.get) if blocks else "fp32"
-    formats = Formats(weights=weights, embeddings="fp32", activations="fp32", kv_cache="fp32", other="fp32",
-                      lm_head=None if tied else lm_head)
-    return OnnxFormats(formats, tied)
-
-
-def _columns(model: Any, name: str, transposed: bool) -> int:
-    init = next(i for i in model.graph.initializer if i.name == name)
-    return int(init.dims[0] if transposed else init.dims[-1])
+    read = read_layout(onnx.load(str(directory / "model.onnx"), load_external_data=False), layout["vocab_size"])
+    weights = max(read.blocks, key=read.blocks.get) if read.blocks else "fp32"
+    formats = Formats(weights=weights, embeddings=read.embedding, activations="fp32", kv_cache="fp32", other="fp32",
+                      lm_head=None if read.tied else read.lm_head)
+    return OnnxFormats(formats, read.tied)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
-from shrink.export.costing import fallback_ops, planned_weights
+from shrink.export.costing import fallback_ops, onnx_vocabulary, planned_weights
 from shrink.export.onnx import export_onnx, onnx_formats
 from shrink.export.onnx_runtime import OnnxRunner
 from shrink.export.runtimes import Runner, timed_runs
@@ -19,7 +19,7 @@ from shrink.export.runtimes import Runner, timed_runs
 class OnnxBackend:
     kind = "onnx"
     runtime = "onnxruntime"
-    default_quant = "f32"  # ONNX Runtime's CPU kernels compute in float32; int8/int4 are MatMulNBits on request
+    default_quant = "f32"  # ONNX Runtime's CPU kernels compute in float32; int8/int4 (MatMulNBits) and fp8 on request
     default_block_size = 32  # weights per MatMulNBits block: the block GGUF's Q8_0/Q4_0 use too
 
     def matches(self, path: Path) -> bool:
@@ -66,22 +66,21 @@ class OnnxBackend:
         return tokenizer.decode(new), len(new), time.perf_counter() - start
 
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
-        """The formats the graph stores (MatMulNBits scales included) and whether it keeps the lm_head
-        tied: a quantized export reads an untied copy, so the spec says untied when the file does."""
+        """The formats the graph stores (MatMulNBits scales included) and whether its lm_head and token
+        embedding share one table, so the spec says untied when the file stores two."""
         read = onnx_formats(path)
         return replace(spec, tied_embeddings=spec.tied_embeddings and read.tied), read.formats
 
     def costed_spec(self, spec: ArchSpec, family: str | None, lm_head_kept: bool = True) -> ArchSpec:
-        """What export/onnx.py writes for `family`: MatMulNBits block weights, the gather table f32; a
-        quantized export unties a tied lm_head into its own initializer, f32 when the student's plan
-        keeps it (lm_head_kept: every planned run), else quantized like the blocks (`shrink export
-        --quant`); activations and KV f32."""
+        """What export/onnx.py writes for `family`: the block weights in its ONNX layout (MatMulNBits or
+        FP8 + DequantizeLinear); the token embedding and lm_head in costing.onnx_vocabulary's format, f32
+        when a student's plan keeps them (lm_head_kept: every planned run), else the blocks' layout
+        (`shrink export --quant`), a tied table stored once either way; activations and KV f32."""
         weights = planned_weights(family, self.kind)
-        lm_head = ("fp32" if lm_head_kept else weights.name) if weights.quantized else None
-        formats = Formats(weights=weights.name, embeddings="fp32", activations="fp32", kv_cache="fp32", other="fp32",
-                          lm_head=lm_head, ops=fallback_ops(spec, weights))
-        tied = spec.tied_embeddings and not weights.quantized  # a quantized export unties it
-        return replace(spec, tied_embeddings=tied, formats=formats.validated())
+        vocabulary = onnx_vocabulary(weights, spec.hidden_size, kept=lm_head_kept or not weights.quantized).name
+        formats = Formats(weights=weights.name, embeddings=vocabulary, activations="fp32", kv_cache="fp32", other="fp32",
+                          lm_head=None if spec.tied_embeddings else vocabulary, ops=fallback_ops(spec, weights))
+        return replace(spec, formats=formats.validated())
 
     def stored_quant(self, path: Path) -> str:
         """The registry format the graph stores its block weights in, read from the graph itself."""

@@ -40,23 +40,30 @@ def _gguf_bytes(path):
 
 
 def _onnx_bytes(directory):
+    """(bytes of the block weights, bytes of every initializer, bytes of FP8 row scales) as the graph stores
+    them: a block weight is what a MatMulNBits, or a MatMul through a DequantizeLinear or on a constant,
+    reads, other than the [.., vocab] lm_head."""
     import onnx
 
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
-    size = {}
-    for init in model.graph.initializer:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-        size[init.name] = int(np.prod(init.dims)) * itemsize
-    vocab = [i for i in model.graph.initializer if SHAPE["vocab_size"] in i.dims]
-    quantized = {name for node in model.graph.node if node.op_type in ("MatMulNBits", "MatMul")
-                 for name in node.input[1:] if name in size}
-    blocks = sum(size[n] for n in quantized if n not in {v.name for v in vocab}
-                 and not any(n.startswith(v.name) for v in vocab))
-    # MatMulNBits' scales of the lm_head are not [vocab]-shaped: count them by their node
+    inits = {init.name: init for init in model.graph.initializer}
+    size = {name: int(np.prod(i.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
+            for name, i in inits.items()}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    blocks, scales = 0, set()
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["N"] == SHAPE["vocab_size"]:
-            blocks -= sum(size[n] for n in node.input[1:] if n in size and n not in {v.name for v in vocab})
-    return blocks, sum(size.values())
+        if node.op_type == "MatMulNBits":
+            if {a.name: a.i for a in node.attribute}["N"] != SHAPE["vocab_size"]:
+                blocks += sum(size[n] for n in node.input[1:] if n in size)
+        elif node.op_type == "MatMul" and node.input[1] in inits:
+            blocks += size[node.input[1]] * (inits[node.input[1]].dims[-1] != SHAPE["vocab_size"])
+        elif node.op_type == "MatMul" and getattr(producers.get(node.input[1]), "op_type", "") == "DequantizeLinear":
+            data, scale = producers[node.input[1]].input[:2]
+            scales.add(scale)  # one fp32 per output row, vocabulary included
+            blocks += (size[data] + size[scale]) * (inits[data].dims[-1] != SHAPE["vocab_size"])
+        elif node.op_type == "GatherBlockQuantized" and inits[node.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN:
+            scales.add(producers[node.input[2]].input[0])  # the table's row scales, through a Reshape
+    return blocks, sum(size.values()), sum(size[name] for name in scales)
 
 
 def _check(costed, stored_blocks, stored_total):
@@ -85,29 +92,39 @@ def test_gguf_student_stores_what_is_costed(tiny_model, tmp_path, family):
     _check(costed_spec(loaded.spec, family, "gguf"), *_gguf_bytes(tmp_path / "m.gguf"))
 
 
-@pytest.mark.parametrize("quant, block", [("f32", 32), ("int8", 32), ("int4", 32), ("int4", 128)])
-def test_onnx_export_stores_what_is_costed(tiny_model, tmp_path, quant, block):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("quant, block", [("f32", 32), ("int8", 32), ("int4", 32), ("int4", 128), ("fp8", 32)])
+def test_onnx_export_stores_what_is_costed(tiny_model, tmp_path, quant, block, tied):
+    """Quantized exports store the vocabulary in the blocks' layout (GatherBlockQuantized), a tied table
+    once. FP8's record counts its codes: its fp32 row scales are 4 bytes per output row, exactly."""
     from shrink.export.onnx import export_onnx, onnx_format
 
-    loaded = _model(tiny_model, True)
+    loaded = _model(tiny_model, tied)
     export_onnx(loaded, tmp_path / "onnx", quant, block)
     stored = onnx_format(quant, block).name
-    _check(costed_spec(loaded.spec, stored, "onnx", lm_head_kept=False), *_onnx_bytes(tmp_path / "onnx"))
+    blocks, total, row_scales = _onnx_bytes(tmp_path / "onnx")
+    costed = costed_spec(loaded.spec, stored, "onnx", lm_head_kept=False)
+    # output rows per layer: q, k, v, o, gate, up, down
+    layer = (SHAPE["num_attention_heads"] + 2 * SHAPE["num_key_value_heads"]) * SHAPE["head_dim"] + 2 * SHAPE["hidden_size"] \
+        + 2 * SHAPE["intermediate_size"]
+    rows = layer * len(loaded.spec.layers) + SHAPE["vocab_size"] * (1 if tied else 2)
+    assert row_scales == (4 * rows if quant == "fp8" else 0)
+    block_scales = 4 * (rows - SHAPE["vocab_size"] * (1 if tied else 2)) if quant == "fp8" else 0
+    _check(costed, blocks - block_scales, total - row_scales)
 
 
-@pytest.mark.parametrize("family", ["int8", "int4"])
+@pytest.mark.parametrize("family", ["int8", "int4", "fp8"])
 def test_onnx_student_stores_what_is_costed(tiny_model, tmp_path, family):
     from shrink.export.onnx import export_onnx
 
     loaded = _student(_model(tiny_model, True), family, "onnx")
     export_onnx(loaded, tmp_path / "onnx")
-    _check(costed_spec(loaded.spec, family, "onnx"), *_onnx_bytes(tmp_path / "onnx"))
+    blocks, total, row_scales = _onnx_bytes(tmp_path / "onnx")
+    _check(costed_spec(loaded.spec, family, "onnx"), blocks - row_scales, total - row_scales)
 
 
 def test_artifact_formats_read_back_equal_the_costing(tiny_model, tmp_path):
     """What bench and the budget check read from a file is what the planner costed before writing it."""
-    from dataclasses import replace
-
     from shrink.export.gguf import export_gguf
     from shrink.export.onnx import export_onnx, onnx_formats
     from shrink.ggufmeta import gguf_formats
@@ -118,12 +135,13 @@ def test_artifact_formats_read_back_equal_the_costing(tiny_model, tmp_path):
     loaded = _model(tiny_model, False)
     export_gguf(loaded, tmp_path / "f16.gguf", "fp16")
     assert gguf_formats(tmp_path / "f16.gguf").formats == costed_spec(loaded.spec, None, "gguf").formats
-    loaded = _model(tiny_model, True)
-    export_onnx(loaded, tmp_path / "onnx", "int4", 32)
-    read = onnx_formats(tmp_path / "onnx")
-    planned = costed_spec(loaded.spec, "onnx_int4_g32", "onnx", lm_head_kept=False)
-    assert read.formats == planned.formats and read.tied == planned.tied_embeddings
-    assert replace(planned.formats, lm_head=None) != planned.formats  # the untied copy is costed apart
+    for tied, quant, stored in ((True, "int4", "onnx_int4_g32"), (False, "fp8", "onnx_fp8")):
+        loaded = _model(tiny_model, tied)
+        export_onnx(loaded, tmp_path / quant, quant, 32)
+        read = onnx_formats(tmp_path / quant)
+        planned = costed_spec(loaded.spec, stored, "onnx", lm_head_kept=False)
+        assert read.formats == planned.formats and read.tied == planned.tied_embeddings == tied
+        assert planned.formats.embeddings == stored  # the table is stored compactly, not f32
 
 
 def test_a_mixed_k_quant_file_is_costed_byte_for_byte():
