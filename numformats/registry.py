@@ -127,13 +127,13 @@ _RECORDS: tuple[NumberFormat, ...] = (
          grid="binary", gate=_LOW),
     # GGUF tensor types (llama.cpp), bytes per block as ggml's type traits give them
     _gguf("q8_0", "Q8_0", 32, 34, "int8", "GGUF Q8_0: 32 int8 + fp16 scale", "q8_0", _EIGHT),
-    _gguf("q5_0", "Q5_0", 32, 22, "int8", "GGUF Q5_0: 32 5-bit + fp16 scale", None, _FIVE),
-    _gguf("q5_1", "Q5_1", 32, 24, "int8", "GGUF Q5_1: 32 5-bit + fp16 scale and min", None, _FIVE),
+    _gguf("q5_0", "Q5_0", 32, 22, "int8", "GGUF Q5_0: 32 5-bit + fp16 scale", "q5_0", _FIVE),
+    _gguf("q5_1", "Q5_1", 32, 24, "int8", "GGUF Q5_1: 32 5-bit + fp16 scale and min", "q5_1", _FIVE),
     _gguf("q4_0", "Q4_0", 32, 18, "int4", "GGUF Q4_0: 32 4-bit + fp16 scale", "q4_0", _FOUR),
     _gguf("q4_1", "Q4_1", 32, 20, "int4", "GGUF Q4_1: 32 4-bit + fp16 scale and min", "q4_1", _FOUR),
-    _gguf("q6_k", "Q6_K", 256, 210, "int8", "GGUF Q6_K: super-blocks of 256", None, _FIVE),
-    _gguf("q5_k", "Q5_K", 256, 176, "int8", "GGUF Q5_K: super-blocks of 256", None, _FIVE),
-    _gguf("q4_k", "Q4_K", 256, 144, "int4", "GGUF Q4_K: super-blocks of 256", None, _FOUR),
+    _gguf("q6_k", "Q6_K", 256, 210, "int8", "GGUF Q6_K: super-blocks of 256", "q6_k", _FIVE),
+    _gguf("q5_k", "Q5_K", 256, 176, "int8", "GGUF Q5_K: super-blocks of 256", "q5_k", _FIVE),
+    _gguf("q4_k", "Q4_K", 256, 144, "int4", "GGUF Q4_K: super-blocks of 256", "q4_k", _FOUR),
     _gguf("q3_k", "Q3_K", 256, 110, "int4", "GGUF Q3_K: super-blocks of 256", None, _LOW),
     _gguf("q2_k", "Q2_K", 256, 84, "int4", "GGUF Q2_K: super-blocks of 256", None, _LOW),
     # llama.cpp's importance-aware types (made only by its own quantizer, `llama_model_quantize`)
@@ -252,8 +252,11 @@ UNQUANTIZED = {"gguf": "fp16", "onnx": "fp32", "torch": "bf16"}  # what each run
 # them at 6-8 bits): at 4 bits the vocabulary projection dominates the loss for a small share of time.
 GGUF_VOCABULARY = "q8_0"
 # Tried in turn when a weight's rows do not divide into a stored format's blocks (Gemma 3's 640-wide
-# rows against TQ2_0's 256-element blocks); every fallback is listed, none is silent.
+# rows against TQ2_0's 256-element blocks); every fallback is listed, none is silent. The K-quants
+# fall back as llama.cpp's own quantizer does for incompatible rows (llama-quant.cpp): Q4_K -> Q5_0,
+# Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL (which shrink cannot make: Q4_0 instead).
 FALLBACK = {"tq2_0": "q4_0", "tq1_0": "q4_0", "q1_0": "q4_0", "nvfp4_gguf": "q8_0", "mxfp4": "q8_0",
+            "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0", "q2_k": "q4_0",
             "q4_0": "q8_0", "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0", "q8_0": "fp16",
             "int4_g128": "int8", "onnx_int4_g32": "onnx_int8_g32"}
 

@@ -30,7 +30,7 @@ def test_families_resolve_per_runtime():
     assert stored_format(None, "gguf").name == "fp16"
     assert resolve_weights("int4", "gguf").bits_per_element == 4.5  # the same grid `shrink quantize` writes
     assert resolve_weights("q6_k", "onnx").name == "q6_k"  # a stored name stays itself
-    with pytest.raises(ShrinkError, match="fp8 exports to: none"):
+    with pytest.raises(ShrinkError, match="fp8 exports to: onnx"):
         stored_format("fp8", "gguf")
 
 

@@ -19,15 +19,16 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.numformats.plan import QuantPlan, TensorGrid
-from shrink.numformats.registry import FORMATS, NumberFormat, fitting_format, stored_format, vocabulary_format
+from shrink.numformats.registry import FAMILIES, FORMATS, NumberFormat, fitting_format, stored_format, vocabulary_format
 
 KEEP_DEFAULT = ("lm_head", "*.router", "*.gate", "*embed*")
 
 
 def _wanted(name: str, runtime: str) -> NumberFormat:
-    """A family as `runtime` stores it, or one of `runtime`'s own stored formats by name (q4_k)."""
+    """A family as `runtime` stores it, or one of `runtime`'s own stored formats by name (q4_k). A
+    family's name wins where a plain format shares it (fp8: per-row FP8 weights, not the per-tensor type)."""
     record = FORMATS.get(name.lower())
-    if record is not None and record.runtime == runtime and record.grid:
+    if name.lower() not in FAMILIES and record is not None and record.runtime == runtime and record.grid:
         return record
     return stored_format(name, runtime)
 
