@@ -31,7 +31,7 @@ from shrink.hardware.plot import pareto_chart
 @handle_user_errors
 def run_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="A TOML recipe file, or the name of a shipped one (demo, minitron-width, qad-nvfp4); with --target/--budget the budget gates its result."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="A TOML recipe file, or the name of a shipped one (demo, prune-qad-q4, minitron-width, qad-nvfp4); with --target/--budget the budget gates its result."),
     target: str = typer.Option(None, "--target", "-t", help="Hardware profile to plan for (see `shrink profiles`); `host` is this machine."),
     budget: list[str] = typer.Option(None, "--budget", "-b", help="20ms (per output token), ttft=200ms, mem=2GB; repeat or join with commas."),
     workload: str = typer.Option(None, help="batch=N,prompt=N,gen=N for the estimates (default batch=1,prompt=512,gen=128)."),
@@ -197,7 +197,26 @@ def _execute(model, steps, run_dir, resume, data, seq_len, plan, recipe) -> dict
             raise typer.Exit(1) from None
 
 
+def _quantizer_table(metrics: dict) -> Table:
+    """The gguf-quantize step's candidates: within the budget by KL first, then the others by time."""
+    chosen = metrics["chosen"]["label"]
+    table = Table(title="llama.cpp's quantizer: every candidate made, costed and scored (KL on held-out text)",
+                  title_justify="left")
+    for column in ("candidate", "time/token", "KL", "top-1", "verdict"):
+        table.add_column(column, justify="left" if column in ("candidate", "verdict") else "right")
+    ordered = sorted(metrics["candidates"], key=lambda o: (not o["fits"], o["kl"] if o["fits"] else o["cost"]["tpot_s"]))
+    for option in ordered:
+        verdict = ("[bold green]chosen[/]" if option["label"] == chosen else
+                   "within budget" if option["fits"] else "[red]misses budget[/]")
+        table.add_row(option["label"], f"{fmt_time(option['cost']['tpot_s'])} ({option['cost']['by'][:4]}.)",
+                      f"{option['kl']:.4f}", f"{option['top1']:.1%}", verdict)
+    return table
+
+
 def _print_report(report: dict) -> None:
+    for step in report["steps"]:
+        if step["name"] == "gguf-quantize" and step.get("status") == "finished":
+            console.print(_quantizer_table(step["metrics"]))
     table = Table(title=f"Run {report['run_dir']}: {report['model']}", title_justify="left")
     for column in ("step", "time (measured)", "result"):
         table.add_column(column)
@@ -241,6 +260,11 @@ def _summary(step: dict) -> str:
             if m.get("kept") == "ptq":
                 text += " (worse: PTQ weights kept)"
         return text
+    if name == "gguf-quantize":
+        chosen = m["chosen"]
+        return (f"{chosen['label']}: {fmt_time(chosen['cost']['tpot_s'])}/token ({chosen['cost']['by']}), held-out KL "
+                f"{chosen['kl']:.4f}, {fmt_bytes(m['bytes_on_disk'])}; lowest KL within budget of "
+                f"{len(m['candidates'])} candidates made by llama.cpp's quantizer")
     if name == "export":
         verdict = m.get("verify_against_model") or {}
         metrics = verdict.get("metrics") or {}

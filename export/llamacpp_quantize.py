@@ -83,10 +83,18 @@ def quantize_gguf(source: str | Path, output: str | Path, kind: str, *, override
     spec = file_type(kind)
     if spec.needs_imatrix and not imatrix:
         raise ShrinkError(f"llama.cpp makes {spec.name} only with an importance matrix; give one.")
-    types = check_overrides(overrides or {}, rows if rows is not None else tensor_rows(source)) if overrides else {}
+    ftype = spec.ftype
+    if overrides:
+        rows = rows if rows is not None else tensor_rows(source)
+        if not get_format(spec.weights).quantized:
+            # llama.cpp applies no override under an unquantized file type (checked: the file comes out
+            # all F16), so ask for Q8_0 and keep every tensor not overridden in the file type's own type
+            overrides = {**{name: spec.weights for name in rows}, **overrides}
+            ftype = file_type("Q8_0").ftype
+    types = check_overrides(overrides, rows) if overrides else {}
 
     params = lib.llama_model_quantize_default_params()
-    params.ftype = spec.ftype
+    params.ftype = ftype
     params.nthread = threads
     keep = []  # ctypes buffers must outlive the call
     if types:

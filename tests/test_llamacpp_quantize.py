@@ -154,3 +154,12 @@ def test_the_planner_gets_the_search_best_as_a_measured_candidate_and_a_recipe_t
     assert made.file_type == roomy.quantizer["file_type"] and made.imatrix == roomy.quantizer["imatrix"]
     assert parse_overrides(made.overrides) == roomy.quantizer["overrides"]
     assert quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1e-9)) is None
+
+
+def test_overrides_apply_under_an_unquantized_file_type(wide, tmp_path):
+    _, source, _ = wide
+    # llama.cpp itself ignores overrides when asked for F16: the vocabulary must still move alone
+    out = quantize_gguf(source, tmp_path / "vocab.gguf", "F16", overrides={"token_embd.weight": "q4_0"})
+    types = types_of(out)
+    assert types["token_embd.weight"] == "Q4_0"
+    assert {kind for name, kind in types.items() if name != "token_embd.weight"} == {"F16", "F32"}
