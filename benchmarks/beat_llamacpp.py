@@ -36,7 +36,7 @@ from shrink.export.llamacpp_quantize import quantize_gguf
 from shrink.export.workflow import verify_against
 from shrink.flows.candidates import TargetBudget
 from shrink.flows.gguf_quantize import budget_fits, prepare_search, target_cost, write_choice
-from shrink.flows.gguf_search import make_file_types, make_mixtures, make_vocabulary_moves
+from shrink.flows.gguf_search import make_file_types, make_layer_upgrades, make_mixtures, make_vocabulary_moves
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload
 from shrink.model import load
@@ -95,7 +95,10 @@ def measure(name, loaded, split, folder, log):
     for share in SHARES:
         budget = TargetBudget(tpot_s=share * f16)
         search.fits = budget_fits(budget)
+        for option in search.options:
+            option.fits = search.fits(option.cost)
         make_mixtures(search, alone, base)
+        make_layer_upgrades(search)
         for option in search.options:
             option.fits = search.fits(option.cost)
         llama = [o for o in search.options if o.fits and not o.overrides and o.file_type != "F16"]

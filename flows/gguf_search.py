@@ -32,6 +32,8 @@ VOCABULARY_TENSORS = ("token_embd.weight", "output.weight")
 # the types llama.cpp's quantizer writes that the vocabulary may take, widest first
 VOCABULARY_TYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "iq4_nl", "q4_k", "q4_1", "q4_0", "iq4_xs")
 MIXTURES_TRIED = 4  # predicted-best mixtures made and measured (each costs a quantization and a KL pass)
+LAYER_GROUPS = 6  # contiguous groups of layers whose sensitivity is measured (one KL pass each)
+UPGRADE = "q8_0"  # what a sensitive group's block weights are raised to
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def run_search(search: Search, file_types: tuple[str, ...] = COMMON, *, plain: b
     make_file_types(search, file_types, plain=plain)
     alone, base = make_vocabulary_moves(search)
     make_mixtures(search, alone, base)
+    make_layer_upgrades(search)
     return search.best()
 
 
@@ -214,3 +217,32 @@ def _predicted_mixtures(search: Search, alone: dict[str, Option], base: Option, 
             made.add(key)
             unique.append(option)
     return unique
+
+
+def make_layer_upgrades(search: Search, groups: int = LAYER_GROUPS, upgrade: str = UPGRADE) -> Option | None:
+    """Per-layer mixed precision by measured sensitivity: from the best option within the budget, raise
+    each group of contiguous layers' block weights to `upgrade` alone (the KL it buys and the time it
+    costs, both measured), then raise together the groups that buy most KL per unit of time while the
+    summed time still fits, and measure that. Returns the combined option (None: nothing to try)."""
+    start = search.best()
+    if start is None or FORMATS[start.weights].bits_per_element >= FORMATS[upgrade].bits_per_element:
+        return None
+    layers = sorted({int(name.split(".")[1]) for name in search.rows if name.startswith("blk.")})
+    size = max(1, -(-len(layers) // groups))
+    gains = []
+    for first in range(0, len(layers), size):
+        chosen = set(layers[first:first + size])
+        raised = {name: upgrade for name in search.rows if name.startswith("blk.")
+                  and int(name.split(".")[1]) in chosen and search.rows[name] % FORMATS[upgrade].block == 0}
+        option = search.make(Option(start.file_type, start.imatrix, {**start.overrides, **raised}))
+        gains.append((start.kl - option.kl, option.cost.tpot_s - start.cost.tpot_s, raised))
+    combined, tpot = dict(start.overrides), start.cost.tpot_s
+    picked = 0
+    for kl_gain, extra, raised in sorted(gains, key=lambda g: g[0] / max(g[1], 1e-9), reverse=True):
+        if kl_gain > 0 and search.fits(replace(start.cost, tpot_s=tpot + max(extra, 0.0))):
+            combined.update(raised)
+            tpot += max(extra, 0.0)
+            picked += 1
+    if picked < 2:  # one group alone was measured already
+        return None
+    return search.make(Option(start.file_type, start.imatrix, combined))

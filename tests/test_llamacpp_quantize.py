@@ -163,3 +163,20 @@ def test_overrides_apply_under_an_unquantized_file_type(wide, tmp_path):
     types = types_of(out)
     assert types["token_embd.weight"] == "Q4_0"
     assert {kind for name, kind in types.items() if name != "token_embd.weight"} == {"F16", "F32"}
+
+
+def test_sensitive_layer_groups_are_raised_by_measurement(wide, tmp_path):
+    from shrink.flows.gguf_search import Option, make_layer_upgrades
+
+    loaded, source, matrix = wide
+    reference = ReferenceLogProbs(TorchRunner(loaded.model), IDS)
+    search = Search(source, tmp_path, reference, lambda path: Cost(path.stat().st_size / 1e9, "estimated"),
+                    lambda c: True, matrix)
+    start = search.make(Option("Q2_K", True))
+    combined = make_layer_upgrades(search, groups=2)
+    groups = search.options[1:3]  # each group of one layer raised alone, measured
+    assert all(sum(name.startswith(f"blk.{i}.") for name in o.overrides) for o, i in zip(groups, (0, 1)))
+    assert all(kind == "q8_0" for o in groups for kind in o.overrides.values())
+    # Q2_K -> Q8_0 helps either layer of a random model and the budget is open: both raised together, measured
+    assert combined is not None and set(combined.overrides) == set(groups[0].overrides) | set(groups[1].overrides)
+    assert search.best().kl < start.kl
