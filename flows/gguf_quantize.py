@@ -25,6 +25,7 @@ from shrink.export.manifest import write_manifest
 from shrink.export.runtimes import TorchRunner
 from shrink.export.verify import ReferenceLogProbs
 from shrink.export.workflow import export_artifact
+from shrink.flows import defaults
 from shrink.flows.candidates import Candidate, TargetBudget
 from shrink.flows.gguf_search import Cost, Option, Search, run_search
 from shrink.hardware.roofline import Workload, estimate
@@ -32,7 +33,6 @@ from shrink.model import weights_hash
 
 SEARCH_SEQUENCES = 3  # held-out sequences the KL of every candidate is measured on (3 x 128 positions)
 SEARCH_POSITIONS = 128
-TIMING = {"prompt": 64, "gen": 16, "repeats": 2}  # a candidate's decode time on host: 32 tokens timed
 
 
 def target_cost(spec: Any, profile: Any, workload: Workload) -> Callable[[Path], Cost]:
@@ -46,8 +46,10 @@ def target_cost(spec: Any, profile: Any, workload: Workload) -> Callable[[Path],
         est = estimate(replace(stored, formats=formats), profile, workload)
         if not profile.measured:
             return Cost(est.tpot_s, "estimated", est.ttft_s, est.memory.total_bytes)
-        prompt, gen = token_ids(TIMING["prompt"], spec.vocab_size), token_ids(TIMING["gen"], spec.vocab_size)
-        _, decode = gguf.time(path, threads, prompt, gen, TIMING["repeats"])
+        # timed as the run's bench step will judge it: its prompt, decoded tokens and repeats
+        prompt = token_ids(defaults.BENCH_PROMPT_LEN, spec.vocab_size)
+        gen = token_ids(defaults.BENCH_GEN_LEN, spec.vocab_size)
+        _, decode = gguf.time(path, threads, prompt, gen, defaults.BENCH_REPEATS)
         return Cost(sorted(decode)[len(decode) // 2], "measured", est.ttft_s, est.memory.total_bytes)
     return cost
 
