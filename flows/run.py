@@ -293,7 +293,7 @@ def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *,
 def recipe_path(recipe: Path) -> Path:
     """A recipe file, or the file of a shipped recipe named by its stem (demo, minitron-width, ...)."""
     shipped = shipped_recipes()
-    return shipped[str(recipe)] if not recipe.exists() and str(recipe) in shipped else recipe
+    return shipped[str(recipe)] if not recipe.is_file() and str(recipe) in shipped else recipe
 
 
 def resumed(run_dir: Path) -> tuple[list[tuple[str, Any]], dict | None] | None:
