@@ -1,6 +1,7 @@
 """Recipes: every shipped one parses into its steps' configs; mistakes name the line."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,7 @@ from shrink.errors import ShrinkError
 
 def test_every_shipped_recipe_parses_into_its_step_configs():
     recipes = shipped_recipes()
-    assert {"demo", "minitron-width", "qad-nvfp4"} <= set(recipes)
+    assert {"demo", "prune-qad-q4", "minitron-width", "qad-nvfp4"} <= set(recipes)
     for name, path in recipes.items():
         steps = parse_recipe(path)
         assert steps, name
@@ -101,3 +102,11 @@ def test_a_step_name_that_is_not_a_string_is_named(tmp_path):
     path.write_text('step = 3\n')
     with pytest.raises(ShrinkError, match="must be \\[\\[step\\]\\] tables"):
         parse_recipe(path)
+
+
+def test_a_shipped_recipe_is_found_beside_a_directory_of_its_name(tmp_path, monkeypatch):
+    from shrink.flows.run import recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # a run directory called demo (`-o demo`) must not hide the recipe
+    assert recipe_path(Path("demo")).name == "demo.toml" and recipe_path(Path("demo")).is_file()
