@@ -15,6 +15,7 @@ student's, so nothing is rounded twice.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +86,6 @@ def _pack(values: np.ndarray, fmt: NumberFormat, name: str) -> tuple[Any, Any, n
 def _ort_quantizer(block: int, bits: int) -> Any:
     """ONNX Runtime's own MatMulNBits block quantizer (symmetric). Importing its module configures the root
     logger at INFO (logging.basicConfig), which would print every later library log line: undone here."""
-    import logging
-
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
