@@ -51,11 +51,13 @@ def run_command(
 ) -> None:
     """Compose prune, distill, quantize, export, verify and bench into one run, from a recipe or a budget.
 
-    With --target and --budget alone the planner costs prune shapes times formats on the target and,
-    for llama.cpp targets, runs llama.cpp's own quantizer on the model: every file type (with and
-    without shrink's importance matrix), the vocabulary on other types, sensitive layers raised to Q8_0,
-    each made and scored against the original (on `host` also timed). The lowest KL within the budget
-    is chosen and written as a recipe, which the run executes and verifies.
+    With --target and --budget alone, the planner costs prune shapes times formats on the target.
+
+    On llama.cpp targets it also runs llama.cpp's own quantizer: each file type, narrower vocabularies, layers on Q8_0.
+
+    Each of those files is made and scored against the original (on `host` timed too), not predicted.
+
+    The lowest KL within the budget becomes the recipe, which the run executes, verifies and times.
 
     Examples:
 
