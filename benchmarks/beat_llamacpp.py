@@ -103,7 +103,7 @@ def measure(name, loaded, split, folder, log):
             option.fits = search.fits(option.cost)
         llama = [o for o in search.options if o.fits and not o.overrides and o.file_type != "F16"]
         llama_best = min(llama, key=lambda o: o.kl) if llama else None
-        chosen = search.best()
+        chosen = search.confirmed()  # what run_search returns: the winner timed again
         row = {"reference": name, "share": share, "budget_s": budget.tpot_s, "f16_s": f16,
                "llama_best": llama_best.to_dict() if llama_best else None, "shrink": None}
         if chosen is not None:
