@@ -109,7 +109,7 @@ def measure(name, loaded, split, folder, log):
         if chosen is not None:
             chosen.path = quantize_gguf(search.source, folder / f"chosen-{share}.gguf", chosen.file_type,
                                         overrides=chosen.overrides, imatrix=search.imatrix if chosen.imatrix else None)
-            write_choice(search, chosen, loaded, folder / f"artifact-{share}.gguf")
+            write_choice(chosen, loaded, folder / f"artifact-{share}.gguf")
             timed = bench(folder / f"artifact-{share}.gguf", prompt_len=128, gen_len=32, repeats=3).decode.median_s
             verdict = verify_against(folder / f"artifact-{share}.gguf", loaded, chosen.weights)
             row["shrink"] = {**chosen.to_dict(), "retimed_s": timed, "verify_kl": verdict.metrics.mean_kl,

@@ -81,7 +81,7 @@ def prepare_search(loaded: Any, split: Any, folder: Path, cost: Callable[[Path],
     return Search(source, folder, reference, cost, fits, matrix, status)
 
 
-def write_choice(search: Search, option: Option, loaded: Any, artifact: Path) -> dict:
+def write_choice(option: Option, loaded: Any, artifact: Path) -> dict:
     """The chosen option's file as the artifact, with a manifest (source, hashes, ArchSpec, how it was
     made) so that verify, bench and the budget check read it like any export."""
     artifact.parent.mkdir(parents=True, exist_ok=True)

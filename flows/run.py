@@ -164,7 +164,7 @@ def gguf_quantize_step(state: RunState, config: Any, out: Path) -> dict:
         else:
             chosen = make_option(search, config.file_type, config.imatrix, overrides)
         artifact = backend("gguf").artifact_in(out)
-        report = write_choice(search, chosen, loaded, artifact)
+        report = write_choice(chosen, loaded, artifact)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"outputs": {"artifact": str(artifact), "manifest": str(manifest_path(artifact))},
