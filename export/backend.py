@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from shrink.archspec import ArchSpec, Formats
@@ -35,6 +37,8 @@ class Backend(Protocol):
              repeats: int) -> tuple[list[float], list[float]]: ...
 
     def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]: ...
+
+    def tokenizer(self, path: Path) -> AbstractContextManager[Callable[[str], list[int]] | None]: ...
 
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]: ...
 

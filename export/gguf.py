@@ -24,6 +24,7 @@ import numpy as np
 from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
+from shrink.export.gguf_tokenizer import gguf_vocabulary
 from shrink.export.numerics import check_weights
 from shrink.ggufmeta import copy_tokenizer_fields
 from shrink.numformats.plan import TensorGrid, saved_plan
@@ -237,16 +238,12 @@ def _check_gemma3_window_pattern(spec: ArchSpec) -> None:
 
 def _write_tokenizer(writer: Any, loaded: Any, spec: ArchSpec) -> None:
     source = getattr(loaded, "gguf_tokenizer", None)
-    if source is None:
-        if loaded.tokenizer is not None:
-            raise ShrinkError(
-                "Converting a Hugging Face tokenizer to GGUF is not supported yet; models that come from a GGUF "
-                "(such as gemma-3-270m) carry theirs. Export it as ONNX instead."
-            )
-        # No tokenizer at all (tiny test models): llama.cpp runs token ids with an empty vocabulary.
+    if source is not None:  # born as a GGUF: its own tokenizer keys, verbatim
+        copy_tokenizer_fields(Path(source), writer)
+    elif loaded.tokenizer is not None:
+        gguf_vocabulary(loaded.tokenizer, spec.vocab_size).write(writer)
+    else:  # no tokenizer at all (tiny test models): llama.cpp runs token ids with an empty vocabulary
         writer.add_tokenizer_model("none")
-        return
-    copy_tokenizer_fields(Path(source), writer)
 
 
 def _pad_ffn_to_uniform(spec: ArchSpec, state: dict[str, np.ndarray], result: GGUFExport) -> ArchSpec:

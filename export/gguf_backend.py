@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,17 @@ class GGUFBackend:
         start = time.perf_counter()
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"], out["usage"]["completion_tokens"], time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def tokenizer(self, path: Path) -> Iterator[Callable[[str], list[int]] | None]:
+        """text -> ids with the file's own vocabulary and BOS/EOS rules, special tokens parsed as Hugging
+        Face parses them; None when the file carries no vocabulary."""
+        llm = open_llama(path, n_ctx=64, n_batch=64, threads=1, vocab_only=True)
+        try:
+            has_vocabulary = llm.metadata.get("tokenizer.ggml.model", "none") not in ("none", "no_vocab")
+            yield (lambda text: llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) if has_vocabulary else None
+        finally:
+            llm.close()
 
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
         """The formats the file stores, read from its tensor types (for the roofline)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,17 @@ class OnnxBackend:
             new.append(token)
             logits, cache = runner.step([token], cache)
         return tokenizer.decode(new), len(new), time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def tokenizer(self, path: Path) -> Iterator[Callable[[str], list[int]] | None]:
+        """text -> ids with the tokenizer files the directory carries (None when it carries none)."""
+        if not (path / "tokenizer_config.json").is_file():
+            yield None
+            return
+        from transformers import AutoTokenizer  # heavy
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        yield lambda text: tokenizer(text).input_ids
 
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
         """The formats the graph stores (MatMulNBits scales included) and whether its lm_head and token

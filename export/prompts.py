@@ -29,16 +29,20 @@ DEFAULT_TEXTS = [
 MAX_TOKENS_PER_SEQUENCE = 128
 
 
+def prompt_texts(prompts_file: str | Path) -> list[str]:
+    """A user's prompts: blocks of text separated by blank lines."""
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise ShrinkError(f"Prompts file '{path}' does not exist.")
+    texts = [block.strip() for block in path.read_text().split("\n\n") if block.strip()]
+    if not texts:
+        raise ShrinkError(f"Prompts file '{path}' holds no text (blocks are separated by blank lines).")
+    return texts
+
+
 def verification_sequences(tokenizer: Any | None, vocab_size: int, prompts_file: str | Path | None = None) -> list[list[int]]:
     """Token id sequences to compare on. Without a tokenizer (tiny test models), seeded random ids."""
-    texts = DEFAULT_TEXTS
-    if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise ShrinkError(f"Prompts file '{path}' does not exist.")
-        texts = [block.strip() for block in path.read_text().split("\n\n") if block.strip()]
-        if not texts:
-            raise ShrinkError(f"Prompts file '{path}' holds no text (blocks are separated by blank lines).")
+    texts = DEFAULT_TEXTS if prompts_file is None else prompt_texts(prompts_file)
     if tokenizer is None:
         rng = random.Random(0)
         return [[rng.randrange(vocab_size) for _ in range(64)] for _ in texts]

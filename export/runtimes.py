@@ -50,15 +50,17 @@ class LlamaCppRunner:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
 
-def open_llama(path: Path, *, n_ctx: int, n_batch: int, threads: int | None = None, logits_all: bool = False) -> Any:
-    """A llama-cpp-python model, its loader log kept off the terminal, a bad file one sentence."""
+def open_llama(path: Path, *, n_ctx: int, n_batch: int, threads: int | None = None, logits_all: bool = False,
+               vocab_only: bool = False) -> Any:
+    """A llama-cpp-python model (or only its vocabulary), its loader log kept off the terminal, a bad
+    file one sentence."""
     from llama_cpp import Llama
 
     threads = threads or os.cpu_count() or 1
     try:
         with quiet_stderr():
             return Llama(model_path=str(path), logits_all=logits_all, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                         n_threads=threads, n_threads_batch=threads, verbose=False)
+                         n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False)
     except (ValueError, RuntimeError) as err:
         raise ShrinkError(f"llama.cpp could not load '{path}': the file is corrupt, truncated or of an unsupported kind ({err}).") from None
 

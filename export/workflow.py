@@ -9,8 +9,9 @@ from typing import Any
 from shrink.errors import ShrinkError
 from shrink.export.backend import backend, backend_for
 from shrink.export.manifest import hash_mismatches, manifest_path, read_manifest, write_manifest
-from shrink.export.prompts import verification_sequences
+from shrink.export.prompts import prompt_texts, verification_sequences
 from shrink.export.runtimes import TorchRunner
+from shrink.export.tokenizer_parity import parity_check
 from shrink.export.verify import Check, Verdict, baseline_checks, compare, threshold_checks
 from shrink.model import load, weights_hash
 
@@ -40,9 +41,22 @@ def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | N
 def verify_against(artifact: Path, loaded: Any, fmt: str, prompts_file: str | None = None,
                    min_top1: float | None = None, max_kl: float | None = None, threads: int | None = None) -> Verdict:
     sequences = verification_sequences(loaded.tokenizer, loaded.spec.vocab_size, prompts_file)
-    runner = backend_for(artifact).open_runner(artifact, max(len(s) for s in sequences), threads)
+    kind = backend_for(artifact)
+    runner = kind.open_runner(artifact, max(len(s) for s in sequences), threads)
     metrics = compare(TorchRunner(loaded.model), runner, sequences)
-    return Verdict(metrics, threshold_checks(metrics, fmt, min_top1, max_kl))
+    return Verdict(metrics, threshold_checks(metrics, fmt, min_top1, max_kl) + tokenizer_checks(artifact, loaded, prompts_file))
+
+
+def tokenizer_checks(artifact: Path, loaded: Any, prompts_file: str | None = None) -> list[Check]:
+    """Tokenizer parity between the artifact's runtime and the reference's Hugging Face tokenizer,
+    when both carry one (the verify prompts and a user's prompts file among the texts)."""
+    if loaded.tokenizer is None:
+        return []
+    kind = backend_for(artifact)
+    with kind.tokenizer(artifact) as tokenize:
+        if tokenize is None:
+            return [Check("tokenizer parity", True, f"the artifact carries no tokenizer ({kind.runtime} runs token ids)")]
+        return [parity_check(loaded.tokenizer, tokenize, kind.runtime, prompt_texts(prompts_file) if prompts_file else None)]
 
 
 def verify_artifact(artifact: str | Path, reference: str | None = None, *, prompts_file: str | None = None,
