@@ -1,0 +1,98 @@
+"""`shrink run` on a Hugging Face directory (weights, config.json, tokenizer.json: what a user downloads)
+reaches a verified GGUF, by recipe and by plan, a non-uniform Llama through llama.cpp's `deci`."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from shrink.cli.app import app
+
+RECIPE = """description = "distil and ship to llama.cpp"
+
+[[step]]
+name = "distill"
+tokens = 512
+lr = 1e-3
+
+[[step]]
+name = "export"
+format = "gguf"
+quant = "q8_0"
+
+[[step]]
+name = "verify"
+"""
+
+
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory):
+    """A tiny Llama with a Llama-3-style byte-level BPE tokenizer trained here, and text to train on."""
+    from shrink.export.prompts import DEFAULT_TEXTS
+    from shrink.model import save
+    from test_gguf_tokenizer import byte_level_tokenizer
+    from tiny_models import build, peaked
+
+    tokenizer = byte_level_tokenizer("llama3")
+    model = peaked(build("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id))
+    root = tmp_path_factory.mktemp("hf-llama")
+    directory = save(model, root / "tiny-llama3", tokenizer=tokenizer)
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(DEFAULT_TEXTS * 4))
+    return directory, text
+
+
+def _run(args, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    return CliRunner().invoke(app, ["run", *args, "--json"])
+
+
+def _checks(report, step):
+    return {c["name"]: c for c in next(s for s in report["steps"] if s["name"] == step)["metrics"]["checks"]}
+
+
+def test_a_recipe_takes_a_hugging_face_directory_to_a_verified_gguf(hf_llama_dir, tmp_path, monkeypatch):
+    model_dir, text = hf_llama_dir
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    result = _run([str(model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--data", str(text),
+                   "--seq-len", "32"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["final"]["artifact"].endswith(".gguf")
+    assert _checks(report, "verify")["tokenizer parity"]["passed"]
+
+
+def test_a_non_uniform_llama_runs_through_deci(hf_llama_dir, tmp_path, monkeypatch):
+    from shrink.ggufmeta import tensor_infos
+
+    model_dir, text = hf_llama_dir
+    pruned = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["prune", str(model_dir), "--ffn", "40,24,32,16", "-o", str(pruned),
+                                      "--data", str(text), "--seq-len", "32"])
+    assert result.exit_code == 0, result.output
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    result = _run([str(pruned), "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--data", str(text),
+                   "--seq-len", "32"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    export = next(s for s in report["steps"] if s["name"] == "export")["metrics"]["export"]
+    assert export["arch"] == "deci"
+    widths = [t.shape[1] for t in tensor_infos(report["final"]["artifact"]) if t.name.endswith("ffn_up.weight")]
+    assert widths == [40, 24, 32, 16]  # each layer keeps its own width: the saving is real
+    assert _checks(report, "verify")["tokenizer parity"]["passed"]
+
+
+def test_a_plan_on_a_llama_cpp_target_takes_a_hugging_face_directory_to_a_verified_gguf(hf_llama_dir, tmp_path,
+                                                                                       monkeypatch):
+    model_dir, text = hf_llama_dir
+    result = _run([str(model_dir), "--target", "jetson-orin-nano", "--budget", "1s", "-o", str(tmp_path / "run"),
+                   "--data", str(text), "--seq-len", "32", "--tokens", "256", "--qad-tokens", "0",
+                   "--proxy-steps", "0"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["final"]["artifact"].endswith(".gguf")
+    assert report["budget_check"]["passed"]
+    assert _checks(report, "verify")["tokenizer parity"]["passed"]
