@@ -189,10 +189,12 @@ def _metaspace_prefix(spec: dict) -> bool:
             raise ShrinkError("The tokenizer's Metaspace pre-tokenizer splits words apart, which llama.cpp's "
                               "SentencePiece tokenizer does not do: export it as ONNX instead.")
         scheme = pre.get("prepend_scheme", "always")
-        if scheme not in ("first", "never"):
-            raise ShrinkError(f"The tokenizer prepends '▁' with the '{scheme}' scheme; llama.cpp prepends it to the "
-                              "text's start only: export it as ONNX instead.")
-        return scheme == "first"
+        if scheme != "never":
+            # checked against llama.cpp: it adds ' ' before every text that follows a special token, and
+            # even before text that starts with a space; Metaspace does neither
+            raise ShrinkError(f"The tokenizer prepends '▁' with Metaspace's '{scheme}' scheme, which llama.cpp does not "
+                              "reproduce (it also prepends after special tokens and before a leading space): export it as ONNX instead.")
+        return False
     raise ShrinkError(f"The tokenizer's normalizer ({', '.join(filter(None, kinds)) or 'none'}) is not one llama.cpp's "
                       "SentencePiece tokenizer applies (spaces replaced by '▁', optionally one prepended): export it as ONNX instead.")
 

@@ -51,6 +51,25 @@ def byte_level_tokenizer(style: str):
     return fast
 
 
+def sentencepiece_tokenizer(prefix: str):
+    """A SentencePiece-style BPE (byte fallback, '▁' for spaces) trained here, with '▁' prepended the way
+    Llama 2's tokenizer.json does (a Prepend normalizer) or the way newer conversions do (Metaspace)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    if prefix == "prepend":
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def with_tokenizer(tiny_model, family, tokenizer, extra_rows=0):
     loaded = tiny_model(family, vocab_size=len(tokenizer) + extra_rows)
     return LoadedModel(loaded.model, tokenizer, spec_from_model(loaded.model), f"tiny-{family}-tokenized")
@@ -72,6 +91,20 @@ def test_byte_level_bpe_exports_with_identical_tokenization(tmp_path, tiny_model
     assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) == (style == "llama3")
     if style == "qwen2":
         assert "<|im_start|>" in bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
+
+
+def test_llama2_style_sentencepiece_exports_with_identical_tokenization(tmp_path, tiny_model):
+    loaded = with_tokenizer(tiny_model, "llama", sentencepiece_tokenizer("prepend"))
+    result = export_artifact(loaded, "gguf", tmp_path / "m.gguf", quant="f32")
+    checks = {c.name: c for c in result.verdict.checks}
+    assert checks["tokenizer parity"].passed, checks["tokenizer parity"].detail
+    assert vocabulary_from_hf(loaded.tokenizer).add_space_prefix is True
+
+
+def test_metaspace_prefix_llama_cpp_cannot_reproduce_is_refused(tmp_path, tiny_model):
+    loaded = with_tokenizer(tiny_model, "llama", sentencepiece_tokenizer("metaspace"))
+    with pytest.raises(ShrinkError, match="Metaspace's 'first' scheme, which llama.cpp does not reproduce"):
+        export_gguf(loaded, tmp_path / "m.gguf")
 
 
 def test_a_tokenizer_difference_fails_verify_naming_the_first_differing_token(tiny_model):
