@@ -200,6 +200,16 @@ def load_spec(source: str) -> ArchSpec:
     return _named(layershapes.apply_to_spec(spec, config), where, source)
 
 
+def config_fields(source: str) -> Any | None:
+    """A source's config.json as its family's config class would read it (no weights, no transformers),
+    or None for a GGUF (llama.cpp's own header) and for an ArchSpec JSON (no config to read)."""
+    where = _resolve(source)
+    if where.kind == "gguf":
+        return None
+    data, _ = _config_dict(where)
+    return config_from_dict(data) if "model_type" in data else None
+
+
 def _config_dict(where: _Source) -> tuple[dict, str]:
     """The JSON object of a source's config.json and where it was read from."""
     if where.kind == "hub":
@@ -296,6 +306,20 @@ def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str 
     tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=filename), where)
     source = source or str(Path(directory, filename))
     return LoadedModel(model, tokenizer, replace(spec_from_model(model), name=source), source, Path(directory, filename))
+
+
+def load_tokenizer(source: str) -> tuple[Any | None, Path | None]:
+    """A source's tokenizer without its weights, and the GGUF whose tokenizer keys a GGUF export would
+    copy (None when the export must convert the Hugging Face tokenizer): for checks before work starts."""
+    where = _resolve(source)
+    if where.kind == "json":
+        return None, None
+    if where.kind in ("embedded", "gguf"):
+        return None, embedded_gguf_path(source) if where.kind == "embedded" else Path(where.location, where.gguf_file)
+    sidecar = Path(where.location, TOKENIZER_SIDECAR)
+    if sidecar.is_file():
+        return None, sidecar
+    return _guard(lambda: _tokenizer(where.location), where), None
 
 
 def _tokenizer(location: str) -> Any | None:

@@ -14,6 +14,7 @@ from shrink.export.generate import generate
 from shrink.export.onnx_backend import OnnxBackend
 from shrink.export.verify import junit_xml
 from shrink.export.workflow import export_artifact, verify_artifact
+from shrink.flows.preflight import check_gguf_export
 from shrink.model import load
 from shrink.storage import atomic_write_text
 
@@ -40,6 +41,8 @@ def export_command(
 
       shrink export gemma-3-270m -f onnx -o gemma-onnx
     """
+    if fmt == "gguf":
+        check_gguf_export(model)  # what the config alone shows, before the weights load
     with err_console.status(f"Loading {model}"):
         loaded = load(model)
     with err_console.status(f"Exporting to {fmt} and verifying in its runtime"):

@@ -23,6 +23,7 @@ from shrink.flows.candidates import (Candidate, TargetBudget, choose, closest, e
                                      measure_proxies, no_plan_message, parse_workload, target_runtime)
 from shrink.flows.gguf_quantize import quantizer_candidate
 from shrink.flows.gguf_search import overrides_text
+from shrink.flows.preflight import check_gguf_export
 from shrink.flows import defaults
 from shrink.flows.recipe import (BenchStep, DistillStep, ExportStep, GGUFQuantizeStep, PruneStep, QuantizeStep,
                                  VerifyStep, recipe_toml)
@@ -107,6 +108,8 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     profile = get_profile(target)
     budget = TargetBudget.parse(budget_texts)
     workload = parse_workload(workload_text)
+    if target_runtime(profile) == "gguf":  # a model llama.cpp cannot run is refused before any work
+        check_gguf_export(model)
     # the config alone, before any weight or text: a measured target (host) is scaled by a measurement
     # taken later, so only the published targets are refused this early
     early = None if profile.measured else hopeless(load_spec(model), profile, workload, budget)

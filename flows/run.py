@@ -36,6 +36,7 @@ from shrink.flows.candidates import TargetBudget
 from shrink.flows.gguf_quantize import budget_fits, make_option, prepare_search, target_cost, write_choice
 from shrink.flows.gguf_search import parse_overrides, run_search
 from shrink.flows.plan import artifact_estimate, budget_check
+from shrink.flows.preflight import refuse_early
 from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
@@ -314,6 +315,7 @@ def execute(model: str, steps: list[tuple[str, Any]], run_dir: Path, *, resume: 
     existing = read_report(run_dir)
     if existing is not None and not resume:
         raise _busy(run_dir)
+    refuse_early(model, steps)  # from the config alone, before the run directory or any weight
     if existing is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan is not None and "recipe_toml" in plan:

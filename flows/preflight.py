@@ -1,0 +1,36 @@
+"""What a run refuses from the model's config alone, before it reads a weight: bad input that would
+otherwise surface only at the export step, after minutes of pruning, distilling and quantizing.
+
+`shrink run` calls `refuse_early` with its steps (a planned run on a llama.cpp target calls
+`check_gguf_export` before planning); `shrink export -f gguf` calls `check_gguf_export` before loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shrink.export.gguf_layout import choose_layout
+from shrink.export.gguf_rope import check_rope
+from shrink.model import config_fields, load_spec
+
+
+def writes_gguf(steps: list[tuple[str, Any]]) -> bool:
+    """Whether a recipe's steps write a GGUF file (an export to gguf, or llama.cpp's quantizer)."""
+    return any(name == "gguf-quantize" or (name == "export" and getattr(config, "format", None) == "gguf")
+               for name, config in steps)
+
+
+def refuse_early(model: str, steps: list[tuple[str, Any]]) -> None:
+    """Raise ShrinkError now for what a later step of `steps` would refuse (one sentence, exit code 2)."""
+    if writes_gguf(steps):
+        check_gguf_export(model)
+
+
+def check_gguf_export(model: str) -> None:
+    """The GGUF refusals a config shows: a family or layer kind llama.cpp cannot run, RoPE it cannot
+    reproduce. A GGUF source is not checked (its RoPE is llama.cpp's already)."""
+    config = config_fields(model)
+    if config is None:
+        return
+    layout = choose_layout(load_spec(model), pad_to_uniform=True)  # any pruned shape can still be padded
+    check_rope(getattr(config, "text_config", None) or config, layout.arch)
