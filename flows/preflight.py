@@ -11,7 +11,8 @@ from typing import Any
 
 from shrink.export.gguf_layout import choose_layout
 from shrink.export.gguf_rope import check_rope
-from shrink.model import config_fields, load_spec
+from shrink.export.gguf_tokenizer import gguf_vocabulary
+from shrink.model import config_fields, load_spec, load_tokenizer
 
 
 def writes_gguf(steps: list[tuple[str, Any]]) -> bool:
@@ -23,14 +24,21 @@ def writes_gguf(steps: list[tuple[str, Any]]) -> bool:
 def refuse_early(model: str, steps: list[tuple[str, Any]]) -> None:
     """Raise ShrinkError now for what a later step of `steps` would refuse (one sentence, exit code 2)."""
     if writes_gguf(steps):
-        check_gguf_export(model)
+        check_gguf_export(model, tokenizer=True)
 
 
-def check_gguf_export(model: str) -> None:
+def check_gguf_export(model: str, tokenizer: bool = False) -> None:
     """The GGUF refusals a config shows: a family or layer kind llama.cpp cannot run, RoPE it cannot
-    reproduce. A GGUF source is not checked (its RoPE is llama.cpp's already)."""
+    reproduce; with `tokenizer`, also a Hugging Face tokenizer llama.cpp cannot reproduce (seconds to
+    load and convert: worth it before a run, not before an export that converts it next anyway).
+    A GGUF source is not checked (its RoPE and tokenizer are llama.cpp's already)."""
     config = config_fields(model)
     if config is None:
         return
-    layout = choose_layout(load_spec(model), pad_to_uniform=True)  # any pruned shape can still be padded
+    spec = load_spec(model)
+    layout = choose_layout(spec, pad_to_uniform=True)  # any pruned shape can still be padded
     check_rope(getattr(config, "text_config", None) or config, layout.arch)
+    if tokenizer:
+        hf_tokenizer, gguf_source = load_tokenizer(model)
+        if gguf_source is None and hf_tokenizer is not None:
+            gguf_vocabulary(hf_tokenizer, spec.vocab_size)

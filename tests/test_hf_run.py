@@ -96,3 +96,25 @@ def test_a_plan_on_a_llama_cpp_target_takes_a_hugging_face_directory_to_a_verifi
     assert report["final"]["artifact"].endswith(".gguf")
     assert report["budget_check"]["passed"]
     assert _checks(report, "verify")["tokenizer parity"]["passed"]
+
+
+def test_a_run_refuses_a_tokenizer_llama_cpp_cannot_reproduce_before_any_work(tmp_path, monkeypatch, tiny_model):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from shrink.export.prompts import DEFAULT_TEXTS
+    from shrink.model import save
+
+    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(DEFAULT_TEXTS * 3, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                                                          show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    model_dir = save(tiny_model("llama", vocab_size=len(tokenizer)).model, tmp_path / "wordpiece", tokenizer=tokenizer)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    for args in (["--recipe", str(recipe)], ["--target", "jetson-orin-nano", "--budget", "1s"]):
+        result = _run([str(model_dir), *args, "-o", str(tmp_path / "run")], tmp_path, monkeypatch)
+        assert result.exit_code == 2, result.output
+        assert "WordPiece" in result.output and "ONNX" in result.output
+        assert not (tmp_path / "run").exists()  # nothing started, nothing written
