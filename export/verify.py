@@ -9,6 +9,7 @@ a baseline manifest, when it is no worse than the baseline by more than a tolera
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -95,25 +96,44 @@ def compare(reference: Runner, artifact: Runner, sequences: list[list[int]], chu
 
 class ReferenceLogProbs:
     """The reference's log-probabilities on fixed sequences, computed once, so that many artifacts
-    can be scored against them in turn (a search over quantizations). Held in float32: enough to
-    rank candidates; `compare` stays the float64 judge of a final artifact."""
+    can be scored against them in turn (a search over quantizations). Held and computed in float32
+    with torch (a 262k-vocabulary log-softmax takes 0.07 s there against 1.1 s in float64 numpy, per
+    128 positions): enough to rank candidates; `compare` stays the float64 judge of a final artifact."""
 
     def __init__(self, reference: Runner, sequences: list[list[int]]) -> None:
+        import torch
+
         self.sequences = sequences
-        self.logprobs = [_log_softmax(reference.logits(ids)).astype(np.float32) for ids in sequences]
+        self.probs, self.top, self.neg_entropy = [], [], []
+        for ids in sequences:
+            logprobs = _log_softmax32(reference.logits(ids))
+            probs = logprobs.exp()
+            self.probs.append(probs)
+            self.top.append(logprobs.argmax(-1))
+            self.neg_entropy.append(float((probs * logprobs).sum(-1).to(torch.float64).sum()))
 
     @property
     def positions(self) -> int:
         return sum(len(ids) for ids in self.sequences)
 
     def score(self, artifact: Runner) -> tuple[float, float]:
-        """(mean KL(reference || artifact), top-1 agreement) over every position."""
+        """(mean KL(reference || artifact), top-1 agreement) over every position. KL = sum p log p
+        (the reference's, computed once) - sum p log q: one product per candidate; rows are summed in
+        float32 (pairwise), the rows' sums in float64."""
+        import torch
+
         kl_sum, agree = 0.0, 0
-        for ids, lp_ref in zip(self.sequences, self.logprobs):
-            lp_art = _log_softmax(artifact.logits(ids)).astype(np.float32)
-            kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_art)).sum(dtype=np.float64))
-            agree += int((lp_ref.argmax(-1) == lp_art.argmax(-1)).sum())
+        for ids, probs, top, neg_entropy in zip(self.sequences, self.probs, self.top, self.neg_entropy):
+            logprobs = _log_softmax32(artifact.logits(ids))
+            kl_sum += neg_entropy - float((probs * logprobs).sum(-1).to(torch.float64).sum())
+            agree += int((top == logprobs.argmax(-1)).sum())
         return kl_sum / self.positions, agree / self.positions
+
+
+def _log_softmax32(logits: np.ndarray) -> Any:
+    import torch  # a search loads torch anyway; verify alone stays numpy
+
+    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=-1)
 
 
 def threshold_checks(metrics: Metrics, fmt: str, min_top1: float | None, max_kl: float | None) -> list[Check]:
