@@ -61,6 +61,7 @@ class GenerationSettings:
     new_tokens: int = 192
     batch: int = 24  # prompts sampled together (left-padded): decode reads the weights once per step
     temperature: float = 1.0
+    top_k: int = 50  # what transformers samples with by default; made explicit so the sampler below is cheap
     top_p: float = 0.95
     seed: int = 0
 
@@ -143,6 +144,24 @@ def teacher_texts(loaded: Any, settings: GenerationSettings = GenerationSettings
     return texts
 
 
+class _TopKTopP:
+    """Temperature, then top-k, then top-p inside the k: what transformers' warpers do, but top-p sorts
+    k values instead of the whole vocabulary (262,144 per row for Gemma: about a third of each
+    sampling step on 2 cores)."""
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        values, indices = (scores / self.settings.temperature).topk(self.settings.top_k, dim=-1)  # sorted, largest first
+        probs = values.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > self.settings.top_p  # the mass before it already reaches top_p
+        filtered = torch.full_like(scores, float("-inf"))
+        return filtered.scatter_(-1, indices, values.masked_fill(beyond, float("-inf")))
+
+
 def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
     import torch
     from rich.progress import Progress
@@ -159,8 +178,9 @@ def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
             for start in range(0, len(prompts), settings.batch):
                 chunk = prompts[start:start + settings.batch]
                 batch = tokenizer(chunk, return_tensors="pt", padding=True)
-                out = model.generate(**batch, max_new_tokens=settings.new_tokens, do_sample=True,
-                                     temperature=settings.temperature, top_p=settings.top_p, pad_token_id=pad)
+                out = model.generate(**batch, max_new_tokens=settings.new_tokens, do_sample=True, pad_token_id=pad,
+                                     temperature=1.0, top_k=0, top_p=1.0,  # transformers' own warpers off:
+                                     logits_processor=[_TopKTopP(settings)])  # the same filter, cheaper
                 texts += tokenizer.batch_decode(out, skip_special_tokens=True)
                 progress.advance(task, len(chunk))
     finally:
