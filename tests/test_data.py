@@ -78,3 +78,21 @@ def test_parquet_source(tmp_path):
     assert read_texts(str(tmp_path / "d.parquet"), text_field="content") == ["alpha beta", "gamma"]
     with pytest.raises(ShrinkError, match="column 'text'"):
         read_texts(str(tmp_path / "d.parquet"))
+
+
+def test_the_cheap_sampler_keeps_exactly_what_transformers_warpers_keep():
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from shrink.compress.data import GenerationSettings, _TopKTopP
+
+    settings = GenerationSettings(temperature=0.7)
+    scores = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 4
+    expected = scores.clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(settings.top_k), TopPLogitsWarper(settings.top_p)):
+        expected = warper(None, expected)
+    got = _TopKTopP(settings)(None, scores.clone())
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    kept = ~torch.isinf(expected)
+    assert torch.allclose(got[kept], expected[kept])
+    assert 1 < int(kept[0].sum()) < settings.top_k  # top-p cut inside the k: the test can tell them apart
