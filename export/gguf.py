@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
-from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name, rope_theta
+from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name
+from shrink.export.gguf_nemotron_h import KEEP_F32, nemotron_h_state, write_nemotron_h_metadata
+from shrink.export.gguf_rope import check_rope, write_rope
 from shrink.export.gguf_tokenizer import gguf_vocabulary
 from shrink.export.numerics import check_weights
 from shrink.ggufmeta import copy_tokenizer_fields
@@ -75,13 +77,16 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     spec: ArchSpec = loaded.spec
     layout = choose_layout(spec, pad_to_uniform)
     config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
+    check_rope(config, layout.arch)
     state = {k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()}
     if spec.tied_embeddings:
         state.pop("lm_head.weight", None)
     plan = _gguf_plan(loaded, quant)
     planned = _planned_formats(plan, state) if plan else {}
     result = GGUFExport(Path(path), layout.arch, plan.stored if plan else quant, {})
-    if pad_to_uniform and not spec.is_uniform:
+    if layout.arch == "nemotron_h":
+        state = nemotron_h_state(loaded, state, planned, result.notes)
+    if pad_to_uniform and not spec.is_uniform and not layout.per_layer_shapes:  # nemotron_h: nothing to pad
         spec = _pad_ffn_to_uniform(spec, state, result)
     check_weights(state, half=tuple(k for k, v in state.items() if v.ndim > 1 and k not in planned)
                   if quant == "fp16" else ())
@@ -135,7 +140,7 @@ def _planned_formats(plan: Any, state: dict) -> dict[str, NumberFormat]:
     formats = {f"{t.module}.weight": FORMATS[t.stored] for t in plan.tensors}
     if plan.vocabulary:
         vocabulary = FORMATS[TensorGrid("", plan.vocabulary).stored]
-        formats.update({name: vocabulary for name in state if name.endswith(("embed_tokens.weight", "lm_head.weight"))})
+        formats.update({name: vocabulary for name in state if name.endswith(("embed_tokens.weight", "model.embeddings.weight", "lm_head.weight"))})
     return formats
 
 
@@ -164,7 +169,7 @@ def _file_type(stored: str) -> int:
 
 
 def _tensor_type(name: str, array: np.ndarray, quant: str, result: GGUFExport) -> str:
-    if array.ndim == 1:
+    if array.ndim == 1 or name.endswith(KEEP_F32):
         return "F32"
     wanted = FORMATS[quant]
     if name in ("token_embd.weight", "output.weight"):
@@ -194,6 +199,8 @@ def _rope_permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any, loaded: Any) -> None:
+    if layout.arch == "nemotron_h":
+        return write_nemotron_h_metadata(writer, spec, config, loaded)
     attn = [layer.mixer for layer in spec.layers]
     head_dim = attn[0].head_dim
     writer.add_name(Path(str(loaded.source)).name or loaded.source)
@@ -213,7 +220,7 @@ def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(rope_theta(config, "full_attention"))
+    write_rope(writer, layout.arch, config, head_dim)
     windows = {a.sliding_window for a in attn}
     if layout.arch == "gemma3":
         # llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim); Hugging Face by 1/sqrt(query_pre_attn_scalar).
@@ -221,7 +228,6 @@ def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any
             raise ShrinkError("This Gemma 3 model scales attention by query_pre_attn_scalar, which differs from its "
                               "head_dim, and llama.cpp assumes they are equal; export it as ONNX instead.")
         writer.add_sliding_window(int(config.sliding_window))
-        writer.add_rope_freq_base_swa(rope_theta(config, "sliding_attention"))
         _check_gemma3_window_pattern(spec)
     elif windows != {None}:
         raise ShrinkError(f"Sliding-window attention in a '{layout.arch}' GGUF is not supported by llama.cpp; export it as ONNX instead.")

@@ -46,6 +46,8 @@ MODEL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
+    "model.embeddings.weight": "token_embd.weight",  # Nemotron-H
+    "model.norm_f.weight": "output_norm.weight",  # Nemotron-H
 }
 
 
@@ -73,6 +75,11 @@ _LLAMA_SHAPED = {"llama", "mistral"}
 
 def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
     """The layout llama.cpp can run this spec with, or a one-sentence refusal naming the way out."""
+    if spec.family == "nemotron_h":
+        # imported here: that module imports this one
+        from shrink.export.gguf_nemotron_h import nemotron_h_layout
+
+        return nemotron_h_layout(spec, pad_to_uniform)
     if spec.family not in _FAMILY_LAYOUT:
         raise ShrinkError(
             f"GGUF export of the '{spec.family}' family is not supported; export it as ONNX (--format onnx) instead."
@@ -102,10 +109,7 @@ def gguf_tensor_name(hf_name: str, layout: GGUFLayout) -> str:
 
 
 def rope_theta(config: Any, layer_type: str = "full_attention") -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    if layer_type in params:  # Gemma 3: one set per attention kind
-        params = params[layer_type]
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ShrinkError(f"RoPE scaling '{rope_type}' is not exported to GGUF yet; export it as ONNX instead.")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    """One layer type's RoPE base; export/gguf_rope.py writes (and checks) the scaling."""
+    from shrink.export.gguf_rope import rope_parameters
+
+    return rope_parameters(config, layer_type)["rope_theta"]

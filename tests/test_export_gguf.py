@@ -81,11 +81,6 @@ def test_non_uniform_gemma3_refuses_unless_padded(tmp_path, tiny_model):
     assert metrics.top1_agreement == 1.0
 
 
-def test_nemotron_h_is_refused_with_the_way_out(tmp_path, tiny_model):
-    with pytest.raises(ShrinkError, match="ONNX"):
-        export_gguf(tiny_model("nemotron_h"), tmp_path / "n.gguf")
-
-
 @pytest.mark.slow
 def test_embedded_gemma3_f16_in_llama_cpp(embedded, tmp_path):
     from shrink.export.prompts import verification_sequences
