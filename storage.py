@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -26,6 +27,27 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+_FAULT_PASSAGES: dict[str, int] = {}
+
+
+def fault_point(label: str) -> None:
+    """A place where the kill-anywhere harness (benchmarks/kill_resume.py) may stop the process, as a
+    power cut or the kernel's out-of-memory killer would. Each passage is named `label#n` (its n-th in
+    this process): $SHRINK_FAULT_TRACE names a file every passage is appended to, so the harness can
+    list a run's points; $SHRINK_KILL_AT set to one passage makes the process SIGKILL itself there.
+    With neither set (every normal run) this returns at once."""
+    trace, kill = os.environ.get("SHRINK_FAULT_TRACE"), os.environ.get("SHRINK_KILL_AT")
+    if not trace and not kill:
+        return
+    _FAULT_PASSAGES[label] = _FAULT_PASSAGES.get(label, 0) + 1
+    passage = f"{label}#{_FAULT_PASSAGES[label]}"
+    if trace:
+        with open(trace, "a") as handle:
+            handle.write(passage + "\n")
+    if kill == passage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling file name for a writer that wants a path; renamed on success."""
@@ -37,6 +59,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        fault_point(f"write:{path.name}")  # written in full, not yet in place
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -66,11 +89,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point(f"directory:{path.name}")  # written in full, not yet in place
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
+        fault_point(f"replacing:{path.name}")  # the old one moved aside, the new one not yet in place
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -103,6 +128,18 @@ def directory_lock(directory: str | Path, holder: str = "run") -> Iterator[Path]
         yield lock
     finally:
         lock.unlink(missing_ok=True)
+
+
+def remove_leftovers(directory: str | Path) -> list[Path]:
+    """Delete what killed atomic writes left under `directory` (.NAME.*.tmp files and directories,
+    .NAME.old directories): never trusted, since they are not the names readers open, but litter.
+    Only for a directory this process holds (directory_lock): nobody else can be writing there."""
+    removed = []
+    for path in sorted(Path(directory).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if path.name.endswith((".tmp", ".old")) and path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _lock_holder(lock: Path) -> dict | None:

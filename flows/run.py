@@ -42,7 +42,7 @@ from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload
 from shrink.model import load, save_loaded
-from shrink.storage import atomic_write_text, directory_lock
+from shrink.storage import atomic_write_text, directory_lock, fault_point, remove_leftovers
 
 REPORT = "run.json"
 PLAN_FILE = "plan.json"
@@ -256,6 +256,7 @@ def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *,
     if report is None:
         report = {"model": model, "recipe": recipe, "steps": [], **(extra or {})}
     with directory_lock(run_dir):  # one run per directory; a killed run's lock is taken over
+        remove_leftovers(run_dir)  # half-written files of a killed run (never read: not their real names)
         state = RunState(model=model, run_dir=run_dir, data=data, seq_len=seq_len, current=model, plan=plan,
                          hooks=hooks or Hooks())
         finished = [s for s in report["steps"] if s["status"] == "finished"]
@@ -271,6 +272,7 @@ def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *,
                       "inputs": {"model": state.current, "artifact": state.artifact}, "started": time.time()}
             report["steps"].append(record)
             _write_report(run_dir, report)
+            fault_point(f"step:{name}")
             state.hooks.step_started(index, name)
             began = time.perf_counter()
             try:

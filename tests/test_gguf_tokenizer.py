@@ -10,46 +10,13 @@ import pytest
 from shrink.errors import ShrinkError
 from shrink.export.gguf import export_gguf
 from shrink.export.gguf_backend import GGUFBackend
-from shrink.export.gguf_tokenizer import PRE_TOKENIZER_PATTERNS, vocabulary_from_hf
+from shrink.export.gguf_tokenizer import vocabulary_from_hf
 from shrink.export.prompts import DEFAULT_TEXTS
-from shrink.export.tokenizer_parity import ADVERSARIAL_TEXTS, parity_check
+from shrink.export.tokenizer_parity import parity_check
 from shrink.export.workflow import export_artifact
 from shrink.families import spec_from_model
 from shrink.model import LoadedModel
-
-# text the project makes, repeated so that BPE learns merges across scripts, digits and whitespace
-CORPUS = (DEFAULT_TEXTS + ADVERSARIAL_TEXTS) * 3
-
-
-def byte_level_tokenizer(style: str):
-    """A byte-level BPE trained here, laid out as Llama 3's (BOS added, whole words looked up first)
-    or Qwen2's (NFC, single digits, no BOS, chat tokens) tokenizer.json is."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    llama3 = style == "llama3"
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Tokenizer(models.BPE(ignore_merges=llama3))
-    pattern = PRE_TOKENIZER_PATTERNS["llama-bpe" if llama3 else "qwen2"]
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    if not llama3:
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    if llama3:
-        bos = tokenizer.token_to_id("<|begin_of_text|>")
-        tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                                 special_tokens=[("<|begin_of_text|>", bos)])
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    return fast
-
+from tiny_models import byte_level_tokenizer, tiny_corpus
 
 def sentencepiece_tokenizer(prefix: str):
     """A SentencePiece-style BPE (byte fallback, '▁' for spaces) trained here, with '▁' prepended the way
@@ -65,7 +32,7 @@ def sentencepiece_tokenizer(prefix: str):
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            decoders.Strip(" ", 1, 0)])
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False))
+    tokenizer.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False))
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -122,7 +89,7 @@ def test_unknown_split_pattern_is_refused_naming_it(tiny_model):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|\s+|[^\w\s]+"), behavior="isolated"),
                                                        pre_tokenizers.ByteLevel(use_regex=False)])
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    tokenizer.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(vocab_size=300, show_progress=False))
     with pytest.raises(ShrinkError, match=r"splits text with the pattern .*matches none of the llama.cpp pre-tokenizers"):
         vocabulary_from_hf(PreTrainedTokenizerFast(tokenizer_object=tokenizer))
 
@@ -136,7 +103,7 @@ def test_unigram_and_wordpiece_are_refused_before_anything_is_written(tmp_path, 
                                                                                           show_progress=False))):
         tokenizer = Tokenizer(model)
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-        tokenizer.train_from_iterator(CORPUS, trainer)
+        tokenizer.train_from_iterator(tiny_corpus(), trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
         loaded = with_tokenizer(tiny_model, "llama", fast)
         with pytest.raises(ShrinkError, match="converts BPE tokenizers"):
@@ -150,7 +117,7 @@ def test_cli_export_refuses_an_unconvertible_tokenizer_with_exit_2(tmp_path, tin
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False))
+    tokenizer.train_from_iterator(tiny_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
     loaded = with_tokenizer(tiny_model, "llama", fast)
     loaded.model.save_pretrained(tmp_path / "model")

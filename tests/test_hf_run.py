@@ -30,7 +30,7 @@ def hf_llama_dir(tmp_path_factory):
     """A tiny Llama with a Llama-3-style byte-level BPE tokenizer trained here, and text to train on."""
     from shrink.export.prompts import DEFAULT_TEXTS
     from shrink.model import save
-    from test_gguf_tokenizer import byte_level_tokenizer
+    from tiny_models import byte_level_tokenizer
     from tiny_models import build, peaked
 
     tokenizer = byte_level_tokenizer("llama3")
@@ -48,18 +48,22 @@ def _run(args, tmp_path, monkeypatch):
     return CliRunner().invoke(app, ["run", *args, "--json"])
 
 
-def _checks(report, step):
-    return {c["name"]: c for c in next(s for s in report["steps"] if s["name"] == step)["metrics"]["checks"]}
-
-
-def test_a_recipe_takes_a_hugging_face_directory_to_a_verified_gguf(hf_llama_dir, tmp_path, monkeypatch):
-    model_dir, text = hf_llama_dir
+def _run_recipe(model_dir, text, tmp_path, monkeypatch):
+    """RECIPE on `model_dir`: the run report, after asserting that it succeeded."""
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(RECIPE)
     result = _run([str(model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--data", str(text),
                    "--seq-len", "32"], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def _checks(report, step):
+    return {c["name"]: c for c in next(s for s in report["steps"] if s["name"] == step)["metrics"]["checks"]}
+
+
+def test_a_recipe_takes_a_hugging_face_directory_to_a_verified_gguf(hf_llama_dir, tmp_path, monkeypatch):
+    report = _run_recipe(*hf_llama_dir, tmp_path, monkeypatch)
     assert report["final"]["artifact"].endswith(".gguf")
     assert _checks(report, "verify")["tokenizer parity"]["passed"]
 
@@ -72,12 +76,7 @@ def test_a_non_uniform_llama_runs_through_deci(hf_llama_dir, tmp_path, monkeypat
     result = CliRunner().invoke(app, ["prune", str(model_dir), "--ffn", "40,24,32,16", "-o", str(pruned),
                                       "--data", str(text), "--seq-len", "32"])
     assert result.exit_code == 0, result.output
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(RECIPE)
-    result = _run([str(pruned), "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--data", str(text),
-                   "--seq-len", "32"], tmp_path, monkeypatch)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _run_recipe(pruned, text, tmp_path, monkeypatch)
     export = next(s for s in report["steps"] if s["name"] == "export")["metrics"]["export"]
     assert export["arch"] == "deci"
     widths = [t.shape[1] for t in tensor_infos(report["final"]["artifact"]) if t.name.endswith("ffn_up.weight")]

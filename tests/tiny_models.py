@@ -91,3 +91,42 @@ def perturbed(model, std: float = 0.02, seed: int = 1):
             if parameter.dim() == 2 and "embed" not in name:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * std)
     return model
+
+
+def tiny_corpus() -> list[str]:
+    """Text the project makes, repeated so that BPE learns merges across scripts, digits and whitespace."""
+    from shrink.export.prompts import DEFAULT_TEXTS
+    from shrink.export.tokenizer_parity import ADVERSARIAL_TEXTS
+
+    return (DEFAULT_TEXTS + ADVERSARIAL_TEXTS) * 3
+
+
+def byte_level_tokenizer(style: str):
+    """A byte-level BPE trained here, laid out as Llama 3's (BOS added, whole words looked up first)
+    or Qwen2's (NFC, single digits, no BOS, chat tokens) tokenizer.json is."""
+    from shrink.export.gguf_tokenizer import PRE_TOKENIZER_PATTERNS
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    llama3 = style == "llama3"
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE(ignore_merges=llama3))
+    pattern = PRE_TOKENIZER_PATTERNS["llama-bpe" if llama3 else "qwen2"]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    if not llama3:
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(tiny_corpus(), trainer)
+    if llama3:
+        bos = tokenizer.token_to_id("<|begin_of_text|>")
+        tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                                 special_tokens=[("<|begin_of_text|>", bos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    return fast
