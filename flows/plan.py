@@ -108,13 +108,13 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     profile = get_profile(target)
     budget = TargetBudget.parse(budget_texts)
     workload = parse_workload(workload_text)
-    if target_runtime(profile) == "gguf":  # a model llama.cpp cannot run is refused before any work
-        check_gguf_export(model, tokenizer=True)
     # the config alone, before any weight or text: a measured target (host) is scaled by a measurement
     # taken later, so only the published targets are refused this early
     early = None if profile.measured else hopeless(load_spec(model), profile, workload, budget)
     if early is not None:
         raise NoPlan(early[0], [c.to_dict() for c in early[1]])
+    if target_runtime(profile) == "gguf":  # a model llama.cpp cannot run is refused before any work
+        check_gguf_export(model, tokenizer=True)
     hooks.status(f"Loading {model}")
     loaded = load(model)
     hooks.status("Preparing calibration and held-out text")

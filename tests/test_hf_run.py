@@ -3,7 +3,6 @@ reaches a verified GGUF, by recipe and by plan, a non-uniform Llama through llam
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from shrink.cli.app import app
@@ -25,24 +24,6 @@ name = "verify"
 """
 
 
-@pytest.fixture(scope="module")
-def hf_llama_dir(tmp_path_factory):
-    """A tiny Llama with a Llama-3-style byte-level BPE tokenizer trained here, and text to train on."""
-    from shrink.export.prompts import DEFAULT_TEXTS
-    from shrink.model import save
-    from tiny_models import byte_level_tokenizer
-    from tiny_models import build, peaked
-
-    tokenizer = byte_level_tokenizer("llama3")
-    model = peaked(build("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id))
-    root = tmp_path_factory.mktemp("hf-llama")
-    directory = save(model, root / "tiny-llama3", tokenizer=tokenizer)
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(DEFAULT_TEXTS * 4))
-    return directory, text
-
-
 def _run(args, tmp_path, monkeypatch):
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
     return CliRunner().invoke(app, ["run", *args, "--json"])
@@ -62,16 +43,16 @@ def _checks(report, step):
     return {c["name"]: c for c in next(s for s in report["steps"] if s["name"] == step)["metrics"]["checks"]}
 
 
-def test_a_recipe_takes_a_hugging_face_directory_to_a_verified_gguf(hf_llama_dir, tmp_path, monkeypatch):
-    report = _run_recipe(*hf_llama_dir, tmp_path, monkeypatch)
+def test_a_recipe_takes_a_hugging_face_directory_to_a_verified_gguf(tiny_bpe_model_dir, tmp_path, monkeypatch):
+    report = _run_recipe(*tiny_bpe_model_dir, tmp_path, monkeypatch)
     assert report["final"]["artifact"].endswith(".gguf")
     assert _checks(report, "verify")["tokenizer parity"]["passed"]
 
 
-def test_a_non_uniform_llama_runs_through_deci(hf_llama_dir, tmp_path, monkeypatch):
+def test_a_non_uniform_llama_runs_through_deci(tiny_bpe_model_dir, tmp_path, monkeypatch):
     from shrink.ggufmeta import tensor_infos
 
-    model_dir, text = hf_llama_dir
+    model_dir, text = tiny_bpe_model_dir
     pruned = tmp_path / "pruned"
     result = CliRunner().invoke(app, ["prune", str(model_dir), "--ffn", "40,24,32,16", "-o", str(pruned),
                                       "--data", str(text), "--seq-len", "32"])
@@ -84,9 +65,9 @@ def test_a_non_uniform_llama_runs_through_deci(hf_llama_dir, tmp_path, monkeypat
     assert _checks(report, "verify")["tokenizer parity"]["passed"]
 
 
-def test_a_plan_on_a_llama_cpp_target_takes_a_hugging_face_directory_to_a_verified_gguf(hf_llama_dir, tmp_path,
+def test_a_plan_on_a_llama_cpp_target_takes_a_hugging_face_directory_to_a_verified_gguf(tiny_bpe_model_dir, tmp_path,
                                                                                        monkeypatch):
-    model_dir, text = hf_llama_dir
+    model_dir, text = tiny_bpe_model_dir
     result = _run([str(model_dir), "--target", "jetson-orin-nano", "--budget", "1s", "-o", str(tmp_path / "run"),
                    "--data", str(text), "--seq-len", "32", "--tokens", "256", "--qad-tokens", "0",
                    "--proxy-steps", "0"], tmp_path, monkeypatch)

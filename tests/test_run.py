@@ -186,13 +186,13 @@ def test_cli_runs_a_recipe_and_refuses_malformed_recipes_and_impossible_budgets(
     assert all(line["by"] == "estimated" and line["value"] < line["budget"] for line in check["lines"])
 
 
-def test_cli_dry_run_plans_without_writing_a_run(tiny_text_model_dir, tmp_path, monkeypatch):
+def test_cli_dry_run_plans_without_writing_a_run(tiny_bpe_model_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from shrink.cli.app import app
 
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
-    model_dir, text = tiny_text_model_dir
+    model_dir, text = tiny_bpe_model_dir  # a plan on a llama.cpp target needs a tokenizer llama.cpp can run
     args = ["run", str(model_dir), "--target", "jetson-orin-nano", "--data", str(text), "--seq-len", "16",
             "--proxy-steps", "0", "-o", str(tmp_path / "run")]
     result = CliRunner().invoke(app, [*args, "--budget", "1s", "--dry-run", "--json"])
