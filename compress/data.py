@@ -162,7 +162,34 @@ class _TopKTopP:
         return filtered.scatter_(-1, indices, values.masked_fill(beyond, float("-inf")))
 
 
+LOG_EVERY_S = 30.0  # where stderr is not a terminal (a CI log), a progress line at least this often
+
+
+class _ProgressLines:
+    """Called by generate at every decoding step (as a stopping criterion that never stops): where no
+    live progress bar can show (a CI log), a line at least every LOG_EVERY_S seconds with the rate and
+    the time left (estimated)."""
+
+    def __init__(self, total_steps: int) -> None:
+        import time
+
+        self.clock, self.total, self.done = time.perf_counter, total_steps, 0
+        self.started = self.last = self.clock()
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+        self.done += 1
+        now = self.clock()
+        if now - self.last >= LOG_EVERY_S or self.done == self.total:
+            self.last = now
+            rate = self.done / (now - self.started)
+            log.info("teacher writing calibration text: step %d/%d, %.2f steps/s (%d tokens/s), about %.0f s left (estimated)",
+                     self.done, self.total, rate, rate * input_ids.shape[0], (self.total - self.done) / rate)
+        return False
+
+
 def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
+    import sys
+
     import torch
     from rich.progress import Progress
 
@@ -171,7 +198,12 @@ def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
     torch.manual_seed(settings.seed)
     texts = []
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = tokenizer.pad_token
+    if pad_token is None:  # Llama 3 ships none: pad the prompts with EOS (masked out, never generated from)
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
+    batches = -(-len(prompts) // settings.batch)
+    lines = None if sys.stderr.isatty() else [_ProgressLines(batches * settings.new_tokens)]
     try:
         with Progress(transient=True) as progress, torch.no_grad():
             task = progress.add_task("teacher writing calibration text", total=len(prompts))
@@ -180,11 +212,12 @@ def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
                 batch = tokenizer(chunk, return_tensors="pt", padding=True)
                 out = model.generate(**batch, max_new_tokens=settings.new_tokens, do_sample=True, pad_token_id=pad,
                                      temperature=1.0, top_k=0, top_p=1.0,  # transformers' own warpers off:
-                                     logits_processor=[_TopKTopP(settings)])  # the same filter, cheaper
+                                     logits_processor=[_TopKTopP(settings)],  # the same filter, cheaper
+                                     stopping_criteria=lines)
                 texts += tokenizer.batch_decode(out, skip_special_tokens=True)
                 progress.advance(task, len(chunk))
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token
     return texts
 
 

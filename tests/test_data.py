@@ -96,3 +96,28 @@ def test_the_cheap_sampler_keeps_exactly_what_transformers_warpers_keep():
     kept = ~torch.isinf(expected)
     assert torch.allclose(got[kept], expected[kept])
     assert 1 < int(kept[0].sum()) < settings.top_k  # top-p cut inside the k: the test can tell them apart
+
+
+def test_corpus_writing_prints_progress_lines_in_a_ci_log(tiny_model, monkeypatch, caplog):
+    """stderr not a terminal: lines with the rate and the time left, at least every LOG_EVERY_S seconds.
+    The tokenizer has no padding token, as Llama 3's: the prompts are padded with EOS."""
+    import logging
+    import os
+
+    from transformers import PreTrainedTokenizerFast
+
+    from shrink.compress import data
+    from tiny_models import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer("llama3")
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    loaded = tiny_model("llama", vocab_size=len(tokenizer))
+    loaded.tokenizer = tokenizer
+    monkeypatch.setattr(data, "LOG_EVERY_S", 0.0)  # every step, so the test need not wait 30 s
+    monkeypatch.setattr("sys.stderr", open(os.devnull, "w"))  # a CI log, not a terminal
+    with caplog.at_level(logging.INFO, logger="shrink"):
+        texts = data._sample(loaded, data.GenerationSettings(prompts=3, new_tokens=4, batch=2))
+    assert len(texts) == 3 and tokenizer.pad_token is None  # left as it was
+    lines = [r.getMessage() for r in caplog.records if "teacher writing calibration text" in r.getMessage()]
+    assert len(lines) == 8  # 2 batches x 4 steps
+    assert "step 8/8" in lines[-1] and "tokens/s" in lines[-1] and "left (estimated)" in lines[-1]
