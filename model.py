@@ -263,9 +263,8 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
         )
     normeps.apply(model)
     model.eval()
-    sidecar = Path(location, TOKENIZER_SIDECAR)
-    gguf_tokenizer = embedded_gguf_path(source) if where.kind == "embedded" else sidecar if sidecar.is_file() else None
-    return LoadedModel(model, _tokenizer(location), _named(spec_from_model(model), where, source), source, gguf_tokenizer)
+    return LoadedModel(model, _tokenizer(location), _named(spec_from_model(model), where, source), source,
+                       _gguf_tokenizer(where, source))
 
 
 BITSANDBYTES_MODES = ("8bit", "nf4")
@@ -314,12 +313,21 @@ def load_tokenizer(source: str) -> tuple[Any | None, Path | None]:
     where = _resolve(source)
     if where.kind == "json":
         return None, None
-    if where.kind in ("embedded", "gguf"):
-        return None, embedded_gguf_path(source) if where.kind == "embedded" else Path(where.location, where.gguf_file)
-    sidecar = Path(where.location, TOKENIZER_SIDECAR)
-    if sidecar.is_file():
-        return None, sidecar
+    gguf_tokenizer = _gguf_tokenizer(where, source)
+    if gguf_tokenizer is not None:
+        return None, gguf_tokenizer
     return _guard(lambda: _tokenizer(where.location), where), None
+
+
+def _gguf_tokenizer(where: _Source, source: str) -> Path | None:
+    """The GGUF whose tokenizer keys a GGUF export copies: the embedded model's own file, a GGUF source,
+    or the sidecar `save` keeps beside a model that came from a GGUF; None for a Hugging Face tokenizer."""
+    if where.kind == "embedded":
+        return embedded_gguf_path(source)
+    if where.kind == "gguf":
+        return Path(where.location, where.gguf_file)
+    sidecar = Path(where.location, TOKENIZER_SIDECAR)
+    return sidecar if sidecar.is_file() else None
 
 
 def _tokenizer(location: str) -> Any | None:

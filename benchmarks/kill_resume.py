@@ -53,16 +53,9 @@ name = "verify"
 
 def make_workspace(root: Path) -> tuple[Path, Path, Path]:
     """The model directory, the text file and the recipe the harness runs."""
-    from shrink.export.prompts import DEFAULT_TEXTS
-    from shrink.model import save
-    from tiny_models import build, byte_level_tokenizer, peaked
+    from tiny_models import save_tiny_bpe_model
 
-    tokenizer = byte_level_tokenizer("llama3")
-    model = peaked(build("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id))
-    model_dir = save(model, root / "tiny-llama3", tokenizer=tokenizer)
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(DEFAULT_TEXTS * 4))
+    model_dir, text = save_tiny_bpe_model(root)
     recipe = root / "recipe.toml"
     recipe.write_text(RECIPE)
     return model_dir, text, recipe

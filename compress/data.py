@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -171,14 +172,12 @@ class _ProgressLines:
     the time left (estimated)."""
 
     def __init__(self, total_steps: int) -> None:
-        import time
-
-        self.clock, self.total, self.done = time.perf_counter, total_steps, 0
-        self.started = self.last = self.clock()
+        self.total, self.done = total_steps, 0
+        self.started = self.last = time.perf_counter()
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
         self.done += 1
-        now = self.clock()
+        now = time.perf_counter()
         if now - self.last >= LOG_EVERY_S or self.done == self.total:
             self.last = now
             rate = self.done / (now - self.started)

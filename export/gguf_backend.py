@@ -50,8 +50,7 @@ class GGUFBackend:
     def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]:
         """Greedy continuation: (text, new tokens, seconds measured)."""
         llm = LlamaCppRunner(path, 512, threads).llm
-        # Checked from the metadata: llama.cpp aborts the process when asked to tokenize without a vocabulary.
-        if llm.metadata.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):
+        if not _has_vocabulary(llm):  # llama.cpp aborts the process when asked to tokenize without one
             raise ShrinkError(f"'{path}' carries no tokenizer, so it cannot generate text (verify and bench still work).")
         start = time.perf_counter()
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
@@ -63,8 +62,7 @@ class GGUFBackend:
         Face parses them; None when the file carries no vocabulary."""
         llm = open_llama(path, n_ctx=64, n_batch=64, threads=1, vocab_only=True)
         try:
-            has_vocabulary = llm.metadata.get("tokenizer.ggml.model", "none") not in ("none", "no_vocab")
-            yield (lambda text: llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) if has_vocabulary else None
+            yield (lambda text: llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) if _has_vocabulary(llm) else None
         finally:
             llm.close()
 
@@ -86,3 +84,8 @@ class GGUFBackend:
     def stored_quant(self, path: Path) -> str:
         """The registry format the file stores its block weights in (the type holding most of their bytes)."""
         return gguf_formats(path).formats.weights
+
+
+def _has_vocabulary(llm: Any) -> bool:
+    """Whether the loaded GGUF carries a tokenizer (tiny test models carry llama.cpp's "none")."""
+    return llm.metadata.get("tokenizer.ggml.model", "none") not in ("none", "no_vocab")

@@ -107,9 +107,3 @@ def gguf_tensor_name(hf_name: str, layout: GGUFLayout) -> str:
             return f"blk.{parts[2]}.{layout.layer_tensors[suffix]}"
     raise ShrinkError(f"Tensor '{hf_name}' has no place in a '{layout.arch}' GGUF; refusing to drop it silently.")
 
-
-def rope_theta(config: Any, layer_type: str = "full_attention") -> float:
-    """One layer type's RoPE base; export/gguf_rope.py writes (and checks) the scaling."""
-    from shrink.export.gguf_rope import rope_parameters
-
-    return rope_parameters(config, layer_type)["rope_theta"]

@@ -157,15 +157,14 @@ def _sentencepiece_style(spec: dict, tokens: list[str | None], merges: list[str]
     if missing:
         raise ShrinkError(f"The tokenizer falls back to bytes but lacks {len(missing)} of the 256 byte pieces "
                           f"(first <0x{missing[0]:02X}>), which llama.cpp needs: export it as ONNX instead.")
-    # llama.cpp merges the pair whose result scores highest; Hugging Face applies the lowest-ranked merge first
+    # llama.cpp merges the pair whose result scores highest; Hugging Face applies the lowest-ranked merge
+    # first. A piece no merge makes (a single character, a special token) gets the lowest score.
     rank_of: dict[str, int] = {}
     for rank, merge in enumerate(merges):
         left, _, right = merge.partition(" ")
         rank_of.setdefault(left + right, rank)
     unranked = -float(len(merges) + 1)
     scores = [-float(rank_of[t]) if t in rank_of else unranked for t in (text or "" for text in tokens)]
-    # a piece Hugging Face never merges must not be made by llama.cpp either: it may not exist in its vocabulary
-    # under the same text unless it is reachable, which the merges decide; unreachable pieces keep the lowest score
     return GGUFVocabulary("llama", _filled(tokens), _token_types(tokens, added, byte_pieces=True), scores=scores,
                           add_space_prefix=add_space_prefix)
 

@@ -49,11 +49,9 @@ class OnnxBackend:
 
     def generate(self, path: Path, prompt: str, max_tokens: int, threads: int | None) -> tuple[str, int, float]:
         """Greedy continuation: (text, new tokens, seconds measured)."""
-        from transformers import AutoTokenizer  # heavy: only generation needs the artifact's tokenizer
-
-        if not (path / "tokenizer_config.json").is_file():
+        tokenizer = _artifact_tokenizer(path)
+        if tokenizer is None:
             raise ShrinkError(f"'{path}' carries no tokenizer, so it cannot generate text (verify and bench still work).")
-        tokenizer = AutoTokenizer.from_pretrained(path)
         runner = OnnxRunner(path, threads)
         ids = tokenizer(prompt).input_ids
         start = time.perf_counter()
@@ -70,13 +68,8 @@ class OnnxBackend:
     @contextlib.contextmanager
     def tokenizer(self, path: Path) -> Iterator[Callable[[str], list[int]] | None]:
         """text -> ids with the tokenizer files the directory carries (None when it carries none)."""
-        if not (path / "tokenizer_config.json").is_file():
-            yield None
-            return
-        from transformers import AutoTokenizer  # heavy
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        yield lambda text: tokenizer(text).input_ids
+        tokenizer = _artifact_tokenizer(path)
+        yield None if tokenizer is None else (lambda text: tokenizer(text).input_ids)
 
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
         """The formats the graph stores (MatMulNBits scales included) and whether its lm_head and token
@@ -98,3 +91,12 @@ class OnnxBackend:
     def stored_quant(self, path: Path) -> str:
         """The registry format the graph stores its block weights in, read from the graph itself."""
         return onnx_formats(path).formats.weights
+
+
+def _artifact_tokenizer(path: Path) -> Any | None:
+    """The tokenizer files an ONNX directory carries, loaded (None when it carries none)."""
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer  # heavy: only generation and verify need the artifact's tokenizer
+
+    return AutoTokenizer.from_pretrained(path)

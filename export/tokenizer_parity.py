@@ -49,24 +49,29 @@ def parity_texts(tokenizer: Any, extra: list[str] | None = None) -> list[str]:
     return [*DEFAULT_TEXTS, *ADVERSARIAL_TEXTS, *spelled, *(extra or [])]
 
 
-def first_mismatch(tokenizer: Any, runtime_tokenize: Any, texts: list[str]) -> tuple[int, TokenizerMismatch | None]:
-    """(texts compared, the first text whose ids differ, with where) between the Hugging Face
-    tokenizer and `runtime_tokenize(text) -> ids`."""
+def first_mismatch(tokenizer: Any, runtime_tokenize: Any, texts: list[str]) -> TokenizerMismatch | None:
+    """The first text whose ids differ between the Hugging Face tokenizer and `runtime_tokenize(text)
+    -> ids`, with where (None: all agree)."""
     for text in texts:
         expected = list(tokenizer(text).input_ids)
         got = list(runtime_tokenize(text))
         if expected != got:
             position = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-            piece = lambda ids: tokenizer.convert_ids_to_tokens(ids[position]) if position < len(ids) else "<end>"  # noqa: E731
-            return len(texts), TokenizerMismatch(text, position, expected, got, piece(expected), piece(got))
-    return len(texts), None
+            return TokenizerMismatch(text, position, expected, got, _piece(tokenizer, expected, position),
+                                     _piece(tokenizer, got, position))
+    return None
+
+
+def _piece(tokenizer: Any, ids: list[int], position: int) -> str:
+    return tokenizer.convert_ids_to_tokens(ids[position]) if position < len(ids) else "<end>"
 
 
 def parity_check(tokenizer: Any, runtime_tokenize: Callable[[str], list[int]], runtime: str,
                  extra: list[str] | None = None) -> Check:
     """The verify check: every parity text tokenized identically, or the first difference named."""
-    compared, mismatch = first_mismatch(tokenizer, runtime_tokenize, parity_texts(tokenizer, extra))
+    texts = parity_texts(tokenizer, extra)
+    mismatch = first_mismatch(tokenizer, runtime_tokenize, texts)
     if mismatch is None:
-        return Check("tokenizer parity", True, f"{compared} texts (verify prompts, adversarial set, spelled special "
+        return Check("tokenizer parity", True, f"{len(texts)} texts (verify prompts, adversarial set, spelled special "
                                                f"tokens) tokenized identically by {runtime} and the Hugging Face tokenizer")
     return Check("tokenizer parity", False, f"{runtime}'s {mismatch.sentence()}")

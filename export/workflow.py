@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
-from shrink.export.backend import backend, backend_for
+from shrink.export.backend import Backend, backend, backend_for
 from shrink.export.manifest import hash_mismatches, manifest_path, read_manifest, write_manifest
 from shrink.export.prompts import prompt_texts, verification_sequences
 from shrink.export.runtimes import TorchRunner
@@ -44,15 +44,15 @@ def verify_against(artifact: Path, loaded: Any, fmt: str, prompts_file: str | No
     kind = backend_for(artifact)
     runner = kind.open_runner(artifact, max(len(s) for s in sequences), threads)
     metrics = compare(TorchRunner(loaded.model), runner, sequences)
-    return Verdict(metrics, threshold_checks(metrics, fmt, min_top1, max_kl) + tokenizer_checks(artifact, loaded, prompts_file))
+    return Verdict(metrics, threshold_checks(metrics, fmt, min_top1, max_kl)
+                   + tokenizer_checks(kind, artifact, loaded, prompts_file))
 
 
-def tokenizer_checks(artifact: Path, loaded: Any, prompts_file: str | None = None) -> list[Check]:
-    """Tokenizer parity between the artifact's runtime and the reference's Hugging Face tokenizer,
-    when both carry one (the verify prompts and a user's prompts file among the texts)."""
+def tokenizer_checks(kind: Backend, artifact: Path, loaded: Any, prompts_file: str | None = None) -> list[Check]:
+    """Tokenizer parity between the artifact's runtime (`kind`, its backend) and the reference's Hugging
+    Face tokenizer, when both carry one (the verify prompts and a user's prompts file among the texts)."""
     if loaded.tokenizer is None:
         return []
-    kind = backend_for(artifact)
     with kind.tokenizer(artifact) as tokenize:
         if tokenize is None:
             return [Check("tokenizer parity", True, f"the artifact carries no tokenizer ({kind.runtime} runs token ids)")]

@@ -100,16 +100,6 @@ def _text_model(tmp_path_factory, family, name, **overrides):
 def tiny_bpe_model_dir(tmp_path_factory):
     """A tiny Llama with a Llama-3-style byte-level BPE tokenizer trained here (one llama.cpp converts), saved
     as a Hugging Face directory, and text to train on: what runs that end in a GGUF need."""
-    from shrink.export.prompts import DEFAULT_TEXTS
-    from shrink.model import save
-    from tiny_models import byte_level_tokenizer
-    from tiny_models import build, peaked
+    from tiny_models import save_tiny_bpe_model
 
-    tokenizer = byte_level_tokenizer("llama3")
-    model = peaked(build("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id))
-    root = tmp_path_factory.mktemp("hf-llama")
-    directory = save(model, root / "tiny-llama3", tokenizer=tokenizer)
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(DEFAULT_TEXTS * 4))
-    return directory, text
+    return save_tiny_bpe_model(tmp_path_factory.mktemp("hf-llama"))

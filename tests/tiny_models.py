@@ -130,3 +130,19 @@ def byte_level_tokenizer(style: str):
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     return fast
+
+
+def save_tiny_bpe_model(root):
+    """A tiny 4-layer Llama with a Llama-3-style byte-level BPE tokenizer (one llama.cpp converts), saved in
+    `root` as a Hugging Face directory, and a text file to train on: (directory, text file)."""
+    from shrink.export.prompts import DEFAULT_TEXTS
+    from shrink.model import save
+
+    tokenizer = byte_level_tokenizer("llama3")
+    model = peaked(build("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id))
+    directory = save(model, root / "tiny-llama3", tokenizer=tokenizer)
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(DEFAULT_TEXTS * 4))
+    return directory, text
+
