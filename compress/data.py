@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,8 +188,6 @@ class _ProgressLines:
 
 
 def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
-    import sys
-
     import torch
     from rich.progress import Progress
 
