@@ -116,18 +116,37 @@ class FFNSpec:
 
 
 @dataclass(frozen=True)
+class LinearSpec:
+    """A single hidden x hidden map standing in for a mixer or an FFN (a Puzzle variant): linear
+    attention is W_o·W_v (each token attending only to itself), a linear FFN W_down·W_up. It holds
+    no KV cache and no state."""
+
+    kind: Literal["linear"] = "linear"
+
+    def params(self, hidden: int) -> int:
+        return hidden * hidden
+
+
+@dataclass(frozen=True)
 class LayerSpec:
-    mixer: AttentionSpec | SSMSpec | None
-    ffn: FFNSpec | None
+    mixer: AttentionSpec | SSMSpec | LinearSpec | None
+    ffn: FFNSpec | LinearSpec | None
     norms: int  # hidden-sized norm weight vectors in this block (Llama 2, Gemma3 4, Nemotron-H 1)
 
     @property
-    def mixer_kind(self) -> Literal["attention", "ssm", "none"]:
+    def mixer_kind(self) -> Literal["attention", "ssm", "linear", "none"]:
         if isinstance(self.mixer, AttentionSpec):
             return "attention"
         if isinstance(self.mixer, SSMSpec):
             return "ssm"
+        if isinstance(self.mixer, LinearSpec):
+            return "linear"
         return "none"
+
+    @property
+    def dense_ffn(self) -> FFNSpec | None:
+        """The FFN when it is a dense (non-MoE) FFNSpec; None for no FFN, a linear map or an MoE."""
+        return self.ffn if isinstance(self.ffn, FFNSpec) and not self.ffn.is_moe else None
 
     def params(self, hidden: int) -> int:
         n = self.norms * hidden
@@ -260,9 +279,10 @@ def _layer_from_dict(data: dict[str, Any]) -> LayerSpec:
         raise ShrinkError("An ArchSpec layer's 'mixer' and 'ffn' are objects (or null).")
     mixer = data.get("mixer")
     if mixer is not None:
-        mixer_cls = SSMSpec if "state_size" in mixer else AttentionSpec
+        mixer_cls = LinearSpec if mixer.get("kind") == "linear" else SSMSpec if "state_size" in mixer else AttentionSpec
         mixer = _strict(mixer_cls, mixer, mixer_cls.__name__)
     ffn = data.get("ffn")
     if ffn is not None:
-        ffn = _strict(FFNSpec, ffn, "FFNSpec")
+        ffn_cls = LinearSpec if ffn.get("kind") == "linear" else FFNSpec
+        ffn = _strict(ffn_cls, ffn, ffn_cls.__name__)
     return _strict(LayerSpec, {**data, "mixer": mixer, "ffn": ffn}, "LayerSpec")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
-from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, Formats, LayerSpec, SSMSpec
+from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, Formats, LayerSpec, LinearSpec, SSMSpec
 from shrink.errors import ShrinkError
 
 Adapter = Callable[[Any], ArchSpec]
@@ -319,9 +319,15 @@ def spec_from_model(model: Any) -> ArchSpec:
     return replace(spec, vocab_size=embed.shape[0], hidden_size=embed.shape[1], layers=layers)
 
 
+def _variant_spec(module: Any, parent: Any) -> Any:
+    """A Puzzle variant module's spec (blockvariants.py), or `parent` for the family's own module."""
+    variant = getattr(module, "variant", None)
+    return None if variant == "none" else LinearSpec() if variant == "linear" else parent
+
+
 def _measured_layer(block: Any, layer: LayerSpec) -> LayerSpec:
     mixer_module = getattr(block, "self_attn", None) or getattr(block, "mixer", None)
-    mixer, ffn = layer.mixer, layer.ffn
+    mixer, ffn = _variant_spec(mixer_module, layer.mixer), _variant_spec(getattr(block, "mlp", None), layer.ffn)
     if isinstance(mixer, AttentionSpec):
         heads = mixer_module.q_proj.out_features // mixer.head_dim
         kv_proj = getattr(mixer_module, "k_proj", None)
@@ -330,7 +336,7 @@ def _measured_layer(block: Any, layer: LayerSpec) -> LayerSpec:
     elif isinstance(mixer, SSMSpec):
         heads = mixer_module.A_log.numel()
         mixer = replace(mixer, num_heads=heads, head_dim=mixer_module.out_proj.in_features // heads)
-    if ffn is not None and not ffn.is_moe:
+    if isinstance(ffn, FFNSpec) and not ffn.is_moe:
         mlp = getattr(block, "mlp", None) or mixer_module
         ffn = replace(ffn, width=mlp.up_proj.out_features)
     return replace(layer, mixer=mixer, ffn=ffn)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from shrink import blocks
-from shrink.archspec import ArchSpec, AttentionSpec
+from shrink.archspec import ArchSpec, AttentionSpec, LinearSpec
 from shrink.errors import ShrinkError
+from shrink.families import spec_from_config
 
 KEY = "shrink_layer_shapes"
 
@@ -23,18 +24,28 @@ KEY = "shrink_layer_shapes"
 def record(model: Any, spec: ArchSpec) -> None:
     """Write the per-layer shapes into the model's config when its layers differ (no-op otherwise)."""
     config = getattr(model.config, "text_config", None) or model.config
-    if spec.is_uniform:
+    parents = spec_from_config(model.config).layers
+    variants = any(layer.mixer_kind != parent.mixer_kind or type(layer.ffn) is not type(parent.ffn)
+                   for layer, parent in zip(spec.layers, parents))
+    if spec.is_uniform and not variants:
         if hasattr(config, KEY):
             delattr(config, KEY)
         return
     shapes = []
-    for layer in spec.layers:
+    for layer, parent in zip(spec.layers, parents):
         mixer = layer.mixer if isinstance(layer.mixer, AttentionSpec) else None
-        shapes.append({"ffn": layer.ffn.width if layer.ffn is not None else None,
-                       "heads": mixer.num_heads if mixer else None, "kv_heads": mixer.num_kv_heads if mixer else None})
+        ffn = layer.dense_ffn
+        shape = {"ffn": ffn.width if ffn is not None else None,
+                 "heads": mixer.num_heads if mixer else None, "kv_heads": mixer.num_kv_heads if mixer else None}
+        # A Puzzle variant (no-op or linear) where the family has attention or an FFN
+        if isinstance(parent.mixer, AttentionSpec) and mixer is None:
+            shape["mixer_variant"] = layer.mixer_kind
+        if parent.dense_ffn is not None and ffn is None:
+            shape["ffn_variant"] = "linear" if isinstance(layer.ffn, LinearSpec) else "none"
+        shapes.append(shape)
     setattr(config, KEY, shapes)
     widest = [s for s in shapes if s["heads"] is not None]
-    config.intermediate_size = max(s["ffn"] for s in shapes if s["ffn"] is not None)
+    config.intermediate_size = max((s["ffn"] for s in shapes if s["ffn"] is not None), default=config.intermediate_size)
     if widest:
         config.num_attention_heads = max(s["heads"] for s in widest)
         config.num_key_value_heads = max(s["kv_heads"] for s in widest)
@@ -53,12 +64,15 @@ def apply_to_spec(spec: ArchSpec, config: Any) -> ArchSpec:
     if not shapes:
         return spec
     layers = []
+    variants = {"linear": LinearSpec(), "none": None}
     for layer, shape in zip(spec.layers, shapes):
         mixer, ffn = layer.mixer, layer.ffn
         if isinstance(mixer, AttentionSpec) and shape["heads"] is not None:
             mixer = replace(mixer, num_heads=shape["heads"], num_kv_heads=shape["kv_heads"])
         if ffn is not None and shape["ffn"] is not None:
             ffn = replace(ffn, width=shape["ffn"])
+        mixer = variants[shape["mixer_variant"]] if "mixer_variant" in shape else mixer
+        ffn = variants[shape["ffn_variant"]] if "ffn_variant" in shape else ffn
         layers.append(replace(layer, mixer=mixer, ffn=ffn))
     return replace(spec, layers=tuple(layers))
 
@@ -73,7 +87,14 @@ def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> A
 
 def narrow(model: Any, shapes: list[dict]) -> None:
     """Give each decoder layer's projections the recorded shapes (weights are loaded afterwards)."""
-    for block, shape in zip(model.model.layers, shapes):
+    from shrink.blockvariants import ffn_variant, mixer_variant  # heavy: torch modules
+
+    hidden, dtype = model.config.get_text_config().hidden_size, model.dtype
+    for index, (block, shape) in enumerate(zip(model.model.layers, shapes)):
+        if "mixer_variant" in shape:
+            block.self_attn = mixer_variant(shape["mixer_variant"], hidden, dtype, index)
+        if "ffn_variant" in shape:
+            block.mlp = ffn_variant(shape["ffn_variant"], hidden, dtype)
         if shape["ffn"] is not None:
             mlp = blocks.mlp(block)
             if hasattr(mlp, "gate_proj"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from shrink.archspec import ArchSpec, AttentionSpec, LayerSpec, SSMSpec
+from shrink.archspec import ArchSpec, AttentionSpec, LayerSpec, LinearSpec, SSMSpec
 from shrink.cli.render import console, handle_user_errors, print_json
 from shrink.model import load as load_model
 from shrink.model import load_spec
@@ -74,7 +74,11 @@ def _describe(layer: LayerSpec) -> list[str]:
     elif isinstance(m, SSMSpec):
         ssm = f"{m.num_heads} x {m.head_dim}, {m.num_groups} groups, state {m.state_size}, conv {m.conv_kernel}"
     ffn = "-"
-    if f is not None:
+    if isinstance(m, LinearSpec):
+        attn = "linear (hidden x hidden)"
+    if isinstance(f, LinearSpec):
+        ffn = "linear"
+    elif f is not None:
         ffn = f"{f.kind} {f.width}"
         if f.is_moe:
             ffn = f"MoE {f.experts_per_token}/{f.num_experts} x {f.kind} {f.width}" + (f" + shared {f.shared_width}" if f.shared_width else "")

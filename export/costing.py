@@ -5,8 +5,9 @@ backend (export/gguf_backend.py, export/onnx_backend.py) states its own storage 
 
 from __future__ import annotations
 
-from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
+from shrink.archspec import ArchSpec, AttentionSpec, LinearSpec, SSMSpec
 from shrink.errors import ShrinkError
+from shrink.hardware.ops import LINEAR_FFN_OP, LINEAR_MIXER_OP
 from shrink.numformats.registry import FORMATS, NumberFormat, fitting_format, resolve_weights, stored_format, vocabulary_format
 
 
@@ -21,7 +22,11 @@ def op_row_lengths(spec: ArchSpec) -> dict[str, set[int]]:
         elif isinstance(m, SSMSpec):
             rows.setdefault("ssm.in_proj", set()).add(spec.hidden_size)
             rows.setdefault("ssm.out_proj", set()).add(m.inner)
-        if f is not None and not f.is_moe:
+        elif isinstance(m, LinearSpec):
+            rows.setdefault(LINEAR_MIXER_OP, set()).add(spec.hidden_size)
+        if isinstance(f, LinearSpec):
+            rows.setdefault(LINEAR_FFN_OP, set()).add(spec.hidden_size)
+        elif f is not None and not f.is_moe:
             rows.setdefault("ffn.up", set()).add(spec.hidden_size)
             rows.setdefault("ffn.down", set()).add(f.width)
     return rows

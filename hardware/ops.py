@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, SSMSpec
+from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec, SSMSpec
 from shrink.numformats import get_format, matmul_compute_class
 
 
@@ -170,6 +170,11 @@ def ffn_ops(f: FFNSpec, hidden: int, tokens: int, b: _Bytes) -> list[Op]:
     return ops
 
 
+# The operator whose weights a hidden x hidden map stands in for (its format and its name in reports).
+LINEAR_MIXER_OP = "attn.o"
+LINEAR_FFN_OP = "ffn.down"
+
+
 @lru_cache(maxsize=4096)
 def layer_ops(layer: LayerSpec, hidden: int, batch: int, new: int, past: int, b: _Bytes) -> tuple[Op, ...]:
     tokens = batch * new
@@ -178,7 +183,11 @@ def layer_ops(layer: LayerSpec, hidden: int, batch: int, new: int, past: int, b:
         ops += attention_ops(layer.mixer, hidden, batch, new, past, b)
     elif isinstance(layer.mixer, SSMSpec):
         ops += ssm_ops(layer.mixer, hidden, batch, new, b)
-    if layer.ffn is not None:
+    elif isinstance(layer.mixer, LinearSpec):  # stored as attn_output, as llama.cpp's deci stores it
+        ops.append(_matmul(LINEAR_MIXER_OP, tokens, hidden, hidden, b))
+    if isinstance(layer.ffn, LinearSpec):
+        ops.append(_matmul(LINEAR_FFN_OP, tokens, hidden, hidden, b))
+    elif layer.ffn is not None:
         ops += ffn_ops(layer.ffn, hidden, tokens, b)
     return tuple(ops)
 
@@ -216,8 +225,12 @@ def linear_params_by_op(layer: LayerSpec, hidden: int) -> dict[str, int]:
     elif isinstance(m, SSMSpec):
         n["ssm.in_proj"] = hidden * m.in_proj_out
         n["ssm.out_proj"] = m.inner * hidden
+    elif isinstance(m, LinearSpec):
+        n[LINEAR_MIXER_OP] = hidden * hidden
     f = layer.ffn
-    if f is not None and not f.is_moe:
+    if isinstance(f, LinearSpec):
+        n[LINEAR_FFN_OP] = hidden * hidden
+    elif f is not None and not f.is_moe:
         n["ffn.up"] = (f.matrices - 1) * hidden * f.width
         n["ffn.down"] = f.width * hidden
     elif f is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
-from shrink.archspec import ArchSpec, AttentionSpec, SSMSpec
+from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, SSMSpec
 from shrink.errors import ShrinkError
 from shrink.hardware.ops import Op, weight_bytes, pass_ops
 from shrink.hardware.profiles import Profile
@@ -165,7 +165,7 @@ def memory_needed(spec: ArchSpec, workload: Workload) -> tuple[float, float, flo
         elif isinstance(m, SSMSpec):
             ssm_state += batch * (m.inner * m.state_size * state + m.conv_dim * (m.conv_kernel - 1) * act)
             widest = max(widest, m.in_proj_out)
-        if layer.ffn is not None:
+        if isinstance(layer.ffn, FFNSpec):
             widest = max(widest, (layer.ffn.matrices - 1) * max(layer.ffn.width, layer.ffn.shared_width))
     activations = batch * workload.prompt_len * (spec.hidden_size + widest) * act + batch * spec.vocab_size * 4
     return weights, kv_cache, ssm_state, activations
