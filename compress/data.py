@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.model import weights_hash
+from shrink.progress import ProgressLines
 from shrink.storage import atomic_write_text, cache_dir
 
 log = logging.getLogger("shrink")
@@ -164,26 +164,17 @@ class _TopKTopP:
         return filtered.scatter_(-1, indices, values.masked_fill(beyond, float("-inf")))
 
 
-LOG_EVERY_S = 30.0  # where stderr is not a terminal (a CI log), a progress line at least this often
+class _StepLines:
+    """Called by generate at every decoding step (as a stopping criterion that never stops), counting
+    the steps on `lines` with the tokens per second they make."""
 
-
-class _ProgressLines:
-    """Called by generate at every decoding step (as a stopping criterion that never stops): where no
-    live progress bar can show (a CI log), a line at least every LOG_EVERY_S seconds with the rate and
-    the time left (estimated)."""
-
-    def __init__(self, total_steps: int) -> None:
-        self.total, self.done = total_steps, 0
-        self.started = self.last = time.perf_counter()
+    def __init__(self, lines: ProgressLines) -> None:
+        self.lines = lines
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.last >= LOG_EVERY_S or self.done == self.total:
-            self.last = now
-            rate = self.done / (now - self.started)
-            log.info("teacher writing calibration text: step %d/%d, %.2f steps/s (%d tokens/s), about %.0f s left (estimated)",
-                     self.done, self.total, rate, rate * input_ids.shape[0], (self.total - self.done) / rate)
+        elapsed = time.perf_counter() - self.lines.started
+        tokens = (self.lines.here + 1) * input_ids.shape[0]
+        self.lines.advance(1, f"{tokens / elapsed:.0f} tokens/s" if elapsed > 0 else "")
         return False
 
 
@@ -201,9 +192,9 @@ def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
         tokenizer.pad_token = tokenizer.eos_token
     pad = tokenizer.pad_token_id
     batches = -(-len(prompts) // settings.batch)
-    lines = None if sys.stderr.isatty() else [_ProgressLines(batches * settings.new_tokens)]
+    lines = ProgressLines("teacher writing calibration text", batches * settings.new_tokens, "step")
     try:
-        with Progress(transient=True) as progress, torch.no_grad():
+        with Progress(transient=True) as progress, torch.no_grad(), lines:
             task = progress.add_task("teacher writing calibration text", total=len(prompts))
             for start in range(0, len(prompts), settings.batch):
                 chunk = prompts[start:start + settings.batch]
@@ -211,7 +202,7 @@ def _sample(loaded: Any, settings: GenerationSettings) -> list[str]:
                 out = model.generate(**batch, max_new_tokens=settings.new_tokens, do_sample=True, pad_token_id=pad,
                                      temperature=1.0, top_k=0, top_p=1.0,  # transformers' own warpers off:
                                      logits_processor=[_TopKTopP(settings)],  # the same filter, cheaper
-                                     stopping_criteria=lines)
+                                     stopping_criteria=[_StepLines(lines)] if lines.enabled else None)
                 texts += tokenizer.batch_decode(out, skip_special_tokens=True)
                 progress.advance(task, len(chunk))
     finally:

@@ -22,6 +22,7 @@ from shrink import blocks
 from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.errors import ShrinkError
 from shrink.model import weights_hash
+from shrink.progress import ProgressLines
 from shrink.storage import atomic_path, cache_dir
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "nemotron_h")
@@ -108,22 +109,43 @@ def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
         handles.append(block.register_forward_hook(block_hook(i)))
     tokens = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ProgressLines("importance scoring", -(-batches.shape[0] // batch_size), "batch") as lines:
             for start in range(0, batches.shape[0], batch_size):
                 chunk = batches[start:start + batch_size]
                 model(chunk)
                 tokens += chunk.numel()
+                lines.advance()
     finally:
         for handle in handles:
             handle.remove()
     if tokens == 0:
         raise ShrinkError("No calibration tokens: the importance pass needs at least one sequence.")
+    _check_finite(sums_ffn, sums_heads, sums_ssm, sums_hidden, influence)
 
     def rms(sums):
         return [(s / tokens).sqrt().float() if s is not None else None for s in sums]
 
     return Importance(ffn=rms(sums_ffn), heads=rms(sums_heads), ssm=rms(sums_ssm),
                       hidden=(sums_hidden / tokens).sqrt().float(), layers=(influence / tokens).float(), tokens=tokens)
+
+
+def _check_finite(ffn: list, heads: list, ssm: list, hidden: Any, influence: Any) -> None:
+    """Name the first place (in layer order) where a calibration activation was NaN or infinite: a NaN
+    or an overflow spreads into every sum after it, so the first is where it began."""
+    import torch
+
+    for i in range(len(influence)):
+        for what, sums in (("attention heads' output entering o_proj", heads[i]), ("SSM output entering out_proj", ssm[i]),
+                           ("FFN activation entering down_proj", ffn[i])):
+            if sums is not None and not bool(torch.isfinite(sums).all()):
+                raise ShrinkError(f"Calibration activations are NaN or infinite at layer {i}'s {what}, so importance "
+                                  "cannot be scored: the model overflows in float32 on this text or its weights are damaged.")
+        if not bool(torch.isfinite(influence[i])):
+            raise ShrinkError(f"Calibration activations are NaN or infinite at the output of layer {i}, so importance "
+                              "cannot be scored: the model overflows in float32 on this text or its weights are damaged.")
+    if not bool(torch.isfinite(hidden).all()):
+        raise ShrinkError("Calibration activations are NaN or infinite at a hidden-size norm, so importance cannot be "
+                          "scored: the model overflows in float32 on this text or its weights are damaged.")
 
 
 def _zeros(*shape: int) -> Any:
@@ -148,16 +170,19 @@ def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
             return [F.log_softmax(model(batches[s:s + batch_size]).logits.double(), -1)
                     for s in range(0, batches.shape[0], batch_size)]
 
-    reference = logprobs()
     scores = torch.zeros(len(layers), dtype=torch.float64)
-    for i, block in enumerate(layers):
-        handle = block.register_forward_hook(lambda _m, args, _out: args[0])  # the layer becomes identity
-        try:
-            skipped = logprobs()
-        finally:
-            handle.remove()
-        total = sum(float((ref.exp() * (ref - out)).sum(-1).sum()) for ref, out in zip(reference, skipped))
-        scores[i] = total / batches.numel()
+    with ProgressLines("layer KL scoring", len(layers) + 1, "pass") as lines:
+        reference = logprobs()
+        lines.advance()
+        for i, block in enumerate(layers):
+            handle = block.register_forward_hook(lambda _m, args, _out: args[0])  # the layer becomes identity
+            try:
+                skipped = logprobs()
+            finally:
+                handle.remove()
+            total = sum(float((ref.exp() * (ref - out)).sum(-1).sum()) for ref, out in zip(reference, skipped))
+            scores[i] = total / batches.numel()
+            lines.advance()
     return scores.float()
 
 

@@ -15,6 +15,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 
 from shrink.export.runtimes import Runner
+from shrink.progress import ProgressLines
 from shrink.numformats import gate_for, wilson_interval
 
 @dataclass
@@ -62,24 +63,26 @@ def compare(reference: Runner, artifact: Runner, sequences: list[list[int]], chu
     kl_sum, kl_max, diff_max = 0.0, 0.0, 0.0
     nll_ref = nll_art = 0.0
     scored = 0
-    for ids in sequences:
-        ref_all, art_all = reference.logits(ids), artifact.logits(ids)
-        for start in range(0, len(ids), chunk):
-            ref, art = ref_all[start:start + chunk], art_all[start:start + chunk]
-            lp_ref, lp_art = _log_softmax(ref), _log_softmax(art)
-            kl = (np.exp(lp_ref) * (lp_ref - lp_art)).sum(axis=-1)
-            agree += int((ref.argmax(-1) == art.argmax(-1)).sum())
-            positions += len(ref)
-            kl_sum += float(kl.sum())
-            kl_max = max(kl_max, float(kl.max()))
-            diff_max = max(diff_max, float(np.abs(ref.astype(np.float64) - art).max()))
-            # next-token likelihood: the row at position i scores token i + 1
-            rows = np.arange(len(ref))
-            targets = np.array(ids[start + 1:start + 1 + len(ref)], dtype=np.int64)  # may be empty
-            rows = rows[: len(targets)]
-            nll_ref -= float(lp_ref[rows, targets].sum())
-            nll_art -= float(lp_art[rows, targets].sum())
-            scored += len(targets)
+    with ProgressLines("verify", len(sequences), "sequence") as lines:
+        for ids in sequences:
+            ref_all, art_all = reference.logits(ids), artifact.logits(ids)
+            for start in range(0, len(ids), chunk):
+                ref, art = ref_all[start:start + chunk], art_all[start:start + chunk]
+                lp_ref, lp_art = _log_softmax(ref), _log_softmax(art)
+                kl = (np.exp(lp_ref) * (lp_ref - lp_art)).sum(axis=-1)
+                agree += int((ref.argmax(-1) == art.argmax(-1)).sum())
+                positions += len(ref)
+                kl_sum += float(kl.sum())
+                kl_max = max(kl_max, float(kl.max()))
+                diff_max = max(diff_max, float(np.abs(ref.astype(np.float64) - art).max()))
+                # next-token likelihood: the row at position i scores token i + 1
+                rows = np.arange(len(ref))
+                targets = np.array(ids[start + 1:start + 1 + len(ref)], dtype=np.int64)  # may be empty
+                rows = rows[: len(targets)]
+                nll_ref -= float(lp_ref[rows, targets].sum())
+                nll_art -= float(lp_art[rows, targets].sum())
+                scored += len(targets)
+            lines.advance()
     with np.errstate(over="ignore"):  # a broken artifact may deserve an infinite perplexity
         ppl_reference = float(np.exp(nll_ref / max(scored, 1)))
         ppl_artifact = float(np.exp(nll_art / max(scored, 1)))

@@ -14,6 +14,7 @@ from shrink.export.runtimes import TorchRunner
 from shrink.export.tokenizer_parity import parity_check
 from shrink.export.verify import Check, Verdict, baseline_checks, compare, threshold_checks
 from shrink.model import load, weights_hash
+from shrink.progress import ProgressLines
 
 
 @dataclass
@@ -31,7 +32,10 @@ def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | N
     verify=False) and write the manifest beside it. `quant` None: the backend's default, or the grid a
     quantized student brings."""
     output = Path(output)
-    report = backend(fmt).export(loaded, output, quant, pad_to_uniform=pad_to_uniform, block_size=block_size)
+    # one unit: the backends count no tensors yet, so a CI log gets the time spent every LOG_EVERY_S
+    with ProgressLines(f"{fmt} export", 1, "artifact") as lines:
+        report = backend(fmt).export(loaded, output, quant, pad_to_uniform=pad_to_uniform, block_size=block_size)
+        lines.advance()
     verdict = verify_against(output, loaded, report["quant"], prompts_file) if verify else None
     manifest = write_manifest(output, source=loaded.source, source_hash=weights_hash(loaded.model), spec=loaded.spec,
                               export=report, verify=verdict.to_dict() if verdict else None)

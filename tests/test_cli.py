@@ -96,18 +96,22 @@ def test_formats_lists_bits_per_weight():
     assert q4_0["gate"]["reason"] and data["families"]["int4"]["gguf"] == "q4_0"
 
 
-def test_training_progress_reaches_a_ci_log_as_lines(capsys, monkeypatch):
+def test_training_progress_reaches_a_ci_log_as_lines(caplog, monkeypatch):
     """stderr not a terminal (CI): the first and last steps and one line per interval, rate and time left."""
-    import shrink.cli.training as training
+    import logging
+
+    import shrink.progress as progress
     from shrink.cli.render import Spinner, err_console
+    from shrink.cli.training import cli_hooks
 
     assert not err_console.is_terminal  # pytest captures stderr
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 75.0])  # started, then one reading per step
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
-    with training.cli_hooks(Spinner()).training("distilling", 5, True) as progress:
-        for step in range(1, 6):
-            progress(step, 1.0 / step, 1000.0)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distilling:")]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="shrink"):
+        with cli_hooks(Spinner()).training("distilling", 5, True) as report:
+            for step in range(1, 6):
+                report(step, 1.0 / step, 1000.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distilling:")]
     # step 1 (first), step 3 at 40 s (30 s after the last line), step 5 (last); steps 2 and 4 fall inside
     assert [line.split(",")[0] for line in lines] == ["distilling: step 1/5", "distilling: step 3/5",
                                                       "distilling: step 5/5"]

@@ -106,6 +106,7 @@ def test_corpus_writing_prints_progress_lines_in_a_ci_log(tiny_model, monkeypatc
 
     from transformers import PreTrainedTokenizerFast
 
+    from shrink import progress
     from shrink.compress import data
     from tiny_models import byte_level_tokenizer
 
@@ -113,7 +114,7 @@ def test_corpus_writing_prints_progress_lines_in_a_ci_log(tiny_model, monkeypatc
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
     loaded = tiny_model("llama", vocab_size=len(tokenizer))
     loaded.tokenizer = tokenizer
-    monkeypatch.setattr(data, "LOG_EVERY_S", 0.0)  # every step, so the test need not wait 30 s
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # every step, so the test need not wait 30 s
     monkeypatch.setattr("sys.stderr", open(os.devnull, "w"))  # a CI log, not a terminal
     with caplog.at_level(logging.INFO, logger="shrink"):
         texts = data._sample(loaded, data.GenerationSettings(prompts=3, new_tokens=4, batch=2))

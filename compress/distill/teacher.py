@@ -14,7 +14,9 @@ import hashlib
 import logging
 from typing import Any
 
+from shrink.errors import ShrinkError
 from shrink.model import weights_hash
+from shrink.progress import ProgressLines
 from shrink.storage import atomic_path, cache_dir
 
 log = logging.getLogger("shrink")
@@ -41,12 +43,17 @@ def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4)
         return cached["values"], cached["indices"]
     values, indices = [], []
     teacher.eval()
-    with torch.no_grad():
+    with torch.no_grad(), ProgressLines("teacher top-k logits", -(-sequences.shape[0] // batch_size), "batch") as lines:
         for start in range(0, sequences.shape[0], batch_size):
             log_probs = torch.log_softmax(teacher(sequences[start:start + batch_size]).logits.float(), -1)
             top = torch.topk(log_probs, k=min(k, log_probs.shape[-1]), dim=-1)
+            if not bool(torch.isfinite(top.values).all()):
+                raise ShrinkError(f"The teacher's logits are NaN or infinite on sequences {start}-"
+                                  f"{min(start + batch_size, sequences.shape[0]) - 1}, so there is nothing to distill "
+                                  "from: it overflows in float32 on this text or its weights are damaged.")
             values.append(top.values)
             indices.append(top.indices.int())
+            lines.advance()
     result = {"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous()}
     with atomic_path(path) as tmp:
         save_file(result, str(tmp))

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from shrink import blocks
 from shrink.compress.quant.plan import QuantPlan
 from shrink.errors import ShrinkError
+from shrink.progress import ProgressLines
 
 METHODS = ("auto", "max", "mse", "awq")
 AWQ_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -58,7 +59,7 @@ def clip_to_mse(model: Any, plan: QuantPlan) -> float:
     from shrink.numformats.grids import quantize_dequantize
 
     chosen = []
-    with torch.no_grad():
+    with torch.no_grad(), ProgressLines("MSE clipping", len(plan.tensors), "tensor") as lines:
         for tensor in plan.tensors:
             linear = model.get_submodule(tensor.module)
             weight = linear.weight.detach().float()
@@ -76,6 +77,7 @@ def clip_to_mse(model: Any, plan: QuantPlan) -> float:
                 best_ratio[better] = ratio
             linear.weight.copy_(best.reshape(weight.shape).to(linear.weight.dtype))
             chosen.append(best_ratio.mean())
+            lines.advance()
     return float(torch.stack(chosen).mean())
 
 
@@ -113,14 +115,19 @@ def awq(model: Any, plan: QuantPlan, batches: Any, family: str | None, progress:
             for block in model.model.layers for feeder, projections, kind in _awq_groups(block, family)]
     work = [(feeder, projections, kind) for feeder, projections, kind in work if projections]
     inputs = _capture_inputs(model, [projections[0] for _, projections, _ in work], batches, batch_size)
+    for _, projections, _ in work:
+        if not bool(torch.isfinite(inputs[id(projections[0])]).all()):
+            raise ShrinkError(f"Calibration activations entering {names[id(projections[0])]} are NaN or infinite, so AWQ "
+                              "cannot scale it: the model overflows on this text or its weights are damaged.")
     exponents = []
-    with torch.no_grad():
+    with torch.no_grad(), ProgressLines("AWQ search", len(work), "group") as lines:
         for n, (feeder, projections, kind) in enumerate(work):
             x = inputs[id(projections[0])]
             grids = [plan.grid_of(names[id(p)]) for p in projections]
             exponent, scales = _search_exponent(x, projections, grids)
             _fold(feeder, projections, scales, kind)
             exponents.append(exponent)
+            lines.advance()
             if progress is not None:
                 progress(f"AWQ {n + 1}/{len(work)}: {names[id(projections[0])]} exponent {exponent:.2f}")
     return exponents
@@ -139,12 +146,15 @@ def _capture_inputs(model: Any, projections: list[Any], batches: Any, batch_size
             captured[id(module)].append(rows[:AWQ_TOKENS - kept])
 
     handles = [p.register_forward_pre_hook(hook) for p in projections]
+    needed = -(-AWQ_TOKENS // batches.shape[1])  # sequences that hold AWQ_TOKENS rows
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ProgressLines("AWQ activations", -(-min(needed, batches.shape[0]) // batch_size),
+                                            "batch") as lines:
             for start in range(0, batches.shape[0], batch_size):
                 if all(sum(r.shape[0] for r in rows) >= AWQ_TOKENS for rows in captured.values()):
                     break
                 model(batches[start:start + batch_size])
+                lines.advance()
     finally:
         for handle in handles:
             handle.remove()

@@ -14,6 +14,7 @@ from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
 from shrink.compress.quant.ptq import calibrate
 from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.errors import ShrinkError
+from shrink.progress import ProgressLines
 
 # default QAD peak learning rate by the grid's bits per element. Adam moves every weight by about
 # lr per step whatever its gradient, so a grid with finer steps needs a smaller lr for the student to
@@ -112,6 +113,9 @@ def mean_bits(loaded: Any, plan: Any) -> float:
 
 
 def plain_train(model, split, train_topk, eval_topk, config, checkpoints, label="QAD"):
+    """The trainer with progress only as lines where stderr is not a terminal (shrink.progress)."""
     from shrink.compress.distill.trainer import distill
 
-    return distill(model, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk)
+    with ProgressLines(label, config.steps, "step") as lines:
+        return distill(model, split.train, train_topk, config, checkpoints, split.evaluation, eval_topk,
+                       progress=lambda step, loss, speed: lines.update(step, f"loss {loss:.4f}, {speed:,.0f} tok/s"))
