@@ -263,6 +263,7 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
         )
     normeps.apply(model)
     model.eval()
+    check_finite(model, source)
     return LoadedModel(model, _tokenizer(location), _named(spec_from_model(model), where, source), source,
                        _gguf_tokenizer(where, source))
 
@@ -302,8 +303,9 @@ def _load_gguf(directory: str, filename: str, *, dtype: Any = None, source: str 
         where,
     )
     model.eval()
-    tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=filename), where)
     source = source or str(Path(directory, filename))
+    check_finite(model, source)
+    tokenizer = _guard(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=filename), where)
     return LoadedModel(model, tokenizer, replace(spec_from_model(model), name=source), source, Path(directory, filename))
 
 
@@ -405,6 +407,20 @@ def _guard(fn, where: _Source):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0].rstrip(".") if text else type(err).__name__
+
+
+def check_finite(model: Any, source: str) -> None:
+    """Refuse a model with a NaN or infinite weight as it is loaded, naming the first such tensor:
+    every later step would turn it into a NaN loss or a broken artifact, minutes later."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_meta or not tensor.is_floating_point():
+            continue
+        bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+        if bad:
+            raise ShrinkError(f"'{source}' holds {bad:,} NaN or infinite value(s) in {name}, so its weights are "
+                              "damaged (a diverged training or a corrupt file) and shrink will not start from them.")
 
 
 def weights_hash(model: Any) -> str:

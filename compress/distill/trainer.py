@@ -243,8 +243,8 @@ def _stop_if_diverged(step: int, loss: float, grad_norm: float, report: DistillR
     what = f"loss {loss:.4g}" + (f" (over {config.explode_factor:g}x the first step's {first:.4g})" if exploded else "")
     kept = (f"the last good checkpoint is kept in '{checkpoint}'" if (checkpoint / "progress.json").is_file()
             else "no checkpoint had been written yet")
-    raise ShrinkError(f"Distillation diverged at step {step} ({what}, gradient norm {grad_norm:.4g}); {kept}. "
-                      "Lower --lr or --clip-norm and run again.")
+    raise ShrinkError(f"Distillation diverged at step {step} ({what}, gradient norm {grad_norm:.4g}); {kept}; "
+                      "lower --lr or --clip-norm and run again.")
 
 
 def _save_checkpoint(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment: Any, taid_state: TAIDState,
