@@ -21,7 +21,7 @@ from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 
 
-def _sliced_linear(linear: Any, rows: Any = None, cols: Any = None) -> Any:
+def sliced_linear(linear: Any, rows: Any = None, cols: Any = None) -> Any:
     import torch
 
     weight = linear.weight.detach()
@@ -83,9 +83,9 @@ def prune_ffn(loaded: Any, importance: Importance, width: int | list[int]) -> An
         keep = _top(importance.ffn[i], size)
         mlp = blocks.mlp(model.model.layers[i])
         if hasattr(mlp, "gate_proj"):
-            mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=keep)
-        mlp.up_proj = _sliced_linear(mlp.up_proj, rows=keep)
-        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=keep)
+            mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=keep)
+        mlp.up_proj = sliced_linear(mlp.up_proj, rows=keep)
+        mlp.down_proj = sliced_linear(mlp.down_proj, cols=keep)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = size
     config.intermediate_size = _config_width(sizes)
@@ -111,8 +111,8 @@ def prune_heads(loaded: Any, importance: Importance, heads_per_group: int | list
         heads = torch.cat([g * group + _top(importance.heads[i][g * group:(g + 1) * group], keep_per_group)
                            for g in range(a.num_kv_heads)])
         rows = torch.cat([torch.arange(h * a.head_dim, (h + 1) * a.head_dim) for h in heads.tolist()])
-        attn.q_proj = _sliced_linear(attn.q_proj, rows=rows)
-        attn.o_proj = _sliced_linear(attn.o_proj, cols=rows)
+        attn.q_proj = sliced_linear(attn.q_proj, rows=rows)
+        attn.o_proj = sliced_linear(attn.o_proj, cols=rows)
         attn.num_key_value_groups = keep_per_group
     _pin_head_dim(config, loaded)
     kv_heads = loaded.spec.layers[next(iter(sizes))].mixer.num_kv_heads
@@ -133,10 +133,10 @@ def prune_kv_groups(loaded: Any, importance: Importance, groups: int) -> Any:
         kept = _top(importance.kv_groups(i, a.num_kv_heads), groups).tolist()
         kv_rows = torch.cat([torch.arange(g * a.head_dim, (g + 1) * a.head_dim) for g in kept])
         q_rows = torch.cat([torch.arange(g * per_group * a.head_dim, (g + 1) * per_group * a.head_dim) for g in kept])
-        attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
-        attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
-        attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
-        attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
+        attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
+        attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
+        attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
+        attn.o_proj = sliced_linear(attn.o_proj, cols=q_rows)
     a = loaded.spec.layers[_attention_layers(loaded)[0]].mixer
     _pin_head_dim(config, loaded)
     config.num_key_value_heads = groups
@@ -177,9 +177,9 @@ def prune_ssm(loaded: Any, importance: Importance, heads_per_group: int | None =
         bc_rows = inner + torch.arange(bc)
         conv_channels = torch.cat([kept, bc_rows])
         # in_proj rows: z (gate) | x, B, C (through the conv) | dt, one per head
-        mixer.in_proj = _sliced_linear(mixer.in_proj, rows=torch.cat([kept, inner + conv_channels, inner + inner + bc + heads]))
+        mixer.in_proj = sliced_linear(mixer.in_proj, rows=torch.cat([kept, inner + conv_channels, inner + inner + bc + heads]))
         mixer.conv1d = _sliced_conv(mixer.conv1d, conv_channels)
-        mixer.out_proj = _sliced_linear(mixer.out_proj, cols=kept)
+        mixer.out_proj = sliced_linear(mixer.out_proj, cols=kept)
         with torch.no_grad():
             for name in ("dt_bias", "A_log", "D"):
                 setattr(mixer, name, torch.nn.Parameter(getattr(mixer, name).detach()[heads].clone()))
@@ -282,7 +282,7 @@ def prune_hidden(loaded: Any, importance: Importance, hidden: int) -> Any:
     if tied:
         model.tie_weights()
     else:
-        model.lm_head = _sliced_linear(model.lm_head, cols=keep)
+        model.lm_head = sliced_linear(model.lm_head, cols=keep)
     config.hidden_size = hidden
     _pin_head_dim(config, loaded)
     eps_name = "rms_norm_eps" if hasattr(config, "rms_norm_eps") else "layer_norm_epsilon"
@@ -304,4 +304,4 @@ def _slice_residual_io(block: Any, keep: Any) -> None:
         reads_writes += [(ssm, "in_proj", "cols"), (ssm, "out_proj", "rows")]
         ssm.hidden_size = len(keep)
     for module, name, side in reads_writes:
-        setattr(module, name, _sliced_linear(getattr(module, name), **{side: keep}))
+        setattr(module, name, sliced_linear(getattr(module, name), **{side: keep}))

@@ -1,0 +1,225 @@
+"""Blockwise local distillation (Puzzle §3): every variant learns to reproduce its parent sub-block's
+output from the parent's own input (teacher forcing), with loss MSE(parent, child) / MSE(parent, 0).
+
+One pass of the parent over the calibration sequences records, per layer, what enters the layer and
+what its attention and its FFN add to the residual stream (each measured with the family's own
+decoder layer, the other sub-block switched off, so norms and residual conventions are the family's).
+Attention and FFN variants train decoupled on that one stream. Each trained variant is written to
+`out/<layer>-<sub>-<name>.safetensors` as soon as it finishes, so a killed run resumes where it
+stopped; under torchrun each process trains a disjoint share of the variants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from shrink import blocks
+from shrink.compress.puzzle.library import Variant, build
+from shrink.errors import ShrinkError
+from shrink.progress import ProgressLines
+from shrink.storage import atomic_path, atomic_write_text
+
+
+@dataclass(frozen=True)
+class BLDConfig:
+    steps: int = 60  # optimizer steps per variant over the cached stream
+    lr: float = 1e-3  # Puzzle trains blocks at a higher rate than global distillation
+    batch_size: int = 4  # sequences per step
+    seed: int = 0
+
+
+@dataclass
+class LayerStream:
+    """Per calibration batch: the layer's input, its call's keyword arguments, and the deltas its
+    attention and its FFN add to the residual stream."""
+    inputs: list[Any]
+    kwargs: list[dict]
+    attention: list[Any]
+    ffn: list[Any]
+
+
+@contextlib.contextmanager
+def swapped(block: Any, attention: Any = None, ffn: Any = None) -> Iterator[Any]:
+    """`block` with its attention and/or FFN module temporarily replaced."""
+    saved = {name: getattr(block, name) for name, new in (("self_attn", attention), ("mlp", ffn)) if new is not None}
+    for name, new in (("self_attn", attention), ("mlp", ffn)):
+        if new is not None:
+            setattr(block, name, new)
+    try:
+        yield block
+    finally:
+        for name, module in saved.items():
+            setattr(block, name, module)
+
+
+def _output(result: Any) -> Any:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def branch(block: Any, sub: str, module: Any, x: Any, kwargs: dict, layer_idx: int) -> Any:
+    """What `module` standing in as the block's `sub` adds to the residual stream at input x."""
+    from shrink.blockvariants import NoOpFFN, NoOpMixer
+
+    other = {"ffn": NoOpFFN()} if sub == "attention" else {"attention": NoOpMixer(layer_idx)}
+    with swapped(block, **{sub: module}, **other):
+        return _output(block(x, **kwargs)) - x
+
+
+def capture(model: Any, sequences: Any, batch_size: int) -> list[LayerStream]:
+    """Run the parent once over `sequences`, recording every layer's stream."""
+    import torch
+
+    layers = model.model.layers
+    streams = [LayerStream([], [], [], []) for _ in layers]
+    seen: dict[int, tuple] = {}
+
+    def hook(index: int):
+        def record(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            seen[index] = (x.detach(), rest)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, sequences.shape[0], batch_size):
+                seen.clear()
+                model(sequences[start:start + batch_size], use_cache=False)
+                for i, layer in enumerate(layers):
+                    x, kwargs = seen[i]
+                    attention = branch(layer, "attention", blocks.attention(layer), x, kwargs, i)
+                    ffn = branch(layer, "ffn", blocks.mlp(layer), x + attention, kwargs, i)
+                    stream = streams[i]
+                    stream.inputs.append(x)
+                    stream.kwargs.append(kwargs)
+                    stream.attention.append(attention)
+                    stream.ffn.append(ffn)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return streams
+
+
+def normalized_mse(child: Any, parent: Any) -> Any:
+    return (child - parent).pow(2).mean() / parent.pow(2).mean().clamp_min(1e-12)
+
+
+def variant_file(out: Path, layer_idx: int, variant: Variant) -> Path:
+    return out / f"{layer_idx:03d}-{variant.sub}-{variant.name}.safetensors"
+
+
+def _batch_input(stream: LayerStream, sub: str, b: int) -> Any:
+    return stream.inputs[b] if sub == "attention" else stream.inputs[b] + stream.attention[b]
+
+
+def evaluate(block: Any, module: Any, variant: Variant, stream: LayerStream, layer_idx: int) -> float:
+    """Normalized MSE of `module` as the block's sub-block over the whole stream."""
+    import torch
+
+    with torch.no_grad():
+        target = stream.attention if variant.sub == "attention" else stream.ffn
+        err = sum(float((branch(block, variant.sub, module, _batch_input(stream, variant.sub, b), stream.kwargs[b],
+                                layer_idx) - target[b]).pow(2).sum()) for b in range(len(target)))
+        return err / max(sum(float(t.pow(2).sum()) for t in target), 1e-12)
+
+
+def train_variant(block: Any, module: Any, variant: Variant, stream: LayerStream, layer_idx: int,
+                  config: BLDConfig) -> list[float]:
+    """Train `module` in place on the stream; returns the loss of every step."""
+    import torch
+
+    target = stream.attention if variant.sub == "attention" else stream.ffn
+    module.train()
+    params = [p for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+    generator = torch.Generator().manual_seed(config.seed + layer_idx)
+    losses = []
+    for _ in range(config.steps):
+        b = int(torch.randint(len(target), (1,), generator=generator))
+        child = branch(block, variant.sub, module, _batch_input(stream, variant.sub, b), stream.kwargs[b], layer_idx)
+        loss = normalized_mse(child, target[b])
+        if not torch.isfinite(loss):
+            raise ShrinkError(f"Blockwise distillation of layer {layer_idx}'s {variant.sub} variant '{variant.name}' "
+                              f"produced a non-finite loss; lower the learning rate.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    module.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: Any, out: Path,
+        config: BLDConfig = BLDConfig(), share: tuple[int, int] = (0, 1), status=lambda message: None) -> dict:
+    """Train every variant that has something to learn; returns {layer: {variant key: normalized MSE}}
+    for every variant (the parent 0, a no-op 1 by definition). Variants already on disk are loaded,
+    not retrained."""
+    import torch
+
+    model = loaded.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out.mkdir(parents=True, exist_ok=True)
+    status(f"Recording the parent's block inputs and outputs on {sequences.numel():,} tokens")
+    streams = capture(model, sequences, config.batch_size)
+    rank, size = share
+    jobs = [(i, v) for i, variants in enumerate(library) for v in variants if v.trained]
+    mine = [job for n, job in enumerate(jobs) if n % size == rank]
+    errors: dict[int, dict[str, float]] = {i: {} for i in range(len(library))}
+    torch.manual_seed(config.seed)
+    with ProgressLines("blockwise distillation", len(mine), "variant") as progress:
+        for i, variant in mine:
+            errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
+            progress.advance()
+    for i, variants in enumerate(library):
+        for v in variants:
+            if not v.trained:
+                errors[i][v.key] = 0.0 if v.name == "parent" else 1.0
+    return errors
+
+
+def _trained(loaded: Any, stream: LayerStream, i: int, variant: Variant, importance: Any, out: Path,
+             config: BLDConfig) -> float:
+    """Train one variant (or load it when a previous run finished it); its normalized MSE."""
+    from safetensors.torch import load_file, save_file
+
+    layer = loaded.model.model.layers[i]
+    module = build(layer, loaded.spec.layers[i], variant, i, importance.ffn[i] if importance else None)
+    path = variant_file(out, i, variant)
+    if path.exists():
+        module.load_state_dict(load_file(str(path)))
+    else:
+        losses = train_variant(layer, module, variant, stream, i, config)
+        # the losses first: the weights file is what marks the variant finished
+        atomic_write_text(path.with_suffix(".json"), json.dumps({"losses": losses, "config": asdict(config)}))
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    return evaluate(layer, module, variant, stream, i)
+
+
+def load_variant(loaded: Any, layer_idx: int, variant: Variant, out: Path, importance: Any) -> Any:
+    """The variant's module with its trained weights (the parent's own module for `parent`)."""
+    from safetensors.torch import load_file
+
+    layer = loaded.model.model.layers[layer_idx]
+    module = build(layer, loaded.spec.layers[layer_idx], variant, layer_idx,
+                   importance.ffn[layer_idx] if importance else None)
+    if variant.trained:
+        path = variant_file(out, layer_idx, variant)
+        if not path.exists():
+            raise ShrinkError(f"The trained weights of layer {layer_idx}'s {variant.sub} variant '{variant.name}' are "
+                              f"missing from '{out}'; run blockwise distillation again.")
+        module.load_state_dict(load_file(str(path)))
+    return module

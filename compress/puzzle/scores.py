@@ -1,0 +1,92 @@
+"""Replace-one-block scores (Puzzle §4.2): the parent with only one sub-block swapped for a variant,
+scored by KL(parent || child) of the next-token distributions on held-out text.
+
+The parent's inputs to every layer are recorded once per batch, so each score reruns only the
+layers from the swapped one on; the vocabulary projection runs over slices of positions so a
+262k-token vocabulary never holds all positions' logits at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from shrink.compress.puzzle.bld import swapped
+from shrink.compress.puzzle.library import Variant
+from shrink.progress import ProgressLines
+
+POSITIONS_PER_SLICE = 128
+
+
+def _layer_inputs(model: Any, ids: Any) -> tuple[list[tuple[Any, dict]], Any]:
+    """(input, call keyword arguments) of every decoder layer, and the decoder's final hidden state."""
+    import torch
+
+    seen: list[tuple[Any, dict]] = []
+
+    def record(_module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            final = model.model(ids, use_cache=False).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, final
+
+
+def _suffix(model: Any, inputs: list[tuple[Any, dict]], start: int, x: Any) -> Any:
+    """The decoder's final hidden state (after its norm) when layer `start` receives x."""
+    for layer, (_, kwargs) in zip(model.model.layers[start:], inputs[start:]):
+        out = layer(x, **kwargs)
+        x = out[0] if isinstance(out, tuple) else out
+    return model.model.norm(x)
+
+
+def _log_probs(model: Any, hidden: Any) -> Any:
+    import torch
+
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def kl(model: Any, parent_hidden: Any, child_hidden: Any) -> tuple[float, int]:
+    """Sum over positions of KL(parent || child) and the number of positions."""
+    parent, child = parent_hidden.flatten(0, -2), child_hidden.flatten(0, -2)
+    total = 0.0
+    for start in range(0, parent.shape[0], POSITIONS_PER_SLICE):
+        p = _log_probs(model, parent[start:start + POSITIONS_PER_SLICE])
+        q = _log_probs(model, child[start:start + POSITIONS_PER_SLICE])
+        total += float((p.exp() * (p - q)).sum())
+    return total, parent.shape[0]
+
+
+def replace_one_block(loaded: Any, sequences: Any, candidates: dict[tuple[int, Variant], Any],
+                      batch_size: int = 4, status: Callable[[str], None] = lambda message: None) -> dict[tuple[int, Variant], float]:
+    """KL per position of the parent with layer i's sub-block replaced by each candidate module
+    ({(i, variant): module}); the parent variant scores 0 without being run."""
+    import torch
+
+    model = loaded.model.eval()
+    totals = {key: 0.0 for key in candidates}
+    positions = 0
+    batches = range(0, sequences.shape[0], batch_size)
+    runs = [key for key in candidates if key[1].name != "parent"]
+    status(f"Scoring {len(runs)} block replacements on {sequences.numel():,} held-out tokens")
+    with ProgressLines("replace-one-block scores", len(batches) * len(runs), "replacement") as progress, torch.no_grad():
+        for start in batches:
+            inputs, parent_hidden = _layer_inputs(model, sequences[start:start + batch_size])  # after the final norm
+            for key in runs:
+                i, variant = key
+                layer = model.model.layers[i]
+                with swapped(layer, **{variant.sub: candidates[key]}):
+                    child_hidden = _suffix(model, inputs, i, inputs[i][0])
+                totals[key] += kl(model, parent_hidden, child_hidden)[0]
+                progress.advance()
+            positions += int(parent_hidden.shape[0] * parent_hidden.shape[1])
+    return {key: totals[key] / positions for key in candidates}
