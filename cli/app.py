@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("shrink.cli.bench", "bench_command"),
     "generate": ("shrink.cli.export", "generate_command"),
     "prune": ("shrink.cli.prune", "prune_command"),
+    "puzzle": ("shrink.cli.puzzle", "puzzle_command"),
     "distill": ("shrink.cli.distill", "distill_command"),
     "quantize": ("shrink.cli.quantize", "quantize_command"),
     "profiles": ("shrink.cli.profiles", "profiles_app"),  # listed last, as Typer lists command groups

@@ -40,6 +40,16 @@ class PruneStep:
 
 
 @dataclass(frozen=True)
+class PuzzleStep:
+    """A per-layer choice of block variants (flows/puzzle.py) under the run's target and budget, or
+    under these; follow it with a distill step (global distillation of the assembled model)."""
+    target: str | None = None  # None: the run's --target
+    budget: str | None = None  # time per output token, e.g. "3ms"; None: the run's budget
+    weights: str | None = None  # the format the blocks are costed in; None: the model's own
+    bld_steps: int = 60
+
+
+@dataclass(frozen=True)
 class DistillStep:
     tokens: int = defaults.DISTILL_TOKENS
     lr: float = defaults.DISTILL_LR
@@ -87,7 +97,7 @@ class BenchStep:
     repeats: int = defaults.BENCH_REPEATS
 
 
-STEPS: dict[str, type] = {"prune": PruneStep, "distill": DistillStep, "quantize": QuantizeStep,
+STEPS: dict[str, type] = {"prune": PruneStep, "puzzle": PuzzleStep, "distill": DistillStep, "quantize": QuantizeStep,
                           "gguf-quantize": GGUFQuantizeStep, "export": ExportStep, "verify": VerifyStep,
                           "bench": BenchStep}
 

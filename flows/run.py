@@ -37,12 +37,14 @@ from shrink.flows.gguf_quantize import budget_fits, make_option, prepare_search,
 from shrink.flows.gguf_search import parse_overrides, run_search
 from shrink.flows.plan import artifact_estimate, budget_check
 from shrink.flows.preflight import refuse_early
+from shrink.flows.puzzle import PuzzleSettings, puzzle
 from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload
 from shrink.model import load, save_loaded
 from shrink.storage import atomic_write_text, directory_lock, fault_point, remove_leftovers
+from shrink.units import parse_duration
 
 REPORT = "run.json"
 PLAN_FILE = "plan.json"
@@ -112,6 +114,21 @@ def prune_step(state: RunState, config: Any, out: Path) -> dict:
                "held_out_after_pruning": flow.evaluate_against(pruned.model, state.split(),
                                                                state.teacher_topk("evaluation"))}
     return {"outputs": {"model": _save(pruned, out)}, "metrics": metrics}
+
+
+def puzzle_step(state: RunState, config: Any, out: Path) -> dict:
+    plan = state.plan or {}
+    target = config.target or plan.get("target")
+    tpot = parse_duration(config.budget, "the puzzle step's budget") if config.budget else plan.get("budget", {}).get("tpot_s")
+    if target is None or tpot is None:
+        raise ShrinkError("A puzzle step needs a target and a time-per-token budget: set target and budget in the step, "
+                          "or give the run --target and --budget.")
+    settings = PuzzleSettings(target=target, budget_s=tpot, weights=config.weights, bld_steps=config.bld_steps,
+                              distill_tokens=0, workload=Workload(**plan["workload"]) if "workload" in plan else Workload())
+    child, report = puzzle(state.student(), state.split(), settings, Path(f"{out}.work"), state.hooks)
+    metrics = {k: report[k] for k in ("target", "solutions", "parent_estimated", "chosen_estimated", "limits")}
+    metrics["held_out_after_assembly"] = flow.evaluate_against(child.model, state.split(), state.teacher_topk("evaluation"))
+    return {"outputs": {"model": _save(child, out)}, "metrics": metrics}
 
 
 def distill_step(state: RunState, config: Any, out: Path) -> dict:
@@ -211,7 +228,7 @@ def bench_step(state: RunState, config: Any, out: Path) -> dict:
 
 
 EXECUTORS: dict[str, Callable[[RunState, Any, Path], dict]] = {
-    "prune": prune_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
+    "prune": prune_step, "puzzle": puzzle_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
     "export": export_step,
     "verify": verify_step, "bench": bench_step,
 }

@@ -176,3 +176,43 @@ def test_families_without_attention_and_ffn_in_every_layer_are_refused(tiny_mode
     layers = (replace(spec.layers[0], ffn=None),) + spec.layers[1:]
     with pytest.raises(ShrinkError, match="every layer must hold"):
         library.library(replace(spec, layers=layers))
+
+
+def _half_the_blocks(spec, target="jetson-orin-nano"):
+    """A time-per-token budget that leaves the blocks half of the parent's block time (estimated)."""
+    profile = get_profile(target)
+    fixed, _ = solve.costs(spec, library.library(spec), profile, Workload())
+    parent = estimate(spec, profile, Workload()).tpot_s
+    return fixed.decode_s + 0.5 * (parent - fixed.decode_s)
+
+
+def test_puzzle_command_meets_the_budget_and_saves_a_real_model(tiny_text_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+    from shrink.model import load
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    parent = load(str(model_dir))
+    budget = _half_the_blocks(parent.spec)
+    args = ["puzzle", str(model_dir), "-t", "jetson-orin-nano", "--data", str(text), "--seq-len", "16",
+            "--bld-steps", "10", "--distill-tokens", "512", "-o", str(tmp_path / "out"), "--json"]
+    result = CliRunner().invoke(app, [*args, "--budget", f"{budget * 1e3:.9f}ms"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["chosen_estimated"]["decode_s"] <= budget < report["parent_estimated"]["decode_s"]
+    child = load(str(tmp_path / "out"))
+    assert child.spec.param_counts().total < parent.spec.param_counts().total
+    assert child.spec.layers == child.spec.from_dict(report["spec"]).layers
+    assert estimate(child.spec, get_profile("jetson-orin-nano"), Workload()).tpot_s == pytest.approx(
+        report["chosen_estimated"]["decode_s"], rel=1e-9)
+    kl = report["distillation"]["eval_after"]["kl"]
+    assert kl <= report["distillation"]["eval_before"]["kl"]
+    impossible = CliRunner().invoke(app, [*args[:-3], "-o", str(tmp_path / "never"), "--budget", "0.001us"])
+    assert impossible.exit_code == 2 and "No choice of block variants meets the budget" in impossible.output
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.work" / "bld").exists()
+    unbudgeted = CliRunner().invoke(app, [*args[:-3], "-o", str(tmp_path / "never")])
+    assert unbudgeted.exit_code == 2 and "needs a budget" in unbudgeted.output

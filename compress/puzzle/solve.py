@@ -105,9 +105,11 @@ def solve(scores: dict[tuple[int, Variant], float], table: dict[tuple[int, Varia
     for field in ("decode_s", "prefill_s", "memory_bytes"):
         limit = getattr(limits, field)
         if limit is not None:
-            rows.append([getattr(table[k], field) for k in keys])
+            # in units of the whole limit: seconds and bytes differ by 1e15, and the solver's
+            # feasibility tolerance is absolute
+            rows.append([getattr(table[k], field) / limit for k in keys])
             lower.append(-np.inf)
-            upper.append(limit - getattr(fixed, field))
+            upper.append((limit - getattr(fixed, field)) / limit)
     objective = np.array([scores[k] for k in keys])
     found: list[Solution] = []
     for _ in range(alternatives):
