@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from shrink import blocks
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec
+from shrink.compress.prune import sliced_linear
 from shrink.errors import ShrinkError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -137,8 +138,6 @@ def _pooled_kv(attn: Any, a: AttentionSpec, kv_heads: int) -> Any:
 
 def _narrowed_ffn(mlp: Any, importance: Any, width: int) -> Any:
     import torch
-
-    from shrink.compress.prune import sliced_linear
 
     contribution = importance.to(mlp.down_proj.weight.dtype) * mlp.down_proj.weight.norm(dim=0)
     keep = torch.sort(torch.topk(contribution, width).indices).values
