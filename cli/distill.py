@@ -17,7 +17,9 @@ from shrink.compress.distill.parallel import world
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
 from shrink.flows.steps import distill, distill_config, load_model, prepare_split
-from shrink.model import save_loaded
+from shrink.flows.resources import check as check_resources
+from shrink.flows.resources import distill_needs
+from shrink.model import load_spec, save_loaded
 
 
 @handle_user_errors
@@ -58,6 +60,8 @@ def distill_command(
                             steps=steps, top_k=top_k, ce_weight=ce_weight, hidden_weight=hidden_weight,
                             warmup_steps=warmup_steps, clip_norm=clip_norm, grad_accum=grad_accum, precision=precision,
                             eval_every=eval_every, checkpoint_every=checkpoint_every)
+    check_resources(distill_needs(load_spec(teacher), load_spec(student), batch_size, seq_len), output,
+                    "This distillation")
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
         teacher_model = load_model(teacher, hooks)

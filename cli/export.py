@@ -15,7 +15,9 @@ from shrink.export.onnx_backend import OnnxBackend
 from shrink.export.verify import junit_xml
 from shrink.export.workflow import export_artifact, verify_artifact
 from shrink.flows.preflight import check_gguf_export
-from shrink.model import load
+from shrink.flows.resources import check as check_resources
+from shrink.flows.resources import export_needs
+from shrink.model import load, load_spec
 from shrink.storage import atomic_write_text
 
 
@@ -43,6 +45,7 @@ def export_command(
     """
     if fmt == "gguf":
         check_gguf_export(model)  # what the config alone shows, before the weights load
+    check_resources(export_needs(load_spec(model), fmt, quant), output, "This export")
     with err_console.status(f"Loading {model}"):
         loaded = load(model)
     with err_console.status(f"Exporting to {fmt} and verifying in its runtime"):

@@ -39,10 +39,12 @@ from shrink.flows.plan import artifact_estimate, budget_check
 from shrink.flows.preflight import refuse_early
 from shrink.flows.puzzle import PuzzleSettings, puzzle
 from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
+from shrink.flows.resources import check as check_resources
+from shrink.flows.resources import run_needs
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload
-from shrink.model import load, save_loaded
+from shrink.model import load, load_spec, save_loaded
 from shrink.storage import atomic_write_text, directory_lock, fault_point, remove_leftovers
 from shrink.units import parse_duration
 
@@ -335,6 +337,8 @@ def execute(model: str, steps: list[tuple[str, Any]], run_dir: Path, *, resume: 
     if existing is not None and not resume:
         raise _busy(run_dir)
     refuse_early(model, steps)  # from the config alone, before the run directory or any weight
+    done = sum(s["status"] == "finished" for s in existing["steps"]) if existing is not None else 0
+    check_resources(run_needs(load_spec(model), steps, seq_len, done), run_dir, "This run")
     if existing is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan is not None and "recipe_toml" in plan:
