@@ -48,7 +48,24 @@ def files(root: Path) -> dict[str, Path]:
                        '"layers": [], "colour": "red"}')
     write("manifest.json", "{ truncated")
     write("words.txt", "")
+    write("latin1.txt", "caf\xe9 au lait\n\nun autre document".encode("latin-1"))
+    made["nan-model"] = _damaged_model(root / "nan-model")
     return made
+
+
+def _damaged_model(path: Path) -> Path:
+    """A tiny random Llama saved with one NaN weight (a diverged training's output)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shrink.model import save
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    return save(model, path)
 
 
 def cases(f: dict[str, Path], out: Path) -> list[tuple[str, list[str], Path | None]]:
@@ -112,10 +129,40 @@ def cases(f: dict[str, Path], out: Path) -> list[tuple[str, list[str], Path | No
         ("distill on a missing data file", ["distill", g, "--teacher", g, "--data", str(out / "none.txt"), "-o",
                                               str(out / "d2")],
          out / "d2"),
+        ("export a model with a NaN weight", ["export", str(f["nan-model"]), "-f", "onnx", "-o", str(out / "e5")],
+         out / "e5"),
+        ("quantize a model with a NaN weight", ["quantize", str(f["nan-model"]), "--format", "int8", "-o",
+                                                str(out / "q4")], out / "q4"),
+        ("distill on a data file that is not UTF-8", ["distill", g, "--teacher", g, "--data", str(f["latin1.txt"]),
+                                                      "-o", str(out / "d4")], out / "d4"),
         ("distill on an empty data file", ["distill", g, "--teacher", g, "--data", str(f["words.txt"]), "-o",
                                             str(out / "d3")],
          out / "d3"),
     ]
+
+
+def run_case(argv: list[str], output: Path | None, cwd: Path, in_process: bool = False) -> dict:
+    """One case: its exit code, whether a traceback escaped, whether `output` was left behind, its text.
+    A separate `python -m shrink` process, or (in_process, for the test suite) typer's CliRunner, where
+    an exception that escapes the command is the traceback."""
+    start = time.perf_counter()
+    if in_process:
+        from typer.testing import CliRunner
+
+        from shrink.cli.app import app
+
+        result = CliRunner().invoke(app, argv)
+        code, text = result.exit_code, result.output
+        traceback = result.exception is not None and not isinstance(result.exception, SystemExit)
+        if traceback:
+            text += f"\nTraceback (most recent call last): {type(result.exception).__name__}: {result.exception}"
+    else:
+        done = subprocess.run([sys.executable, "-m", "shrink", *argv], capture_output=True, text=True, cwd=cwd,
+                              timeout=600)
+        code, text = done.returncode, done.stdout + done.stderr
+        traceback = "Traceback (most recent call last)" in text
+    return {"exit": code, "seconds": time.perf_counter() - start, "traceback": traceback,
+            "half_written": output is not None and output.exists(), "text": text}
 
 
 def main() -> None:
@@ -132,19 +179,14 @@ def main() -> None:
         tracebacks = zero = half = 0
         selected = [c for c in cases(made, root / "out") if args.only in c[0]]
         for what, argv, output in selected:
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "shrink", *argv], capture_output=True, text=True,
-                                  cwd=root, timeout=600)
-            seconds = time.perf_counter() - start
-            text = done.stdout + done.stderr
-            traceback = "Traceback (most recent call last)" in text
-            left = output is not None and output.exists()
-            tracebacks += traceback
-            zero += done.returncode == 0
-            half += left
-            first = next((line for line in text.splitlines() if line.startswith("error")), text.strip()[-120:])
-            table.add_row(what, str(done.returncode), f"{seconds:.1f}", "YES" if traceback else "", "YES" if left else "",
-                          first[:150])
+            case = run_case(argv, output, root)
+            tracebacks += case["traceback"]
+            zero += case["exit"] == 0
+            half += case["half_written"]
+            first = next((line for line in case["text"].splitlines() if line.startswith("error")),
+                         case["text"].strip()[-120:])
+            table.add_row(what, str(case["exit"]), f"{case['seconds']:.1f}", "YES" if case["traceback"] else "",
+                          "YES" if case["half_written"] else "", first[:150])
         console.print(table)
         console.print(f"{len(selected)} bad inputs: {tracebacks} tracebacks, {zero} zero exit codes, "
                       f"{half} half-written outputs (measured)")

@@ -75,7 +75,7 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
         if not path.is_file():
             raise ShrinkError(f"Data file '{path}' does not exist.")
         if path.suffix == ".txt":
-            texts = [block.strip() for block in path.read_text().split("\n\n")]
+            texts = [block.strip() for block in _utf8(path).split("\n\n")]
         elif path.suffix == ".jsonl":
             texts = _read_jsonl(path, text_field)
         elif path.suffix == ".parquet":
@@ -90,9 +90,17 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     return texts
 
 
+def _utf8(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ShrinkError(f"'{path}' is not UTF-8 text (byte {err.start} cannot be decoded); save it as UTF-8.") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text reads them
+
+
 def _read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -1,4 +1,5 @@
-"""The readers a user can feed, each behind one call, and hypothesis strategies that mutate a valid input
+"""The readers a user can feed (profile and recipe TOML, ArchSpec JSON, manifests, GGUF and safetensors
+headers, .txt, .jsonl and .parquet data files), each behind one call, and hypothesis strategies that mutate a valid input
 of each: shared by tests/test_fuzz.py (a few hundred cases) and benchmarks/fuzz_readers.py (10,000 each).
 
 A reader passes a case when it returns or raises ShrinkError with one sentence; anything else (a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -82,6 +84,20 @@ def read_gguf(path: Path) -> object:
     return gguf_formats(path)
 
 
+def read_safetensors(path: Path) -> object:
+    """A Hugging Face directory whose model.safetensors is the case, beside a valid config.json."""
+    from shrink.model import load
+
+    (path.parent / "config.json").write_text(SEEDS["config.json"])
+    return load(str(path.parent))
+
+
+def read_data(path: Path) -> object:
+    from shrink.compress.data import read_texts
+
+    return read_texts(str(path))
+
+
 def _mutated_text(seed: str) -> st.SearchStrategy[str]:
     """The valid text with a slice replaced, cut short, or a line duplicated or dropped."""
     lines = seed.splitlines(keepends=True)
@@ -142,37 +158,62 @@ def _mutated_bytes(seed: bytes) -> st.SearchStrategy[bytes]:
     return mutate()
 
 
-def readers(gguf_seed: bytes) -> dict[str, tuple[object, st.SearchStrategy, str]]:
+def readers() -> dict[str, tuple[object, st.SearchStrategy, str]]:
     """name -> (reader, strategy of file contents, file name)."""
+    seeds = tiny_seeds()
     return {
         "profile TOML": (read_profile, _mutated_text(PROFILE), "board.toml"),
         "recipe TOML": (read_recipe, _mutated_text(RECIPE), "recipe.toml"),
         "ArchSpec JSON": (read_archspec, _mutated_json(ARCHSPEC), "spec.json"),
         "manifest JSON": (read_manifest, _mutated_json(MANIFEST), "manifest.json"),
-        "GGUF header": (read_gguf, _mutated_bytes(gguf_seed), "model.gguf"),
+        "GGUF header": (read_gguf, _mutated_bytes(seeds["model.gguf"]), "model.gguf"),
+        "safetensors header": (read_safetensors, _mutated_bytes(seeds["model.safetensors"]), "model.safetensors"),
+        "data .txt": (read_data, _mutated_text(TEXT) | st.binary(max_size=300), "data.txt"),
+        "data .jsonl": (read_data, _mutated_text(JSONL), "data.jsonl"),
+        "data .parquet": (read_data, _mutated_bytes(seeds["data.parquet"]), "data.parquet"),
     }
 
 
-def tiny_gguf() -> bytes:
-    """A small valid GGUF (a tiny random Llama in Q8_0) whose header the GGUF strategy mutates."""
+TEXT = "The first document.\n\nThe second one, with a second line\nhere.\n\n\nA third.\n"
+JSONL = '{"text": "one document"}\n{"text": "another", "id": 2}\n\n{"text": "a third \\u00e9"}\n'
+SEEDS: dict[str, Any] = {}  # file name -> content of the valid files the byte strategies mutate
+
+
+def tiny_seeds() -> dict[str, Any]:
+    """Small valid files, made once: a tiny random Llama as a Q8_0 GGUF and as a Hugging Face directory
+    (its model.safetensors and config.json), and a Parquet file of texts."""
     import tempfile
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from tiny_models import build
 
     from shrink.export.gguf import export_gguf
     from shrink.families import spec_from_model
-    from shrink.model import LoadedModel
+    from shrink.model import LoadedModel, save
 
+    if SEEDS:
+        return SEEDS
     model = build("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "tiny.gguf"
         export_gguf(LoadedModel(model, None, spec_from_model(model), "tiny"), path, "q8_0")
-        return path.read_bytes()
+        SEEDS["model.gguf"] = path.read_bytes()
+        saved = save(model, Path(folder) / "hf")
+        SEEDS["model.safetensors"] = (saved / "model.safetensors").read_bytes()
+        SEEDS["config.json"] = (saved / "config.json").read_text()
+        pq.write_table(pa.table({"text": ["one document", "another one", None, "a third"]}), Path(folder) / "d.parquet")
+        SEEDS["data.parquet"] = (Path(folder) / "d.parquet").read_bytes()
+    return SEEDS
 
 
 def one_case(reader, content: str | bytes, path: Path) -> str | None:
     """None when the reader returned or raised a one-sentence ShrinkError, else the finding."""
+    import logging
+
     from shrink.errors import ShrinkError
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # its warnings about a damaged file are not findings
 
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
     try:

@@ -1,13 +1,13 @@
 """Property-based fuzzing of the readers a user can feed: mutated profiles, recipes, ArchSpec JSON,
-manifests and GGUF headers either load or end in a one-sentence ShrinkError (fuzz_readers.py; the
+manifests, GGUF and safetensors headers and data files either load or end in a one-sentence ShrinkError (fuzz_readers.py; the
 10,000-case runs are benchmarks/fuzz_readers.py)."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from fuzz_readers import one_case, readers, tiny_gguf
+from fuzz_readers import one_case, readers
 
-READERS = readers(tiny_gguf())
+READERS = readers()
 
 
 @pytest.mark.parametrize("name", sorted(READERS))
