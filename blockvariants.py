@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 
-def _keep_positions(past_key_values: Any, layer_idx: int | None, hidden_states: Any) -> None:
+def _keep_positions(cache: Any, layer_idx: int | None, hidden_states: Any) -> None:
     """Record the new positions in this layer's cache slot with zero-width K and V, so a cache whose
     length is read from this layer (transformers reads layer 0) still counts the tokens seen."""
-    if past_key_values is None or layer_idx is None:
+    if cache is None or layer_idx is None:
         return
     batch, seq = hidden_states.shape[:2]
     empty = hidden_states.new_zeros(batch, 1, seq, 0)
-    past_key_values.update(empty, empty, layer_idx)
+    cache.update(empty, empty, layer_idx)
 
 
 class NoOpMixer(torch.nn.Module):
@@ -31,8 +31,8 @@ class NoOpMixer(torch.nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: Any, past_key_values: Any = None, **_: Any) -> tuple[Any, None]:
-        _keep_positions(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states: Any, cache: Any = None, past_key_values: Any = None, **_: Any) -> tuple[Any, None]:
+        _keep_positions(cache if cache is not None else past_key_values, self.layer_idx, hidden_states)
         return torch.zeros_like(hidden_states), None
 
 
@@ -47,8 +47,9 @@ class LinearMixer(torch.nn.Module):
         self.layer_idx = layer_idx
         self.o_proj = torch.nn.Linear(hidden, hidden, bias=False, dtype=dtype)
 
-    def forward(self, hidden_states: Any, past_key_values: Any = None, **_: Any) -> tuple[Any, None]:
-        _keep_positions(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states: Any, cache: Any = None, past_key_values: Any = None, **_: Any) -> tuple[Any, None]:
+        # decoder layers pass the cache as `cache` (transformers 5.x) or `past_key_values` (before)
+        _keep_positions(cache if cache is not None else past_key_values, self.layer_idx, hidden_states)
         return self.o_proj(hidden_states), None
 
 
