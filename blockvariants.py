@@ -77,3 +77,74 @@ def mixer_variant(kind: str, hidden: int, dtype: Any, layer_idx: int | None) -> 
 
 def ffn_variant(kind: str, hidden: int, dtype: Any) -> torch.nn.Module:
     return NoOpFFN() if kind == "none" else LinearFFN(hidden, dtype)
+
+
+class SharedKVAttention(torch.nn.Module):
+    """Attention whose keys and values may come from another layer (cross-layer KV sharing, CLA).
+
+    It takes over a family's attention module: the same projection modules under the same names (so
+    a checkpoint's tensor names do not change), the family's own RoPE and attention kernels. An owner
+    computes K and V, updates its cache and leaves the result (past and new positions, after RoPE) on
+    itself for this forward; a consumer (`kv_source` set) has no K/V projections and attends to what
+    its source left. Sources run before their consumers (a lower layer index), so the keys are there.
+    """
+
+    def __init__(self, parent: torch.nn.Module, source: SharedKVAttention | None = None) -> None:
+        import sys
+
+        super().__init__()
+        family = sys.modules[type(parent).__module__]
+        self._rope, self._eager = family.apply_rotary_pos_emb, family.eager_attention_forward
+        for name in ("config", "layer_idx", "head_dim", "scaling", "attention_dropout", "is_causal",
+                     "num_key_value_groups", "sliding_window"):
+            if hasattr(parent, name):
+                setattr(self, name, getattr(parent, name))
+        names = ("q_proj", "o_proj", "q_norm") if source is not None else ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+        for name in names:
+            if hasattr(parent, name):
+                setattr(self, name, getattr(parent, name))
+        # a plain list: the source is another layer's module, not a submodule of this one
+        self._source = [source] if source is not None else []
+        self.kv_source = source.layer_idx if source is not None else None
+        self.shared = None  # (keys, values) of the current forward, for consumers
+
+    def __getstate__(self) -> dict:
+        # this forward's keys may carry autograd history, which copies and pickles must not hold
+        return {**self.__dict__, "shared": None}
+
+    @property
+    def num_kv_heads(self) -> int:
+        owner = self._source[0] if self._source else self
+        return owner.k_proj.out_features // self.head_dim
+
+    def forward(self, hidden_states: Any, position_embeddings: Any = None, attention_mask: Any = None,
+                cache: Any = None, past_key_values: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        cache = cache if cache is not None else past_key_values
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            query = self.q_norm(query)
+        cos, sin = position_embeddings
+        if self._source:
+            query, _ = self._rope(query, query, cos, sin)
+            key, value = self._source[0].shared
+            if cache is not None:  # count the positions in this layer's slot without storing K/V again
+                empty = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 0)
+                cache.update(empty, empty, self.layer_idx)
+        else:
+            key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+            value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+            if hasattr(self, "k_norm"):
+                key = self.k_norm(key)
+            query, key = self._rope(query, key, cos, sin)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+            self.shared = (key, value)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
+        extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+                                 **extra, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights

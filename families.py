@@ -328,7 +328,11 @@ def _variant_spec(module: Any, parent: Any) -> Any:
 def _measured_layer(block: Any, layer: LayerSpec) -> LayerSpec:
     mixer_module = getattr(block, "self_attn", None) or getattr(block, "mixer", None)
     mixer, ffn = _variant_spec(mixer_module, layer.mixer), _variant_spec(getattr(block, "mlp", None), layer.ffn)
-    if isinstance(mixer, AttentionSpec):
+    if isinstance(mixer, AttentionSpec) and getattr(mixer_module, "kv_source", None) is not None:
+        # cross-layer KV sharing (blockvariants.SharedKVAttention): the source layer's K/V heads
+        mixer = replace(mixer, num_heads=mixer_module.q_proj.out_features // mixer.head_dim,
+                        num_kv_heads=mixer_module.num_kv_heads, kv_source=mixer_module.kv_source)
+    elif isinstance(mixer, AttentionSpec):
         heads = mixer_module.q_proj.out_features // mixer.head_dim
         kv_proj = getattr(mixer_module, "k_proj", None)
         kv_heads = kv_proj.out_features // mixer.head_dim if kv_proj is not None else mixer.num_kv_heads

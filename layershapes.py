@@ -25,7 +25,8 @@ def record(model: Any, spec: ArchSpec) -> None:
     """Write the per-layer shapes into the model's config when its layers differ (no-op otherwise)."""
     config = getattr(model.config, "text_config", None) or model.config
     parents = spec_from_config(model.config).layers
-    variants = any(layer.mixer_kind != parent.mixer_kind or type(layer.ffn) is not type(parent.ffn)
+    variants = any(layer.mixer_kind != parent.mixer_kind or type(layer.ffn) is not type(parent.ffn) or
+                   (isinstance(layer.mixer, AttentionSpec) and not layer.mixer.owns_kv)
                    for layer, parent in zip(spec.layers, parents))
     if spec.is_uniform and not variants:
         if hasattr(config, KEY):
@@ -42,6 +43,8 @@ def record(model: Any, spec: ArchSpec) -> None:
             shape["mixer_variant"] = layer.mixer_kind
         if parent.dense_ffn is not None and ffn is None:
             shape["ffn_variant"] = "linear" if isinstance(layer.ffn, LinearSpec) else "none"
+        if mixer is not None and not mixer.owns_kv:  # cross-layer KV sharing: the layer whose cache it reads
+            shape["kv_source"] = mixer.kv_source
         shapes.append(shape)
     setattr(config, KEY, shapes)
     widest = [s for s in shapes if s["heads"] is not None]
@@ -72,6 +75,8 @@ def apply_to_spec(spec: ArchSpec, config: Any) -> ArchSpec:
         if ffn is not None and shape["ffn"] is not None:
             ffn = replace(ffn, width=shape["ffn"])
         mixer = variants[shape["mixer_variant"]] if "mixer_variant" in shape else mixer
+        if isinstance(mixer, AttentionSpec) and shape.get("kv_source") is not None:
+            mixer = replace(mixer, kv_source=shape["kv_source"])
         ffn = variants[shape["ffn_variant"]] if "ffn_variant" in shape else ffn
         layers.append(replace(layer, mixer=mixer, ffn=ffn))
     return replace(spec, layers=tuple(layers))
@@ -87,9 +92,11 @@ def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> A
 
 def narrow(model: Any, shapes: list[dict]) -> None:
     """Give each decoder layer's projections the recorded shapes (weights are loaded afterwards)."""
-    from shrink.blockvariants import ffn_variant, mixer_variant  # heavy: torch modules
+    from shrink.blockvariants import SharedKVAttention, ffn_variant, mixer_variant  # heavy: torch modules
 
     hidden, dtype = model.config.get_text_config().hidden_size, model.dtype
+    sources = {shape["kv_source"] for shape in shapes if shape.get("kv_source") is not None}
+    owners: dict[int, Any] = {}
     for index, (block, shape) in enumerate(zip(model.model.layers, shapes)):
         if "mixer_variant" in shape:
             block.self_attn = mixer_variant(shape["mixer_variant"], hidden, dtype, index)
@@ -112,6 +119,10 @@ def narrow(model: Any, shapes: list[dict]) -> None:
             attn.v_proj = _resized(attn.v_proj, rows=kv)
             attn.o_proj = _resized(attn.o_proj, cols=q)
             attn.num_key_value_groups = shape["heads"] // shape["kv_heads"]
+        if index in sources:
+            block.self_attn = owners[index] = SharedKVAttention(block.self_attn)
+        if shape.get("kv_source") is not None:
+            block.self_attn = SharedKVAttention(block.self_attn, owners[shape["kv_source"]])
 
 
 def load_narrowed(location: str, config: Any, dtype: Any) -> Any:

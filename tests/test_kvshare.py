@@ -1,0 +1,123 @@
+"""Cross-layer KV sharing on tiny random models: the shared model against a straightforward reference
+forward written here, cached decoding, saving and reloading, the choice of pairs and the refusals."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from shrink.compress.kvshare import choose_pairs, key_value_similarity, runs_of_kind, share_kv
+from shrink.errors import ShrinkError
+from shrink.hardware.profiles import get_profile
+from shrink.hardware.roofline import Workload, estimate
+
+
+def _ids(n=2, seq=10, seed=0):
+    return torch.randint(0, 100, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_llama(model, ids, sources):
+    """A Llama forward from first principles: layer i attends to the keys and values computed by layer
+    sources.get(i, i) from that layer's own input."""
+    config = model.config
+    d = config.head_dim
+    x = model.model.embed_tokens(ids)
+    seq = ids.shape[1]
+    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.outer(torch.arange(seq).float(), inv)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+    def rope(t):
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    def rms(t, norm):
+        return norm.weight * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+    kv = {}
+    mask = torch.full((seq, seq), float("-inf")).triu(1)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        h = rms(x, layer.input_layernorm)
+        q = rope(attn.q_proj(h).unflatten(-1, (-1, d)).transpose(1, 2))
+        if sources.get(i, i) == i:
+            k = rope(attn.k_proj(h).unflatten(-1, (-1, d)).transpose(1, 2))
+            v = attn.v_proj(h).unflatten(-1, (-1, d)).transpose(1, 2)
+            kv[i] = (k, v)
+        k, v = kv[sources.get(i, i)]
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5 + mask, -1)
+        x = x + attn.o_proj((weights @ v).transpose(1, 2).flatten(-2))
+        h = rms(x, layer.post_attention_layernorm)
+        x = x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+    return model.lm_head(rms(x, model.model.norm))
+
+
+def test_shared_llama_matches_the_reference_forward(tiny_model):
+    loaded = tiny_model("llama", num_hidden_layers=4)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, _reference_llama(loaded.model, ids, {}), atol=1e-5)
+        shared = share_kv(loaded, [[0, 1], [2, 3]], init="owner")
+        expected = _reference_llama(loaded.model, ids, {1: 0, 3: 2})
+        assert torch.allclose(shared.model(ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(loaded.model(ids).logits, expected, atol=1e-3)  # sharing changed the model
+    assert [l.mixer.kv_source for l in shared.spec.layers] == [None, 0, None, 2]
+    params = sum(p.numel() for p in shared.model.parameters())
+    assert params == shared.spec.param_counts().total < loaded.spec.param_counts().total
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cached_decoding_and_reloading_keep_the_logits(tiny_model, family, tmp_path):
+    from transformers import DynamicCache
+
+    from shrink.model import load, save
+
+    loaded = tiny_model(family)
+    groups = choose_pairs(loaded.spec, key_value_similarity(loaded, _ids(n=4)))
+    shared = share_kv(loaded, groups)
+    ids = _ids(n=1, seq=14)
+    with torch.no_grad():
+        full = shared.model(ids).logits
+        cache = DynamicCache(config=shared.model.config)
+        steps = [shared.model(ids[:, :6], cache=cache, use_cache=True).logits]
+        steps += [shared.model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(6, 14)]
+        assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+        reloaded = load(str(save(shared.model, tmp_path / "shared")))
+        assert torch.equal(reloaded.model(ids).logits, full)
+    assert reloaded.spec.layers == shared.spec.layers
+
+
+def test_pairs_stay_within_one_attention_kind_and_the_roofline_counts_owners_only(tiny_model):
+    loaded = tiny_model("gemma3")  # sliding and global layers
+    runs = runs_of_kind(loaded.spec)
+    assert len(runs) == 2
+    kind_of = {i: n for n, run in enumerate(runs) for i in run}
+    similarity = key_value_similarity(loaded, _ids(n=4))
+    groups = choose_pairs(loaded.spec, similarity)
+    assert groups and all(kind_of[a] == kind_of[b] for a, b in groups)
+    assert len({i for g in groups for i in g}) == 2 * len(groups)
+    assert choose_pairs(loaded.spec, similarity, count=1) == [max(groups, key=lambda g: similarity[tuple(g)])]
+    shared = share_kv(loaded, groups)
+    workload = Workload(prompt_len=64, gen_len=8)
+    before = estimate(loaded.spec, get_profile("jetson-orin-nano"), workload).memory.kv_cache_bytes
+    after = estimate(shared.spec, get_profile("jetson-orin-nano"), workload).memory.kv_cache_bytes
+    owners_only = replace(loaded.spec, layers=tuple(l for l, s in zip(loaded.spec.layers, shared.spec.layers)
+                                                    if s.mixer.owns_kv))
+    assert after == estimate(owners_only, get_profile("jetson-orin-nano"), workload).memory.kv_cache_bytes < before
+
+
+def test_bad_groups_are_refused(tiny_model):
+    loaded = tiny_model("gemma3")
+    sliding, global_ = runs_of_kind(loaded.spec)
+    with pytest.raises(ShrinkError, match="differ in sliding window"):
+        share_kv(loaded, [[sliding[0], global_[0]]])
+    with pytest.raises(ShrinkError, match="two KV-sharing groups"):
+        share_kv(loaded, [[0, 1], [1, 2]])
+    with pytest.raises(ShrinkError, match="two or more attention layers"):
+        share_kv(loaded, [[0]])
+    with pytest.raises(ShrinkError, match="only 2 pairs|Only"):
+        choose_pairs(loaded.spec, key_value_similarity(loaded, _ids()), count=99)
