@@ -9,6 +9,7 @@ that is the tensor they store in llama.cpp's `deci` layout (attn_output, ffn_dow
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -90,8 +91,6 @@ class SharedKVAttention(torch.nn.Module):
     """
 
     def __init__(self, parent: torch.nn.Module, source: SharedKVAttention | None = None) -> None:
-        import sys
-
         super().__init__()
         family = sys.modules[type(parent).__module__]
         self._rope, self._eager = family.apply_rotary_pos_emb, family.eager_attention_forward
