@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
+from shrink.export.gguf_deci import deci_heads, deci_layers
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name
 from shrink.export.gguf_nemotron_h import KEEP_F32, nemotron_h_state, write_nemotron_h_metadata
 from shrink.export.gguf_rope import check_rope, write_rope
@@ -86,6 +87,8 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     result = GGUFExport(Path(path), layout.arch, plan.stored if plan else quant, {})
     if layout.arch == "nemotron_h":
         state = nemotron_h_state(loaded, state, planned, result.notes)
+    if layout.arch == "deci":
+        spec = deci_layers(spec, state, result.notes)
     if pad_to_uniform and not spec.is_uniform and not layout.per_layer_shapes:  # nemotron_h: nothing to pad
         spec = _pad_ffn_to_uniform(spec, state, result)
     check_weights(state, half=tuple(k for k, v in state.items() if v.ndim > 1 and k not in planned)
@@ -201,17 +204,18 @@ def _rope_permute(weights: np.ndarray, heads: int) -> np.ndarray:
 def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any, loaded: Any) -> None:
     if layout.arch == "nemotron_h":
         return write_nemotron_h_metadata(writer, spec, config, loaded)
-    attn = [layer.mixer for layer in spec.layers]
-    head_dim = attn[0].head_dim
+    attn = [layer.mixer for layer in spec.layers if isinstance(layer.mixer, AttentionSpec)]
+    head_dim = attn[0].head_dim if attn else _config_head_dim(config)
     writer.add_name(Path(str(loaded.source)).name or loaded.source)
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 4096)))
     writer.add_embedding_length(spec.hidden_size)
     writer.add_block_count(spec.num_layers)
     writer.add_vocab_size(spec.vocab_size)
     if layout.per_layer_shapes:
-        writer.add_feed_forward_length([layer.ffn.width for layer in spec.layers])
-        writer.add_head_count([a.num_heads for a in attn])
-        writer.add_head_count_kv([a.num_kv_heads for a in attn])
+        writer.add_feed_forward_length([layer.ffn.width if layer.ffn is not None else 0 for layer in spec.layers])
+        heads = [deci_heads(layer.mixer, spec.hidden_size // head_dim) for layer in spec.layers]
+        writer.add_head_count([h for h, _ in heads])
+        writer.add_head_count_kv([kv for _, kv in heads])
     else:
         writer.add_feed_forward_length(spec.layers[0].ffn.width)
         writer.add_head_count(attn[0].num_heads)
@@ -229,8 +233,12 @@ def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any
                               "head_dim, and llama.cpp assumes they are equal; export it as ONNX instead.")
         writer.add_sliding_window(int(config.sliding_window))
         _check_gemma3_window_pattern(spec)
-    elif windows != {None}:
+    elif windows - {None}:
         raise ShrinkError(f"Sliding-window attention in a '{layout.arch}' GGUF is not supported by llama.cpp; export it as ONNX instead.")
+
+
+def _config_head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def _check_gemma3_window_pattern(spec: ArchSpec) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shrink.archspec import ArchSpec
+from shrink.archspec import ArchSpec, LinearSpec
 from shrink.errors import ShrinkError
 
 _ATTENTION = {
@@ -70,7 +70,10 @@ LAYOUTS = {
 }
 # ArchSpec family -> layout for a uniform model; non-uniform Llama-shaped models go to deci.
 _FAMILY_LAYOUT = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
-_LLAMA_SHAPED = {"llama", "mistral"}
+# deci is Llama's graph per layer: Qwen2 fits too (the same RoPE once q/k are permuted, and deci loads q/k/v
+# biases and ties the output to the embedding when output.weight is absent: checked in llama.cpp,
+# tests/test_export_variants.py); Qwen3's q/k norms and Gemma 3's extra norms it does not load.
+_LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
 
 
 def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
@@ -84,6 +87,16 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         raise ShrinkError(
             f"GGUF export of the '{spec.family}' family is not supported; export it as ONNX (--format onnx) instead."
         )
+    variants = has_variants(spec)
+    if variants and spec.family in _LLAMA_SHAPED:
+        _check_deci_variants(spec)
+        return LAYOUTS["deci"]
+    if variants:
+        raise ShrinkError(
+            f"llama.cpp runs no-op and linear blocks only in Llama-shaped models (its 'deci' architecture, the one "
+            f"with per-layer shapes), so this {spec.family} model with no-op or linear blocks cannot be a GGUF; export "
+            f"it as ONNX (--format onnx) instead."
+        )
     if any(layer.mixer_kind != "attention" or layer.ffn is None for layer in spec.layers):
         raise ShrinkError("GGUF export needs attention and an FFN in every layer; export it as ONNX instead.")
     if spec.is_uniform or pad_to_uniform:
@@ -95,6 +108,24 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         f"non-uniform {spec.family} model cannot be a GGUF: prune it uniformly, export it as ONNX (--format onnx), "
         f"or pass --pad-to-uniform (zero padding: same outputs, no speed gain)."
     )
+
+
+def has_variants(spec: ArchSpec) -> bool:
+    """Whether any layer holds a Puzzle variant (blockvariants.py): no attention, a linear mixer, no FFN
+    or a linear FFN."""
+    return any(layer.mixer_kind in ("none", "linear") or layer.ffn is None or isinstance(layer.ffn, LinearSpec)
+               for layer in spec.layers)
+
+
+def _check_deci_variants(spec: ArchSpec) -> None:
+    """deci runs no attention, linear attention and no FFN (export/gguf_deci.py says how), but an FFN only
+    as gate/up/down or nothing: a linear FFN has no GGUF form."""
+    linear = [i for i, layer in enumerate(spec.layers) if isinstance(layer.ffn, LinearSpec)]
+    if linear:
+        raise ShrinkError(
+            f"llama.cpp's 'deci' architecture has no linear FFN (it runs gate/up/down FFNs or none), so the linear FFN "
+            f"of layer {', '.join(map(str, linear))} cannot be a GGUF; export it as ONNX (--format onnx) instead."
+        )
 
 
 def gguf_tensor_name(hf_name: str, layout: GGUFLayout) -> str:

@@ -3,7 +3,8 @@ prefill (empty past) and decode (one token, the cache from the previous call).
 
 Built with `torch.onnx.export(dynamo=True)` through a wrapper whose inputs are plain tensors:
 input_ids, attention_mask, position_ids and past_key_<i> / past_value_<i> for every attention
-layer; outputs logits and present_key_<i> / present_value_<i>. Sequence axes are `Dim.DYNAMIC`
+layer i; outputs logits and present_key_<i> / present_value_<i>. A layer whose mixer is a no-op or
+linear map (a Puzzle variant) holds no cache and has no such tensors. Sequence axes are `Dim.DYNAMIC`
 (arithmetic between Dims, such as past + new, fails to export). Weights live once, in
 model.onnx.data; tied embeddings stay one tensor.
 
@@ -54,17 +55,27 @@ class OnnxExport:
                 "tensor_type_counts": self.tensor_type_counts, "substitutions": [], "notes": self.notes}
 
 
-def _attention_layers(spec: ArchSpec) -> list[AttentionSpec]:
-    if any(layer.mixer_kind != "attention" for layer in spec.layers):
+def _cached_layers(spec: ArchSpec) -> dict[int, AttentionSpec]:
+    """The layers that hold a KV cache (layer index -> attention), in order: a no-op or linear mixer
+    (blockvariants.py) holds none, so the graph has no past/present tensors for it."""
+    if any(layer.mixer_kind == "ssm" for layer in spec.layers):
         raise ShrinkError("ONNX export with a KV cache covers attention-only models so far; SSM layers need a state "
                           "input that is not written yet.")
-    return [layer.mixer for layer in spec.layers]
+    return {i: layer.mixer for i, layer in enumerate(spec.layers) if isinstance(layer.mixer, AttentionSpec)}
 
 
-def _decoder_with_cache(model: Any, layers: int) -> Any:
-    """The model behind plain-tensor inputs and outputs (defined here so importing the module does not import torch)."""
+def _decoder_with_cache(model: Any, cached: list[int], layers: int) -> Any:
+    """The model behind plain-tensor inputs and outputs (defined here so importing the module does not import torch).
+    `cached`: the layers whose past K/V are inputs. Each other layer (a no-op or linear mixer) gets a cache slot
+    that counts positions only: zero-width K/V of the past's length. transformers reads the cache's length from
+    layer 0, and its DynamicLayer reports 0 for a slot with no elements, so the slot's class counts by shape."""
     import torch
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PositionsLayer(DynamicLayer):
+        def get_seq_length(self) -> int:
+            return self.keys.shape[-2] if self.is_initialized else 0
 
     class DecoderWithCache(torch.nn.Module):
         def __init__(self) -> None:
@@ -72,14 +83,18 @@ def _decoder_with_cache(model: Any, layers: int) -> Any:
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
+            # from a past input when there is one: the graph's sequence axes are independent symbols, and the
+            # mask's length minus the new tokens' would be a third, which the cached layers' keys do not match
+            past_len = past[0].shape[2] if past else attention_mask.shape[1] - input_ids.shape[1]
+            empty = torch.zeros(input_ids.shape[0], 1, past_len, 0)
+            slots = iter(past)
             cache = DynamicCache()
-            for i in range(layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
+            cache.layers = [DynamicLayer() if i in cached else PositionsLayer() for i in range(layers)]
+            for i, layer in enumerate(cache.layers):
+                layer.update(*((next(slots), next(slots)) if i in cached else (empty, empty)))
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
-            present = []
-            for layer in out.past_key_values.layers:
-                present += [layer.keys, layer.values]
+            present = [t for i in cached for t in (out.past_key_values.layers[i].keys, out.past_key_values.layers[i].values)]
             return (out.logits, *present)
 
     return DecoderWithCache().eval()
@@ -93,19 +108,19 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     if planned is not None:
         stored = planned[0]
     spec: ArchSpec = loaded.spec
-    attention = _attention_layers(spec)
+    attention = _cached_layers(spec)
     check_weights({k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()})
     model = loaded.model.float().eval()
-    wrapper = _decoder_with_cache(model, len(attention))
+    wrapper = _decoder_with_cache(model, list(attention), spec.num_layers)
     batch, past_len, new_len = 1, 3, 4
     past = []
-    for a in attention:
+    for a in attention.values():
         shape = (batch, a.num_kv_heads, past_len, a.head_dim)
         past += [torch.zeros(shape), torch.zeros(shape)]
     ids = torch.randint(0, spec.vocab_size, (batch, new_len))
     mask = torch.ones(batch, past_len + new_len, dtype=torch.long)
     positions = torch.arange(past_len, past_len + new_len).unsqueeze(0)
-    names = [f"past_{kind}_{i}" for i in range(len(attention)) for kind in ("key", "value")]
+    names = [f"past_{kind}_{i}" for i in attention for kind in ("key", "value")]
     outputs = ["logits"] + [n.replace("past_", "present_") for n in names]
     dyn = torch.export.Dim.DYNAMIC
     shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
@@ -122,7 +137,7 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
         if stored.quantized:
             vocabulary = onnx_vocabulary(stored, spec.hidden_size, kept=planned is not None)
             _quantize_weights(tmp, stored, vocabulary, spec.vocab_size, result, planned[1] if planned else None)
-        layout = {"layers": [{"num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for a in attention],
+        layout = {"layers": [{"layer": i, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for i, a in attention.items()],
                   "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
         (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))

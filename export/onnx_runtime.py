@@ -35,13 +35,14 @@ class OnnxRunner:
         cache = {}
         for i, layer in enumerate(self.layout["layers"]):
             shape = (batch, layer["num_kv_heads"], 0, layer["head_dim"])
-            cache[f"past_key_{i}"] = np.zeros(shape, np.float32)
-            cache[f"past_value_{i}"] = np.zeros(shape, np.float32)
+            index = layer.get("layer", i)  # written before layers without a cache existed: every layer has one
+            cache[f"past_key_{index}"] = np.zeros(shape, np.float32)
+            cache[f"past_value_{index}"] = np.zeros(shape, np.float32)
         return cache
 
     def step(self, ids: list[int], cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Feed `ids` after the cached positions; returns their logits and the grown cache."""
-        past = cache["past_key_0"].shape[2]
+        past = next(iter(cache.values())).shape[2] if cache else 0  # no cached layer: no position matters
         feed = {
             "input_ids": np.array([ids], dtype=np.int64),
             "attention_mask": np.ones((1, past + len(ids)), dtype=np.int64),
