@@ -50,6 +50,14 @@ class PuzzleStep:
 
 
 @dataclass(frozen=True)
+class KVShareStep:
+    """Cross-layer KV sharing (flows/kvshare.py); follow it with a distill step to recover."""
+    groups: str = ""  # "0-1,2-3": the layers that share (the first owns the cache); empty: chosen
+    pairs: int | None = None  # with groups empty: how many pairs share, the most alike first; None: all that fit
+    init: str = "mean"  # mean: the owner's K/V projections start as the group's mean (AcrossKV); owner: its own
+
+
+@dataclass(frozen=True)
 class DistillStep:
     tokens: int = defaults.DISTILL_TOKENS
     lr: float = defaults.DISTILL_LR
@@ -97,7 +105,7 @@ class BenchStep:
     repeats: int = defaults.BENCH_REPEATS
 
 
-STEPS: dict[str, type] = {"prune": PruneStep, "puzzle": PuzzleStep, "distill": DistillStep, "quantize": QuantizeStep,
+STEPS: dict[str, type] = {"prune": PruneStep, "puzzle": PuzzleStep, "kv-share": KVShareStep, "distill": DistillStep, "quantize": QuantizeStep,
                           "gguf-quantize": GGUFQuantizeStep, "export": ExportStep, "verify": VerifyStep,
                           "bench": BenchStep}
 

@@ -37,6 +37,7 @@ from shrink.flows.gguf_quantize import budget_fits, make_option, prepare_search,
 from shrink.flows.gguf_search import parse_overrides, run_search
 from shrink.flows.plan import artifact_estimate, budget_check
 from shrink.flows.preflight import refuse_early
+from shrink.flows.kvshare import share
 from shrink.flows.puzzle import PuzzleSettings, puzzle
 from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
 from shrink.flows.resources import check as check_resources
@@ -131,6 +132,13 @@ def puzzle_step(state: RunState, config: Any, out: Path) -> dict:
     metrics = {k: report[k] for k in ("target", "solutions", "parent_estimated", "chosen_estimated", "limits")}
     metrics["held_out_after_assembly"] = flow.evaluate_against(child.model, state.split(), state.teacher_topk("evaluation"))
     return {"outputs": {"model": _save(child, out)}, "metrics": metrics}
+
+
+def kv_share_step(state: RunState, config: Any, out: Path) -> dict:
+    shared, metrics = share(state.student(), state.split().calibration, state.hooks, groups=config.groups,
+                            pairs=config.pairs, init=config.init, target=(state.plan or {}).get("target", "host"))
+    metrics["held_out_after_sharing"] = flow.evaluate_against(shared.model, state.split(), state.teacher_topk("evaluation"))
+    return {"outputs": {"model": _save(shared, out)}, "metrics": metrics}
 
 
 def distill_step(state: RunState, config: Any, out: Path) -> dict:
@@ -230,7 +238,7 @@ def bench_step(state: RunState, config: Any, out: Path) -> dict:
 
 
 EXECUTORS: dict[str, Callable[[RunState, Any, Path], dict]] = {
-    "prune": prune_step, "puzzle": puzzle_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
+    "prune": prune_step, "puzzle": puzzle_step, "kv-share": kv_share_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
     "export": export_step,
     "verify": verify_step, "bench": bench_step,
 }

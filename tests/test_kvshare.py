@@ -121,3 +121,23 @@ def test_bad_groups_are_refused(tiny_model):
         share_kv(loaded, [[0]])
     with pytest.raises(ShrinkError, match="only 2 pairs|Only"):
         choose_pairs(loaded.spec, key_value_similarity(loaded, _ids()), count=99)
+
+
+def test_kv_share_recipe_step_shares_then_distillation_recovers(tiny_text_model_dir, tmp_path, monkeypatch):
+    from shrink.flows.recipe import DistillStep, KVShareStep
+    from shrink.flows.run import run_recipe
+    from shrink.model import load
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    steps = [("kv-share", KVShareStep(pairs=1)), ("distill", DistillStep(tokens=1024, lr=1e-3))]
+    report = run_recipe(str(model_dir), steps, tmp_path / "run", data=str(text), seq_len=16)
+    shared, distilled = report["steps"][0]["metrics"], report["steps"][1]["metrics"]
+    assert len(shared["groups"]) == 1
+    assert shared["kv_cache_bytes_estimated"]["after"] == 0.75 * shared["kv_cache_bytes_estimated"]["before"]
+    assert shared["held_out_after_sharing"]["kl"] > 0
+    assert distilled["eval_after"]["kl"] < shared["held_out_after_sharing"]["kl"]
+    final = load(report["final"]["model"])
+    assert [layer.mixer.kv_source for layer in final.spec.layers].count(None) == 3
+    with pytest.raises(ShrinkError, match="written like 0-1,2-3"):
+        run_recipe(str(model_dir), [("kv-share", KVShareStep(groups="0+1"))], tmp_path / "bad", data=str(text), seq_len=16)
