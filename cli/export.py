@@ -10,6 +10,7 @@ from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import console, err_console, handle_user_errors, print_json
+from shrink.export.backend import backend
 from shrink.export.generate import generate
 from shrink.export.onnx_backend import OnnxBackend
 from shrink.export.verify import junit_xml
@@ -43,6 +44,7 @@ def export_command(
 
       shrink export gemma-3-270m -f onnx -o gemma-onnx
     """
+    backend(fmt)  # an unknown format fails before the weights load
     if fmt == "gguf":
         check_gguf_export(model)  # what the config alone shows, before the weights load
     check_resources(export_needs(load_spec(model), fmt, quant), output, "This export")

@@ -87,10 +87,15 @@ def _dense_widths(spec: ArchSpec) -> tuple[int, int]:
     return (ffn[0] if ffn else 0), (attention[0].num_heads // attention[0].num_kv_heads if attention else 0)
 
 
-def grid(spec: ArchSpec, layer_ranking: list[int], axis: str) -> list[tuple[int, int, int, tuple[int, ...]]]:
-    """Every (ffn, heads per group, hidden, kept layers) shape on `axis`; layer_ranking is most important first."""
+def check_axis(axis: str) -> None:
+    """An unknown --axis fails here: callers check it before the calibration text and importance are computed."""
     if axis not in AXES:
         raise ShrinkError(f"--axis must be one of {', '.join(AXES)}, not '{axis}'.")
+
+
+def grid(spec: ArchSpec, layer_ranking: list[int], axis: str) -> list[tuple[int, int, int, tuple[int, ...]]]:
+    """Every (ffn, heads per group, hidden, kept layers) shape on `axis`; layer_ranking is most important first."""
+    check_axis(axis)
     ffn, group = _dense_widths(spec)
     width = axis in ("width", "both")
     ffns = sorted({_round(ffn * f, ffn) for f in FRACTIONS}) if width and ffn else [ffn]

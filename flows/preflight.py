@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shrink.compress.search import check_axis
 from shrink.export.gguf_layout import choose_layout
 from shrink.export.gguf_rope import check_rope
 from shrink.export.gguf_tokenizer import gguf_vocabulary
@@ -23,6 +24,9 @@ def writes_gguf(steps: list[tuple[str, Any]]) -> bool:
 
 def refuse_early(model: str, steps: list[tuple[str, Any]]) -> None:
     """Raise ShrinkError now for what a later step of `steps` would refuse (one sentence, exit code 2)."""
+    for name, config in steps:
+        if name == "prune" and config.params is not None:
+            check_axis(config.axis)
     if writes_gguf(steps):
         check_gguf_export(model, tokenizer=True)
 
