@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("shrink.cli.export", "generate_command"),
     "prune": ("shrink.cli.prune", "prune_command"),
     "puzzle": ("shrink.cli.puzzle", "puzzle_command"),
+    "kv-share": ("shrink.cli.kvshare", "kv_share_command"),
     "distill": ("shrink.cli.distill", "distill_command"),
     "quantize": ("shrink.cli.quantize", "quantize_command"),
     "profiles": ("shrink.cli.profiles", "profiles_app"),  # listed last, as Typer lists command groups

@@ -141,3 +141,22 @@ def test_kv_share_recipe_step_shares_then_distillation_recovers(tiny_text_model_
     assert [layer.mixer.kv_source for layer in final.spec.layers].count(None) == 3
     with pytest.raises(ShrinkError, match="written like 0-1,2-3"):
         run_recipe(str(model_dir), [("kv-share", KVShareStep(groups="0+1"))], tmp_path / "bad", data=str(text), seq_len=16)
+
+
+def test_kv_share_command(tiny_text_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    args = ["kv-share", str(model_dir), "--data", str(text), "--seq-len", "16", "--json"]
+    result = CliRunner().invoke(app, [*args, "--groups", "2-3", "--tokens", "0", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["groups"] == [[2, 3]] and report["held_out"]["kl"] > 0
+    assert [layer["mixer"]["kv_source"] for layer in report["spec"]["layers"]] == [None, None, None, 2]
+    bad = CliRunner().invoke(app, [*args, "--groups", "0-9", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "two or more attention layers" in bad.output and not (tmp_path / "bad").exists()
