@@ -196,7 +196,7 @@ def _trained(loaded: Any, stream: LayerStream, i: int, variant: Variant, importa
     from safetensors.torch import load_file, save_file
 
     layer = loaded.model.model.layers[i]
-    module = build(layer, loaded.spec.layers[i], variant, i, importance.ffn[i] if importance else None)
+    module = _built(loaded, i, variant, importance)
     path = variant_file(out, i, variant)
     if path.exists():
         module.load_state_dict(load_file(str(path)))
@@ -213,9 +213,7 @@ def load_variant(loaded: Any, layer_idx: int, variant: Variant, out: Path, impor
     """The variant's module with its trained weights (the parent's own module for `parent`)."""
     from safetensors.torch import load_file
 
-    layer = loaded.model.model.layers[layer_idx]
-    module = build(layer, loaded.spec.layers[layer_idx], variant, layer_idx,
-                   importance.ffn[layer_idx] if importance else None)
+    module = _built(loaded, layer_idx, variant, importance)
     if variant.trained:
         path = variant_file(out, layer_idx, variant)
         if not path.exists():
@@ -223,3 +221,9 @@ def load_variant(loaded: Any, layer_idx: int, variant: Variant, out: Path, impor
                               f"missing from '{out}'; run blockwise distillation again.")
         module.load_state_dict(load_file(str(path)))
     return module
+
+
+def _built(loaded: Any, i: int, variant: Variant, importance: Any) -> Any:
+    """The variant's module initialised from the parent's layer i (before any training)."""
+    return build(loaded.model.model.layers[i], loaded.spec.layers[i], variant, i,
+                 importance.ffn[i] if importance else None)
