@@ -124,7 +124,7 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     outputs = ["logits"] + [n.replace("past_", "present_") for n in names]
     dyn = torch.export.Dim.DYNAMIC
     shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
-              "past": tuple({0: dyn, 2: dyn} for _ in names)}
+              **({"past": tuple({0: dyn, 2: dyn} for _ in names)} if names else {})}  # torch.export: no key for no inputs
     directory = Path(directory)
     result = OnnxExport(directory, stored.name)
     with atomic_directory(directory) as tmp:

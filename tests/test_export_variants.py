@@ -180,15 +180,29 @@ def onnx_inputs(directory):
 
 @pytest.mark.parametrize("family, layers, cached", [
     ("llama", {0: ("none", None), 1: ("linear", "none"), 2: (None, "linear")}, [2, 3]),
-    # Gemma 3: layers 0-4 slide over 8 tokens, layer 5 is global; 40 tokens go past the window
-    ("gemma3", {0: ("none", None), 1: ("linear", "none"), 2: (None, "linear"), 4: ("none", "none")}, [2, 3, 5]),
+    # Gemma 3: layers 0-3 slide over 8 tokens, layer 4 is global; 40 tokens go past the window
+    ("gemma3", {0: ("none", None), 1: ("linear", "none"), 2: (None, "linear"), 3: ("none", "none")}, [2, 4]),
 ])
 def test_onnx_runs_variants_with_no_cache_for_them(tmp_path, tiny_model, family, layers, cached):
-    loaded = with_variants(tiny_model(family, num_hidden_layers=4) if family == "llama" else tiny_model(family), layers)
+    shape = {"gemma3": {"num_hidden_layers": 5, "layer_types": ["sliding_attention"] * 4 + ["full_attention"]},
+             "llama": {"num_hidden_layers": 4}}[family]
+    loaded = with_variants(tiny_model(family, **shape), layers)
+    assert family != "gemma3" or [layer.mixer.sliding_window for layer in loaded.spec.layers if layer.mixer_kind == "attention"] == [8, None]
     export_onnx(loaded, tmp_path / "m")
     past = [f"past_{kind}_{i}" for i in cached for kind in ("key", "value")]
     assert onnx_inputs(tmp_path / "m") == ["input_ids", "attention_mask", "position_ids", *past]
     runner = OnnxRunner(tmp_path / "m")
+    metrics = compare(TorchRunner(loaded.model), runner, IDS)
+    assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 1e-3
+    assert decode_matches_prefill(runner, IDS[0]) < 1e-3
+
+
+def test_onnx_model_without_attention_has_no_cache(tmp_path, tiny_model):
+    loaded = with_variants(tiny_model("llama"), {0: ("none", None), 1: ("linear", None)})
+    export_onnx(loaded, tmp_path / "m")
+    assert onnx_inputs(tmp_path / "m") == ["input_ids", "attention_mask", "position_ids"]
+    runner = OnnxRunner(tmp_path / "m")
+    assert runner.empty_cache() == {}
     metrics = compare(TorchRunner(loaded.model), runner, IDS)
     assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 1e-3
     assert decode_matches_prefill(runner, IDS[0]) < 1e-3
