@@ -16,13 +16,14 @@ import torch
 
 
 def _keep_positions(cache: Any, layer_idx: int | None, hidden_states: Any) -> None:
-    """Record the new positions in this layer's cache slot with zero-width K and V, so a cache whose
-    length is read from this layer (transformers reads layer 0) still counts the tokens seen."""
+    """Record the new positions in this layer's cache slot with one-wide K and V (4 bytes a token), so a
+    cache whose length is read from this layer (transformers reads layer 0) still counts the tokens
+    seen; zero-wide tensors would not do: an empty cache layer reports length 0."""
     if cache is None or layer_idx is None:
         return
     batch, seq = hidden_states.shape[:2]
-    empty = hidden_states.new_zeros(batch, 1, seq, 0)
-    cache.update(empty, empty, layer_idx)
+    marker = hidden_states.new_zeros(batch, 1, seq, 1)
+    cache.update(marker, marker, layer_idx)
 
 
 class NoOpMixer(torch.nn.Module):
@@ -129,9 +130,7 @@ class SharedKVAttention(torch.nn.Module):
         if self._source:
             query, _ = self._rope(query, query, cos, sin)
             key, value = self._source[0].shared
-            if cache is not None:  # count the positions in this layer's slot without storing K/V again
-                empty = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 0)
-                cache.update(empty, empty, self.layer_idx)
+            _keep_positions(cache, self.layer_idx, hidden_states)  # without storing the source's K/V again
         else:
             key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
             value = self.v_proj(hidden_states).view(shape).transpose(1, 2)

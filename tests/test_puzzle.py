@@ -216,3 +216,22 @@ def test_puzzle_command_meets_the_budget_and_saves_a_real_model(tiny_text_model_
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.work" / "bld").exists()
     unbudgeted = CliRunner().invoke(app, [*args[:-3], "-o", str(tmp_path / "never")])
     assert unbudgeted.exit_code == 2 and "needs a budget" in unbudgeted.output
+
+
+@pytest.mark.parametrize("family, kind", [("llama", "none"), ("llama", "linear"), ("gemma3", "none")])
+def test_a_variant_in_layer_0_keeps_the_cache_position_count(tiny_model, family, kind):
+    """transformers reads a cache's length from layer 0: a variant there must still count positions."""
+    from transformers import DynamicCache
+
+    from shrink.blockvariants import mixer_variant
+
+    model = tiny_model(family).model
+    model.model.layers[0].self_attn = mixer_variant(kind, model.config.hidden_size, model.dtype, 0)
+    ids = _ids(n=1, seq=12)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :5], cache=cache, use_cache=True).logits]
+        steps += [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(5, 12)]
+    assert cache.get_seq_length() == 12
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
