@@ -119,10 +119,10 @@ def _read_parquet(path: Path, field: str) -> list[str]:
     except ImportError:
         raise ShrinkError("Reading Parquet needs pyarrow: pip install pyarrow.") from None
     try:
-        table = pq.read_table(path, columns=[field])
+        values = pq.read_table(path, columns=[field]).column(field).to_pylist()  # decoding strings can fail too
     except Exception as err:  # pyarrow raises several types for bad files and missing columns
-        raise ShrinkError(f"Could not read column '{field}' from '{path}' ({str(err).splitlines()[0]}).") from None
-    return [str(value) for value in table.column(field).to_pylist() if value is not None]
+        raise ShrinkError(f"Could not read column '{field}' from '{path}' ({(str(err).splitlines() or [type(err).__name__])[0]}).") from None
+    return [str(value) for value in values if value is not None]
 
 
 def _read_hub_dataset(name: str, field: str) -> list[str]:
