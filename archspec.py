@@ -200,6 +200,9 @@ class ArchSpec:
     final_norm: bool = True
     max_position_embeddings: int | None = None
     name: str = ""
+    # SwiftKV's SingleInputKV: the attention layers from this index on take K/V from one extra norm of
+    # this layer's input, so the prompt runs only the layers before it (and the last token all of them)
+    single_input_kv: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -219,6 +222,8 @@ class ArchSpec:
         embedding = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
         non_embedding = sum(layer.params(self.hidden_size) for layer in self.layers)
         if self.final_norm:
+            non_embedding += self.hidden_size
+        if self.single_input_kv is not None:  # its K/V input norm
             non_embedding += self.hidden_size
         return ParamCounts(embedding, non_embedding, embedding + non_embedding)
 
@@ -245,7 +250,11 @@ class ArchSpec:
             raise ShrinkError("An ArchSpec's 'formats' is an object whose 'ops' is a list of [operator, format] pairs.")
         formats = _strict(Formats, formats, "formats")
         formats = replace(formats, ops=tuple(tuple(pair) for pair in formats.ops)).validated()  # JSON gives lists
-        return _strict(cls, {**data, "layers": layers, "formats": formats}, "ArchSpec")
+        spec = _strict(cls, {**data, "layers": layers, "formats": formats}, "ArchSpec")
+        if spec.single_input_kv is not None and spec.single_input_kv >= spec.num_layers:
+            raise ShrinkError(f"ArchSpec.single_input_kv is a layer index below {spec.num_layers}, "
+                              f"not {spec.single_input_kv}.")
+        return spec
 
 
 def _shape_key(layer: LayerSpec) -> tuple:

@@ -9,6 +9,7 @@ that is the tensor they store in llama.cpp's `deci` layout (attn_output, ffn_dow
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -93,8 +94,11 @@ class SharedKVAttention(torch.nn.Module):
 
     def __init__(self, parent: torch.nn.Module, source: SharedKVAttention | None = None) -> None:
         super().__init__()
-        family = sys.modules[type(parent).__module__]
-        self._rope, self._eager = family.apply_rotary_pos_emb, family.eager_attention_forward
+        if isinstance(parent, SharedKVAttention):  # sharing a layer that already reads its K/V input elsewhere
+            self._rope, self._eager = parent._rope, parent._eager
+        else:
+            family = sys.modules[type(parent).__module__]
+            self._rope, self._eager = family.apply_rotary_pos_emb, family.eager_attention_forward
         for name in ("config", "layer_idx", "head_dim", "scaling", "attention_dropout", "is_causal",
                      "num_key_value_groups", "sliding_window"):
             if hasattr(parent, name):
@@ -107,6 +111,8 @@ class SharedKVAttention(torch.nn.Module):
         self._source = [source] if source is not None else []
         self.kv_source = source.layer_idx if source is not None else None
         self.shared = None  # (keys, values) of the current forward, for consumers
+        # SingleInputKV: the norm whose output an owner projects to K and V instead of its own input
+        self._kv_input = list(getattr(parent, "_kv_input", []))
 
     def __getstate__(self) -> dict:
         # this forward's keys may carry autograd history, which copies and pickles must not hold
@@ -132,8 +138,9 @@ class SharedKVAttention(torch.nn.Module):
             key, value = self._source[0].shared
             _keep_positions(cache, self.layer_idx, hidden_states)  # without storing the source's K/V again
         else:
-            key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-            value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+            kv_states = self._kv_input[0].kv_input if self._kv_input else hidden_states
+            key = self.k_proj(kv_states).view(shape).transpose(1, 2)
+            value = self.v_proj(kv_states).view(shape).transpose(1, 2)
             if hasattr(self, "k_norm"):
                 key = self.k_norm(key)
             query, key = self._rope(query, key, cos, sin)
@@ -146,3 +153,43 @@ class SharedKVAttention(torch.nn.Module):
                                  dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
                                  **extra, **kwargs)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+class SingleInputKVNorm(torch.nn.Module):
+    """Layer k's input norm under SwiftKV's SingleInputKV (arXiv 2410.03960): it normalises the residual
+    stream entering layer k as before (`weight`, the checkpoint name unchanged) and also through
+    `kv_norm`, a norm of the family's own class, whose output the attention layers from k on project
+    to their keys and values (their `_kv_input`). So the prompt's K/V of every layer >= k exist once
+    layer k's input does, and only the last prompt token needs the layers from k on."""
+
+    def __init__(self, parent: torch.nn.Module, layer_idx: int) -> None:
+        super().__init__()
+        self.weight = parent.weight
+        self.kv_norm = copy.deepcopy(parent)
+        self.single_input_kv = layer_idx  # how families.py recognises it without importing torch
+        self.kv_input = None  # kv_norm's output of the current forward
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "kv_input": None}  # no autograd history in copies
+
+    def forward(self, hidden_states: Any) -> Any:
+        self.kv_input = self.kv_norm(hidden_states)
+        # the family's norm (its own convention, Gemma's 1 + w included) with layer k's weight
+        return torch.func.functional_call(self.kv_norm, {"weight": self.weight}, (hidden_states,))
+
+
+def install_single_input_kv(model: torch.nn.Module, k: int) -> SingleInputKVNorm:
+    """Make every attention layer from `k` on read its K/V input from a norm of layer k's input
+    (SingleInputKV); the norm starts as layer k's input norm, the projections stay each layer's own.
+    Layers that share another layer's cache (consumers) compute no K/V and are left as they are."""
+    layers = model.model.layers
+    norm = SingleInputKVNorm(layers[k].input_layernorm, k)
+    layers[k].input_layernorm = norm
+    for block in layers[k:]:
+        attention = block.self_attn
+        if getattr(attention, "kv_source", None) is not None:
+            continue
+        if not isinstance(attention, SharedKVAttention):
+            attention = block.self_attn = SharedKVAttention(attention)
+        attention._kv_input = [norm]
+    return norm

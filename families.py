@@ -316,7 +316,11 @@ def spec_from_model(model: Any) -> ArchSpec:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     embed = model.get_input_embeddings().weight
     layers = tuple(_measured_layer(block, layer) for block, layer in zip(decoder.layers, spec.layers))
-    return replace(spec, vocab_size=embed.shape[0], hidden_size=embed.shape[1], layers=layers)
+    # SingleInputKV (blockvariants.SingleInputKVNorm): the layer whose input feeds the later layers' K/V
+    single = next((i for i, block in enumerate(decoder.layers)
+                   if getattr(getattr(block, "input_layernorm", None), "single_input_kv", None) is not None), None)
+    return replace(spec, vocab_size=embed.shape[0], hidden_size=embed.shape[1], layers=layers,
+                   single_input_kv=single)
 
 
 def _variant_spec(module: Any, parent: Any) -> Any:

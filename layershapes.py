@@ -5,6 +5,8 @@ config's uniform fields set to the widest layer and `shrink_layer_shapes` listin
 real widths. Loading builds the widest model, narrows each layer's projections to the recorded
 shapes and only then reads the weights, so the tensors load with their saved shapes. Only the
 shrink loader (`shrink.model.load`) knows the key; plain `from_pretrained` refuses the shapes.
+A SingleInputKV model (compress/swiftkv.py) also records its k under `shrink_single_input_kv`, and
+the loader installs the extra norm and the K/V rewiring before reading the weights.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from shrink.errors import ShrinkError
 from shrink.families import spec_from_config
 
 KEY = "shrink_layer_shapes"
+SINGLE_INPUT_KV_KEY = "shrink_single_input_kv"  # SwiftKV's k: layers from k on take K/V from a norm of k's input
 
 
 def record(model: Any, spec: ArchSpec) -> None:
@@ -28,7 +31,11 @@ def record(model: Any, spec: ArchSpec) -> None:
     variants = any(layer.mixer_kind != parent.mixer_kind or type(layer.ffn) is not type(parent.ffn) or
                    (isinstance(layer.mixer, AttentionSpec) and not layer.mixer.owns_kv)
                    for layer, parent in zip(spec.layers, parents))
-    if spec.is_uniform and not variants:
+    if spec.single_input_kv is not None:
+        setattr(config, SINGLE_INPUT_KV_KEY, spec.single_input_kv)
+    elif hasattr(config, SINGLE_INPUT_KV_KEY):
+        delattr(config, SINGLE_INPUT_KV_KEY)
+    if spec.is_uniform and not variants and spec.single_input_kv is None:
         if hasattr(config, KEY):
             delattr(config, KEY)
         return
@@ -66,6 +73,7 @@ def apply_to_spec(spec: ArchSpec, config: Any) -> ArchSpec:
     shapes = shapes_of(config)
     if not shapes:
         return spec
+    spec = replace(spec, single_input_kv=getattr(getattr(config, "text_config", None) or config, SINGLE_INPUT_KV_KEY, None))
     layers = []
     variants = {"linear": LinearSpec(), "none": None}
     for layer, shape in zip(spec.layers, shapes):
@@ -92,7 +100,7 @@ def _resized(linear: Any, rows: int | None = None, cols: int | None = None) -> A
 
 def narrow(model: Any, shapes: list[dict]) -> None:
     """Give each decoder layer's projections the recorded shapes (weights are loaded afterwards)."""
-    from shrink.blockvariants import SharedKVAttention, ffn_variant, mixer_variant  # heavy: torch modules
+    from shrink.blockvariants import SharedKVAttention, ffn_variant, install_single_input_kv, mixer_variant  # heavy
 
     hidden, dtype = model.config.get_text_config().hidden_size, model.dtype
     sources = {shape["kv_source"] for shape in shapes if shape.get("kv_source") is not None}
@@ -123,6 +131,9 @@ def narrow(model: Any, shapes: list[dict]) -> None:
             block.self_attn = owners[index] = SharedKVAttention(block.self_attn)
         if shape.get("kv_source") is not None:
             block.self_attn = SharedKVAttention(block.self_attn, owners[shape["kv_source"]])
+    single = getattr(model.config.get_text_config(), SINGLE_INPUT_KV_KEY, None)
+    if single is not None:
+        install_single_input_kv(model, single)
 
 
 def load_narrowed(location: str, config: Any, dtype: Any) -> Any:

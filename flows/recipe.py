@@ -58,6 +58,16 @@ class KVShareStep:
 
 
 @dataclass(frozen=True)
+class SingleInputKVStep:
+    """SwiftKV's SingleInputKV and its first training stage (flows/swiftkv.py); a distill step after it
+    is SwiftKV's second stage."""
+    k: int | None = None  # layers from k on take K/V from a norm of layer k's input; None: half the layers
+    tokens: int = defaults.DISTILL_TOKENS  # stage one's budget (new norm, Q/K/V from layer k on); 0: untrained
+    lr: float = defaults.DISTILL_LR
+    queries: bool = True  # stage one trains the query projections of the layers from k on too, as SwiftKV does
+
+
+@dataclass(frozen=True)
 class DistillStep:
     tokens: int = defaults.DISTILL_TOKENS
     lr: float = defaults.DISTILL_LR
@@ -105,7 +115,8 @@ class BenchStep:
     repeats: int = defaults.BENCH_REPEATS
 
 
-STEPS: dict[str, type] = {"prune": PruneStep, "puzzle": PuzzleStep, "kv-share": KVShareStep, "distill": DistillStep, "quantize": QuantizeStep,
+STEPS: dict[str, type] = {"prune": PruneStep, "puzzle": PuzzleStep, "kv-share": KVShareStep,
+                          "single-input-kv": SingleInputKVStep, "distill": DistillStep, "quantize": QuantizeStep,
                           "gguf-quantize": GGUFQuantizeStep, "export": ExportStep, "verify": VerifyStep,
                           "bench": BenchStep}
 

@@ -43,6 +43,7 @@ from shrink.flows.recipe import parse_recipe, shipped_recipes, step_to_dict
 from shrink.flows.resources import check as check_resources
 from shrink.flows.resources import run_needs
 from shrink.flows.steps import Hooks
+from shrink.flows.swiftkv import single_input
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload
 from shrink.model import load, load_spec, save_loaded
@@ -139,6 +140,17 @@ def kv_share_step(state: RunState, config: Any, out: Path) -> dict:
                             pairs=config.pairs, init=config.init, target=(state.plan or {}).get("target", "host"))
     metrics["held_out_after_sharing"] = flow.evaluate_against(shared.model, state.split(), state.teacher_topk("evaluation"))
     return {"outputs": {"model": _save(shared, out)}, "metrics": metrics}
+
+
+def single_input_kv_step(state: RunState, config: Any, out: Path) -> dict:
+    checkpoints = Path(f"{out}.checkpoints")
+    swift, metrics = single_input(state.student(), state.teacher(), state.split(), state.hooks,
+                                  (state.teacher_topk("train"), state.teacher_topk("evaluation")), checkpoints,
+                                  k=config.k, tokens=config.tokens, lr=config.lr, queries=config.queries,
+                                  seq_len=state.seq_len, target=(state.plan or {}).get("target", "host"))
+    path = _save(swift, out)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return {"outputs": {"model": path}, "metrics": metrics}
 
 
 def distill_step(state: RunState, config: Any, out: Path) -> dict:
@@ -238,7 +250,8 @@ def bench_step(state: RunState, config: Any, out: Path) -> dict:
 
 
 EXECUTORS: dict[str, Callable[[RunState, Any, Path], dict]] = {
-    "prune": prune_step, "puzzle": puzzle_step, "kv-share": kv_share_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
+    "prune": prune_step, "puzzle": puzzle_step, "kv-share": kv_share_step,
+    "single-input-kv": single_input_kv_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
     "export": export_step,
     "verify": verify_step, "bench": bench_step,
 }

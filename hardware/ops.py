@@ -12,11 +12,15 @@ kernels) and stated once here:
 - lm_head runs only for the last position of each sequence (what generation needs).
 - MoE weight traffic counts the experts a pass is expected to touch under uniform routing.
 - A Mamba2 scan reads and writes its fp32 state once per pass.
+- SingleInputKV (SwiftKV, `spec.single_input_kv` = k): every pass runs one more norm (of layer k's
+  input, for the later layers' K/V); a prefill runs the prompt through the layers before k, the
+  prompt's other tokens through the K/V projections (and key norms) of the owning layers from k on,
+  written to their caches, and the last token through every layer from k on (`prefill_ops`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec, SSMSpec
@@ -203,13 +207,51 @@ def model_edge_ops(spec: ArchSpec, batch: int, new: int, b: _Bytes) -> list[Op]:
     ]
 
 
+SINGLE_INPUT_NORM = "swiftkv.norm"  # SingleInputKV's norm of layer k's input
+
+
 def pass_ops(spec: ArchSpec, batch: int, new: int, past: int) -> list[Op]:
     """Every operator of one forward pass, layer by layer (identical layers are computed once)."""
     b = _bytes_of(spec)
     ops = [op for op in model_edge_ops(spec, batch, new, b) if op.name == "embedding"]
-    for layer in spec.layers:
+    for i, layer in enumerate(spec.layers):
+        if i == spec.single_input_kv:
+            ops.append(_norm(SINGLE_INPUT_NORM, batch * new, spec.hidden_size, 1, b))
         ops.extend(layer_ops(layer, spec.hidden_size, batch, new, past, b))
     ops.extend(op for op in model_edge_ops(spec, batch, new, b) if op.name != "embedding")
+    return ops
+
+
+def kv_fill_ops(a: AttentionSpec, hidden: int, tokens: int, b: _Bytes) -> list[Op]:
+    """SingleInputKV's prompt work in a layer from k on that owns its cache: keys and values of `tokens`
+    positions projected from the shared input (weights in the attn.qkv format), key-normed when the
+    layer has q/k norms, and written to the cache; no queries, attention or FFN."""
+    kv_width = a.num_kv_heads * a.head_dim
+    project = _matmul("attn.kv", tokens, hidden, 2 * kv_width, b, weight_of="attn.qkv")
+    ops = [replace(project, bytes=project.bytes + tokens * 2 * kv_width * b.kv)]
+    if a.qk_norm:
+        ops.append(_norm("attn.k_norm", tokens, kv_width, 1, b))
+    return ops
+
+
+def prefill_ops(spec: ArchSpec, batch: int, prompt: int) -> list[Op]:
+    """The operators of a prompt's prefill: one pass of `prompt` tokens, or under SingleInputKV the
+    prompt through the layers before k, its first prompt-1 tokens' K/V in the layers from k on, and
+    the last token through those layers (what SwiftKV's runtime runs)."""
+    k = spec.single_input_kv
+    if k is None or prompt == 1:
+        return pass_ops(spec, batch, prompt, 0)
+    b, hidden = _bytes_of(spec), spec.hidden_size
+    edges = model_edge_ops(spec, batch, prompt, b)  # embedding of every token, head of the last
+    ops = [op for op in edges if op.name == "embedding"]
+    for layer in spec.layers[:k]:
+        ops.extend(layer_ops(layer, hidden, batch, prompt, 0, b))
+    ops.append(_norm(SINGLE_INPUT_NORM, batch * prompt, hidden, 1, b))
+    for layer in spec.layers[k:]:
+        if isinstance(layer.mixer, AttentionSpec) and layer.mixer.owns_kv:
+            ops.extend(kv_fill_ops(layer.mixer, hidden, batch * (prompt - 1), b))
+        ops.extend(layer_ops(layer, hidden, batch, 1, prompt - 1, b))
+    ops.extend(op for op in edges if op.name != "embedding")
     return ops
 
 

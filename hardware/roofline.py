@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, SSMSpec
 from shrink.errors import ShrinkError
-from shrink.hardware.ops import Op, weight_bytes, pass_ops
+from shrink.hardware.ops import Op, pass_ops, prefill_ops, weight_bytes
 from shrink.hardware.profiles import Profile
 from shrink.numformats import get_format
 
@@ -174,7 +174,7 @@ def memory_needed(spec: ArchSpec, workload: Workload) -> tuple[float, float, flo
 def estimate(spec: ArchSpec, profile: Profile, workload: Workload | None = None) -> Estimate:
     workload = workload or Workload()
     batch, prompt = workload.batch, workload.prompt_len
-    prefill = _phase("prefill", [pass_ops(spec, batch, prompt, 0)], profile)
+    prefill = _phase("prefill", [prefill_ops(spec, batch, prompt)], profile)
     decode_steps = [pass_ops(spec, batch, 1, prompt + i) for i in range(workload.gen_len)]
     decode = _phase("decode", decode_steps, profile)
     weights, kv_cache, ssm_state, activations = memory_needed(spec, workload)
