@@ -73,7 +73,8 @@ def apply_to_spec(spec: ArchSpec, config: Any) -> ArchSpec:
     shapes = shapes_of(config)
     if not shapes:
         return spec
-    spec = replace(spec, single_input_kv=getattr(getattr(config, "text_config", None) or config, SINGLE_INPUT_KV_KEY, None))
+    text = getattr(config, "text_config", None) or config
+    spec = replace(spec, single_input_kv=getattr(text, SINGLE_INPUT_KV_KEY, None))
     layers = []
     variants = {"linear": LinearSpec(), "none": None}
     for layer, shape in zip(spec.layers, shapes):

@@ -6,14 +6,16 @@ prefill (against a hand computation), the recipe step and the refusals."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
-
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, Formats, LayerSpec
 from shrink.compress.kvshare import share_kv
-from shrink.compress.swiftkv import freeze_for_stage_one, single_input_kv, stage_one_parameters
+from shrink.compress.swiftkv import (
+    freeze_for_stage_one,
+    single_input_kv,
+    stage_one_parameters,
+)
 from shrink.errors import ShrinkError
 from shrink.hardware.ops import pass_ops, prefill_ops
 from shrink.hardware.profiles import get_profile
@@ -131,9 +133,8 @@ def test_keys_and_values_read_the_norm_of_layer_k_input(tiny_model, family, offs
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decoding_and_reloading_keep_the_logits(tiny_model, family, tmp_path):
-    from transformers import DynamicCache
-
     from shrink.model import load, load_spec, save
+    from transformers import DynamicCache
 
     loaded = tiny_model(family)
     swift = single_input_kv(loaded, loaded.spec.num_layers // 2)
@@ -179,7 +180,6 @@ def test_composes_with_cross_layer_sharing_in_either_order(tiny_model, tmp_path)
 def test_stage_one_trains_only_the_new_norm_and_the_later_attention(tiny_model, tmp_path):
     from shrink.compress.distill.teacher import teacher_topk
     from shrink.compress.distill.trainer import DistillConfig, distill
-
     from tiny_models import peaked
 
     loaded = tiny_model("qwen3", num_hidden_layers=4, layer_types=["full_attention"] * 4)
@@ -187,7 +187,7 @@ def test_stage_one_trains_only_the_new_norm_and_the_later_attention(tiny_model, 
     swift = single_input_kv(loaded, 2)
     names = {id(p): n for n, p in swift.model.named_parameters()}
     trained = sorted(names[id(p)] for p in stage_one_parameters(swift.model))
-    expected = sorted([f"model.layers.2.input_layernorm.kv_norm.weight"] +
+    expected = sorted(["model.layers.2.input_layernorm.kv_norm.weight"] +
                       [f"model.layers.{i}.self_attn.{m}.weight" for i in (2, 3)
                        for m in ("q_proj", "k_proj", "v_proj", "k_norm", "q_norm")])
     assert trained == expected
@@ -251,10 +251,9 @@ def test_prefill_costs_match_a_hand_computation():
 
 
 def test_estimate_shows_the_shorter_time_to_first_token(tiny_model, tmp_path):
-    from typer.testing import CliRunner
-
     from shrink.cli.app import app
     from shrink.model import save
+    from typer.testing import CliRunner
 
     profile, workload = get_profile("jetson-orin-nano"), Workload(prompt_len=2048, gen_len=16)
     plain, swift = (estimate(_hand_spec(k), profile, workload) for k in (None, 2))
