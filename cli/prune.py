@@ -17,6 +17,7 @@ from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks
+from shrink.compress.data import local_file
 from shrink.compress.search import check_axis
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
@@ -79,6 +80,8 @@ def prune_command(
         raise ShrinkError("--search chooses among shapes that meet a budget: give --params, --memory or --budget.")
     if budgeted:
         check_axis(axis)  # before the calibration text and the importance pass, minutes on a real model
+    if data:
+        local_file(data)
     plan_budget = None
     if budgeted:
         plan_budget = prune_budget(params, parse_size(memory, "--memory") if memory else None,

@@ -70,24 +70,33 @@ class GenerationSettings:
 
 def read_texts(source: str, text_field: str = "text") -> list[str]:
     """Documents from a file or a Hugging Face dataset name."""
-    path = Path(source)
-    if path.suffix in (".txt", ".jsonl", ".parquet") or path.exists():
-        if not path.is_file():
-            raise ShrinkError(f"Data file '{path}' does not exist.")
+    path = local_file(source)
+    if path is not None:
         if path.suffix == ".txt":
             texts = [block.strip() for block in _utf8(path).split("\n\n")]
         elif path.suffix == ".jsonl":
             texts = _read_jsonl(path, text_field)
-        elif path.suffix == ".parquet":
-            texts = _read_parquet(path, text_field)
         else:
-            raise ShrinkError(f"Data file '{path}' must be .txt, .jsonl or .parquet.")
+            texts = _read_parquet(path, text_field)
     else:
         texts = _read_hub_dataset(source, text_field)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ShrinkError(f"'{source}' holds no text.")
     return texts
+
+
+def local_file(source: str) -> Path | None:
+    """The data file `source` names, checked to exist and be of a kind read here, or None for a Hugging
+    Face dataset name: commands call it before loading a model, so a typo costs no minutes."""
+    path = Path(source)
+    if path.suffix not in (".txt", ".jsonl", ".parquet") and not path.exists():
+        return None
+    if not path.is_file():
+        raise ShrinkError(f"Data file '{path}' does not exist.")
+    if path.suffix not in (".txt", ".jsonl", ".parquet"):
+        raise ShrinkError(f"Data file '{path}' must be .txt, .jsonl or .parquet.")
+    return path
 
 
 def _utf8(path: Path) -> str:
