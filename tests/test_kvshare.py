@@ -12,57 +12,20 @@ from shrink.compress.kvshare import choose_pairs, key_value_similarity, runs_of_
 from shrink.errors import ShrinkError
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
+from tiny_models import reference_llama
 
 
 def _ids(n=2, seq=10, seed=0):
     return torch.randint(0, 100, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _reference_llama(model, ids, sources):
-    """A Llama forward from first principles: layer i attends to the keys and values computed by layer
-    sources.get(i, i) from that layer's own input."""
-    config = model.config
-    d = config.head_dim
-    x = model.model.embed_tokens(ids)
-    seq = ids.shape[1]
-    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
-    angles = torch.outer(torch.arange(seq).float(), inv)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-
-    def rope(t):
-        half = t.shape[-1] // 2
-        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
-
-    def rms(t, norm):
-        return norm.weight * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-
-    kv = {}
-    mask = torch.full((seq, seq), float("-inf")).triu(1)
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        h = rms(x, layer.input_layernorm)
-        q = rope(attn.q_proj(h).unflatten(-1, (-1, d)).transpose(1, 2))
-        if sources.get(i, i) == i:
-            k = rope(attn.k_proj(h).unflatten(-1, (-1, d)).transpose(1, 2))
-            v = attn.v_proj(h).unflatten(-1, (-1, d)).transpose(1, 2)
-            kv[i] = (k, v)
-        k, v = kv[sources.get(i, i)]
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5 + mask, -1)
-        x = x + attn.o_proj((weights @ v).transpose(1, 2).flatten(-2))
-        h = rms(x, layer.post_attention_layernorm)
-        x = x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
-    return model.lm_head(rms(x, model.model.norm))
-
-
 def test_shared_llama_matches_the_reference_forward(tiny_model):
     loaded = tiny_model("llama", num_hidden_layers=4)
     ids = _ids()
     with torch.no_grad():
-        assert torch.allclose(loaded.model(ids).logits, _reference_llama(loaded.model, ids, {}), atol=1e-5)
+        assert torch.allclose(loaded.model(ids).logits, reference_llama(loaded.model, ids), atol=1e-5)
         shared = share_kv(loaded, [[0, 1], [2, 3]], init="owner")
-        expected = _reference_llama(loaded.model, ids, {1: 0, 3: 2})
+        expected = reference_llama(loaded.model, ids, sources={1: 0, 3: 2})
         assert torch.allclose(shared.model(ids).logits, expected, atol=1e-5)
         assert not torch.allclose(loaded.model(ids).logits, expected, atol=1e-3)  # sharing changed the model
     assert [l.mixer.kv_source for l in shared.spec.layers] == [None, 0, None, 2]

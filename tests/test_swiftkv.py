@@ -20,6 +20,7 @@ from shrink.errors import ShrinkError
 from shrink.hardware.ops import pass_ops, prefill_ops
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
+from tiny_models import reference_llama
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
@@ -37,60 +38,18 @@ def _perturb_norm(loaded, seed=1):
     return norm
 
 
-def _reference_llama(model, ids, k=None, kv_weight=None, sources=None):
-    """A Llama forward from first principles: from layer k on, keys and values come from RMS-normalising
-    the stream entering layer k with `kv_weight`, through each layer's own k_proj and v_proj; layer i
-    attends to the keys and values of layer sources.get(i, i)."""
-    sources = sources or {}
-    config = model.config
-    d = config.head_dim
-    x = model.model.embed_tokens(ids)
-    seq = ids.shape[1]
-    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
-    angles = torch.outer(torch.arange(seq).float(), inv)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-
-    def rope(t):
-        half = t.shape[-1] // 2
-        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
-
-    def rms(t, weight):
-        return weight * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
-
-    kv, kv_input = {}, None
-    mask = torch.full((seq, seq), float("-inf")).triu(1)
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        if i == k:
-            kv_input = rms(x, kv_weight)
-        h = rms(x, layer.input_layernorm.weight)
-        q = rope(attn.q_proj(h).unflatten(-1, (-1, d)).transpose(1, 2))
-        if sources.get(i, i) == i:
-            source = kv_input if k is not None and i >= k else h
-            kv[i] = (rope(attn.k_proj(source).unflatten(-1, (-1, d)).transpose(1, 2)),
-                     attn.v_proj(source).unflatten(-1, (-1, d)).transpose(1, 2))
-        key, value = kv[sources.get(i, i)]
-        groups = q.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        weights = torch.softmax(q @ key.transpose(-1, -2) / d ** 0.5 + mask, -1)
-        x = x + attn.o_proj((weights @ value).transpose(1, 2).flatten(-2))
-        h = rms(x, layer.post_attention_layernorm.weight)
-        x = x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
-    return model.lm_head(rms(x, model.model.norm.weight))
-
-
 def test_llama_matches_the_reference_forward(tiny_model):
     loaded = tiny_model("llama", num_hidden_layers=4)
     ids = _ids()
     swift = single_input_kv(loaded, 2)
     norm = _perturb_norm(swift)
     with torch.no_grad():
-        assert torch.allclose(loaded.model(ids).logits, _reference_llama(loaded.model, ids), atol=1e-5)
-        expected = _reference_llama(swift.model, ids, k=2, kv_weight=norm.weight)
+        assert torch.allclose(loaded.model(ids).logits, reference_llama(loaded.model, ids), atol=1e-5)
+        expected = reference_llama(swift.model, ids, k=2, kv_weight=norm.weight)
         assert torch.allclose(swift.model(ids).logits, expected, atol=1e-5)
         assert not torch.allclose(loaded.model(ids).logits, expected, atol=1e-3)  # the transform changed the model
         # a reference that took layer 2's own input norm for the K/V input is told apart
-        wrong = _reference_llama(swift.model, ids, k=2, kv_weight=swift.model.model.layers[2].input_layernorm.weight)
+        wrong = reference_llama(swift.model, ids, k=2, kv_weight=swift.model.model.layers[2].input_layernorm.weight)
         assert not torch.allclose(swift.model(ids).logits, wrong, atol=1e-3)
     assert swift.spec.single_input_kv == 2 and loaded.spec.single_input_kv is None
     assert sum(p.numel() for p in swift.model.parameters()) == swift.spec.param_counts().total
@@ -168,7 +127,7 @@ def test_composes_with_cross_layer_sharing_in_either_order(tiny_model, tmp_path)
     with torch.no_grad():
         for model, sources in ((after, {1: 0, 3: 2}), (before, {1: 0, 3: 2}), (across, {2: 1})):
             norm = _perturb_norm(model)
-            expected = _reference_llama(model.model, ids, k=2, kv_weight=norm.weight, sources=sources)
+            expected = reference_llama(model.model, ids, k=2, kv_weight=norm.weight, sources=sources)
             assert torch.allclose(model.model(ids).logits, expected, atol=1e-5)
             assert model.spec.single_input_kv == 2
             assert [l.mixer.kv_source for l in model.spec.layers] == [sources.get(i) for i in range(4)]

@@ -146,3 +146,46 @@ def save_tiny_bpe_model(root):
     text.write_text("\n\n".join(DEFAULT_TEXTS * 4))
     return directory, text
 
+
+def reference_llama(model, ids, k=None, kv_weight=None, sources=None):
+    """A Llama forward from first principles: from layer k on, keys and values come from RMS-normalising
+    the stream entering layer k with `kv_weight`, through each layer's own k_proj and v_proj; layer i
+    attends to the keys and values of layer sources.get(i, i)."""
+    import torch
+
+    sources = sources or {}
+    config = model.config
+    d = config.head_dim
+    x = model.model.embed_tokens(ids)
+    seq = ids.shape[1]
+    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.outer(torch.arange(seq).float(), inv)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+    def rope(t):
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    def rms(t, weight):
+        return weight * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+
+    kv, kv_input = {}, None
+    mask = torch.full((seq, seq), float("-inf")).triu(1)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        if i == k:
+            kv_input = rms(x, kv_weight)
+        h = rms(x, layer.input_layernorm.weight)
+        q = rope(attn.q_proj(h).unflatten(-1, (-1, d)).transpose(1, 2))
+        if sources.get(i, i) == i:
+            source = kv_input if k is not None and i >= k else h
+            kv[i] = (rope(attn.k_proj(source).unflatten(-1, (-1, d)).transpose(1, 2)),
+                     attn.v_proj(source).unflatten(-1, (-1, d)).transpose(1, 2))
+        key, value = kv[sources.get(i, i)]
+        groups = q.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        weights = torch.softmax(q @ key.transpose(-1, -2) / d ** 0.5 + mask, -1)
+        x = x + attn.o_proj((weights @ value).transpose(1, 2).flatten(-2))
+        h = rms(x, layer.post_attention_layernorm.weight)
+        x = x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+    return model.lm_head(rms(x, model.model.norm.weight))
