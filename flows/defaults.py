@@ -34,6 +34,9 @@ PROXY_STEPS = 0  # distillation steps per prune shape before its KL is measured:
 PROXY_CALIBRATION = "max"  # PTQ behind the format proxy: instant, where AWQ costs minutes per format
 EXPORT_FORMAT = "gguf"  # an export step without a format: llama.cpp, which every shipped profile names
 
+# --- KV transforms (kv-share, single-input-kv) ---
+LONG_PROMPT_LEN = 2048  # the prompt their reports estimate at: where the KV cache and prefill dominate (RAG, code)
+
 # --- timing (`shrink bench`, a recipe's bench step) ---
 BENCH_PROMPT_LEN = 128  # prompt tokens timed for prefill: the sequence length above
 BENCH_GEN_LEN = 32  # decoded tokens per run: 32 samples per run for the per-token median (not swept)

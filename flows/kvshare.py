@@ -8,11 +8,12 @@ from typing import Any
 
 from shrink.compress.kvshare import choose_pairs, key_value_similarity, share_kv
 from shrink.errors import ShrinkError
+from shrink.flows import defaults
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 
-LONG_PROMPT = Workload(prompt_len=2048, gen_len=128)  # where a KV cache matters: summarisation, RAG, code
+LONG_PROMPT = Workload(prompt_len=defaults.LONG_PROMPT_LEN)
 
 
 def parse_groups(text: str) -> list[list[int]]:

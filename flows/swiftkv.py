@@ -15,7 +15,7 @@ from shrink.flows.steps import Hooks, distill, distill_config, evaluate_against
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 
-LONG_PROMPT = Workload(prompt_len=2048, gen_len=128)  # SwiftKV's case: long prompts (summarisation, RAG, code)
+LONG_PROMPT = Workload(prompt_len=defaults.LONG_PROMPT_LEN)
 # Stage one keeps the trainer's temperature 1. SwiftKV distils at 2 over the full vocabulary; over our cached
 # top-k a temperature other than 1 renormalises within the k tokens, and on a tiny Qwen3 (k = 2 of 4, 20
 # steps, lr 1e-3) it raised the held-out KL from 0.063 to 0.077 where temperature 1 lowered it to 0.011.
