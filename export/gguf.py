@@ -40,6 +40,7 @@ from shrink.numformats.registry import (
     stored_format,
     vocabulary_format,
 )
+from shrink.progress import ProgressLines
 from shrink.storage import atomic_path
 
 log = logging.getLogger("shrink")
@@ -91,10 +92,13 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
         spec = deci_layers(spec, state, result.notes)
     if pad_to_uniform and not spec.is_uniform and not layout.per_layer_shapes:  # nemotron_h: nothing to pad
         spec = _pad_ffn_to_uniform(spec, state, result)
-    check_weights(state, half=tuple(k for k, v in state.items() if v.ndim > 1 and k not in planned)
-                  if quant == "fp16" else ())
+    # every tensor's type is decided first, so that one stored as F16 (asked for, or the fallback of a type
+    # whose blocks do not fit its rows) is checked against float16's range before anything is written
+    kinds = {hf_name: _tensor_type(gguf_tensor_name(hf_name, layout), array, quant if not plan else "fp16", result)
+             for hf_name, array in state.items() if hf_name not in planned}
+    check_weights(state, half=tuple(k for k, kind in kinds.items() if kind == "F16"))
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, ProgressLines("GGUF export", len(state), "tensor") as lines:
         writer = gguf.GGUFWriter(str(tmp), layout.arch)
         _write_metadata(writer, layout, spec, config, loaded)
         _write_tokenizer(writer, loaded, spec)
@@ -105,11 +109,12 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
                 data, ggml_type = _pack_on_grid(hf_name, array, planned[hf_name])
                 writer.add_tensor(name, data, raw_dtype=ggml_type)
                 result.tensor_types[name] = ggml_type.name
-                continue
-            kind = _tensor_type(name, array, quant if not plan else "fp16", result)
-            data = array if kind == "F32" else gguf.quants.quantize(array.astype(np.float32), _ggml(kind))
-            writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else _ggml(kind))
-            result.tensor_types[name] = kind
+            else:
+                kind = kinds[hf_name]
+                data = array if kind == "F32" else gguf.quants.quantize(array.astype(np.float32), _ggml(kind))
+                writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else _ggml(kind))
+                result.tensor_types[name] = kind
+            lines.advance()
         writer.add_file_type(_file_type(plan.stored if plan else quant))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()

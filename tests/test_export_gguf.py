@@ -134,3 +134,13 @@ def test_damaged_weights_are_named_before_anything_is_written(tmp_path, tiny_mod
     with pytest.raises(ShrinkError, match="q_proj.weight holds 1 NaN or infinite"):
         export_gguf(loaded, tmp_path / "n.gguf", "q8_0")
     assert not (tmp_path / "n.gguf").exists()
+
+
+def test_a_tensor_falling_back_to_f16_is_range_checked_before_writing(tmp_path, tiny_model):
+    """Q8_0 blocks are 32 wide: the tiny FFN's 48-wide down_proj rows fall back to F16, where 1e5 overflows."""
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        loaded.model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e5
+    with pytest.raises(ShrinkError, match="down_proj.weight holds values up to 1e\\+05, beyond float16"):
+        export_gguf(loaded, tmp_path / "m.gguf", "q8_0")
+    assert not (tmp_path / "m.gguf").exists()
