@@ -32,7 +32,8 @@ def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | N
     verify=False) and write the manifest beside it. `quant` None: the backend's default, or the grid a
     quantized student brings."""
     output = Path(output)
-    # one unit: the backends count no tensors yet, so a CI log gets the time spent every LOG_EVERY_S
+    # one unit around the backend (the GGUF writer also counts its tensors; an ONNX export is one trace),
+    # so a CI log gets the time spent at least every LOG_EVERY_S
     with ProgressLines(f"{fmt} export", 1, "artifact") as lines:
         report = backend(fmt).export(loaded, output, quant, pad_to_uniform=pad_to_uniform, block_size=block_size)
         lines.advance()
