@@ -235,3 +235,20 @@ def test_a_variant_in_layer_0_keeps_the_cache_position_count(tiny_model, family,
         steps += [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(5, 12)]
     assert cache.get_seq_length() == 12
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_each_process_trains_a_disjoint_share_of_the_variants(tiny_model, tmp_path):
+    from shrink.compress.distill.parallel import World
+
+    loaded = tiny_model("llama")
+    lib = library.library(loaded.spec, shares=(0.5,))
+    jobs = [(i, v) for i, variants in enumerate(lib) for v in variants if v.trained]
+    seen = {}
+
+    class SecondOfTwo(World):
+        def barrier(self):  # what this process has written when it waits for the other one
+            seen["files"] = {p.name for p in tmp_path.glob("*.safetensors")}
+
+    bld.run(loaded, _ids(n=4), lib, score(loaded, _ids(), batch_size=2), tmp_path, bld.BLDConfig(steps=2),
+            current=SecondOfTwo(rank=1, size=2))
+    assert seen["files"] == {bld.variant_file(tmp_path, i, v).name for i, v in jobs[1::2]}

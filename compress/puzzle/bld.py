@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shrink import blocks
+from shrink.compress.distill.parallel import World, world
 from shrink.compress.puzzle.library import Variant, build
 from shrink.errors import ShrinkError
 from shrink.progress import ProgressLines
@@ -162,10 +163,10 @@ def train_variant(block: Any, module: Any, variant: Variant, stream: LayerStream
 
 
 def run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: Any, out: Path,
-        config: BLDConfig = BLDConfig(), share: tuple[int, int] = (0, 1), status=lambda message: None) -> dict:
+        config: BLDConfig = BLDConfig(), current: World | None = None, status=lambda message: None) -> dict:
     """Train every variant that has something to learn; returns {layer: {variant key: normalized MSE}}
     for every variant (the parent 0, a no-op 1 by definition). Variants already on disk are loaded,
-    not retrained."""
+    not retrained. Under torchrun each process trains every size-th variant, then reads the others'."""
     import torch
 
     model = loaded.model.eval()
@@ -174,15 +175,19 @@ def run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: A
     out.mkdir(parents=True, exist_ok=True)
     status(f"Recording the parent's block inputs and outputs on {sequences.numel():,} tokens")
     streams = capture(model, sequences, config.batch_size)
-    rank, size = share
+    current = current or world()
     jobs = [(i, v) for i, variants in enumerate(library) for v in variants if v.trained]
-    mine = [job for n, job in enumerate(jobs) if n % size == rank]
+    mine = [job for n, job in enumerate(jobs) if n % current.size == current.rank]
     errors: dict[int, dict[str, float]] = {i: {} for i in range(len(library))}
     torch.manual_seed(config.seed)
     with ProgressLines("blockwise distillation", len(mine), "variant") as progress:
         for i, variant in mine:
             errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
             progress.advance()
+    current.barrier()  # every share is on disk: read the other processes' variants
+    for i, variant in jobs:
+        if variant.key not in errors[i]:
+            errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
     for i, variants in enumerate(library):
         for v in variants:
             if not v.trained:
