@@ -44,7 +44,7 @@ def export_command(
 
       shrink export gemma-3-270m -f onnx -o gemma-onnx
     """
-    backend(fmt)  # an unknown format fails before the weights load
+    backend(fmt).check_quant(quant, block_size)  # an unknown format, type or block size fails before the weights load
     if fmt == "gguf":
         check_gguf_export(model)  # what the config alone shows, before the weights load
     check_resources(export_needs(load_spec(model), fmt, quant), output, "This export")

@@ -31,6 +31,10 @@ class Backend(Protocol):
     def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
                block_size: int | None = None) -> dict: ...
 
+    def check_quant(self, quant: str | None, block_size: int | None = None) -> None:
+        """Refuse a weight type (and block size) this kind cannot store, before any model loads."""
+        ...
+
     def open_runner(self, path: Path, max_tokens: int, threads: int | None = None) -> Runner: ...
 
     def time(self, path: Path, threads: int, prompt: list[int], gen: list[int],

@@ -75,7 +75,7 @@ def _ggml(name: str):
 def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_uniform: bool = False) -> GGUFExport:
     import gguf
 
-    quant = _quant_format(quant)
+    quant = quant_format(quant)
     spec: ArchSpec = loaded.spec
     layout = choose_layout(spec, pad_to_uniform)
     config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
@@ -124,7 +124,7 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     return result
 
 
-def _quant_format(quant: str) -> str:
+def quant_format(quant: str) -> str:
     name = get_format(quant).name if quant.lower() not in FAMILIES else stored_format(quant.lower(), "gguf").name
     if name not in QUANT_TYPES:
         raise ShrinkError(f"GGUF type '{quant}' is not one the gguf package writes; choose one of: {', '.join(QUANT_TYPES)}.")

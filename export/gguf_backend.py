@@ -12,7 +12,7 @@ from typing import Any
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.costing import fallback_ops, planned_weights
-from shrink.export.gguf import export_gguf
+from shrink.export.gguf import export_gguf, quant_format
 from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
 from shrink.ggufmeta import gguf_formats
 from shrink.numformats import gguf_activations, vocabulary_format
@@ -33,6 +33,9 @@ class GGUFBackend:
     def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
                block_size: int | None = None) -> dict:
         return export_gguf(loaded, output, quant or self.default_quant, pad_to_uniform).to_dict()
+
+    def check_quant(self, quant: str | None, block_size: int | None = None) -> None:
+        quant_format(quant or self.default_quant)
 
     def open_runner(self, path: Path, max_tokens: int, threads: int | None = None) -> Runner:
         return LlamaCppRunner(path, max_tokens, threads)

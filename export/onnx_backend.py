@@ -13,7 +13,7 @@ import numpy as np
 from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.costing import fallback_ops, onnx_vocabulary, planned_weights
-from shrink.export.onnx import export_onnx, onnx_formats
+from shrink.export.onnx import export_onnx, onnx_format, onnx_formats
 from shrink.export.onnx_runtime import OnnxRunner
 from shrink.export.runtimes import Runner, timed_runs
 
@@ -34,6 +34,9 @@ class OnnxBackend:
     def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
                block_size: int | None = None) -> dict:
         return export_onnx(loaded, output, quant or self.default_quant, block_size or self.default_block_size).to_dict()
+
+    def check_quant(self, quant: str | None, block_size: int | None = None) -> None:
+        onnx_format(quant or self.default_quant, block_size or self.default_block_size)
 
     def open_runner(self, path: Path, max_tokens: int, threads: int | None = None) -> Runner:
         return OnnxRunner(path, threads)
