@@ -13,7 +13,7 @@ import typer
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks
-from shrink.compress.data import local_file
+from shrink.compress.data import local_file, read_texts
 from shrink.compress.distill.parallel import world
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
@@ -61,8 +61,8 @@ def distill_command(
                             steps=steps, top_k=top_k, ce_weight=ce_weight, hidden_weight=hidden_weight,
                             warmup_steps=warmup_steps, clip_norm=clip_norm, grad_accum=grad_accum, precision=precision,
                             eval_every=eval_every, checkpoint_every=checkpoint_every)
-    if data:
-        local_file(data)  # a missing data file fails before two models load
+    if data and local_file(data) is not None:
+        read_texts(data)  # a missing, unreadable or empty data file fails before two models load
     check_resources(distill_needs(load_spec(teacher), load_spec(student), batch_size, seq_len), output,
                     "This distillation")
     with Spinner() as spinner:
