@@ -21,7 +21,7 @@ from shrink.compress.data import local_file
 from shrink.compress.search import check_axis
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
-from shrink.flows.steps import load_model, prepare_split, prune, prune_budget
+from shrink.flows.steps import check_depth_criterion, load_model, prepare_split, prune, prune_budget
 from shrink.model import save_loaded
 from shrink.units import fmt_bytes, fmt_time, parse_duration, parse_size
 
@@ -80,6 +80,7 @@ def prune_command(
         raise ShrinkError("--search chooses among shapes that meet a budget: give --params, --memory or --budget.")
     if budgeted:
         check_axis(axis)  # before the calibration text and the importance pass, minutes on a real model
+    check_depth_criterion(depth_criterion)
     if data:
         local_file(data)
     plan_budget = None

@@ -88,6 +88,11 @@ class Pruned:
     importance: Any
 
 
+def check_depth_criterion(name: str) -> None:
+    if name not in ("bi", "kl"):
+        raise ShrinkError(f"--depth-criterion must be bi or kl, not '{name}'.")
+
+
 def prune_budget(params: float | None = None, memory_bytes: float | None = None, latency_s: float | None = None,
                  target: str | None = None) -> Budget:
     if target is not None and latency_s is None:
@@ -106,8 +111,7 @@ def prune(loaded: Any, split: Any, hooks: Hooks, *, sizes: dict | None = None, b
     if (budget is None) == (not sizes):
         raise ShrinkError("Prune to sizes (ffn, heads, kv_groups, hidden, layers, ssm_heads, ssm_head_dim) or to a "
                           "budget (params, memory, latency): one of the two, not both.")
-    if depth_criterion not in ("bi", "kl"):
-        raise ShrinkError(f"--depth-criterion must be bi or kl, not '{depth_criterion}'.")
+    check_depth_criterion(depth_criterion)
     hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
     importance = cached_score(loaded, split.calibration)
     if depth_criterion == "kl" and ("layers" in sizes or axis != "width"):
