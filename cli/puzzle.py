@@ -31,6 +31,7 @@ def puzzle_command(
     prompt_len: int = typer.Option(512, help="Prompt tokens of the workload the costs are estimated for."),
     bld_steps: int = typer.Option(PuzzleSettings.bld_steps, help="Blockwise-distillation steps per variant."),
     distill_tokens: int = typer.Option(defaults.DISTILL_TOKENS, help="Global distillation tokens after assembly (0: none)."),
+    hidden_weight: float = typer.Option(0.0, help="Weight of the hidden-state term (every layer's normalized MSE to the parent's) beside the KL in global distillation; runs the parent alongside."),
     alternatives: int = typer.Option(1, help="Distinct solutions to list (each shares at most 80% of its choices)."),
     work: Path = typer.Option(None, help="Where trained variants and scores are kept for resuming (default: OUTPUT.work)."),
     data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
@@ -55,7 +56,7 @@ def puzzle_command(
         target=target, budget_s=parse_duration(budget, "--budget") if budget else None,
         ttft_s=parse_duration(ttft, "--ttft") if ttft else None,
         memory_bytes=parse_size(memory, "--memory") if memory else None, weights=weights,
-        bld_steps=bld_steps, distill_tokens=distill_tokens, alternatives=alternatives,
+        bld_steps=bld_steps, distill_tokens=distill_tokens, hidden_weight=hidden_weight, alternatives=alternatives,
         workload=Workload(prompt_len=prompt_len))
     settings.limits()  # no budget: refused before loading anything
     with Spinner() as spinner:

@@ -36,6 +36,7 @@ class PuzzleSettings:
     bld_steps: int = bld.BLDConfig.steps
     bld_lr: float = bld.BLDConfig.lr
     distill_tokens: int = defaults.DISTILL_TOKENS
+    hidden_weight: float = 0.0  # Puzzle's hidden-state term beside the KL (normalized MSE per layer; needs the parent live)
     alternatives: int = 1
     workload: Workload = field(default_factory=Workload)
 
@@ -107,7 +108,7 @@ def puzzle(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
     parent's cached top-k; Puzzle adds a hidden-state term, which needs the parent live)."""
     child, report = search(loaded, split, settings, work, hooks)
     if settings.distill_tokens > 0:
-        config = distill_config(tokens=settings.distill_tokens)
+        config = distill_config(tokens=settings.distill_tokens, hidden_weight=settings.hidden_weight)
         result = distill(child, loaded, split, config, work / "distill", hooks)
         report["distillation"] = asdict(result)
     return child, report

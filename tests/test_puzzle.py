@@ -199,7 +199,7 @@ def test_puzzle_command_meets_the_budget_and_saves_a_real_model(tiny_text_model_
     parent = load(str(model_dir))
     budget = _half_the_blocks(parent.spec)
     args = ["puzzle", str(model_dir), "-t", "jetson-orin-nano", "--data", str(text), "--seq-len", "16",
-            "--bld-steps", "10", "--distill-tokens", "512", "-o", str(tmp_path / "out"), "--json"]
+            "--bld-steps", "10", "--distill-tokens", "512", "--hidden-weight", "0.5", "-o", str(tmp_path / "out"), "--json"]
     result = CliRunner().invoke(app, [*args, "--budget", f"{budget * 1e3:.9f}ms"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
