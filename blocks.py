@@ -20,6 +20,11 @@ def attention(block: Any) -> Any:
     return getattr(block, "self_attn", None) or _mixer_of_kind(block, "full_attention")
 
 
+def set_attention(block: Any, module: Any) -> None:
+    """Put `module` where the block keeps its attention (`self_attn`, or a Nemotron-H attention block's `mixer`)."""
+    setattr(block, "self_attn" if hasattr(block, "self_attn") else "mixer", module)
+
+
 def mlp(block: Any) -> Any:
     return getattr(block, "mlp", None) or _mixer_of_kind(block, "mlp")
 

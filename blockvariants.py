@@ -132,9 +132,11 @@ class SharedKVAttention(torch.nn.Module):
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         if hasattr(self, "q_norm"):
             query = self.q_norm(query)
-        cos, sin = position_embeddings
+        # Nemotron-H's attention has no RoPE: its blocks pass no position embeddings
+        cos, sin = position_embeddings if position_embeddings is not None else (None, None)
         if self._source:
-            query, _ = self._rope(query, query, cos, sin)
+            if cos is not None:
+                query, _ = self._rope(query, query, cos, sin)
             key, value = self._source[0].shared
             _keep_positions(cache, self.layer_idx, hidden_states)  # without storing the source's K/V again
         else:
@@ -143,7 +145,8 @@ class SharedKVAttention(torch.nn.Module):
             value = self.v_proj(kv_states).view(shape).transpose(1, 2)
             if hasattr(self, "k_norm"):
                 key = self.k_norm(key)
-            query, key = self._rope(query, key, cos, sin)
+            if cos is not None:
+                query, key = self._rope(query, key, cos, sin)
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
             self.shared = (key, value)

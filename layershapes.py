@@ -129,9 +129,10 @@ def narrow(model: Any, shapes: list[dict]) -> None:
             attn.o_proj = _resized(attn.o_proj, cols=q)
             attn.num_key_value_groups = shape["heads"] // shape["kv_heads"]
         if index in sources:
-            block.self_attn = owners[index] = SharedKVAttention(block.self_attn)
+            owners[index] = SharedKVAttention(blocks.attention(block))
+            blocks.set_attention(block, owners[index])
         if shape.get("kv_source") is not None:
-            block.self_attn = SharedKVAttention(block.self_attn, owners[shape["kv_source"]])
+            blocks.set_attention(block, SharedKVAttention(blocks.attention(block), owners[shape["kv_source"]]))
     single = getattr(model.config.get_text_config(), SINGLE_INPUT_KV_KEY, None)
     if single is not None:
         install_single_input_kv(model, single)

@@ -20,7 +20,7 @@ from shrink.archspec import AttentionSpec
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "nemotron_h")
 
 
 def _kind(layer: Any) -> tuple:
@@ -64,6 +64,8 @@ def key_value_similarity(loaded: Any, sequences: Any, batch_size: int = 4) -> di
     handles = []
     for i, block in enumerate(model.model.layers):
         attn = blocks.attention(block)
+        if attn is None:  # a Nemotron-H Mamba or MLP block
+            continue
         for name in ("k_proj", "v_proj"):
             handles.append(getattr(attn, name).register_forward_hook(
                 lambda _m, _a, out, key=(i, name): outputs.__setitem__(key, out.detach())))
@@ -79,8 +81,8 @@ def key_value_similarity(loaded: Any, sequences: Any, batch_size: int = 4) -> di
                     for name in ("k_proj", "v_proj"):
                         x, y = outputs[(a, name)].unflatten(-1, (-1, d)), outputs[(b, name)].unflatten(-1, (-1, d))
                         totals[(a, b)] += float(torch.nn.functional.cosine_similarity(x, y, dim=-1).sum()) / 2
-                count += outputs[(0, "k_proj")].shape[0] * outputs[(0, "k_proj")].shape[1] * \
-                    (outputs[(0, "k_proj")].shape[2] // d)
+                first = outputs[(pairs[0][0], "k_proj")] if pairs else None
+                count += first.shape[0] * first.shape[1] * (first.shape[2] // d) if pairs else 0
     finally:
         for handle in handles:
             handle.remove()
@@ -131,9 +133,9 @@ def share_kv(loaded: Any, groups: list[list[int]], init: str = "mean") -> Any:
                             stacked = torch.stack([dict(getattr(a, name).named_parameters())[param_name] for a in attentions])
                             param.copy_(stacked.mean(0))
         shared = SharedKVAttention(owner)
-        layers[group[0]].self_attn = shared
+        blocks.set_attention(layers[group[0]], shared)
         for i, attn in zip(group[1:], attentions[1:]):
-            layers[i].self_attn = SharedKVAttention(attn, shared)
+            blocks.set_attention(layers[i], SharedKVAttention(attn, shared))
     spec = replace(spec_from_model(model), formats=loaded.spec.formats,
                    name=f"{loaded.spec.name}-kv{sum(len(g) - 1 for g in groups)}shared")
     return replace(loaded, model=model.eval(), spec=spec)

@@ -123,3 +123,22 @@ def test_kv_share_command(tiny_text_model_dir, tmp_path, monkeypatch):
     assert [layer["mixer"]["kv_source"] for layer in report["spec"]["layers"]] == [None, None, None, 2]
     bad = CliRunner().invoke(app, [*args, "--groups", "0-9", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "two or more attention layers" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_nemotron_h_attention_layers_share_across_mamba_blocks(tiny_model, tmp_path):
+    """Nemotron-H's attention (no RoPE) sits between Mamba and MLP blocks: its attention layers pair
+    with each other across them, and the hybrid model decodes and reloads as before."""
+    from shrink.model import load, save
+
+    loaded = tiny_model("nemotron_h", layers_block_type=["full_attention", "linear_attention", "mlp",
+                                                         "full_attention", "linear_attention"])
+    groups = choose_pairs(loaded.spec, key_value_similarity(loaded, _ids(n=2)))
+    assert groups == [[0, 3]]
+    shared = share_kv(loaded, groups, init="owner")
+    ids = _ids(n=1, seq=8)
+    with torch.no_grad():
+        full = shared.model(ids).logits
+        assert not torch.allclose(full, loaded.model(ids).logits, atol=1e-4)
+        reloaded = load(str(save(shared.model, tmp_path / "nemotron")))
+        assert torch.equal(reloaded.model(ids).logits, full)
+    assert shared.spec.layers[3].mixer.kv_source == 0 and reloaded.spec.layers == shared.spec.layers
