@@ -78,6 +78,7 @@ _LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
 
 def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
     """The layout llama.cpp can run this spec with, or a one-sentence refusal naming the way out."""
+    check_no_shared_kv(spec)
     if spec.family == "nemotron_h":
         # imported here: that module imports this one
         from shrink.export.gguf_nemotron_h import nemotron_h_layout
@@ -108,6 +109,19 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         f"non-uniform {spec.family} model cannot be a GGUF: prune it uniformly, export it as ONNX (--format onnx), "
         f"or pass --pad-to-uniform (zero padding: same outputs, no speed gain)."
     )
+
+
+# llama.cpp shares a KV cache only where an architecture defines it, as a suffix of layers reading earlier ones
+# (gemma3n, gemma4 in llama-model.cpp); no GGUF key says "layer i reads layer j's cache" for Llama or Gemma 3.
+SHARED_KV_REFUSAL = ("llama.cpp shares a KV cache between layers only inside architectures built for it (gemma3n, "
+                     "gemma4) and no GGUF key expresses it for {family}, so a {family} model whose layers read another "
+                     "layer's cache (cross-layer KV sharing) cannot be a GGUF; export it as ONNX (--format onnx) instead.")
+
+
+def check_no_shared_kv(spec: ArchSpec) -> None:
+    """Refuse a spec with cross-layer KV sharing (compress/kvshare.py): no llama.cpp layout expresses it."""
+    if any(getattr(layer.mixer, "kv_source", None) is not None for layer in spec.layers):
+        raise ShrinkError(SHARED_KV_REFUSAL.format(family=spec.family))
 
 
 def has_variants(spec: ArchSpec) -> bool:

@@ -4,7 +4,9 @@ prefill (empty past) and decode (one token, the cache from the previous call).
 Built with `torch.onnx.export(dynamo=True)` through a wrapper whose inputs are plain tensors:
 input_ids, attention_mask, position_ids and past_key_<i> / past_value_<i> for every attention
 layer i; outputs logits and present_key_<i> / present_value_<i>. A layer whose mixer is a no-op or
-linear map (a Puzzle variant) holds no cache and has no such tensors. Sequence axes are `Dim.DYNAMIC`
+linear map (a Puzzle variant) holds no cache and has no such tensors; nor does a layer that reads another
+layer's cache (cross-layer KV sharing, compress/kvshare.py): it attends to its owner's present K/V inside
+the graph, so only owners' caches cross the graph's boundary. Sequence axes are `Dim.DYNAMIC`
 (arithmetic between Dims, such as past + new, fails to export). Weights live once, in
 model.onnx.data; tied embeddings stay one tensor.
 
@@ -57,25 +59,24 @@ class OnnxExport:
 
 def _cached_layers(spec: ArchSpec) -> dict[int, AttentionSpec]:
     """The layers that hold a KV cache (layer index -> attention), in order: a no-op or linear mixer
-    (blockvariants.py) holds none, so the graph has no past/present tensors for it."""
+    (blockvariants.py) holds none, nor does a consumer of a shared cache (kv_source set), so the graph
+    has no past/present tensors for them."""
     if any(layer.mixer_kind == "ssm" for layer in spec.layers):
         raise ShrinkError("ONNX export with a KV cache covers attention-only models so far; SSM layers need a state "
                           "input that is not written yet.")
-    return {i: layer.mixer for i, layer in enumerate(spec.layers) if isinstance(layer.mixer, AttentionSpec)}
+    return {i: layer.mixer for i, layer in enumerate(spec.layers)
+            if isinstance(layer.mixer, AttentionSpec) and layer.mixer.owns_kv}
 
 
 def _decoder_with_cache(model: Any, cached: list[int], layers: int) -> Any:
     """The model behind plain-tensor inputs and outputs (defined here so importing the module does not import torch).
-    `cached`: the layers whose past K/V are inputs. Each other layer (a no-op or linear mixer) gets a cache slot
-    that counts positions only: zero-width K/V of the past's length. transformers reads the cache's length from
-    layer 0, and its DynamicLayer reports 0 for a slot with no elements, so the slot's class counts by shape."""
+    `cached`: the layers whose past K/V are inputs. Each other layer (a no-op or linear mixer, a consumer of a
+    shared cache) gets a cache slot that counts positions only, as blockvariants._keep_positions fills it:
+    one-wide K/V of the past's length (transformers reads the cache's length from layer 0, and an empty slot
+    reports 0). Nothing of such a slot leaves the graph."""
     import torch
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
-
-    class PositionsLayer(DynamicLayer):
-        def get_seq_length(self) -> int:
-            return self.keys.shape[-2] if self.is_initialized else 0
 
     class DecoderWithCache(torch.nn.Module):
         def __init__(self) -> None:
@@ -86,12 +87,12 @@ def _decoder_with_cache(model: Any, cached: list[int], layers: int) -> Any:
             # from a past input when there is one: the graph's sequence axes are independent symbols, and the
             # mask's length minus the new tokens' would be a third, which the cached layers' keys do not match
             past_len = past[0].shape[2] if past else attention_mask.shape[1] - input_ids.shape[1]
-            empty = torch.zeros(input_ids.shape[0], 1, past_len, 0)
+            positions = torch.zeros(input_ids.shape[0], 1, past_len, 1)
             slots = iter(past)
             cache = DynamicCache()
-            cache.layers = [DynamicLayer() if i in cached else PositionsLayer() for i in range(layers)]
+            cache.layers = [DynamicLayer() for _ in range(layers)]
             for i, layer in enumerate(cache.layers):
-                layer.update(*((next(slots), next(slots)) if i in cached else (empty, empty)))
+                layer.update(*((next(slots), next(slots)) if i in cached else (positions, positions)))
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
             present = [t for i in cached for t in (out.past_key_values.layers[i].keys, out.past_key_values.layers[i].values)]
@@ -138,6 +139,8 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
             vocabulary = onnx_vocabulary(stored, spec.hidden_size, kept=planned is not None)
             _quantize_weights(tmp, stored, vocabulary, spec.vocab_size, result, planned[1] if planned else None)
         layout = {"layers": [{"layer": i, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for i, a in attention.items()],
+                  "shared_kv": {str(i): layer.mixer.kv_source for i, layer in enumerate(spec.layers)  # consumer -> owner
+                                if isinstance(layer.mixer, AttentionSpec) and not layer.mixer.owns_kv},
                   "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
         (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))

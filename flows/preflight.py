@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from shrink.compress.search import check_axis
-from shrink.export.gguf_layout import choose_layout
+from shrink.errors import ShrinkError
+from shrink.export.gguf_layout import SHARED_KV_REFUSAL, choose_layout
 from shrink.export.gguf_rope import check_rope
 from shrink.export.gguf_tokenizer import gguf_vocabulary
 from shrink.model import config_fields, load_spec, load_tokenizer
@@ -28,6 +29,8 @@ def refuse_early(model: str, steps: list[tuple[str, Any]]) -> None:
         if name == "prune" and config.params is not None:
             check_axis(config.axis)
     if writes_gguf(steps):
+        if any(name == "kv-share" for name, _ in steps):  # its groups are chosen later, but any group refuses
+            raise ShrinkError(SHARED_KV_REFUSAL.format(family=load_spec(model).family))
         check_gguf_export(model, tokenizer=True)
 
 
