@@ -118,10 +118,18 @@ SHARED_KV_REFUSAL = ("llama.cpp shares a KV cache between layers only inside arc
                      "layer's cache (cross-layer KV sharing) cannot be a GGUF; export it as ONNX (--format onnx) instead.")
 
 
+SINGLE_INPUT_KV_REFUSAL = ("llama.cpp computes every layer's keys and values from that layer's own input, so a {family} "
+                           "model whose layers from {k} on take them from layer {k}'s input (SwiftKV's SingleInputKV) "
+                           "cannot be a GGUF; export it as ONNX (--format onnx) instead.")
+
+
 def check_no_shared_kv(spec: ArchSpec) -> None:
-    """Refuse a spec with cross-layer KV sharing (compress/kvshare.py): no llama.cpp layout expresses it."""
+    """Refuse a spec with cross-layer KV sharing (compress/kvshare.py) or SingleInputKV
+    (compress/swiftkv.py): no llama.cpp layout expresses either."""
     if any(getattr(layer.mixer, "kv_source", None) is not None for layer in spec.layers):
         raise ShrinkError(SHARED_KV_REFUSAL.format(family=spec.family))
+    if spec.single_input_kv is not None:
+        raise ShrinkError(SINGLE_INPUT_KV_REFUSAL.format(family=spec.family, k=spec.single_input_kv))
 
 
 def has_variants(spec: ArchSpec) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from shrink.compress.search import check_axis
 from shrink.errors import ShrinkError
-from shrink.export.gguf_layout import SHARED_KV_REFUSAL, choose_layout
+from shrink.export.gguf_layout import SHARED_KV_REFUSAL, SINGLE_INPUT_KV_REFUSAL, choose_layout
 from shrink.export.gguf_rope import check_rope
 from shrink.export.gguf_tokenizer import gguf_vocabulary
 from shrink.model import config_fields, load_spec, load_tokenizer
@@ -31,6 +31,10 @@ def refuse_early(model: str, steps: list[tuple[str, Any]]) -> None:
     if writes_gguf(steps):
         if any(name == "kv-share" for name, _ in steps):  # its groups are chosen later, but any group refuses
             raise ShrinkError(SHARED_KV_REFUSAL.format(family=load_spec(model).family))
+        single = next((config for name, config in steps if name == "single-input-kv"), None)
+        if single is not None:
+            spec = load_spec(model)
+            raise ShrinkError(SINGLE_INPUT_KV_REFUSAL.format(family=spec.family, k=single.k or spec.num_layers // 2))
         check_gguf_export(model, tokenizer=True)
 
 

@@ -260,3 +260,20 @@ def test_single_input_kv_recipe_step(tiny_text_model_dir, tmp_path, monkeypatch)
     recipe.write_text('[[step]]\nname = "single-input-kv"\nk = "2"\n')
     with pytest.raises(ShrinkError, match="'k' of step 'single-input-kv' must be"):
         parse_recipe(recipe)
+
+
+def test_gguf_is_refused_for_single_input_kv_before_anything_is_written(tiny_model, tmp_path):
+    from shrink.export.gguf import export_gguf
+    from shrink.flows.preflight import refuse_early
+    from shrink.flows.recipe import ExportStep, SingleInputKVStep
+
+    swift = single_input_kv(tiny_model("llama", num_hidden_layers=4), 2)
+    with pytest.raises(ShrinkError, match="take them from layer 2's input .* cannot be a GGUF"):
+        export_gguf(swift, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+    from shrink.model import save
+
+    saved = str(save(tiny_model("llama", num_hidden_layers=4).model, tmp_path / "plain"))
+    with pytest.raises(ShrinkError, match="SingleInputKV"):
+        refuse_early(saved, [("single-input-kv", SingleInputKVStep(k=2)), ("export", ExportStep(format="gguf"))])
+    refuse_early(saved, [("single-input-kv", SingleInputKVStep(k=2)), ("export", ExportStep(format="onnx"))])
