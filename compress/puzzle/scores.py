@@ -2,8 +2,8 @@
 scored by KL(parent || child) of the next-token distributions on held-out text.
 
 The parent's inputs to every layer are recorded once per batch, so each score reruns only the
-layers from the swapped one on; the vocabulary projection runs over slices of positions so a
-262k-token vocabulary never holds all positions' logits at once.
+layers from the swapped one on; the parent's distributions are computed once per batch, and the
+vocabulary projection runs over slices of positions.
 """
 
 from __future__ import annotations
@@ -55,15 +55,21 @@ def _log_probs(model: Any, hidden: Any) -> Any:
     return torch.log_softmax(logits, dim=-1)
 
 
-def kl(model: Any, parent_hidden: Any, child_hidden: Any) -> tuple[float, int]:
-    """Sum over positions of KL(parent || child) and the number of positions."""
-    parent, child = parent_hidden.flatten(0, -2), child_hidden.flatten(0, -2)
+def parent_log_probs(model: Any, parent_hidden: Any) -> list[Any]:
+    """The parent's next-token log-probabilities in slices of positions, computed once per batch."""
+    parent = parent_hidden.flatten(0, -2)
+    return [_log_probs(model, parent[start:start + POSITIONS_PER_SLICE])
+            for start in range(0, parent.shape[0], POSITIONS_PER_SLICE)]
+
+
+def kl(model: Any, parent: list[Any], child_hidden: Any) -> float:
+    """Sum over positions of KL(parent || child), `parent` as parent_log_probs gives it."""
+    child = child_hidden.flatten(0, -2)
     total = 0.0
-    for start in range(0, parent.shape[0], POSITIONS_PER_SLICE):
-        p = _log_probs(model, parent[start:start + POSITIONS_PER_SLICE])
-        q = _log_probs(model, child[start:start + POSITIONS_PER_SLICE])
+    for n, p in enumerate(parent):
+        q = _log_probs(model, child[n * POSITIONS_PER_SLICE:(n + 1) * POSITIONS_PER_SLICE])
         total += float((p.exp() * (p - q)).sum())
-    return total, parent.shape[0]
+    return total
 
 
 def replace_one_block(loaded: Any, sequences: Any, candidates: dict[tuple[int, Variant], Any],
@@ -81,12 +87,13 @@ def replace_one_block(loaded: Any, sequences: Any, candidates: dict[tuple[int, V
     with ProgressLines("replace-one-block scores", len(batches) * len(runs), "replacement") as progress, torch.no_grad():
         for start in batches:
             inputs, parent_hidden = _layer_inputs(model, sequences[start:start + batch_size])  # after the final norm
+            parent = parent_log_probs(model, parent_hidden)
             for key in runs:
                 i, variant = key
                 layer = model.model.layers[i]
                 with swapped(layer, **{variant.sub: candidates[key]}):
                     child_hidden = _suffix(model, inputs, i, inputs[i][0])
-                totals[key] += kl(model, parent_hidden, child_hidden)[0]
+                totals[key] += kl(model, parent, child_hidden)
                 progress.advance()
             positions += int(parent_hidden.shape[0] * parent_hidden.shape[1])
     return {key: totals[key] / positions for key in candidates}
