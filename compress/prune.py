@@ -39,6 +39,16 @@ def sliced_linear(linear: Any, rows: Any = None, cols: Any = None) -> Any:
     return new
 
 
+def narrow_mlp(mlp: Any, keep: Any) -> None:
+    """Keep the FFN neurons `keep` (sorted indices) of `mlp`, in place."""
+    if hasattr(mlp, "gate_proj"):
+        mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=keep)
+    mlp.up_proj = sliced_linear(mlp.up_proj, rows=keep)
+    mlp.down_proj = sliced_linear(mlp.down_proj, cols=keep)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep)
+
+
 def _top(scores: Any, keep: int) -> Any:
     import torch
 
@@ -80,14 +90,7 @@ def prune_ffn(loaded: Any, importance: Importance, width: int | list[int]) -> An
             raise ShrinkError(f"FFN width must be between 1 and {full}, got {size}.")
     model, config = _copy(loaded)
     for i, size in sizes.items():
-        keep = _top(importance.ffn[i], size)
-        mlp = blocks.mlp(model.model.layers[i])
-        if hasattr(mlp, "gate_proj"):
-            mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=keep)
-        mlp.up_proj = sliced_linear(mlp.up_proj, rows=keep)
-        mlp.down_proj = sliced_linear(mlp.down_proj, cols=keep)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = size
+        narrow_mlp(blocks.mlp(model.model.layers[i]), _top(importance.ffn[i], size))
     config.intermediate_size = _config_width(sizes)
     return _result(loaded, model, f"ffn{_config_width(sizes)}")
 

@@ -4,7 +4,6 @@ llama.cpp's deci architecture (Llama-shaped families), ONNX for every family, re
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,9 +12,10 @@ from shrink.errors import ShrinkError
 from shrink.export.gguf import export_gguf
 from shrink.export.onnx import export_onnx
 from shrink.export.onnx_runtime import OnnxRunner
+from test_export_onnx import decode_matches_prefill
 from shrink.export.runtimes import LlamaCppRunner, TorchRunner
 from shrink.export.verify import compare
-from shrink.export.workflow import export_artifact, verify_against
+from shrink.export.workflow import verify_against
 from shrink.families import spec_from_model
 from shrink.model import LoadedModel
 from tiny_models import peaked
@@ -160,16 +160,6 @@ def test_linear_ffn_and_non_deci_families_are_refused_for_gguf(tmp_path, tiny_mo
                                               "blocks cannot be a GGUF; export it as ONNX"):
             export_gguf(with_variants(tiny_model(family), layers), tmp_path / "g.gguf", quant="f32", pad_to_uniform=True)
     assert not list(tmp_path.iterdir())
-
-
-def decode_matches_prefill(runner, ids):
-    full = runner.logits(ids)
-    logits, cache = runner.step(ids[:5], runner.empty_cache())
-    rows = [logits]
-    for token in ids[5:]:
-        logits, cache = runner.step([token], cache)
-        rows.append(logits)
-    return np.abs(np.concatenate(rows) - full).max()
 
 
 def onnx_inputs(directory):

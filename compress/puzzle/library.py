@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from shrink import blocks
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec
-from shrink.compress.prune import sliced_linear
+from shrink.compress.prune import narrow_mlp
 from shrink.errors import ShrinkError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -142,10 +142,5 @@ def _narrowed_ffn(mlp: Any, importance: Any, width: int) -> Any:
     contribution = importance.to(mlp.down_proj.weight.dtype) * mlp.down_proj.weight.norm(dim=0)
     keep = torch.sort(torch.topk(contribution, width).indices).values
     module = copy.deepcopy(mlp)
-    if hasattr(module, "gate_proj"):
-        module.gate_proj = sliced_linear(mlp.gate_proj, rows=keep)
-    module.up_proj = sliced_linear(mlp.up_proj, rows=keep)
-    module.down_proj = sliced_linear(mlp.down_proj, cols=keep)
-    if hasattr(module, "intermediate_size"):
-        module.intermediate_size = width
+    narrow_mlp(module, keep)
     return module
