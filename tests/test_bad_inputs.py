@@ -6,7 +6,6 @@ loads, so the whole battery runs here."""
 import importlib.util
 from pathlib import Path
 
-import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bad_inputs.py"
 

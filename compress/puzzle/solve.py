@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Any
 
 from shrink.archspec import ArchSpec, LayerSpec
 from shrink.compress.puzzle.library import Variant, variant_layer
