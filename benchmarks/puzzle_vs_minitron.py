@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--bld-steps", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=12_288)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--work", type=Path, help="Where trained variants and scores are kept (a rerun resumes from them).")
     args = parser.parse_args()
     console = Console(stderr=True)
     hooks = Hooks(status=lambda message: console.log(message))
@@ -72,7 +73,7 @@ def main() -> None:
     profile = get_profile(args.target)
     results: dict = {"target": args.target, "budget_s": budget, "block_share": args.block_share,
                      "parent_tpot_s": estimate(parent.spec, profile, Workload()).tpot_s, "students": {}}
-    work = Path(tempfile.mkdtemp(prefix="puzzle-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="puzzle-bench-"))
     settings = PuzzleSettings(target=args.target, budget_s=budget, bld_steps=args.bld_steps, distill_tokens=0)
     began = time.perf_counter()
     with PeakRSS() as rss:

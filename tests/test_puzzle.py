@@ -252,3 +252,10 @@ def test_each_process_trains_a_disjoint_share_of_the_variants(tiny_model, tmp_pa
     bld.run(loaded, _ids(n=4), lib, score(loaded, _ids(), batch_size=2), tmp_path, bld.BLDConfig(steps=2),
             current=SecondOfTwo(rank=1, size=2))
     assert seen["files"] == {bld.variant_file(tmp_path, i, v).name for i, v in jobs[1::2]}
+
+
+def test_blockwise_distillation_gives_the_parent_back_trainable(tiny_model, tmp_path):
+    loaded = tiny_model("llama")
+    lib = [[Variant("attention", "parent"), Variant("ffn", "linear")] for _ in loaded.spec.layers]
+    bld.run(loaded, _ids(n=4), lib, None, tmp_path, bld.BLDConfig(steps=1))
+    assert all(p.requires_grad for p in loaded.model.parameters())

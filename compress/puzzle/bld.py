@@ -167,11 +167,22 @@ def run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: A
     """Train every variant that has something to learn; returns {layer: {variant key: normalized MSE}}
     for every variant (the parent 0, a no-op 1 by definition). Variants already on disk are loaded,
     not retrained. Under torchrun each process trains every size-th variant, then reads the others'."""
+    model = loaded.model.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # the parent is only read; given back as it came
+        p.requires_grad_(False)
+    try:
+        return _run(loaded, sequences, library, importance, out, config, current, status)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: Any, out: Path, config: BLDConfig,
+         current: World | None, status) -> dict:
     import torch
 
-    model = loaded.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = loaded.model
     out.mkdir(parents=True, exist_ok=True)
     status(f"Recording the parent's block inputs and outputs on {sequences.numel():,} tokens")
     streams = capture(model, sequences, config.batch_size)
