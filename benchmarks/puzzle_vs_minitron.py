@@ -35,7 +35,7 @@ from shrink.compress.puzzle import solve  # noqa: E402
 from shrink.compress.puzzle.library import library  # noqa: E402
 from shrink.compress.pruning import prune_to_budget  # noqa: E402
 from shrink.compress.search import Budget  # noqa: E402
-from shrink.flows.puzzle import PuzzleSettings, search  # noqa: E402
+from shrink.flows.puzzle import PuzzleSettings, search, unkeyed  # noqa: E402
 from shrink.flows.steps import Hooks, distill, distill_config, evaluate_against  # noqa: E402
 from shrink.compress.distill.teacher import teacher_topk  # noqa: E402
 from shrink.hardware.profiles import get_profile  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
     # Batch-1 decode is bandwidth-bound on every profile, so its costs are proportional across targets;
     # prefill is compute-bound and the attention/FFN balance differs by target: the same scores under a
     # time-to-first-token limit show where the choice follows the hardware.
-    kl = {(int(k.split("|")[0]), _variant(k)): value for k, value in report["replace_one_block_kl"].items()}
+    kl = unkeyed(report["replace_one_block_kl"])
     results["ttft_choices"] = {}
     for target in (args.target, args.other_target):
         fixed, table = solve.costs(parent.spec, library(parent.spec), get_profile(target), Workload())
@@ -110,13 +110,6 @@ def main() -> None:
     _print(console, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
-
-
-def _variant(key: str):
-    from shrink.compress.puzzle.library import Variant
-
-    sub, name = key.split("|")[1].split(":")
-    return Variant(sub, name)
 
 
 def _print(console: Console, results: dict) -> None:

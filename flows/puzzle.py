@@ -54,7 +54,8 @@ def _keyed(table: dict[tuple[int, Variant], float]) -> dict[str, float]:
     return {f"{i}|{v.key}": value for (i, v), value in table.items()}
 
 
-def _unkeyed(data: dict[str, float]) -> dict[tuple[int, Variant], float]:
+def unkeyed(data: dict[str, float]) -> dict[tuple[int, Variant], float]:
+    """_keyed's "layer|sub:name" keys (a report's, a scores file's) read back as (layer, Variant)."""
     out = {}
     for key, value in data.items():
         i, variant = key.split("|")
@@ -77,7 +78,7 @@ def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
                      bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr), status=hooks.status)
     score_file = work / "scores.json"
     if score_file.is_file():
-        kl = _unkeyed(json.loads(score_file.read_text()))
+        kl = unkeyed(json.loads(score_file.read_text()))
     else:
         candidates = {(i, v): bld.load_variant(loaded, i, v, work / "bld", importance)
                       for i, variants in enumerate(lib) for v in variants}

@@ -28,13 +28,13 @@ def test_linear_attention_equals_attention_on_a_single_token(tiny_model, family)
     block = loaded.model.model.layers[1]
     module = library.build(block, loaded.spec.layers[1], Variant("attention", "linear"), 1)
     ids = _ids(n=2, seq=1)
-    inputs, _ = scores._layer_inputs(loaded.model, ids)
+    inputs, _ = bld.layer_inputs(loaded.model, ids)
     x, kwargs = inputs[1]
     with torch.no_grad():
         parent = bld.branch(block, "attention", block.self_attn, x, kwargs, 1)
         linear = bld.branch(block, "attention", module, x, kwargs, 1)
     assert torch.allclose(parent, linear, atol=1e-5), (parent - linear).abs().max()
-    longer = scores._layer_inputs(loaded.model, _ids(n=2, seq=8))[0][1]
+    longer = bld.layer_inputs(loaded.model, _ids(n=2, seq=8))[0][1]
     with torch.no_grad():  # beyond one token the two differ: the check above could fail
         assert not torch.allclose(bld.branch(block, "attention", block.self_attn, *longer, 1),
                                   bld.branch(block, "attention", module, *longer, 1), atol=1e-3)

@@ -71,39 +71,43 @@ def branch(block: Any, sub: str, module: Any, x: Any, kwargs: dict, layer_idx: i
         return _output(block(x, **kwargs)) - x
 
 
+def layer_inputs(model: Any, ids: Any) -> tuple[list[tuple[Any, dict]], Any]:
+    """(input, call keyword arguments) of every decoder layer for `ids`, and the decoder's final hidden
+    state (after its norm), from one forward pass without gradients."""
+    import torch
+
+    seen: list[tuple[Any, dict]] = []
+
+    def record(_module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            final = model.model(ids, use_cache=False).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, final
+
+
 def capture(model: Any, sequences: Any, batch_size: int) -> list[LayerStream]:
     """Run the parent once over `sequences`, recording every layer's stream."""
     import torch
 
     layers = model.model.layers
     streams = [LayerStream([], [], [], []) for _ in layers]
-    seen: dict[int, tuple] = {}
-
-    def hook(index: int):
-        def record(_module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            seen[index] = (x.detach(), rest)
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for start in range(0, sequences.shape[0], batch_size):
-                seen.clear()
-                model(sequences[start:start + batch_size], use_cache=False)
-                for i, layer in enumerate(layers):
-                    x, kwargs = seen[i]
-                    attention = branch(layer, "attention", blocks.attention(layer), x, kwargs, i)
-                    ffn = branch(layer, "ffn", blocks.mlp(layer), x + attention, kwargs, i)
-                    stream = streams[i]
-                    stream.inputs.append(x)
-                    stream.kwargs.append(kwargs)
-                    stream.attention.append(attention)
-                    stream.ffn.append(ffn)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad():
+        for start in range(0, sequences.shape[0], batch_size):
+            inputs, _ = layer_inputs(model, sequences[start:start + batch_size])
+            for i, (layer, (x, kwargs), stream) in enumerate(zip(layers, inputs, streams)):
+                attention = branch(layer, "attention", blocks.attention(layer), x, kwargs, i)
+                ffn = branch(layer, "ffn", blocks.mlp(layer), x + attention, kwargs, i)
+                stream.inputs.append(x)
+                stream.kwargs.append(kwargs)
+                stream.attention.append(attention)
+                stream.ffn.append(ffn)
     return streams
 
 

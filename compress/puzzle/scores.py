@@ -10,31 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from shrink.compress.puzzle.bld import swapped
+from shrink.compress.puzzle.bld import layer_inputs, swapped
 from shrink.compress.puzzle.library import Variant
 from shrink.progress import ProgressLines
 
 POSITIONS_PER_SLICE = 128
-
-
-def _layer_inputs(model: Any, ids: Any) -> tuple[list[tuple[Any, dict]], Any]:
-    """(input, call keyword arguments) of every decoder layer, and the decoder's final hidden state."""
-    import torch
-
-    seen: list[tuple[Any, dict]] = []
-
-    def record(_module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        seen.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-
-    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            final = model.model(ids, use_cache=False).last_hidden_state
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen, final
 
 
 def _suffix(model: Any, inputs: list[tuple[Any, dict]], start: int, x: Any) -> Any:
@@ -86,7 +66,7 @@ def replace_one_block(loaded: Any, sequences: Any, candidates: dict[tuple[int, V
     status(f"Scoring {len(runs)} block replacements on {sequences.numel():,} held-out tokens")
     with ProgressLines("replace-one-block scores", len(batches) * len(runs), "replacement") as progress, torch.no_grad():
         for start in batches:
-            inputs, parent_hidden = _layer_inputs(model, sequences[start:start + batch_size])  # after the final norm
+            inputs, parent_hidden = layer_inputs(model, sequences[start:start + batch_size])  # after the final norm
             parent = parent_log_probs(model, parent_hidden)
             for key in runs:
                 i, variant = key
