@@ -105,13 +105,13 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path
     model = copy.deepcopy(student.model)
     calls = {"n": 0}
 
-    def poison(_module, _args, output):  # the 4th forward pass returns NaN logits
+    def poison(_module, _args, output):  # the 4th forward pass gives the head NaN hidden states
         calls["n"] += 1
         if calls["n"] == 4:
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
-    model.register_forward_hook(poison)
+    model.model.register_forward_hook(poison)  # the body: the loss runs the head over slices itself
     with pytest.raises(ShrinkError, match="diverged at step 4.*last good checkpoint"):
         distill(model, train, train_topk, DistillConfig(lr=3e-3, steps=6, checkpoint_every=2), tmp_path)
     import json

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from shrink.compress.distill.chunked import Head, evaluate_sliced
 from shrink.compress.distill.losses import topk_forward_kl
 
 
@@ -30,6 +31,11 @@ def evaluate(model: Any, sequences: Any, values: Any, indices: Any, batch_size: 
         for start in range(0, sequences.shape[0], batch_size):
             rows = slice(start, start + batch_size)
             ids = sequences[rows].to(device)
+            if Head.splits(model):  # no full-vocabulary logits: the head over slices of positions
+                kl, ce = evaluate_sliced(model, ids, values[rows].to(device), indices[rows].to(device))
+                kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
+                positions, predictions = positions + ids.numel(), predictions + ids[:, 1:].numel()
+                continue
             logits = model(ids).logits.float()
             kl = topk_forward_kl(logits, values[rows].to(device).float(), indices[rows].to(device).long())
             kl_sum += kl.item() * ids.numel()

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shrink.compress.distill.evaluate import evaluate
-from shrink.compress.distill.losses import TAIDState, get_loss, topk_forward_kl
+from shrink.compress.distill.chunked import StudentLoss
+from shrink.compress.distill.losses import TAIDState, get_loss
 from shrink.compress.distill.parallel import World, world, wrap
 from shrink.errors import ShrinkError
 from shrink.storage import atomic_directory, atomic_write_text
 
 CHECKPOINT = "checkpoint"
 PRECISIONS = ("fp32", "bf16")
+HOW_NOT_WHAT = ("logit_chunk",)  # settings a run may resume under changed
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class DistillConfig:
     explode_factor: float = 10.0  # a step loss above this times the first step's stops the run
     checkpoint_every: int = 25
     seed: int = 0
+    logit_chunk: int = 64  # positions per slice of the student's output projection in the loss; 0: full logits
 
     def check(self) -> None:
         get_loss(self.loss)  # unknown loss names fail before any work
@@ -57,6 +60,8 @@ class DistillConfig:
             raise ShrinkError("Distillation needs at least one step, a batch size of at least 1 and --grad-accum >= 1.")
         if self.precision not in PRECISIONS:
             raise ShrinkError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'.")
+        if self.logit_chunk < 0:
+            raise ShrinkError("--logit-chunk must be 0 (full logits) or a positive number of positions.")
         if self.lr <= 0 or self.clip_norm <= 0:
             raise ShrinkError("The learning rate and the clipping norm must be positive.")
 
@@ -87,15 +92,6 @@ def _lr_factor(config: DistillConfig) -> Callable[[int], float]:
     return factor
 
 
-def _dense_teacher(values: Any, indices: Any, vocab: int) -> Any:
-    """Full-vocabulary teacher logits from its top-k: the rest far below the smallest kept logit, so
-    they carry (almost) no probability, as the top-k cache assumes."""
-
-    floor = values.min(dim=-1, keepdim=True).values - 30.0
-    dense = floor.expand(*values.shape[:-1], vocab).clone()
-    return dense.scatter(-1, indices.long(), values)
-
-
 def _batch_rows(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     """Rows of the step-th batch: epochs are seeded permutations, so order depends only on the step."""
     per_epoch = max(1, n // batch_size)
@@ -108,23 +104,6 @@ def _batch_rows(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 def _micro_batches(rows: list[int], parts: int) -> list[list[int]]:
     size = math.ceil(len(rows) / parts)
     return [rows[i:i + size] for i in range(0, len(rows), size)]
-
-
-def _logit_loss(config: DistillConfig, student_logits: Any, values: Any, indices: Any, ids: Any,
-                taid_state: TAIDState) -> Any:
-    import torch.nn.functional as F
-
-    if config.loss == "forward_kl":
-        loss = topk_forward_kl(student_logits, values.float(), indices.long(), config.temperature)
-    else:
-        teacher = _dense_teacher(values.float(), indices, student_logits.shape[-1])
-        fn = get_loss(config.loss)
-        loss = fn(student_logits, teacher, taid_state, config.temperature) if config.loss == "taid" else \
-            fn(student_logits, teacher, config.temperature)
-    if config.ce_weight:
-        ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, student_logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss = loss + config.ce_weight * ce
-    return loss
 
 
 def _device(current: World) -> Any:
@@ -171,7 +150,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
     start = _resume(out / CHECKPOINT, student, optimizer, scheduler, alignment, taid_state, report, config)
     if start == 0:
         torch.manual_seed(config.seed)  # a resumed run continues from the checkpoint's RNG state instead
-    model = wrap(student, current)
+    model = wrap(StudentLoss(student, config, taid_state, config.logit_chunk), current)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     student.train()
     started, tokens_here = time.perf_counter(), 0
@@ -187,13 +166,12 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
             sync = nullcontext() if current.size == 1 or m == len(micro) - 1 else model.no_sync()
             with sync:
                 with autocast:
-                    output = model(ids, output_hidden_states=alignment is not None)
-                loss = _logit_loss(config, output.logits.float(), values[chunk].to(device), indices[chunk].to(device),
-                                   ids, taid_state)
+                    loss, hidden_states = model(ids, values[chunk].to(device), indices[chunk].to(device),
+                                                output_hidden_states=alignment is not None)
                 if alignment is not None:
                     with torch.no_grad(), autocast:
                         reference = teacher(ids, output_hidden_states=True).hidden_states
-                    loss = loss + config.hidden_weight * alignment(output.hidden_states, reference)
+                    loss = loss + config.hidden_weight * alignment(hidden_states, reference)
                 (loss * weight).backward()
             step_loss += loss.detach().double().cpu() * weight / current.size
         if current.size > 1:
@@ -263,6 +241,11 @@ def _save_checkpoint(path: Path, student: Any, optimizer: Any, scheduler: Any, a
         }))
 
 
+def _result_settings(settings: dict) -> dict:
+    """The settings that decide the weights: how the loss is sliced (or, later, sharded) does not."""
+    return {k: v for k, v in settings.items() if k not in HOW_NOT_WHAT}
+
+
 def _resume(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment: Any, taid_state: TAIDState,
             report: DistillReport, config: DistillConfig) -> int:
     import torch
@@ -272,7 +255,7 @@ def _resume(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment:
     if not progress_file.is_file():
         return 0
     saved = json.loads(progress_file.read_text())
-    if saved["config"] != asdict(config):
+    if _result_settings(saved["config"]) != _result_settings(asdict(config)):
         raise ShrinkError(f"The checkpoint in '{path}' was made with other settings; use another output directory "
                           "or the same settings to resume.")
     device = next(student.parameters()).device
