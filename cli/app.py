@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("shrink.cli.bench", "bench_command"),
     "generate": ("shrink.cli.export", "generate_command"),
     "prune": ("shrink.cli.prune", "prune_command"),
+    "trim-vocab": ("shrink.cli.vocab", "trim_vocab_command"),
     "puzzle": ("shrink.cli.puzzle", "puzzle_command"),
     "kv-share": ("shrink.cli.kvshare", "kv_share_command"),
     "distill": ("shrink.cli.distill", "distill_command"),

@@ -69,7 +69,7 @@ def distill_command(
         hooks = cli_hooks(spinner)
         teacher_model = load_model(teacher, hooks)
         student_model = load_model(student, hooks)
-        split = prepare_split(teacher_model, data, seq_len, hooks, current)
+        split = prepare_split(teacher_model, data, seq_len, hooks, current, student=student_model)
         started = time.perf_counter()
         report = distill(student_model, teacher_model, split, config, Path(f"{output}.checkpoints"), hooks, current)
     seconds = time.perf_counter() - started

@@ -265,11 +265,13 @@ def split(sequences: Any, fractions: tuple[float, float, float] = (0.25, 0.5, 0.
 
 
 def prepare(loaded: Any, data: str | None = None, seq_len: int = 256, text_field: str = "text", seed: int = 0,
-            settings: GenerationSettings = GenerationSettings()) -> DataSplit:
-    """Texts from `data` (or the teacher), tokenized with the model's tokenizer, packed and split."""
-    if loaded.tokenizer is None:
+            settings: GenerationSettings = GenerationSettings(), tokenizer: Any = None) -> DataSplit:
+    """Texts from `data` (or the teacher), tokenized with the model's tokenizer (or `tokenizer`: a
+    student's trimmed vocabulary, compress/vocab.py), packed and split."""
+    tokenizer = tokenizer or loaded.tokenizer
+    if tokenizer is None:
         raise ShrinkError("The model has no tokenizer, so text cannot be turned into tokens for it.")
     texts = read_texts(data, text_field) if data else teacher_texts(loaded, settings)
-    tokens = [loaded.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
-    sequences = pack(tokens, seq_len, loaded.tokenizer.eos_token_id)
+    tokens = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    sequences = pack(tokens, seq_len, tokenizer.eos_token_id)
     return split(sequences, seed=seed, source=data or "teacher-generated")

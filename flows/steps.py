@@ -24,6 +24,7 @@ from shrink.errors import ShrinkError
 from shrink.flows import defaults
 from shrink.hardware.profiles import get_profile
 from shrink.model import load, load_bitsandbytes
+from shrink.vocabmap import kept_view, trim_of
 
 Progress = Callable[[int, float, float], None]  # (step, loss, tokens per second) after each optimizer step
 
@@ -50,11 +51,14 @@ def load_model(source: str, hooks: Hooks, mode: str | None = None, role: str = "
     return load(source) if mode is None else load_bitsandbytes(source, mode)
 
 
-def prepare_split(loaded: Any, data: str | None, seq_len: int, hooks: Hooks, current: Any = None) -> Any:
-    """Calibration, training and held-out text; under torchrun rank 0 writes the cache first."""
+def prepare_split(loaded: Any, data: str | None, seq_len: int, hooks: Hooks, current: Any = None,
+                  student: Any = None) -> Any:
+    """Calibration, training and held-out text; under torchrun rank 0 writes the cache first. Given a
+    `student` with a trimmed vocabulary, the text is tokenized with its tokenizer (vocabmap.py)."""
     hooks.status("Preparing the calibration, training and held-out text")
+    tokenizer = student.tokenizer if student is not None and trim_of(student.model) is not None else None
     with main_rank_first(current or world()):
-        return prepare(loaded, data, seq_len=seq_len)
+        return prepare(loaded, data, seq_len=seq_len, tokenizer=tokenizer)
 
 
 def train(hooks: Hooks, model: Any, split: Any, train_topk: Any, eval_topk: Any, config: Any, checkpoints: Path,
@@ -149,7 +153,10 @@ def distill(student: Any, teacher: Any, split: Any, config: Any, checkpoints: Pa
     logits; resumes from `checkpoints`. `topk` (train, evaluation) reuses logits already cached."""
     current = current or world()
     if teacher.spec.vocab_size != student.spec.vocab_size:
-        raise ShrinkError("Teacher and student have different vocabularies; logit distillation needs the same one.")
+        trim = trim_of(student.model)
+        if trim is None or trim.original_size != teacher.spec.vocab_size:
+            raise ShrinkError("Teacher and student have different vocabularies; logit distillation needs the same one.")
+        teacher = replace(teacher, model=kept_view(teacher.model, trim))  # the teacher over the kept tokens
     if topk is None:
         with main_rank_first(current):  # rank 0 writes the teacher cache, the others read it
             hooks.status("Caching the teacher's top-k logits")
