@@ -9,8 +9,10 @@ that is the tensor they store in llama.cpp's `deci` layout (attn_output, ffn_dow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ import torch
 def _keep_positions(cache: Any, layer_idx: int | None, hidden_states: Any) -> None:
     """Record the new positions in this layer's cache slot with one-wide K and V (4 bytes a token), so a
     cache whose length is read from this layer (transformers reads layer 0) still counts the tokens
-    seen; zero-wide tensors would not do: an empty cache layer reports length 0."""
+    seen; zero-wide tensors would not do: an empty cache layer reports length 0. `hidden_states` is any
+    tensor shaped (batch, new positions, ...)."""
     if cache is None or layer_idx is None:
         return
     batch, seq = hidden_states.shape[:2]
@@ -111,12 +114,14 @@ class SharedKVAttention(torch.nn.Module):
         self._source = [source] if source is not None else []
         self.kv_source = source.layer_idx if source is not None else None
         self.shared = None  # (keys, values) of the current forward, for consumers
+        # (cos, sin) of every new position while only the last one runs this layer (last_token_prefill)
+        self.kv_rope = None
         # SingleInputKV: the norm whose output an owner projects to K and V instead of its own input
         self._kv_input = list(getattr(parent, "_kv_input", []))
 
     def __getstate__(self) -> dict:
         # this forward's keys may carry autograd history, which copies and pickles must not hold
-        return {**self.__dict__, "shared": None}
+        return {**self.__dict__, "shared": None, "kv_rope": None}
 
     @property
     def num_kv_heads(self) -> int:
@@ -138,15 +143,20 @@ class SharedKVAttention(torch.nn.Module):
             if cos is not None:
                 query, _ = self._rope(query, query, cos, sin)
             key, value = self._source[0].shared
-            _keep_positions(cache, self.layer_idx, hidden_states)  # without storing the source's K/V again
+            # without storing the source's K/V again; as many positions as the source got
+            _keep_positions(cache, self.layer_idx, hidden_states if self.kv_rope is None else self.kv_rope[0])
         else:
             kv_states = self._kv_input[0].kv_input if self._kv_input else hidden_states
-            key = self.k_proj(kv_states).view(shape).transpose(1, 2)
-            value = self.v_proj(kv_states).view(shape).transpose(1, 2)
+            kv_shape = (*kv_states.shape[:-1], -1, self.head_dim)
+            key = self.k_proj(kv_states).view(kv_shape).transpose(1, 2)
+            value = self.v_proj(kv_states).view(kv_shape).transpose(1, 2)
             if hasattr(self, "k_norm"):
                 key = self.k_norm(key)
-            if cos is not None:
+            if cos is not None and self.kv_rope is None:
                 query, key = self._rope(query, key, cos, sin)
+            elif cos is not None:  # the query is the last position only, the keys every new position
+                query, _ = self._rope(query, query, cos, sin)
+                key, _ = self._rope(key, key, *self.kv_rope)
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
             self.shared = (key, value)
@@ -171,12 +181,14 @@ class SingleInputKVNorm(torch.nn.Module):
         self.kv_norm = copy.deepcopy(parent)
         self.single_input_kv = layer_idx  # how families.py recognises it without importing torch
         self.kv_input = None  # kv_norm's output of the current forward
+        self.pinned_kv_input = None  # set by last_token_prefill: kv_norm of every new position, used once
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "kv_input": None}  # no autograd history in copies
+        return {**self.__dict__, "kv_input": None, "pinned_kv_input": None}  # no autograd history in copies
 
     def forward(self, hidden_states: Any) -> Any:
-        self.kv_input = self.kv_norm(hidden_states)
+        pinned, self.pinned_kv_input = self.pinned_kv_input, None
+        self.kv_input = pinned if pinned is not None else self.kv_norm(hidden_states)
         # the family's norm (its own convention, Gemma's 1 + w included) with layer k's weight
         return torch.func.functional_call(self.kv_norm, {"weight": self.weight}, (hidden_states,))
 
@@ -196,3 +208,58 @@ def install_single_input_kv(model: torch.nn.Module, k: int) -> SingleInputKVNorm
             attention = block.self_attn = SharedKVAttention(attention)
         attention._kv_input = [norm]
     return norm
+
+
+def single_input_kv_layer(model: torch.nn.Module) -> int | None:
+    """k of a SingleInputKV model (the layer whose input norm feeds every later layer's K/V), else None."""
+    return next((i for i, block in enumerate(model.model.layers) if hasattr(block.input_layernorm, "kv_norm")), None)
+
+
+def _last_position(kwargs: dict) -> dict:
+    """A decoder layer's keyword arguments for the last new position only: its RoPE angles, its row of the
+    attention mask (a 4-d tensor; None stays None: no mask means every key is visible to the last query)
+    and its position id."""
+    out = dict(kwargs)
+    if out.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(t[:, -1:] for t in out["position_embeddings"])
+    mask = out.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        out["attention_mask"] = mask[:, :, -1:, :]
+    if isinstance(out.get("position_ids"), torch.Tensor):
+        out["position_ids"] = out["position_ids"][:, -1:]
+    return out
+
+
+@contextlib.contextmanager
+def last_token_prefill(model: torch.nn.Module) -> Iterator[int | None]:
+    """SwiftKV's prefill schedule for a SingleInputKV model: while active, the layers from k on run the last
+    new token only (their keys and values still come from every new position's kv_norm of layer k's
+    input), so the prompt's other tokens stop at layer k. Outputs cover the last position; the cache
+    holds every position of every layer, as a full forward leaves it. A model without SingleInputKV runs
+    unchanged. Yields k (or None)."""
+    layers = model.model.layers
+    k = single_input_kv_layer(model)
+    if k is None:
+        yield None
+        return
+    norm = layers[k].input_layernorm
+
+    def last_only(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if block is layers[k]:
+            norm.pinned_kv_input = norm.kv_norm(hidden)
+        attention = getattr(block, "self_attn", None)
+        if isinstance(attention, SharedKVAttention):
+            attention.kv_rope = kwargs.get("position_embeddings")
+        return (hidden[:, -1:], *args[1:]), _last_position(kwargs)
+
+    handles = [layers[i].register_forward_pre_hook(last_only, with_kwargs=True) for i in range(k, len(layers))]
+    try:
+        yield k
+    finally:
+        for handle in handles:
+            handle.remove()
+        norm.pinned_kv_input = None
+        for block in layers[k:]:
+            if isinstance(getattr(block, "self_attn", None), SharedKVAttention):
+                block.self_attn.kv_rope = None

@@ -17,6 +17,7 @@ Non-uniform models export the same way: the graph takes each layer's shapes from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ from shrink.storage import atomic_directory
 
 log = logging.getLogger("shrink")
 LAYOUT_FILE = "shrink_onnx.json"  # what the runner needs to feed the graph: layers, KV shapes, vocab
-ONNX_QUANTS = ("f32", "int8", "int4", "fp8")  # --quant; int8/int4 with --block-size name a registry format (onnx_int4_g32)
+ONNX_QUANTS = ("f32", "int8", "int4", "fp8")
+LOGITS = ("all", "last")  # --logits: which positions' logits the graph returns (logits_kept)  # --quant; int8/int4 with --block-size name a registry format (onnx_int4_g32)
 # Why FP4 weights have no ONNX artifact: the ONNX Runtime shrink pins (1.32) has no CPU kernel that computes
 # with FLOAT4E2M1 weights: DequantizeLinear on float4e2m1 (opset 23) is NOT_IMPLEMENTED and MatMulNBits takes
 # integer blocks only; its GatherBlockQuantized reads FP4, but no MatMul could. tests/test_onnx_weights.py
@@ -68,15 +70,18 @@ def _cached_layers(spec: ArchSpec) -> dict[int, AttentionSpec]:
             if isinstance(layer.mixer, AttentionSpec) and layer.mixer.owns_kv}
 
 
-def _decoder_with_cache(model: Any, cached: list[int], layers: int) -> Any:
+def _decoder_with_cache(model: Any, cached: list[int], layers: int, last: bool = False) -> Any:
     """The model behind plain-tensor inputs and outputs (defined here so importing the module does not import torch).
     `cached`: the layers whose past K/V are inputs. Each other layer (a no-op or linear mixer, a consumer of a
     shared cache) gets a cache slot that counts positions only, as blockvariants._keep_positions fills it:
     one-wide K/V of the past's length (transformers reads the cache's length from layer 0, and an empty slot
-    reports 0). Nothing of such a slot leaves the graph."""
+    reports 0). Nothing of such a slot leaves the graph. `last`: logits of the last new position only, and a
+    SingleInputKV model's layers from k on run that position alone (blockvariants.last_token_prefill)."""
     import torch
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
+
+    from shrink.blockvariants import last_token_prefill
 
     class DecoderWithCache(torch.nn.Module):
         def __init__(self) -> None:
@@ -93,15 +98,30 @@ def _decoder_with_cache(model: Any, cached: list[int], layers: int) -> Any:
             cache.layers = [DynamicLayer() for _ in range(layers)]
             for i, layer in enumerate(cache.layers):
                 layer.update(*((next(slots), next(slots)) if i in cached else (positions, positions)))
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+            with last_token_prefill(self.model) if last else contextlib.nullcontext():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1 if last else 0)
             present = [t for i in cached for t in (out.past_key_values.layers[i].keys, out.past_key_values.layers[i].values)]
             return (out.logits, *present)
 
     return DecoderWithCache().eval()
 
 
-def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_size: int = 32) -> OnnxExport:
+def logits_kept(spec: ArchSpec, logits: str | None) -> str:
+    """Which positions' logits the graph returns: "all" (verify compares every position from one call) or
+    "last" (a deployment's prefill needs no more; the vocabulary projection over a long prompt is then one
+    row). A SingleInputKV model returns the last only: its layers from k on run the last token alone."""
+    logits = logits or ("last" if spec.single_input_kv is not None else "all")
+    if logits not in LOGITS:
+        raise ShrinkError(f"Unknown --logits '{logits}'; choose one of: {', '.join(LOGITS)}.")
+    if logits == "all" and spec.single_input_kv is not None:
+        raise ShrinkError(f"A SingleInputKV model's graph returns the last position's logits only: from layer "
+                          f"{spec.single_input_kv} on the prompt's other tokens are not computed (use --logits last).")
+    return logits
+
+
+def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_size: int = 32,
+                logits: str | None = None) -> OnnxExport:
     import torch
 
     stored = onnx_format(quant, block_size)
@@ -109,10 +129,11 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     if planned is not None:
         stored = planned[0]
     spec: ArchSpec = loaded.spec
+    logits = logits_kept(spec, logits)
     attention = _cached_layers(spec)
     check_weights({k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()})
     model = loaded.model.float().eval()
-    wrapper = _decoder_with_cache(model, list(attention), spec.num_layers)
+    wrapper = _decoder_with_cache(model, list(attention), spec.num_layers, last=logits == "last")
     batch, past_len, new_len = 1, 3, 4
     past = []
     for a in attention.values():
@@ -141,7 +162,8 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
         layout = {"layers": [{"layer": i, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim} for i, a in attention.items()],
                   "shared_kv": {str(i): layer.mixer.kv_source for i, layer in enumerate(spec.layers)  # consumer -> owner
                                 if isinstance(layer.mixer, AttentionSpec) and not layer.mixer.owns_kv},
-                  "vocab_size": spec.vocab_size, "inputs": ["input_ids", "attention_mask", "position_ids", *names],
+                  "vocab_size": spec.vocab_size, "logits": logits,
+                  "inputs": ["input_ids", "attention_mask", "position_ids", *names],
                   "outputs": outputs}
         (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
         if loaded.tokenizer is not None:  # so that the directory is a usable model on its own

@@ -55,5 +55,12 @@ class OnnxRunner:
         return outputs[0][0], new_cache
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        logits, _ = self.step(ids, self.empty_cache())
-        return logits.astype(np.float32)
+        """Every position's logits: one call, or for a graph that returns the last position's only
+        (layout "logits": "last"), one call per token, each feeding the cache back."""
+        if self.layout.get("logits", "all") == "all":
+            return self.step(ids, self.empty_cache())[0].astype(np.float32)
+        rows, cache = [], self.empty_cache()
+        for token in ids:
+            row, cache = self.step([token], cache)
+            rows.append(row[-1])
+        return np.stack(rows).astype(np.float32)

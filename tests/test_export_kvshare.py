@@ -145,3 +145,67 @@ def test_gguf_refuses_shared_kv_before_writing_and_a_recipe_before_any_work(tmp_
     with pytest.raises(ShrinkError, match="llama model whose layers read another layer's cache"):
         refuse_early(str(plain), [("kv-share", KVShareStep()), ("export", ExportStep(format="gguf"))])
     refuse_early(str(plain), [("kv-share", KVShareStep()), ("export", ExportStep(format="onnx"))])
+
+
+def down_proj_lengths(directory, ids):
+    """The sequence length each layer's FFN down projection computes in ONNX Runtime on a prompt of `ids`
+    (its MatMul found by the module path the exporter records; its output made a graph output)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(directory / "model.onnx"))
+    layers = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        for scope in eval(scopes or "[]"):  # a Python list literal written by the exporter
+            parts = scope.split(".")
+            if node.op_type == "MatMul" and parts[-2:] == ["mlp", "down_proj"] and parts[-4] == "layers":
+                layers[int(parts[-3])] = node.output[0]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in layers.values())
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = OnnxRunner(directory)
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids))[None], **runner.empty_cache()}
+    outputs = dict(zip([o.name for o in model.graph.output], session.run(None, feed)))
+    return [outputs[layers[i]].shape[1] for i in sorted(layers)], outputs["logits"].shape
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_single_input_kv_graph_runs_the_prompt_through_layers_below_k_only(tmp_path, tiny_model, family):
+    """SwiftKV's prefill in the artifact: layers from k on compute the prompt's last token only (their FFN
+    sees one row), the graph returns the last position's logits, and decoding from its cache, verify and
+    the present K/V equal PyTorch's full forward."""
+    from shrink.compress.swiftkv import single_input_kv
+    from transformers import DynamicCache
+
+    shape = GEMMA if family == "gemma3" else {"num_hidden_layers": 4}
+    loaded = tiny_model(family, **shape)
+    peaked(loaded.model)
+    swift = single_input_kv(loaded, 2)
+    with torch.no_grad():
+        norm = swift.model.model.layers[2].input_layernorm.kv_norm
+        norm.weight.add_(0.3 * torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+    export_onnx(swift, tmp_path / "m")
+    layout = json.loads((tmp_path / "m" / LAYOUT_FILE).read_text())
+    assert layout["logits"] == "last"
+    lengths, logits_shape = down_proj_lengths(tmp_path / "m", IDS[0])
+    assert lengths == [40 if i < 2 else 1 for i in range(swift.spec.num_layers)] and logits_shape[1] == 1
+
+    runner = OnnxRunner(tmp_path / "m")
+    metrics = compare(TorchRunner(swift.model), runner, IDS)  # every position, one decode step at a time
+    assert metrics.top1_agreement == 1.0 and metrics.max_abs_logit_diff < 1e-3
+    last, cache = runner.step(IDS[1], runner.empty_cache())
+    with torch.no_grad():
+        reference = DynamicCache(config=swift.model.config)
+        full = swift.model(torch.tensor([IDS[1]]), cache=reference, use_cache=True).logits[0]
+    assert last.shape[0] == 1 and np.abs(last[-1] - full[-1].numpy()).max() < 1e-3
+    for i, layer in enumerate(reference.layers):  # transformers' sliding layers keep the window's last positions
+        kept = layer.keys.shape[2]
+        assert np.abs(cache[f"past_key_{i}"][:, :, -kept:] - layer.keys.numpy()).max() < 1e-3
+        assert np.abs(cache[f"past_value_{i}"][:, :, -kept:] - layer.values.numpy()).max() < 1e-3
+    with pytest.raises(ShrinkError, match="returns the last position's logits only"):
+        export_onnx(swift, tmp_path / "all", logits="all")
+    export_onnx(loaded, tmp_path / "plain", logits="last")  # any model may return its last logits only
+    lengths, logits_shape = down_proj_lengths(tmp_path / "plain", IDS[0])
+    assert set(lengths) == {40} and logits_shape[1] == 1
+    assert compare(TorchRunner(loaded.model), OnnxRunner(tmp_path / "plain"), IDS).max_abs_logit_diff < 1e-3

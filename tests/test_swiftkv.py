@@ -136,6 +136,67 @@ def test_composes_with_cross_layer_sharing_in_either_order(tiny_model, tmp_path)
     assert sum(p.numel() for p in before.model.parameters()) == before.spec.param_counts().total
 
 
+# Gemma 3 with layers sliding over 8 tokens: the 20-token prompts below go past the window
+GEMMA_SLIDING = {"num_hidden_layers": 6, "sliding_window": 8,
+                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_token_prefill_stops_the_prompt_at_layer_k(tiny_model, family):
+    """SwiftKV's prefill schedule: under last_token_prefill the layers from k on see one token, yet the
+    last logits and every layer's cached K/V equal the full forward's, and decoding from that cache
+    (one token or a chunk) continues exactly."""
+    from shrink.blockvariants import last_token_prefill
+    from transformers import DynamicCache
+
+    loaded = tiny_model(family, **(GEMMA_SLIDING if family == "gemma3" else {}))
+    k = loaded.spec.num_layers // 2
+    swift = single_input_kv(loaded, k)
+    _perturb_norm(swift)
+    ids = _ids(n=1, seq=20)
+    layers = swift.model.model.layers
+    seen = []
+    hooks = [block.mlp.register_forward_hook(lambda _m, args, _o, i=i: seen.append((i, args[0].shape[1])))
+             for i, block in enumerate(layers)]
+    with torch.no_grad():
+        full_cache = DynamicCache(config=swift.model.config)
+        full = swift.model(ids, cache=full_cache, use_cache=True).logits
+        seen.clear()
+        cache = DynamicCache(config=swift.model.config)
+        with last_token_prefill(swift.model) as at:
+            prefill = swift.model(ids[:, :16], cache=cache, use_cache=True).logits
+        assert at == k and prefill.shape[1] == 1
+        assert seen == [(i, 16 if i < k else 1) for i in range(len(layers))]
+        for hook in hooks:
+            hook.remove()
+        assert torch.allclose(prefill[:, -1], full[:, 15], atol=1e-5)
+        with last_token_prefill(swift.model):  # a chunk after a past, then one token
+            chunk = swift.model(ids[:, 16:19], cache=cache, use_cache=True).logits
+            step = swift.model(ids[:, 19:], cache=cache, use_cache=True).logits
+        assert torch.allclose(chunk[:, -1], full[:, 18], atol=1e-5) and torch.allclose(step[:, -1], full[:, 19], atol=1e-5)
+        for i in range(len(layers)):
+            assert torch.allclose(cache.layers[i].keys, full_cache.layers[i].keys, atol=1e-5)
+            assert torch.allclose(cache.layers[i].values, full_cache.layers[i].values, atol=1e-5)
+        with last_token_prefill(loaded.model) as none:  # no SingleInputKV: nothing changes
+            assert none is None and loaded.model(ids).logits.shape[1] == 20
+    assert all(getattr(block.self_attn, "kv_rope", None) is None for block in layers)  # nothing held after
+
+
+def test_last_token_prefill_with_a_shared_cache_across_k(tiny_model):
+    """A consumer at or after k of an owner before k attends to the owner's keys of every position."""
+    from shrink.blockvariants import last_token_prefill
+
+    loaded = tiny_model("llama", num_hidden_layers=4)
+    model = single_input_kv(share_kv(loaded, [[1, 2]], init="owner"), 2)
+    _perturb_norm(model)
+    ids = _ids(n=1, seq=12)
+    with torch.no_grad():
+        full = model.model(ids).logits
+        with last_token_prefill(model.model):
+            last = model.model(ids).logits
+    assert torch.allclose(last[:, -1], full[:, -1], atol=1e-5)
+
+
 def test_stage_one_trains_only_the_new_norm_and_the_later_attention(tiny_model, tmp_path):
     from shrink.compress.distill.teacher import teacher_topk
     from shrink.compress.distill.trainer import DistillConfig, distill
