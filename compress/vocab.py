@@ -8,13 +8,16 @@ What is kept, in this order of obligation:
    padding, chat markers, a tokenizer's reserved tokens) and the unknown token. With the byte pieces
    kept, every text stays encodable: a character whose token was removed falls back to its bytes.
 2. The tokens the calibration text (the teacher's own text, or `--data`) uses, most frequent first,
-   each with its merge ancestors: the tokens BPE passes through when it builds it from its characters.
+   where a token's frequency is its count plus the model's expected count on the same text (its
+   next-token probabilities summed over the positions): a few thousand documents show a few thousand
+   distinct tokens, and the model's predictions rank the tail they are too short to sample. Each
+   token comes with its merge ancestors: the tokens BPE passes through when it builds it from its characters.
    That closure is what makes the trimmed tokenizer give exactly the original's ids on any text whose
    original tokenization uses kept tokens only: BPE never merges across the boundary of a final token,
    so the merges inside a token's span are those of BPE run on the token alone; if every token on those
    paths is kept, every merge the original applies survives and is still the lowest-ranked one present.
-3. When a size is asked for that the calibration text does not fill, tokens it never used, by their
-   merge rank (BPE learns its most frequent pairs first).
+3. When a size is asked for that the ranking does not fill (without the model's counts), tokens the
+   text never used, by their merge rank (BPE learns its most frequent pairs first).
 
 The tokenizer is rewritten, not wrapped: the vocabulary gets new dense ids in the original order, a
 merge survives only when both its inputs and its result are kept (so no merge produces a removed token,
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shrink import blocks
-from shrink.compress.data import read_texts, teacher_texts
+from shrink.compress.data import pack, read_texts, teacher_texts
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 from shrink.storage import cache_dir
@@ -161,9 +164,13 @@ def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
     return [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1], held
 
 
-def select(tokenizer: Any, texts: list[str], size: int | None = None, coverage: float | None = None) -> Selection:
+def select(tokenizer: Any, texts: list[str], size: int | None = None, coverage: float | None = None,
+           expected: Any = None) -> Selection:
     """The ids to keep: `size` of them in all, or the fewest whose frequency-ranked tokens cover the
-    share `coverage` of the tokens of `texts` (with everything required and every merge ancestor)."""
+    share `coverage` of the tokens of `texts` (with everything required and every merge ancestor).
+    `expected` (a float per id: the model's predicted probabilities summed over the positions of the
+    same text, `expected_counts`) is added to each token's count: the rank of tokens the text used
+    rarely or not at all then follows what the model expects of such text, rather than chance."""
     if (size is None) == (coverage is None):
         raise ShrinkError("Trim the vocabulary to a size (--vocab N) or to a coverage (--vocab-coverage 0.999): one of the two.")
     if coverage is not None and not 0.0 < coverage <= 1.0:
@@ -183,8 +190,15 @@ def select(tokenizer: Any, texts: list[str], size: int | None = None, coverage: 
         raise ShrinkError("The calibration text holds no tokens, so there is nothing to rank the vocabulary by.")
     kept = set(required)
     covered = sum(counts[i] for i in kept)
-    ranked = sorted(counts, key=lambda i: (-counts[i], i))
-    unseen = sorted((i for i, text in enumerate(bpe.tokens) if text is not None and i not in counts and i not in kept),
+    if expected is not None:
+        if len(expected) < original:
+            raise ShrinkError(f"The model predicts {len(expected)} tokens but the tokenizer has {original}.")
+        score = {i: counts.get(i, 0) + float(expected[i]) for i in range(original)}
+        ranked = sorted((i for i in score if score[i] > 0 and bpe.tokens[i] is not None), key=lambda i: (-score[i], i))
+    else:
+        ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    listed = set(ranked)
+    unseen = sorted((i for i, text in enumerate(bpe.tokens) if text is not None and i not in listed and i not in kept),
                     key=lambda i: (bpe.first_merge.get(bpe.tokens[i], -1), i))
 
     def with_ancestors(token_id: int) -> set[int]:
@@ -208,7 +222,10 @@ def select(tokenizer: Any, texts: list[str], size: int | None = None, coverage: 
     trim = VocabTrim(tuple(sorted(kept)), original)
     report = {"original_vocab": original, "kept_vocab": trim.size, "required": len(required),
               "calibration_tokens": total, "calibration_distinct": len(counts),
-              "calibration_token_coverage": covered / total}
+              "calibration_token_coverage": covered / total,
+              "ranked_by": "count + model's expected count" if expected is not None else "count, then merge rank"}
+    if expected is not None:
+        report["calibration_expected_mass_kept"] = float(sum(float(expected[i]) for i in kept)) / float(sum(expected))
     return Selection(trim, report)
 
 
@@ -416,15 +433,38 @@ def calibration_texts(loaded: Any, data: str | None, text_field: str = "text",
     return teacher_texts(loaded)
 
 
+def expected_counts(model: Any, tokenizer: Any, texts: list[str], seq_len: int = 256, batch_size: int = 2) -> Any:
+    """The model's next-token probabilities summed over every position of `texts` (float64 [vocab]):
+    how often it expects each token in such text, the tail the sampled text is too short to show."""
+    import torch
+
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    length = min(seq_len, max(2, sum(len(i) + 1 for i in ids)))
+    sequences = pack(ids, length, tokenizer.eos_token_id)
+    total = None
+    with torch.no_grad():
+        for start in range(0, sequences.shape[0], batch_size):
+            probs = torch.softmax(model(sequences[start:start + batch_size]).logits.float(), -1)
+            part = probs.sum((0, 1), dtype=torch.float64)
+            total = part if total is None else total + part
+    return total
+
+
 def trim_vocabulary(loaded: Any, texts: list[str], size: int | None = None, coverage_target: float | None = None,
-                    status: Callable[[str], None] = lambda message: None) -> tuple[Any, VocabTrim, dict]:
-    """Select on the counted part of `texts`, slice the model, measure coverage on the held-out part:
-    (the trimmed LoadedModel, the trim in `loaded`'s id space, the report)."""
+                    status: Callable[[str], None] = lambda message: None,
+                    model_counts: bool = True) -> tuple[Any, VocabTrim, dict]:
+    """Select on the counted part of `texts` (by count plus, with `model_counts`, the model's expected
+    count), slice the model, measure coverage on the held-out part: (the trimmed LoadedModel, the trim
+    in `loaded`'s id space, the report)."""
     if loaded.tokenizer is None:
         raise ShrinkError("The model has no tokenizer, so there is no vocabulary to trim by text.")
     counted, held_out = split_texts(texts)
+    expected = None
+    if model_counts:
+        status(f"Reading the model's expected token counts on {len(counted)} documents of calibration text")
+        expected = expected_counts(loaded.model, loaded.tokenizer, counted)
     status(f"Ranking the vocabulary by {len(counted)} documents of calibration text")
-    selection = select(loaded.tokenizer, counted, size=size, coverage=coverage_target)
+    selection = select(loaded.tokenizer, counted, size=size, coverage=coverage_target, expected=expected)
     status(f"Slicing the embedding and output to {selection.trim.size:,} tokens, rewriting the tokenizer")
     trimmed = trim_model(loaded, selection.trim)
     report = {**selection.report, "held_out": coverage(loaded.tokenizer, trimmed.tokenizer, selection.trim, held_out)}
