@@ -226,3 +226,20 @@ def test_cli_trims_a_saved_model_with_json_and_refuses_bad_sizes_in_one_sentence
         result = runner.invoke(app, ["trim-vocab", str(directory), "--data", str(text), "-o", str(tmp_path / "x"), *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_verify_compares_a_trimmed_artifact_with_the_original_over_the_kept_tokens(tiny_bpe_model_dir, tmp_path):
+    """`shrink verify` of a trimmed model's GGUF against the original: the artifact's tokenizer gives the
+    ids, the original is read over the kept tokens (so an exact slice agrees with it), and the mass the
+    original puts on removed tokens is reported."""
+    from shrink.export.workflow import verify_artifact
+
+    directory, text = tiny_bpe_model_dir
+    original = load(str(directory))
+    trimmed, trim, _ = trim_vocabulary(original, Path(text).read_text().split("\n\n"), size=450)
+    export_artifact(trimmed, "gguf", tmp_path / "m.gguf", quant="f32")
+    verdict = verify_artifact(tmp_path / "m.gguf", str(directory))
+    assert verdict.passed, verdict.to_dict()
+    assert verdict.metrics.mean_kl < 1e-6
+    detail = {c.name: c.detail for c in verdict.checks}["trimmed vocabulary"]
+    assert "removed tokens" in detail and "(measured)" in detail
