@@ -81,6 +81,33 @@ def test_awq_scaling_keeps_the_full_precision_function_and_helps_the_grid(tiny_m
     assert kl_awq < kl_plain
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("transform", ["single-input-kv", "kv-share", "both"])
+def test_awq_folds_exactly_into_kv_transformed_models(tiny_model, family, transform):
+    """AWQ's folds keep the function of a model whose K/V come from elsewhere: SingleInputKV's later layers read
+    layer k's kv_norm (one group scales all their K/V projections and divides kv_norm), a consumer of a shared
+    cache has no K/V projections, and an owner whose values other layers read keeps its v rows unscaled."""
+    from shrink.compress.kvshare import share_kv
+    from shrink.compress.swiftkv import single_input_kv
+
+    loaded = tiny_model(family, num_hidden_layers=4, **({"num_attention_heads": 2, "num_key_value_heads": 2}
+                                                         if family == "llama" else {}))
+    if transform in ("kv-share", "both"):
+        loaded = share_kv(loaded, [[0, 1], [2, 3]] if family == "llama" else [[0, 1]])
+    if transform in ("single-input-kv", "both"):
+        loaded = single_input_kv(loaded, 2)
+        with torch.no_grad():
+            kv_norm = loaded.model.model.layers[2].input_layernorm.kv_norm
+            kv_norm.weight.add_(0.3 * torch.randn(kv_norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+    reference = logits(loaded.model)
+    plan = make_plan(loaded.model, "int4", "gguf")
+    exponents = awq(loaded.model, plan, CALIBRATION, family)
+    assert torch.allclose(logits(loaded.model), reference, atol=1e-4)
+    if family == "llama":  # per layer: q(+k, v), gate/up, down, and v -> o where no other layer reads v
+        expected = {"single-input-kv": 4 * 4 + 1, "kv-share": 4 * 3, "both": 4 * 3 + 1}[transform]
+        assert len(exponents) == expected
+
+
 def _kl(reference, other):
     p = torch.log_softmax(reference, -1)
     return float((p.exp() * (p - torch.log_softmax(other, -1))).sum(-1).mean())

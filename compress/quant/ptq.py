@@ -85,21 +85,38 @@ def _qdq_groups(qdq: Callable, groups: Any, shape: tuple, grid: str) -> Any:
     return qdq(groups.reshape(shape), grid).reshape(groups.shape)
 
 
-def _awq_groups(block: Any, family: str) -> list[tuple[Any, list[Any], str]]:
-    """(operation feeding the inputs, projections reading them, how to divide the scale out of it)."""
+def _awq_groups(block: Any, family: str, shared_owners: set[int]) -> list[tuple[Any, list[Any], str]]:
+    """(operation feeding the inputs, projections reading them, how to divide the scale out of it).
+    K/V transforms (blockvariants.SharedKVAttention): a consumer of a shared cache has no K/V projections;
+    an owner under SingleInputKV reads its K/V input from layer k's kv_norm (_kv_input_group), not from
+    its own input norm; an owner whose values other layers read (`shared_owners`) keeps its v rows, which
+    their o projections would otherwise see scaled."""
     attn, mlp = blocks.attention(block), blocks.mlp(block)
     if attn is None or mlp is None:
         return []
     ffn_norm = getattr(block, "pre_feedforward_layernorm", None) or block.post_attention_layernorm
     norm_kind = "gemma_norm" if family == "gemma3" else "norm"
-    groups = [(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], norm_kind)]
+    own_kv = [getattr(attn, n) for n in ("k_proj", "v_proj") if hasattr(attn, n) and not getattr(attn, "_kv_input", None)]
+    groups = [(block.input_layernorm, [attn.q_proj, *own_kv], norm_kind)]
     gated = [mlp.gate_proj, mlp.up_proj] if hasattr(mlp, "gate_proj") else [mlp.up_proj]
     groups.append((ffn_norm, gated, norm_kind))
     if hasattr(mlp, "gate_proj"):
         groups.append((mlp.up_proj, [mlp.down_proj], "rows"))
-    if attn.v_proj.out_features == attn.o_proj.in_features:  # without GQA, v's rows map one-to-one to o's inputs
+    # without GQA, v's rows map one-to-one to o's inputs
+    if hasattr(attn, "v_proj") and id(attn) not in shared_owners and attn.v_proj.out_features == attn.o_proj.in_features:
         groups.append((attn.v_proj, [attn.o_proj], "rows"))
     return groups
+
+
+def _kv_input_group(model: Any, family: str) -> list[tuple[Any, list[Any], str]]:
+    """SingleInputKV (compress/swiftkv.py): the K/V projections of every layer from k on read one norm,
+    layer k's kv_norm; one group scales them all and divides the scales out of it."""
+    attentions = [blocks.attention(block) for block in model.model.layers]
+    readers = [a for a in attentions if a is not None and getattr(a, "_kv_input", None)]
+    if not readers:
+        return []
+    projections = [getattr(a, n) for a in readers for n in ("k_proj", "v_proj")]
+    return [(readers[0]._kv_input[0].kv_norm, projections, "gemma_norm" if family == "gemma3" else "norm")]
 
 
 def awq(model: Any, plan: QuantPlan, batches: Any, family: str | None, progress: Callable[[str], None] | None = None,
@@ -111,8 +128,10 @@ def awq(model: Any, plan: QuantPlan, batches: Any, family: str | None, progress:
         raise ShrinkError(f"AWQ is written for Llama-style decoders (Llama, Mistral, Qwen2/3, Gemma 3), not '{family}'; "
                           "use --calibration mse.")
     names = {id(m): n for n, m in model.named_modules()}
+    shared_owners = {id(m._source[0]) for m in model.modules() if getattr(m, "_source", None)}
+    groups = [g for block in model.model.layers for g in _awq_groups(block, family, shared_owners)]
     work = [(feeder, [p for p in projections if plan.grid_of(names[id(p)])], kind)
-            for block in model.model.layers for feeder, projections, kind in _awq_groups(block, family)]
+            for feeder, projections, kind in groups + _kv_input_group(model, family)]
     work = [(feeder, projections, kind) for feeder, projections, kind in work if projections]
     inputs = _capture_inputs(model, [projections[0] for _, projections, _ in work], batches, batch_size)
     for _, projections, _ in work:
