@@ -23,13 +23,12 @@ import gc
 import statistics
 import tempfile
 from dataclasses import replace
-from itertools import pairwise
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from shrink.compress.kvshare import choose_pairs, key_value_similarity, runs_of_kind, share_kv
+from shrink.compress.kvshare import choose_pairs, every_pair, key_value_similarity, share_kv
 from shrink.export.backend import backend
 from shrink.export.bench import token_ids
 from shrink.export.onnx import export_onnx
@@ -43,7 +42,7 @@ def groups_for(loaded, similar: bool) -> list[list[int]]:
     """Every disjoint pair of consecutive same-kind layers (all alike when no text is read), or the pairs
     the measured key/value similarity on calibration text prefers."""
     if not similar:
-        return choose_pairs(loaded.spec, dict.fromkeys((pair for run in runs_of_kind(loaded.spec) for pair in pairwise(run)), 0.0))
+        return every_pair(loaded.spec)
     from shrink.compress.data import prepare
 
     sequences = prepare(loaded, seq_len=128).calibration

@@ -109,6 +109,24 @@ def choose_pairs(spec: Any, similarity: dict[tuple[int, int], float], count: int
     return sorted([list(pair) for _, pair in chosen])
 
 
+def every_pair(spec: Any) -> list[list[int]]:
+    """As many disjoint pairs as fit, chosen without text (every pair alike): how many layers can share,
+    which the cost depends on, whichever pairs the measured similarity later prefers."""
+    pairs = [(a, b) for run in runs_of_kind(spec) for a, b in zip(run, run[1:])]
+    return choose_pairs(spec, dict.fromkeys(pairs, 0.0))
+
+
+def shared_spec(spec: Any, groups: list[list[int]]) -> Any:
+    """The ArchSpec share_kv's model has, from the spec alone (the planner costs sharing before any
+    weight moves): each group's later layers read the first one's cache."""
+    check(spec, groups)
+    layers = list(spec.layers)
+    for group in groups:
+        for i in group[1:]:
+            layers[i] = replace(layers[i], mixer=replace(layers[i].mixer, kv_source=group[0]))
+    return replace(spec, layers=type(spec.layers)(layers))
+
+
 def share_kv(loaded: Any, groups: list[list[int]], init: str = "mean") -> Any:
     """A copy of the model whose `groups` share one KV cache each (the first layer of a group owns it);
     `init` mean: the owner's K/V projections (and key norm) start as the group's mean (AcrossKV);

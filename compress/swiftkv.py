@@ -37,6 +37,18 @@ def check(spec: Any, k: int) -> None:
         raise ShrinkError(f"SingleInputKV's k is a layer index from 1 to {spec.num_layers - 1}, not {k!r}.")
 
 
+def default_k(spec: Any) -> int:
+    """Half the layers, as SwiftKV's Llama-3.1-8B (16 of 32)."""
+    return spec.num_layers // 2
+
+
+def single_input_spec(spec: Any, k: int | None = None) -> Any:
+    """The ArchSpec single_input_kv's model has, from the spec alone (what the planner costs)."""
+    k = default_k(spec) if k is None else k
+    check(spec, k)
+    return replace(spec, single_input_kv=k)
+
+
 def single_input_kv(loaded: Any, k: int) -> Any:
     """A copy of the model whose attention layers from `k` on take K/V from a norm of layer k's input."""
     from shrink.blockvariants import install_single_input_kv  # heavy: torch modules

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shrink.compress.swiftkv import freeze_for_stage_one, single_input_kv, unfreeze
+from shrink.compress.swiftkv import default_k, freeze_for_stage_one, single_input_kv, unfreeze
 from shrink.flows import defaults
 from shrink.flows.steps import Hooks, distill, distill_config, evaluate_against
 from shrink.hardware.profiles import get_profile
@@ -28,7 +28,7 @@ def single_input(loaded: Any, teacher: Any, split: Any, hooks: Hooks, topk: tupl
     """The SingleInputKV model after its first stage (none when `tokens` is 0) and its report; `k`
     None: half the layers, as SwiftKV's Llama-3.1-8B (16 of 32). `topk` is the teacher's cached
     (train, evaluation) top-k logits."""
-    k = loaded.spec.num_layers // 2 if k is None else k
+    k = default_k(loaded.spec) if k is None else k
     swift = single_input_kv(loaded, k)
     profile = get_profile(target)
     before, after = (estimate(spec, profile, LONG_PROMPT).ttft_s for spec in (loaded.spec, swift.spec))
