@@ -1,5 +1,5 @@
-"""Recipes: an ordered list of typed steps (prune, distill, quantize, gguf-quantize, export, verify,
-bench) written in TOML.
+"""Recipes: an ordered list of typed steps (prune, trim-vocab, distill, quantize, gguf-quantize, export,
+verify, bench) written in TOML.
 
     [[step]]
     name = "prune"
@@ -37,6 +37,14 @@ class PruneStep:
     layers: int | None = None
     axis: str = defaults.PRUNE_AXIS
     search: bool = False
+
+
+@dataclass(frozen=True)
+class TrimVocabStep:
+    """Vocabulary trimming (flows/vocab.py): the tokens the run's text uses; later steps tokenize with the
+    trimmed tokenizer and read the teacher over the kept tokens. Follow it with a distill step."""
+    vocab: int | None = None  # tokens to keep in all
+    coverage: float | None = None  # or: the share of the calibration tokens the kept tokens cover
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class BenchStep:
     repeats: int = defaults.BENCH_REPEATS
 
 
-STEPS: dict[str, type] = {"prune": PruneStep, "puzzle": PuzzleStep, "kv-share": KVShareStep,
+STEPS: dict[str, type] = {"prune": PruneStep, "trim-vocab": TrimVocabStep, "puzzle": PuzzleStep, "kv-share": KVShareStep,
                           "single-input-kv": SingleInputKVStep, "distill": DistillStep, "quantize": QuantizeStep,
                           "gguf-quantize": GGUFQuantizeStep, "export": ExportStep, "verify": VerifyStep,
                           "bench": BenchStep}

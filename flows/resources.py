@@ -121,6 +121,8 @@ def run_needs(spec: ArchSpec, steps: list[tuple[str, Any]], seq_len: int = defau
             if getattr(config, "params", None) is not None:
                 current = embedding + int(config.params * (current - embedding))
             writes, holds = current * FLOAT32, teacher * FLOAT32 + 2 * current * FLOAT32  # the model and its slice
+        elif name == "trim-vocab":  # at most the model it starts from (its kept vocabulary is chosen later)
+            writes, holds = current * FLOAT32, teacher * FLOAT32 + 2 * current * FLOAT32
         elif name in ("distill", "quantize"):
             writes, holds = current * FLOAT32, teacher * FLOAT32 + current * FLOAT32
             if name == "distill" or config.qad:  # a checkpoint: the weights and AdamW's moments

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.compress.data import prepare
 from shrink.compress.distill.teacher import teacher_topk
 from shrink.compress.search import Budget
 from shrink.errors import ShrinkError
@@ -44,11 +45,13 @@ from shrink.flows.resources import check as check_resources
 from shrink.flows.resources import run_needs
 from shrink.flows.steps import Hooks
 from shrink.flows.swiftkv import single_input
+from shrink.flows.vocab import tokenizer_of, trim_vocab
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload
 from shrink.model import load, load_spec, save_loaded
 from shrink.storage import atomic_write_text, directory_lock, fault_point, remove_leftovers
 from shrink.units import parse_duration
+from shrink.vocabmap import CONFIG_KEY, VocabTrim, kept_view
 
 REPORT = "run.json"
 PLAN_FILE = "plan.json"
@@ -72,23 +75,43 @@ class RunState:
     _split: Any = None
     _topk: dict = field(default_factory=dict)
 
-    def teacher(self) -> Any:
+    def original(self) -> Any:
         if self._teacher is None:
             self._teacher = flow.load_model(self.model, self.hooks)
         return self._teacher
 
+    def teacher(self) -> Any:
+        """The original model; after a trim-vocab step, read over the current model's kept tokens."""
+        trim = self.trim()
+        if trim is None:
+            return self.original()
+        original = self.original()
+        return replace(original, model=kept_view(original.model, trim), spec=replace(original.spec, vocab_size=trim.size),
+                       tokenizer=tokenizer_of(self.current))
+
+    def trim(self) -> Any:
+        """The vocabulary trim the current model records (vocabmap.py), or None."""
+        config = Path(self.current, "config.json")
+        recorded = json.loads(config.read_text()).get(CONFIG_KEY) if config.is_file() else None
+        return VocabTrim.from_dict(recorded) if recorded else None
+
     def split(self) -> Any:
-        if self._split is None:
-            self._split = flow.prepare_split(self.teacher(), self.data, self.seq_len, self.hooks)
-        return self._split
+        key = self.trim()
+        if self._split is None or self._split[0] != key:  # the text in the current vocabulary's ids
+            tokenizer = tokenizer_of(self.current) if key is not None else None
+            self.hooks.status("Preparing the calibration, training and held-out text")
+            self._split = (key, prepare(self.original(), self.data, seq_len=self.seq_len, tokenizer=tokenizer))
+            self._topk = {}
+        return self._split[1]
 
     def student(self) -> Any:
         return load(self.current)  # a fresh copy: steps change models in place
 
     def teacher_topk(self, part: str) -> Any:
+        split = self.split()
         if part not in self._topk:
             self.hooks.status("Teacher top-k logits (cached on disk after the first run)")
-            self._topk[part] = teacher_topk(self.teacher().model, getattr(self.split(), part))
+            self._topk[part] = teacher_topk(self.teacher().model, getattr(split, part))
         return self._topk[part]
 
     def artifact_or_fail(self) -> str:
@@ -118,6 +141,12 @@ def prune_step(state: RunState, config: Any, out: Path) -> dict:
                "held_out_after_pruning": flow.evaluate_against(pruned.model, state.split(),
                                                                state.teacher_topk("evaluation"))}
     return {"outputs": {"model": _save(pruned, out)}, "metrics": metrics}
+
+
+def trim_vocab_step(state: RunState, config: Any, out: Path) -> dict:
+    trimmed, report = trim_vocab(state.student(), state.data, state.hooks, size=config.vocab, coverage=config.coverage,
+                                 seq_len=state.seq_len, target=(state.plan or {}).get("target"), writer=state.original())
+    return {"outputs": {"model": _save(trimmed, out)}, "metrics": report}
 
 
 def puzzle_step(state: RunState, config: Any, out: Path) -> dict:
@@ -250,7 +279,7 @@ def bench_step(state: RunState, config: Any, out: Path) -> dict:
 
 
 EXECUTORS: dict[str, Callable[[RunState, Any, Path], dict]] = {
-    "prune": prune_step, "puzzle": puzzle_step, "kv-share": kv_share_step,
+    "prune": prune_step, "trim-vocab": trim_vocab_step, "puzzle": puzzle_step, "kv-share": kv_share_step,
     "single-input-kv": single_input_kv_step, "distill": distill_step, "quantize": quantize_step, "gguf-quantize": gguf_quantize_step,
     "export": export_step,
     "verify": verify_step, "bench": bench_step,

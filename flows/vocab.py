@@ -6,6 +6,7 @@ by the roofline from the ArchSpec, whose vocab_size is the kept count)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from shrink.compress.data import pack
@@ -47,13 +48,14 @@ def decode_estimates(spec_before: Any, spec_after: Any, target: str, weights: st
 
 def trim_vocab(loaded: Any, data: str | None, hooks: Hooks, *, size: int | None = None, coverage: float | None = None,
                text_field: str = "text", seq_len: int = 256, target: str | None = None,
-               weights: str | None = None) -> tuple[Any, dict]:
+               weights: str | None = None, writer: Any = None) -> tuple[Any, dict]:
     """The trimmed LoadedModel and its report (kept counts, coverage and outside mass measured on
-    held-out calibration text, decode time before/after estimated on `target` when given)."""
+    held-out calibration text, decode time before/after estimated on `target` when given). Without
+    `data`, the text is the one `writer` (default: `loaded`; in a run, the original model) writes."""
     check_trim_settings(size, coverage, target)
     if trim_of(loaded.model) is not None:
         hooks.status("The model was trimmed before: trimming again within its kept tokens")
-    texts = calibration_texts(loaded, data, text_field, status=hooks.status)
+    texts = calibration_texts(writer or loaded, data, text_field, status=hooks.status)
     trimmed, trim, report = trim_vocabulary(loaded, texts, size, coverage, status=hooks.status)
     report["data"] = data or "teacher-generated"
     held_out = split_texts(texts)[1]
@@ -65,3 +67,11 @@ def trim_vocab(loaded: Any, data: str | None, hooks: Hooks, *, size: int | None 
     if target is not None:
         report["decode_estimate"] = decode_estimates(loaded.spec, trimmed.spec, target, weights)
     return trimmed, report
+
+
+def tokenizer_of(directory: str | Path) -> Any:
+    """The Hugging Face tokenizer saved in a model directory (a trimmed model's rewritten one, which a
+    GGUF tokenizer sidecar beside it does not replace here)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))

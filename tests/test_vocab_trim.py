@@ -243,3 +243,25 @@ def test_verify_compares_a_trimmed_artifact_with_the_original_over_the_kept_toke
     assert verdict.metrics.mean_kl < 1e-6
     detail = {c.name: c.detail for c in verdict.checks}["trimmed vocabulary"]
     assert "removed tokens" in detail and "(measured)" in detail
+
+
+def test_a_recipe_trims_distils_exports_and_verifies_against_the_original(tiny_bpe_model_dir, tmp_path):
+    """trim-vocab as a recipe step: the later steps tokenize with the trimmed tokenizer and read the
+    teacher over the kept tokens; the GGUF verifies against the original model."""
+    from shrink.flows.recipe import parse_recipe
+    from shrink.flows.run import run_recipe
+
+    directory, text = tiny_bpe_model_dir
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[step]]\nname = "trim-vocab"\nvocab = 420\n\n[[step]]\nname = "distill"\ntokens = 256\n'
+                      'batch_size = 4\n\n[[step]]\nname = "export"\nformat = "gguf"\nquant = "f32"\n\n'
+                      '[[step]]\nname = "verify"\n')
+    report = run_recipe(str(directory), parse_recipe(recipe), tmp_path / "run", data=str(text), seq_len=32)
+    steps = {s["name"]: s for s in report["steps"]}
+    assert all(s["status"] == "finished" for s in report["steps"])
+    assert steps["trim-vocab"]["metrics"]["kept_vocab"] == 420
+    # the text is in the trimmed ids and the teacher is read over the kept tokens: an exact slice starts at KL 0
+    assert steps["distill"]["metrics"]["eval_before"]["kl"] < 1e-6
+    checks = {c["name"] for c in steps["verify"]["metrics"]["checks"]}
+    assert "trimmed vocabulary" in checks
+    assert load(report["final"]["model"]).spec.vocab_size == 420
