@@ -1,13 +1,16 @@
 """What a trimmed vocabulary is, where it is recorded and how the original model is read through it.
 
 A model whose vocabulary was trimmed (compress/vocab.py) keeps one list in its config, under
-`vocab_trim`: the original id of each of its token ids (ascending), and the original vocabulary size.
+`vocab_trim`: the original id of each of its token ids (ascending), the original vocabulary size and a
+map of every original id into the trimmed ids.
 That list is all that links the two id spaces:
 - a trimmed id i is the original id kept[i] (the same token string);
-- the original model's next-token distribution over the trimmed vocabulary is its softmax over the
-  kept columns, renormalized (`kept_view`): what a teacher with the trimmed vocabulary would predict,
-  so distillation and verification compare like with like; the probability the original puts on the
-  removed tokens is reported beside it (`outside_mass`), never hidden in a KL.
+- `mapped` sends every original id to a trimmed id: a kept token to its new id, a removed token to the
+  first piece the trimmed tokenizer spells its text with. The original model's next-token distribution
+  carried over along that map (`kept_view`) is what it predicts for the next trimmed token (to first
+  order: a removed token's pieces are not merged with the text after it), so distillation and
+  verification compare the trimmed model with what the original says in the trimmed ids. The
+  probability the original puts on removed tokens is reported beside it (`outside_mass`).
 
 Light on purpose (torch is imported inside the functions that run models): export/ reads it as well
 as compress/.
@@ -27,12 +30,26 @@ CONFIG_KEY = "vocab_trim"
 class VocabTrim:
     kept: tuple[int, ...]  # the original id of each trimmed id, ascending
     original_size: int
+    # per original id, the trimmed id its text starts with in the trimmed tokenizer (a kept id: its own new
+    # id; a removed one: its first piece), -1 for rows without text; empty: every removed id has none
+    mapped: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if list(self.kept) != sorted(set(self.kept)) or not self.kept:
             raise ShrinkError("A trimmed vocabulary's kept ids must be distinct, ascending and not empty.")
         if self.kept[-1] >= self.original_size:
             raise ShrinkError(f"A kept id ({self.kept[-1]}) lies outside the original vocabulary of {self.original_size}.")
+        if self.mapped and (len(self.mapped) != self.original_size or max(self.mapped) >= self.size):
+            raise ShrinkError("A trimmed vocabulary's map must give one trimmed id (or -1) per original id.")
+
+    def targets(self) -> list[int]:
+        """Per original id, the trimmed id the original's probability for it goes to (-1: nowhere)."""
+        if self.mapped:
+            return list(self.mapped)
+        targets = [-1] * self.original_size
+        for new, old in enumerate(self.kept):
+            targets[old] = new
+        return targets
 
     @property
     def size(self) -> int:
@@ -43,17 +60,20 @@ class VocabTrim:
         return {old: new for new, old in enumerate(self.kept)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"original_size": self.original_size, "kept": list(self.kept)}
+        return {"original_size": self.original_size, "kept": list(self.kept), "mapped": list(self.mapped)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "VocabTrim":
-        return cls(tuple(int(i) for i in data["kept"]), int(data["original_size"]))
+        return cls(tuple(int(i) for i in data["kept"]), int(data["original_size"]),
+                   tuple(int(i) for i in data.get("mapped", ())))
 
     def composed(self, inner: "VocabTrim") -> "VocabTrim":
         """This trim applied to a model already trimmed by `inner`: ids in the first original space."""
         if self.original_size != inner.size:
             raise ShrinkError("A vocabulary trim does not fit the vocabulary it is applied to.")
-        return VocabTrim(tuple(inner.kept[i] for i in self.kept), inner.original_size)
+        outer = self.targets()
+        mapped = tuple(outer[i] if i >= 0 else -1 for i in inner.targets())
+        return VocabTrim(tuple(inner.kept[i] for i in self.kept), inner.original_size, mapped)
 
 
 def trim_of(model_or_config: Any) -> VocabTrim | None:
@@ -70,10 +90,15 @@ def record(model: Any, trim: VocabTrim) -> None:
 
 def kept_view(model: Any, trim: VocabTrim) -> Any:
     """The original `model` as a model over the trimmed vocabulary: it takes trimmed ids (mapped to the
-    original ids of the same tokens) and returns logits over the kept ids only, so a softmax over them is
-    the original's distribution renormalized to the kept set. A torch module; its state_dict holds the
-    kept ids, so caches keyed by weights_hash tell two trims apart."""
+    original ids of the same tokens) and returns, as logits, the log of its next-token distribution
+    carried over to the trimmed ids: a kept token's probability stays where it is, a removed token's goes
+    to the first piece the trimmed tokenizer spells it with (`mapped`; without a map it is dropped and
+    the rest renormalized). A torch module; its state_dict holds the kept ids and the map, so caches
+    keyed by weights_hash tell two trims apart."""
     import torch
+
+    targets = torch.tensor(trim.targets(), dtype=torch.long)
+    sources = torch.nonzero(targets >= 0).flatten()
 
     class KeptVocabulary(torch.nn.Module):
         def __init__(self) -> None:
@@ -81,10 +106,15 @@ def kept_view(model: Any, trim: VocabTrim) -> Any:
             self.inner = model
             self.config = model.config
             self.register_buffer("kept", torch.tensor(trim.kept, dtype=torch.long), persistent=True)
+            self.register_buffer("sources", sources, persistent=True)
+            self.register_buffer("targets", targets[sources], persistent=True)
 
         def forward(self, input_ids: Any = None, **kwargs: Any) -> Any:
             out = self.inner(self.kept[input_ids], **kwargs)
-            out.logits = out.logits.index_select(-1, self.kept)
+            probs = torch.softmax(out.logits.float(), -1).index_select(-1, self.sources)
+            carried = probs.new_zeros((*probs.shape[:-1], len(self.kept))).index_add_(-1, self.targets, probs)
+            carried = carried / carried.sum(-1, keepdim=True)  # only rows without text lose mass
+            out.logits = torch.log(carried.clamp_min(torch.finfo(torch.float32).tiny))
             return out
 
     if getattr(model.config, "vocab_size", trim.original_size) != trim.original_size:

@@ -28,10 +28,13 @@ tokenizer merges any adjacent pair whose concatenation is a token, by score, whi
 vocabulary is again what the subset of merges does.
 
 Across vocabularies (distillation, verification) everything runs in the trimmed id space: text is
-tokenized with the trimmed tokenizer, and the original model is read through `vocabmap.kept_view`
-(trimmed ids mapped to the original ids of the same tokens in, logits over the kept ids out): its
-distribution renormalized to the kept set is the target, and the mass it puts outside the kept set is
-reported beside every figure (`vocabmap.outside_mass`).
+tokenized with the trimmed tokenizer, and the original model is read through `vocabmap.kept_view`:
+trimmed ids go in as the original ids of the same tokens; out comes its next-token distribution
+carried over to the trimmed ids, each removed token's probability given to the first piece the trimmed
+tokenizer spells it with (`first_pieces`, recorded with the trim). That is the target: the sliced model
+alone only renormalizes over the kept tokens, and distillation teaches it to spell what it can no longer
+say in one token. The mass the original puts on removed tokens is reported beside every figure
+(`vocabmap.outside_mass`).
 """
 
 from __future__ import annotations
@@ -133,8 +136,13 @@ def required_ids(tokenizer: Any, bpe: _BPE | None = None) -> set[int]:
 
 def merge_path(bpe: _BPE, text: str) -> list[str]:
     """The tokens BPE passes through when it builds `text` from its characters (the characters that are
-    tokens, then each merge's result in order): run the way Hugging Face's BPE runs, the lowest-ranked
-    pair first, the leftmost of equals."""
+    tokens, then each merge's result in order)."""
+    return _run_bpe(bpe, text)[1]
+
+
+def _run_bpe(bpe: _BPE, text: str) -> tuple[list[str], list[str]]:
+    """BPE on the characters of `text` the way Hugging Face's runs it, the lowest-ranked pair first, the
+    leftmost of equals: (the final symbols, the tokens passed through)."""
     symbols = list(text)
     seen = [s for s in symbols if s in bpe.ids]
     while len(symbols) > 1:
@@ -147,7 +155,28 @@ def merge_path(bpe: _BPE, text: str) -> list[str]:
             break
         symbols[where:where + 2] = [symbols[where] + symbols[where + 1]]
         seen.append(symbols[where])
-    return seen
+    return symbols, seen
+
+
+def first_pieces(bpe: _BPE, kept: list[int]) -> tuple[int, ...]:
+    """Per original id, the trimmed id of the first token the trimmed tokenizer spells its text with
+    (itself when kept; -1 for a row without text): BPE run on the token's characters with the merges
+    that survive the trim, a character that is no kept token falling back to its first byte."""
+    new = {old: index for index, old in enumerate(kept)}
+    vocab = {text: new[i] for text, i in bpe.ids.items() if i in new}
+    ranks = {pair: rank for pair, rank in bpe.ranks.items()
+             if pair[0] in vocab and pair[1] in vocab and pair[0] + pair[1] in vocab}
+    trimmed = replace(bpe, ids=vocab, ranks=ranks)
+    mapped = []
+    for token_id, text in enumerate(bpe.tokens):
+        if token_id in new:
+            mapped.append(new[token_id])
+        elif not text:
+            mapped.append(-1)
+        else:
+            first = _run_bpe(trimmed, text)[0][0]
+            mapped.append(vocab[first] if first in vocab else vocab[f"<0x{first.encode()[0]:02X}>"])
+    return tuple(mapped)
 
 
 @dataclass
@@ -219,7 +248,7 @@ def select(tokenizer: Any, texts: list[str], size: int | None = None, coverage: 
             continue  # its ancestors do not fit: a later, shorter token may
         kept |= new
         covered += sum(counts[i] for i in new)
-    trim = VocabTrim(tuple(sorted(kept)), original)
+    trim = VocabTrim(tuple(sorted(kept)), original, first_pieces(bpe, sorted(kept)))
     report = {"original_vocab": original, "kept_vocab": trim.size, "required": len(required),
               "calibration_tokens": total, "calibration_distinct": len(counts),
               "calibration_token_coverage": covered / total,
