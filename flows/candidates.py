@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.compress import kvshare, swiftkv
 from shrink.compress.distill.teacher import teacher_topk
 from shrink.compress.pruning import ranked_shape
 from shrink.compress.quant.plan import make_plan
@@ -39,6 +40,10 @@ from shrink.numformats import get_format, runtime_families
 from shrink.units import fmt_bytes, fmt_time, parse_duration, parse_size
 
 KEEPS = (1.0, 0.8, 0.6, 0.4)  # fractions of the non-embedding parameters
+# K/V transforms (compress/kvshare.py, compress/swiftkv.py) buy time to first token and cache memory, not time
+# per token: offered where the budget has a TTFT or memory line, and on ONNX targets only (llama.cpp has no
+# architecture that runs them, so their GGUF export is refused)
+KV_TRANSFORMS = {"kv-share": "KV sharing", "single-input-kv": "SingleInputKV"}
 AXES = ("width", "depth")
 RUNTIME_EXPORTS = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
 
@@ -106,13 +111,16 @@ class Candidate:
     kl_shape: float | None = None  # measured proxy parts
     kl_format: float | None = None
     quantizer: dict | None = None  # a llama.cpp quantizer option (flows/gguf_search.py), made and measured
+    kv: str | None = None  # a K/V transform of KV_TRANSFORMS applied after pruning, None: none
+    kl_kv: float | None = None  # its measured proxy part (0 without one)
 
     @property
     def label(self) -> str:
         shape = "unpruned" if self.shape is None else f"{self.axis} {self.keep:.0%}"
         if self.quantizer is not None:
             return f"{shape}, llama.cpp {self.quantizer['label']}"
-        return f"{shape}, {self.format or {'gguf': 'f16', 'onnx': 'f32'}.get(self.runtime, 'bf16')}"
+        kv = f" + {KV_TRANSFORMS[self.kv]}" if self.kv else ""
+        return f"{shape}{kv}, {self.format or {'gguf': 'f16', 'onnx': 'f32'}.get(self.runtime, 'bf16')}"
 
     @property
     def fits(self) -> bool:
@@ -120,9 +128,9 @@ class Candidate:
 
     @property
     def predicted_kl(self) -> float | None:
-        if self.kl_shape is None or self.kl_format is None:
+        if self.kl_shape is None or self.kl_format is None or (self.kv and self.kl_kv is None):
             return None
-        return self.kl_shape + self.kl_format
+        return self.kl_shape + self.kl_format + (self.kl_kv or 0.0)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "keep": self.keep, "axis": self.axis, "format": self.format,
@@ -130,7 +138,8 @@ class Candidate:
                 "tpot_s_estimated": self.tpot_s, "ttft_s_estimated": self.ttft_s,
                 "memory_bytes_estimated": self.memory_bytes, "weights_bytes_estimated": self.weights_bytes,
                 "misses": self.misses, "rejected": self.rejected, "kl_shape_measured": self.kl_shape,
-                "kl_format_measured": self.kl_format, "predicted_kl": self.predicted_kl, "quantizer": self.quantizer}
+                "kl_format_measured": self.kl_format, "kv": self.kv, "kl_kv_measured": self.kl_kv,
+                "predicted_kl": self.predicted_kl, "quantizer": self.quantizer}
 
 
 def target_runtime(profile: Any) -> str:
@@ -155,7 +164,11 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
          host_factor: tuple[float, float] = (1.0, 1.0), vocabulary: str | None = None) -> Candidate:
     """Fill in the candidate's roofline figures on the target and the budget lines it misses
     (`vocabulary`: the embedding and output projection costed in that format instead)."""
-    costed = costed_spec(spec, candidate.format, candidate.runtime)
+    try:
+        costed = costed_spec(spec, candidate.format, candidate.runtime)
+    except ShrinkError as err:  # rows no format of the runtime's fallback chain takes (ONNX blocks have none)
+        candidate.rejected = str(err)
+        return candidate
     if vocabulary is not None:
         costed = replace(costed, formats=replace(costed.formats, embeddings=vocabulary, lm_head=None))
     est = estimate(costed, profile, workload)
@@ -197,11 +210,25 @@ def candidates_for(model_spec: Any, ranking: list[int], profile: Any, workload: 
                 shapes.append((keep, axis, plan))
     candidates = []
     for keep, axis, plan in shapes:
-        spec = model_spec if plan is None else plan.spec
-        for family in runtime_families(runtime):
-            candidates.append(cost(Candidate(keep, axis, family, runtime, plan), spec, profile, workload, budget,
-                                   host_factor, vocabulary))
+        for kv, spec in kv_variants(model_spec if plan is None else plan.spec, runtime, budget):
+            for family in runtime_families(runtime):
+                candidates.append(cost(Candidate(keep, axis, family, runtime, plan, kv=kv), spec, profile, workload,
+                                       budget, host_factor, vocabulary))
     return candidates
+
+
+def kv_variants(spec: Any, runtime: str, budget: TargetBudget) -> list[tuple[str | None, Any]]:
+    """The spec as it is, and (on ONNX targets, with a TTFT or memory line in the budget) as each K/V
+    transform its family supports would leave it: every pair of neighbouring same-kind layers sharing a
+    cache, and SingleInputKV from half the layers on, the steps' defaults."""
+    variants: list[tuple[str | None, Any]] = [(None, spec)]
+    if runtime != "onnx" or (budget.ttft_s is None and budget.memory_bytes is None):
+        return variants
+    if spec.family in kvshare.SUPPORTED_FAMILIES and kvshare.every_pair(spec):
+        variants.append(("kv-share", kvshare.shared_spec(spec, kvshare.every_pair(spec))))
+    if spec.family in swiftkv.SUPPORTED_FAMILIES and spec.num_layers > 1 and spec.single_input_kv is None:
+        variants.append(("single-input-kv", swiftkv.single_input_spec(spec)))
+    return variants
 
 
 # Before anything is loaded, the plan checks the budget with the layers ranked by index (importance needs
@@ -254,6 +281,7 @@ def measure_proxies(candidates: list[Candidate], loaded_source: str, importance:
             else:
                 shape_kl[key] = evaluate(apply(plan, teacher, importance).model, split.evaluation, *eval_topk).kl
     format_kl: dict[str | None, float] = {None: 0.0}
+    kv_kl = measure_kv_transforms({c.kv for c in live if c.kv}, teacher, split, eval_topk, status)
     for n, family in enumerate(sorted({c.format for c in live if c.format}), 1):
         status(f"Quality proxy: format {family} (PTQ, {calibration} calibration)")
         student = load(loaded_source)
@@ -265,6 +293,26 @@ def measure_proxies(candidates: list[Candidate], loaded_source: str, importance:
     for c in live:
         c.kl_shape = 0.0 if c.shape is None else shape_kl[id(c.shape)]
         c.kl_format = format_kl[c.format]
+        c.kl_kv = kv_kl.get(c.kv, 0.0)
+
+
+def measure_kv_transforms(kinds: set[str], teacher: Any, split: Any, eval_topk: Any,
+                          status: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+    """KL of the unpruned model right after each K/V transform, made as its recipe step makes it (sharing:
+    pairs chosen by key/value similarity on the calibration text; SingleInputKV from half the layers),
+    before any recovery: the transform's part of a candidate's predicted KL."""
+    from shrink.compress.distill.evaluate import evaluate  # imports torch
+
+    measured = {}
+    for kind in sorted(kinds):
+        status(f"Quality proxy: {KV_TRANSFORMS[kind]} (before recovery)")
+        if kind == "kv-share":
+            pairs = kvshare.choose_pairs(teacher.spec, kvshare.key_value_similarity(teacher, split.calibration))
+            transformed = kvshare.share_kv(teacher, pairs)
+        else:
+            transformed = swiftkv.single_input_kv(teacher, swiftkv.default_k(teacher.spec))
+        measured[kind] = evaluate(transformed.model, split.evaluation, *eval_topk).kl
+    return measured
 
 
 def choose(candidates: list[Candidate]) -> Candidate:

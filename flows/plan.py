@@ -19,14 +19,14 @@ from shrink.errors import ShrinkError
 from shrink.export.backend import artifact_costing
 from shrink.export.bench import bench
 from shrink.export.workflow import export_artifact
-from shrink.flows.candidates import (Candidate, TargetBudget, choose, closest, enumerate_candidates, hopeless,
-                                     measure_proxies, no_plan_message, parse_workload, target_runtime)
+from shrink.flows.candidates import (KV_TRANSFORMS, Candidate, TargetBudget, choose, closest, enumerate_candidates,
+                                     hopeless, measure_proxies, no_plan_message, parse_workload, target_runtime)
 from shrink.flows.gguf_quantize import quantizer_candidate
 from shrink.flows.gguf_search import overrides_text
 from shrink.flows.preflight import check_gguf_export
 from shrink.flows import defaults
-from shrink.flows.recipe import (BenchStep, DistillStep, ExportStep, GGUFQuantizeStep, PruneStep, QuantizeStep,
-                                 VerifyStep, recipe_toml)
+from shrink.flows.recipe import (BenchStep, DistillStep, ExportStep, GGUFQuantizeStep, KVShareStep, PruneStep,
+                                 QuantizeStep, SingleInputKVStep, VerifyStep, recipe_toml)
 from shrink.flows.steps import Hooks
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
@@ -53,8 +53,8 @@ class RunSettings:
 
 
 def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, Any]]:
-    """The chosen candidate as recipe steps: prune and distill (when pruned), quantize (when quantized),
-    export to the target's runtime, verify, bench."""
+    """The chosen candidate as recipe steps: prune and distill (when pruned), its K/V transform with its
+    recovery (when it has one), quantize (when quantized), export to the target's runtime, verify, bench."""
     steps: list[tuple[str, Any]] = []
     if candidate.quantizer is not None:  # made by llama.cpp's quantizer: the step re-makes the measured file
         option = candidate.quantizer
@@ -65,6 +65,11 @@ def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, A
     if candidate.shape is not None:
         steps.append(("prune", PruneStep(params=candidate.keep, axis=candidate.axis)))
         steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
+    if candidate.kv == "kv-share":  # after pruning: its pairs are chosen among the layers kept
+        steps.append(("kv-share", KVShareStep()))
+        steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
+    elif candidate.kv == "single-input-kv":  # SwiftKV's first stage is part of the step
+        steps.append(("single-input-kv", SingleInputKVStep(tokens=settings.distill_tokens)))
     if candidate.format is not None:
         steps.append(("quantize", QuantizeStep(format=candidate.format, runtime=candidate.runtime,
                                                calibration=settings.calibration, qad=settings.qad_tokens > 0,
@@ -83,12 +88,18 @@ def verify_gate(candidate: Candidate) -> VerifyStep:
     stored = (get_format(candidate.quantizer["weights"]) if candidate.quantizer is not None
               else stored_format(candidate.format, candidate.runtime))
     gate = gate_for(stored.name)
-    if candidate.shape is None:
+    if candidate.shape is None and candidate.kv is None:
         return VerifyStep(min_top1=gate.min_top1, max_kl=gate.max_kl, reason=f"registry gate of {stored.name}")
-    allowance = candidate.kl_shape or 0.0
+    parts = []
+    if candidate.shape is not None:
+        parts.append((f"the {candidate.axis} {candidate.keep:.0%} shape's", candidate.kl_shape or 0.0))
+    if candidate.kv is not None:
+        parts.append((f"{KV_TRANSFORMS[candidate.kv]}'s", candidate.kl_kv or 0.0))
+    allowance = sum(kl for _, kl in parts)
     return VerifyStep(min_top1=0.0, max_kl=round(gate.max_kl + allowance, 4),
-                      reason=f"registry gate of {stored.name} + the {candidate.axis} {candidate.keep:.0%} shape's "
-                             f"measured KL {allowance:.4f} before distillation")
+                      reason=f"registry gate of {stored.name} + " + " + ".join(f"{what} measured KL {kl:.4f}"
+                                                                            for what, kl in parts)
+                             + " before distillation")
 
 
 def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dict:

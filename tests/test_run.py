@@ -78,6 +78,57 @@ def test_the_planner_picks_the_lowest_predicted_kl_within_budget(planning, tiny_
     assert ("prune" in names) == (chosen.shape is not None) and ("quantize" in names) == (chosen.format is not None)
 
 
+def test_the_planner_proposes_kv_transforms_when_time_to_first_token_or_memory_binds(planning, tiny_text_model_dir,
+                                                                                      tmp_path, monkeypatch):
+    """On an ONNX target with a TTFT line only SingleInputKV (prefill stops at layer k) meets a TTFT below the
+    model's own; with a memory line below the model's, only cross-layer sharing (fewer caches) does. Neither
+    is offered without such a line or on a llama.cpp target (no architecture runs them). The chosen plan runs:
+    the transform's step, an ONNX export, verify against a gate that allows the transform's measured KL."""
+    import dataclasses
+
+    from shrink.flows.candidates import choose, enumerate_candidates, measure_proxies
+    from shrink.flows.plan import RunSettings, recipe_for
+    from shrink.flows.run import run_recipe
+    from shrink.hardware.profiles import get_profile
+    from shrink.hardware.roofline import Workload
+
+    loaded, split, importance = planning
+    h100, workload = get_profile("h100-sxm"), Workload(prompt_len=512)
+
+    def candidates(budget, profile=h100):
+        return enumerate_candidates(loaded, importance, profile, workload, budget, keeps=(1.0,))
+
+    assert {c.kv for c in candidates(TargetBudget(tpot_s=1.0))} == {None}
+    assert {c.kv for c in candidates(TargetBudget(ttft_s=1.0), get_profile("jetson-orin-nano"))} == {None}
+    free = [c for c in candidates(TargetBudget(ttft_s=1.0)) if c.rejected is None]
+    by = {(c.kv, c.format): c for c in free}
+    plain, swift, shared = (by[(kv, None)] for kv in (None, "single-input-kv", "kv-share"))
+    assert swift.ttft_s < plain.ttft_s and shared.memory_bytes < plain.memory_bytes
+    assert swift.tpot_s == pytest.approx(plain.tpot_s, rel=0.01)  # decoding is unchanged but for kv_norm's read
+
+    def between(kv, figure):  # a budget line only that transform's candidates meet, in some format
+        return (min(figure(c) for c in free if c.kv is None) + min(figure(c) for c in free if c.kv == kv)) / 2
+
+    for budget, kv in ((TargetBudget(ttft_s=between("single-input-kv", lambda c: c.ttft_s)), "single-input-kv"),
+                       (TargetBudget(memory_bytes=between("kv-share", lambda c: c.memory_bytes)), "kv-share")):
+        offered = candidates(budget)
+        measure_proxies(offered, str(tiny_text_model_dir[0]), importance, split, proxy_steps=0, calibration="max")
+        chosen = choose(offered)
+        assert chosen.kv == kv and chosen.kl_kv > 0 and chosen.predicted_kl == pytest.approx(chosen.kl_kv + chosen.kl_format)
+        assert {c.kv for c in offered if c.fits} == {kv}
+    unquantized = dataclasses.replace(chosen, format=None)  # the run below skips quantizing (covered elsewhere)
+    steps = recipe_for(unquantized, RunSettings(distill_tokens=256, qad_tokens=0, bench=False))
+    assert [name for name, _ in steps] == ["kv-share", "distill", "export", "verify"]
+    gate = steps[-1][1]
+    assert gate.min_top1 == 0.0 and gate.max_kl > unquantized.kl_kv and "KV sharing's measured KL" in gate.reason
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    model_dir, text = tiny_text_model_dir
+    report = run_recipe(str(model_dir), steps, tmp_path / "run", data=str(text), seq_len=16)
+    assert [s["status"] for s in report["steps"]] == ["finished"] * 4
+    assert report["steps"][0]["metrics"]["groups"] and report["steps"][-1]["metrics"]["passed"]
+
+
 def _recipe(tmp_path, body):
     path = tmp_path / "recipe.toml"
     path.write_text(body)
