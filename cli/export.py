@@ -12,6 +12,7 @@ from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import console, err_console, handle_user_errors, print_json
 from shrink.export.backend import backend
 from shrink.export.generate import generate
+from shrink.export.onnx import check_logits
 from shrink.export.onnx_backend import OnnxBackend
 from shrink.export.verify import junit_xml
 from shrink.export.workflow import export_artifact, verify_artifact
@@ -30,6 +31,7 @@ def export_command(
     quant: str = typer.Option(None, help="GGUF: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4. ONNX: f32 (default), int8, int4."),
     block_size: int = typer.Option(OnnxBackend.default_block_size, help="ONNX int4/int8: weights per quantization block."),
     pad_to_uniform: bool = typer.Option(False, help="GGUF of a non-uniform model llama.cpp cannot shape per layer: zero-pad to the widest layer (same outputs, no speed gain)."),
+    logits: str = typer.Option(None, help="ONNX: which positions' logits the graph returns: all (default; verify reads every position in one call) or last (a deployment's prefill: about half the time of 'all' at 2,048 tokens on Gemma 3 270M, measured; verify decodes token by token). A SingleInputKV model is always 'last'."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the artifact in its runtime against the model and record the metrics in the manifest."),
     prompts: Path = typer.Option(None, help="Text file for verification (blocks separated by blank lines); default: varied built-in text."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
@@ -45,6 +47,7 @@ def export_command(
       shrink export gemma-3-270m -f onnx -o gemma-onnx
     """
     backend(fmt).check_quant(quant, block_size)  # an unknown format, type or block size fails before the weights load
+    check_logits(fmt, logits)
     if fmt == "gguf":
         check_gguf_export(model)  # what the config alone shows, before the weights load
     check_resources(export_needs(load_spec(model), fmt, quant), output, "This export")
@@ -52,7 +55,7 @@ def export_command(
         loaded = load(model)
     with err_console.status(f"Exporting to {fmt} and verifying in its runtime"):
         result = export_artifact(loaded, fmt, output, quant=quant, pad_to_uniform=pad_to_uniform, verify=verify,
-                                 prompts_file=str(prompts) if prompts else None, block_size=block_size)
+                                 prompts_file=str(prompts) if prompts else None, block_size=block_size, logits=logits)
     if json_out:
         print_json({"artifact": str(result.artifact), "manifest": str(result.manifest), "export": result.report,
                     "verify": result.verdict.to_dict() if result.verdict else None})

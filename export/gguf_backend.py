@@ -31,7 +31,8 @@ class GGUFBackend:
         return folder / "model.gguf"
 
     def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
-               block_size: int | None = None) -> dict:
+               block_size: int | None = None, logits: str | None = None) -> dict:
+        # `logits` shapes an ONNX graph; llama.cpp computes the logits its caller asks for (cli/export.py refuses it)
         return export_gguf(loaded, output, quant or self.default_quant, pad_to_uniform).to_dict()
 
     def check_quant(self, quant: str | None, block_size: int | None = None) -> None:

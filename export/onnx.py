@@ -107,6 +107,17 @@ def _decoder_with_cache(model: Any, cached: list[int], layers: int, last: bool =
     return DecoderWithCache().eval()
 
 
+def check_logits(fmt: str, logits: str | None) -> None:
+    """`shrink export --logits`, before any weight loads: a value of LOGITS, and for ONNX graphs only."""
+    if logits is None:
+        return
+    if logits not in LOGITS:
+        raise ShrinkError(f"Unknown --logits '{logits}'; choose one of: {', '.join(LOGITS)}.")
+    if fmt != "onnx":
+        raise ShrinkError("--logits shapes an ONNX graph; llama.cpp computes the logits its caller asks for, so it "
+                          "does not apply to GGUF.")
+
+
 def logits_kept(spec: ArchSpec, logits: str | None) -> str:
     """Which positions' logits the graph returns: "all" (verify compares every position from one call) or
     "last" (a deployment's prefill needs no more; the vocabulary projection over a long prompt is then one

@@ -32,8 +32,9 @@ class OnnxBackend:
         return folder / "onnx"
 
     def export(self, loaded: Any, output: Path, quant: str | None = None, *, pad_to_uniform: bool = False,
-               block_size: int | None = None) -> dict:
-        return export_onnx(loaded, output, quant or self.default_quant, block_size or self.default_block_size).to_dict()
+               block_size: int | None = None, logits: str | None = None) -> dict:
+        return export_onnx(loaded, output, quant or self.default_quant, block_size or self.default_block_size,
+                           logits).to_dict()
 
     def check_quant(self, quant: str | None, block_size: int | None = None) -> None:
         onnx_format(quant or self.default_quant, block_size or self.default_block_size)

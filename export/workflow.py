@@ -28,7 +28,7 @@ class ExportResult:
 
 def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | None = None,
                     pad_to_uniform: bool = False, verify: bool = True, prompts_file: str | None = None,
-                    block_size: int | None = None) -> ExportResult:
+                    block_size: int | None = None, logits: str | None = None) -> ExportResult:
     """Write the artifact with its kind's backend, check it in its runtime against `loaded` (unless
     verify=False) and write the manifest beside it. `quant` None: the backend's default, or the grid a
     quantized student brings."""
@@ -36,7 +36,8 @@ def export_artifact(loaded: Any, fmt: str, output: str | Path, *, quant: str | N
     # one unit around the backend (the GGUF writer also counts its tensors; an ONNX export is one trace),
     # so a CI log gets the time spent at least every LOG_EVERY_S
     with ProgressLines(f"{fmt} export", 1, "artifact") as lines:
-        report = backend(fmt).export(loaded, output, quant, pad_to_uniform=pad_to_uniform, block_size=block_size)
+        report = backend(fmt).export(loaded, output, quant, pad_to_uniform=pad_to_uniform, block_size=block_size,
+                                     logits=logits)
         lines.advance()
     trim = trim_of(loaded.model)
     if trim is not None:  # a trimmed vocabulary: how to read the original model as a reference for it

@@ -209,3 +209,21 @@ def test_single_input_kv_graph_runs_the_prompt_through_layers_below_k_only(tmp_p
     lengths, logits_shape = down_proj_lengths(tmp_path / "plain", IDS[0])
     assert set(lengths) == {40} and logits_shape[1] == 1
     assert compare(TorchRunner(loaded.model), OnnxRunner(tmp_path / "plain"), IDS).max_abs_logit_diff < 1e-3
+
+
+def test_export_command_takes_logits_last_for_onnx_and_refuses_it_elsewhere(tmp_path, tiny_model):
+    from shrink.cli.app import app
+    from shrink.model import save
+    from typer.testing import CliRunner
+
+    cli = CliRunner()
+    source = save(tiny_model("llama").model, tmp_path / "m")
+    result = cli.invoke(app, ["export", str(source), "-f", "onnx", "--logits", "last", "-o", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "onnx" / LAYOUT_FILE).read_text())["logits"] == "last"
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["verify"]["passed"]
+    for args, message in ((["-f", "gguf", "--logits", "last"], "does not apply to GGUF"),
+                          (["-f", "onnx", "--logits", "first"], "Unknown --logits 'first'")):
+        result = cli.invoke(app, ["export", str(source), *args, "-o", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "bad").exists()
