@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shrink.compress.data import prepare, teacher_texts
-from shrink.compress.vocab import trim_vocabulary
+from shrink.compress.vocab import expected_counts, split_texts, trim_vocabulary
 from shrink.export.bench import bench
 from shrink.export.gguf import export_gguf
 from shrink.export.runtimes import LlamaCppRunner, TorchRunner
@@ -65,6 +65,17 @@ def in_llama_cpp(original, trim, path: Path, sequences) -> dict:
     metrics = compare(TorchRunner(kept_view(original.model, trim)), LlamaCppRunner(path, sequences.shape[1] + 8),
                       sequences.tolist())
     return {"kl_measured": metrics.mean_kl, "top1_measured": metrics.top1_agreement}
+
+
+def model_counts(original, texts, work: Path):
+    """The model's expected token counts on the counted calibration text, computed once per work folder."""
+    import torch
+
+    path = work / "expected-counts.pt"
+    if not path.is_file():
+        counts = timed("expected counts", expected_counts, original.model, original.tokenizer, split_texts(texts)[0])
+        torch.save(counts, path)
+    return torch.load(path, weights_only=True)
 
 
 def ms(seconds: float | None) -> str:
@@ -104,7 +115,8 @@ def main() -> None:
             trim = trim_of(trimmed.model)
             selection = json.loads((args.work / f"trimmed-{size}.json").read_text())
         else:
-            trimmed, trim, selection = timed("trim", trim_vocabulary, original, texts, size=size)
+            trimmed, trim, selection = timed("trim", trim_vocabulary, original, texts, size=size,
+                                             expected=model_counts(original, texts, args.work))
             save_loaded(trimmed, directory)
             (args.work / f"trimmed-{size}.json").write_text(json.dumps(selection))
             trimmed = load(str(directory))  # as a user's next command reads it (HF tokenizer + GGUF sidecar)

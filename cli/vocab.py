@@ -30,6 +30,7 @@ def trim_vocab_command(
     text_field: str = typer.Option("text", help="The text field of a .jsonl or .parquet file."),
     target: str = typer.Option(None, "--target", "-t", help="Hardware profile to estimate the decode time per token on, before and after (see `shrink profiles`)."),
     weights: str = typer.Option(None, help="Weight format the estimate costs, e.g. q8_0 for a GGUF deployment (default: the model's dtype)."),
+    model_counts: bool = typer.Option(True, "--model-counts/--no-model-counts", help="Add the model's expected count of each token on the calibration text (one forward pass over it) to the counts that rank the vocabulary; off: counts, then merge rank."),
     seq_len: int = typer.Option(defaults.SEQ_LEN, help="Sequence length of the held-out text the original's outside mass is measured on."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
@@ -52,7 +53,7 @@ def trim_vocab_command(
         hooks = cli_hooks(spinner)
         loaded = load_model(model, hooks)
         trimmed, report = trim_vocab(loaded, data, hooks, size=vocab, coverage=vocab_coverage, text_field=text_field,
-                                     seq_len=seq_len, target=target, weights=weights)
+                                     seq_len=seq_len, target=target, weights=weights, model_counts=model_counts)
     save_loaded(trimmed, output)
     if json_out:
         print_json({"output": str(output), **report, "spec": trimmed.spec.to_dict()})

@@ -481,19 +481,19 @@ def expected_counts(model: Any, tokenizer: Any, texts: list[str], seq_len: int =
 
 def trim_vocabulary(loaded: Any, texts: list[str], size: int | None = None, coverage_target: float | None = None,
                     status: Callable[[str], None] = lambda message: None,
-                    model_counts: bool = True) -> tuple[Any, VocabTrim, dict]:
+                    model_counts: bool = True, expected: Any = None) -> tuple[Any, VocabTrim, dict]:
     """Select on the counted part of `texts` (by count plus, with `model_counts`, the model's expected
     count), slice the model, measure coverage on the held-out part: (the trimmed LoadedModel, the trim
     in `loaded`'s id space, the report)."""
     if loaded.tokenizer is None:
         raise ShrinkError("The model has no tokenizer, so there is no vocabulary to trim by text.")
     counted, held_out = split_texts(texts)
-    expected = None
-    if model_counts:
+    if model_counts and expected is None:  # `expected`: counts computed before on the same counted texts
         status(f"Reading the model's expected token counts on {len(counted)} documents of calibration text")
         expected = expected_counts(loaded.model, loaded.tokenizer, counted)
     status(f"Ranking the vocabulary by {len(counted)} documents of calibration text")
-    selection = select(loaded.tokenizer, counted, size=size, coverage=coverage_target, expected=expected)
+    selection = select(loaded.tokenizer, counted, size=size, coverage=coverage_target,
+                       expected=expected if model_counts else None)
     status(f"Slicing the embedding and output to {selection.trim.size:,} tokens, rewriting the tokenizer")
     trimmed = trim_model(loaded, selection.trim)
     report = {**selection.report, "held_out": coverage(loaded.tokenizer, trimmed.tokenizer, selection.trim, held_out)}

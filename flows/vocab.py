@@ -48,7 +48,7 @@ def decode_estimates(spec_before: Any, spec_after: Any, target: str, weights: st
 
 def trim_vocab(loaded: Any, data: str | None, hooks: Hooks, *, size: int | None = None, coverage: float | None = None,
                text_field: str = "text", seq_len: int = 256, target: str | None = None,
-               weights: str | None = None, writer: Any = None) -> tuple[Any, dict]:
+               weights: str | None = None, writer: Any = None, model_counts: bool = True) -> tuple[Any, dict]:
     """The trimmed LoadedModel and its report (kept counts, coverage and outside mass measured on
     held-out calibration text, decode time before/after estimated on `target` when given). Without
     `data`, the text is the one `writer` (default: `loaded`; in a run, the original model) writes."""
@@ -56,7 +56,7 @@ def trim_vocab(loaded: Any, data: str | None, hooks: Hooks, *, size: int | None 
     if trim_of(loaded.model) is not None:
         hooks.status("The model was trimmed before: trimming again within its kept tokens")
     texts = calibration_texts(writer or loaded, data, text_field, status=hooks.status)
-    trimmed, trim, report = trim_vocabulary(loaded, texts, size, coverage, status=hooks.status)
+    trimmed, trim, report = trim_vocabulary(loaded, texts, size, coverage, status=hooks.status, model_counts=model_counts)
     report["data"] = data or "teacher-generated"
     held_out = split_texts(texts)[1]
     ids = [trimmed.tokenizer(text, add_special_tokens=False).input_ids for text in held_out]

@@ -236,6 +236,10 @@ def test_cli_trims_a_saved_model_with_json_and_refuses_bad_sizes_in_one_sentence
     out = tmp_path / "trimmed"
     result = runner.invoke(app, ["trim-vocab", str(directory), "--vocab", "400", "--data", str(text), "--target",
                                  "jetson-orin-nano", "-o", str(out), "--json"])
+    fast = runner.invoke(app, ["trim-vocab", str(directory), "--vocab", "400", "--data", str(text), "--no-model-counts",
+                               "-o", str(tmp_path / "fast"), "--json"])
+    assert fast.exit_code == 0, fast.output
+    assert json.loads(fast.stdout)["ranked_by"] == "count, then merge rank"
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["kept_vocab"] == 400 and report["spec"]["vocab_size"] == 400
