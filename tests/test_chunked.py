@@ -84,3 +84,17 @@ def test_a_fake_quantized_head_keeps_full_logits(tiny_model):
     model = tiny_model("llama").model
     model.lm_head = FakeQuantLinear(model.lm_head, "int8")
     assert StudentLoss(model, DistillConfig()).chunk == 0
+
+
+def test_activation_checkpointing_gives_the_same_student(tiny_model, tmp_path):
+    model = tiny_model("llama").model
+    values, indices = _teacher_topk()
+    weights = []
+    for checkpointing in (False, True):
+        trained = copy.deepcopy(model)
+        config = DistillConfig(lr=3e-3, steps=3, batch_size=3, top_k=12, activation_checkpointing=checkpointing)
+        distill(trained, IDS, (values, indices), config, tmp_path / str(checkpointing))
+        assert not trained.is_gradient_checkpointing  # switched off again after training
+        weights.append(trained.state_dict())
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-6), name

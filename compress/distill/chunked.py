@@ -15,7 +15,9 @@ the forward they wrap.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,23 @@ class Head:
         body = getattr(model, model.base_model_prefix, None)
         return (type(head) is torch.nn.Linear and head.bias is None and body is not None and body is not model)
 
+    def tied(self) -> bool:
+        """Whether the head's weight is the input embedding's (a plain lookup) and is trained."""
+        embedding = self.model.get_input_embeddings()
+        return (isinstance(embedding, torch.nn.Embedding) and embedding.weight is self.head.weight
+                and self.head.weight.requires_grad)
+
+    @contextmanager
+    def sparse_embedding(self) -> Iterator[None]:
+        """The embedding lookups made inside give sparse gradients (autograd adds them in place into a
+        dense weight.grad that the head's slices have already written)."""
+        embedding = self.model.get_input_embeddings()
+        before, embedding.sparse = embedding.sparse, True
+        try:
+            yield
+        finally:
+            embedding.sparse = before
+
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
         """The family's soft cap on the head's output (Gemma's final_logit_softcapping), if any."""
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
@@ -85,13 +104,24 @@ class Head:
 
 class _SlicedHead(torch.autograd.Function):
     """sum over slices of piece(logits of the slice, rows): its gradients with respect to the hidden
-    states and the head's weight are computed in the forward pass, one slice at a time."""
+    states and the head's weight are computed in the forward pass, one slice at a time.
+
+    With `into` (the scale the caller's backward will give this loss) the head's gradient is added,
+    times that scale, straight into weight.grad: no second vocabulary-sized buffer is held until the
+    backward reaches the weight (used for a head tied to the embedding, whose own gradient then
+    arrives sparse, so autograd adds it into the same tensor in place)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, head: Head, piece: Callable[..., torch.Tensor], chunk: int, dtype):
+    def forward(ctx, hidden, weight, head: Head, piece: Callable[..., torch.Tensor], chunk: int, dtype, into):
         w = weight.detach().to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight, alpha = None, 1.0
+        if ctx.needs_input_grad[1] and into is not None:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad_weight, alpha = weight.grad, into
+        elif ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
@@ -99,16 +129,16 @@ class _SlicedHead(torch.autograd.Function):
                 h = hidden[rows].detach().to(dtype)
                 with torch.enable_grad():
                     logits = F.linear(h, w).float().requires_grad_()
-                    capped = head.cap(logits)
-                    loss = piece(capped, rows)
+                    loss = piece(head.cap(logits), rows)
                 (g,) = torch.autograd.grad(loss, logits)
                 total += loss.detach().float()
                 if grad_hidden is not None:
                     grad_hidden[rows] = (g.to(dtype) @ w).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight.addmm_(g.T, h.float())
-                del logits, capped, loss, g
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                    grad_weight.addmm_(g.T.to(grad_weight.dtype), h.to(grad_weight.dtype), alpha=alpha)
+                del logits, loss, g
+        ctx.into = into if grad_weight is not None else None
+        ctx.save_for_backward(grad_hidden, None if into is not None else grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
 
@@ -116,21 +146,25 @@ class _SlicedHead(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.to(torch.float32)
+        if ctx.into is not None and not math.isclose(scale.item(), ctx.into, rel_tol=1e-6):
+            raise RuntimeError(f"The sliced head loss added its gradient at scale {ctx.into:g} but the backward "
+                               f"came at {scale.item():g}.")
         if grad_hidden is not None:
             grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)  # in place: one vocabulary-sized buffer
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def sliced_loss(head: Head, hidden: torch.Tensor, piece: Callable[..., torch.Tensor], chunk: int,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                dtype: torch.dtype | None = None, into: float | None = None) -> torch.Tensor:
     """sum over slices of `chunk` positions of piece(logits [positions, vocab], rows) where hidden is
-    [positions, width]; differentiable with respect to hidden and the head's weight."""
+    [positions, width]; differentiable with respect to hidden and the head's weight (`into`: see
+    _SlicedHead)."""
     weight = head.head.weight
     dtype = dtype or weight.dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _SlicedHead.apply(hidden, weight, head, piece, chunk, dtype)
+        return _SlicedHead.apply(hidden, weight, head, piece, chunk, dtype, into)
     total = hidden.new_zeros((), dtype=torch.float32)
     with torch.no_grad():
         w = weight.to(dtype)
@@ -154,7 +188,10 @@ class StudentLoss(torch.nn.Module):
         self.split = Head(student) if self.chunk else None
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, Any]:
+                output_hidden_states: bool = False, grad_scale: float | None = None) -> tuple[torch.Tensor, Any]:
+        """`grad_scale`: the factor the caller's backward will put on this loss (the trainer's
+        micro-batch weight); given it, a head tied to the embedding adds its gradient straight into
+        weight.grad and the embedding's gradient comes sparse (see _SlicedHead)."""
         config = self.config
         if not self.chunk:
             output = self.student(ids, output_hidden_states=output_hidden_states, use_cache=False)
@@ -164,7 +201,9 @@ class StudentLoss(torch.nn.Module):
                 ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
                 loss = loss + config.ce_weight * ce
             return loss, output.hidden_states
-        output = self.split.body(ids, output_hidden_states=output_hidden_states, use_cache=False)
+        into = grad_scale if grad_scale is not None and self.split.tied() and torch.is_grad_enabled() else None
+        with self.split.sparse_embedding() if into is not None else nullcontext():
+            output = self.split.body(ids, output_hidden_states=output_hidden_states, use_cache=False)
         hidden = output.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         values = values.reshape(-1, values.shape[-1])
@@ -181,7 +220,7 @@ class StudentLoss(torch.nn.Module):
                 loss = loss + config.ce_weight * ce
             return loss
 
-        return sliced_loss(self.split, flat, piece, self.chunk, dtype), output.hidden_states
+        return sliced_loss(self.split, flat, piece, self.chunk, dtype, into), output.hidden_states
 
 
 def evaluate_sliced(model: Any, ids: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,

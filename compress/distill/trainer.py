@@ -29,7 +29,7 @@ from shrink.storage import atomic_directory, atomic_write_text
 
 CHECKPOINT = "checkpoint"
 PRECISIONS = ("fp32", "bf16")
-HOW_NOT_WHAT = ("logit_chunk",)  # settings a run may resume under changed
+HOW_NOT_WHAT = ("logit_chunk", "activation_checkpointing")  # settings a run may resume under changed
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class DistillConfig:
     checkpoint_every: int = 25
     seed: int = 0
     logit_chunk: int = 64  # positions per slice of the student's output projection in the loss; 0: full logits
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
     def check(self) -> None:
         get_loss(self.loss)  # unknown loss names fail before any work
@@ -140,7 +141,9 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         alignment = HiddenAlignment(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
                                     _width(student), _width(teacher)).to(device)
     parameters = [p for p in student.parameters() if p.requires_grad] + (list(alignment.parameters()) if alignment else [])
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one pass over each tensor, no temporaries the size of the largest one (the vocabulary)
+    fused = True if all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters) else None
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     taid_state = TAIDState()
     report = DistillReport(steps=config.steps, tokens=0)
@@ -151,6 +154,9 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
     if start == 0:
         torch.manual_seed(config.seed)  # a resumed run continues from the checkpoint's RNG state instead
     model = wrap(StudentLoss(student, config, taid_state, config.logit_chunk), current)
+    if config.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    release_freed_memory()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     student.train()
     started, tokens_here = time.perf_counter(), 0
@@ -167,7 +173,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
             with sync:
                 with autocast:
                     loss, hidden_states = model(ids, values[chunk].to(device), indices[chunk].to(device),
-                                                output_hidden_states=alignment is not None)
+                                                output_hidden_states=alignment is not None, grad_scale=weight)
                 if alignment is not None:
                     with torch.no_grad(), autocast:
                         reference = teacher(ids, output_hidden_states=True).hidden_states
@@ -199,11 +205,32 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
             current.barrier()
             return report  # used by tests to simulate a killed run
     current.barrier()  # no rank reads the final weights before rank 0 has written them
+    if config.activation_checkpointing:
+        student.gradient_checkpointing_disable()
+    optimizer.zero_grad(set_to_none=True)  # the last step's gradients are not needed by the evaluation
     student.eval()
     if evaluating:
         report.eval_after = evaluate(student, evaluation, *eval_topk).to_dict()
         report.evals.append({"step": config.steps, **report.eval_after})
     return report
+
+
+def release_freed_memory() -> None:
+    """Allocations of 1 MiB and more are mapped on their own (glibc), so a freed activation or slice of
+    logits goes back to the system at once instead of staying in the heap: glibc's threshold otherwise
+    rises to 32 MiB after the first large free, and the heap kept ~0.4 GB of freed tensors between
+    steps when distilling the embedded model (benchmarks/distill_memory.py). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _width(model: Any) -> int:
