@@ -258,10 +258,12 @@ PROXY_SEQUENCES = 8  # held-out sequences the proxy's KL is measured on (a slice
 
 def measure_proxies(candidates: list[Candidate], loaded_source: str, importance: Any, split: Any,
                     proxy_steps: int, calibration: str, status: Callable[[str], None] = lambda m: None) -> None:
-    """Measure KL(teacher || candidate part) on a held-out slice, once per shape and once per format."""
+    """Measure KL(teacher || candidate part) on a held-out slice, once per shape (after `proxy_steps` of
+    recovery), once per format (PTQ with `calibration`, as the quantize step calibrates) and once per K/V
+    transform, for the candidates within budget: only those are ranked."""
     from shrink.compress.distill.evaluate import evaluate  # imports torch
 
-    live = [c for c in candidates if c.rejected is None and c.quantizer is None]  # a quantizer option is measured
+    live = [c for c in candidates if c.fits and c.quantizer is None]  # a quantizer option is measured
     split = replace(split, evaluation=split.evaluation[:PROXY_SEQUENCES])
     teacher = load(loaded_source)
     eval_topk = teacher_topk(teacher.model, split.evaluation)

@@ -110,12 +110,14 @@ def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dic
 
 
 def plan(model: str, target: str, budget_texts: list[str], workload_text: str | None = None, *,
-         proxy_steps: int = defaults.PROXY_STEPS, proxy_calibration: str = defaults.PROXY_CALIBRATION,
+         proxy_steps: int = defaults.PROXY_STEPS, proxy_calibration: str | None = defaults.PROXY_CALIBRATION,
          data: str | None = None, seq_len: int = defaults.SEQ_LEN, settings: RunSettings | None = None,
          hooks: Hooks | None = None) -> dict:
     """The plan: every candidate costed, the chosen one, why, and its recipe (under "steps", and as
     TOML under "recipe_toml"). Raises NoPlan when no candidate meets the budget."""
     hooks = hooks or Hooks()
+    settings = settings or RunSettings()
+    proxy_calibration = proxy_calibration or settings.calibration  # as the executed quantize step calibrates
     profile = get_profile(target)
     budget = TargetBudget.parse(budget_texts)
     workload = parse_workload(workload_text)
@@ -141,7 +143,7 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
         raise NoPlan(no_plan_message(candidates, budget, profile), [c.to_dict() for c in closest(candidates, budget)])
     measure_proxies(candidates, model, importance, split, proxy_steps, proxy_calibration, hooks.status)
     chosen = choose(candidates)
-    steps = recipe_for(chosen, settings or RunSettings())
+    steps = recipe_for(chosen, settings)
     return {"model": model, "target": profile.name, "target_title": profile.title, "budget": budget.to_dict(),
             "workload": vars(workload), "host_calibration": factors, "proxy_steps": proxy_steps,
             "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(),

@@ -358,7 +358,8 @@ def test_a_gguf_quantize_step_makes_the_artifact_with_llama_cpps_quantizer(tiny_
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
     ids = torch.randint(1, 101, (6, 16), generator=torch.Generator().manual_seed(0))
     split = DataSplit(ids[:2], ids[2:4], ids[4:], "random ids")  # the tiny model has no tokenizer to read text
-    state = RunState(model=str(tiny_llama_dir), run_dir=tmp_path, current=str(tiny_llama_dir), _split=split)
+    state = RunState(model=str(tiny_llama_dir), run_dir=tmp_path, current=str(tiny_llama_dir),
+                     _split=(None, split))  # (the vocabulary trim it was made for, the split)
     record = gguf_quantize_step(state, GGUFQuantizeStep(file_type="Q8_0", overrides="token_embd.weight=q4_0"),
                                 tmp_path / "01-gguf-quantize")
     artifact = record["outputs"]["artifact"]
