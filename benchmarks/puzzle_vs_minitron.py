@@ -38,6 +38,7 @@ from shrink.compress.search import Budget  # noqa: E402
 from shrink.flows.puzzle import PuzzleSettings, search, unkeyed  # noqa: E402
 from shrink.flows.steps import Hooks, distill, distill_config, evaluate_against  # noqa: E402
 from shrink.compress.distill.teacher import teacher_topk  # noqa: E402
+from shrink.export.workflow import export_artifact, verify_artifact  # noqa: E402
 from shrink.hardware.profiles import get_profile  # noqa: E402
 from shrink.hardware.roofline import Workload, estimate  # noqa: E402
 from shrink.model import load  # noqa: E402
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=12_288)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work", type=Path, help="Where trained variants and scores are kept (a rerun resumes from them).")
+    parser.add_argument("--no-artifact", action="store_true", help="Skip the Puzzle student's ONNX export and verify.")
     args = parser.parse_args()
     console = Console(stderr=True)
     hooks = Hooks(status=lambda message: console.log(message))
@@ -107,6 +109,12 @@ def main() -> None:
         done = distill(student, parent, split, config, work / f"distill-{name}", hooks, topk=topk)
         entry.update(kl_after=done.eval_after["kl"], top1_after=done.eval_after.get("top1"),
                      distill_seconds=time.perf_counter() - began, tokens=done.tokens)
+    if not args.no_artifact:  # the Puzzle student as users get it: an ONNX graph verified in ONNX Runtime
+        began = time.perf_counter()
+        exported = export_artifact(students["puzzle"], "onnx", work / "puzzle-onnx")
+        against_parent = verify_artifact(exported.artifact, "gemma-3-270m")
+        results["artifact"] = {"path": str(exported.artifact), "seconds": time.perf_counter() - began,
+                               "verify_vs_student": exported.verdict.to_dict(), "vs_parent": against_parent.to_dict()}
     _print(console, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -138,6 +146,14 @@ def _print(console: Console, results: dict) -> None:
         summary.add_row(name, f"{s['tpot_s_estimated'] * 1e3:.3f} ms", f"{s['kl_before']:.3f}", f"{s['kl_after']:.3f}",
                         f"{s['distill_seconds']:.0f}")
     console.print(summary)
+    if "artifact" in results:
+        art = results["artifact"]
+        parity = art["verify_vs_student"]["metrics"]
+        parent = art["vs_parent"]["metrics"]
+        console.print(f"Puzzle student as ONNX ({art['path']}, {art['seconds']:.0f} s): verify against the student "
+                      f"{'PASS' if art['verify_vs_student']['passed'] else 'FAIL'} (top-1 {parity['top1_agreement']:.2%}, "
+                      f"KL {parity['mean_kl']:.5f}, measured in ONNX Runtime); against the parent top-1 "
+                      f"{parent['top1_agreement']:.2%}, KL {parent['mean_kl']:.3f} (measured)")
 
 
 if __name__ == "__main__":
