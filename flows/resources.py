@@ -123,9 +123,14 @@ def run_needs(spec: ArchSpec, steps: list[tuple[str, Any]], seq_len: int = defau
             writes, holds = current * FLOAT32, teacher * FLOAT32 + 2 * current * FLOAT32  # the model and its slice
         elif name == "trim-vocab":  # at most the model it starts from (its kept vocabulary is chosen later)
             writes, holds = current * FLOAT32, teacher * FLOAT32 + 2 * current * FLOAT32
-        elif name in ("distill", "quantize"):
+        elif name in ("kv-share", "puzzle"):  # a transformed copy no larger than the model (a lower bound for
+            # Puzzle, whose trained variants also stay on disk)
+            writes, holds = current * FLOAT32, teacher * FLOAT32 + 2 * current * FLOAT32
+        elif name in ("distill", "quantize", "single-input-kv"):
             writes, holds = current * FLOAT32, teacher * FLOAT32 + current * FLOAT32
-            if name == "distill" or config.qad:  # a checkpoint: the weights and AdamW's moments
+            trains = name == "distill" or (name == "quantize" and config.qad) or (
+                name == "single-input-kv" and config.tokens > 0)
+            if trains:  # a checkpoint: the weights and AdamW's moments
                 batch = getattr(config, "batch_size", defaults.BATCH_SIZE)
                 temporary = current * (FLOAT32 + 8)
                 holds = teacher * FLOAT32 + _training(current, spec.vocab_size, batch, seq_len)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from shrink.cli.app import app
 from shrink.errors import ShrinkError
 from shrink.flows import resources
-from shrink.flows.recipe import DistillStep, ExportStep, PruneStep, QuantizeStep
+from shrink.flows.recipe import DistillStep, ExportStep, KVShareStep, PruneStep, QuantizeStep, SingleInputKVStep
 from shrink.model import load_spec
 
 RECIPE = '[[step]]\nname = "prune"\nparams = 0.5\n\n[[step]]\nname = "distill"\ntokens = 1024\n\n' \
@@ -34,6 +34,12 @@ def test_the_estimates_follow_the_spec_and_the_steps(tiny_text_model_dir, monkey
     assert resumed.disk == 4 * half and resumed.parts == [f"export {resources.fmt_bytes(4 * half)}"]
     qad = resources.run_needs(spec, [("quantize", QuantizeStep(format="int4", qad=True)), ("export", ExportStep())])
     assert qad.disk == 4 * total + 12 * total and qad.memory_by == "quantize"
+    # K/V transforms: sharing writes a copy; SingleInputKV's first stage trains with a checkpoint, untrained none
+    shared = resources.run_needs(spec, [("kv-share", KVShareStep())])
+    assert shared.disk == 4 * total and shared.memory == 12 * total
+    swift = resources.run_needs(spec, [("single-input-kv", SingleInputKVStep(tokens=1024))], seq_len=32)
+    assert swift.disk == 4 * total + 12 * total and swift.memory_by == "single-input-kv"
+    assert resources.run_needs(spec, [("single-input-kv", SingleInputKVStep(tokens=0))]).disk == 4 * total
 
 
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_its_directory_exists(tiny_text_model_dir, tmp_path,
