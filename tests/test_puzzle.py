@@ -259,3 +259,28 @@ def test_blockwise_distillation_gives_the_parent_back_trainable(tiny_model, tmp_
     lib = [[Variant("attention", "parent"), Variant("ffn", "linear")] for _ in loaded.spec.layers]
     bld.run(loaded, _ids(n=4), lib, None, tmp_path, bld.BLDConfig(steps=1))
     assert all(p.requires_grad for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("shape", [{}, {"num_key_value_heads": 1, "tie_word_embeddings": False}])
+def test_an_all_attention_granitemoehybrid_built_from_a_llama_reproduces_its_logits(tiny_model, tmp_path, shape):
+    """GraniteMoeHybrid, the Hugging Face host of attention/Mamba2 hybrids (and llama.cpp's granitehybrid): the
+    Llama's weights in it give the Llama's logits; a layer typed Mamba holds a Mamba2 mixer instead and changes
+    them; the model saves and reloads as transformers' own class."""
+    from shrink.compress.puzzle.granite import ATTENTION, MAMBA, granite_from_llama
+    from transformers import AutoModelForCausalLM
+
+    llama = tiny_model("llama", num_hidden_layers=3, **shape).model
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    granite = granite_from_llama(llama)
+    hybrid = granite_from_llama(llama, [ATTENTION, MAMBA, ATTENTION])
+    with torch.no_grad():
+        expected = llama(ids).logits
+        assert torch.allclose(granite(ids).logits, expected, atol=1e-5)
+        assert (hybrid(ids).logits - expected).abs().max() > 1e-2
+        assert hybrid.model.layers[1].mamba is not None and hybrid.model.layers[1].self_attn is None
+        granite.save_pretrained(tmp_path / "granite")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "granite").eval()
+        assert type(reloaded).__name__ == "GraniteMoeHybridForCausalLM"
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)
+    with pytest.raises(ShrinkError, match="linear_attention"):
+        granite_from_llama(llama, [ATTENTION, "mamba"])
