@@ -34,14 +34,22 @@ def setup():
     return teacher, student, train, teacher_topk(teacher_model, train, k=16)
 
 
-def config(steps: int) -> DistillConfig:
-    return DistillConfig(loss="forward_kl", lr=3e-3, steps=steps, batch_size=4, checkpoint_every=1)
+def config(steps: int, parallel: str = "auto") -> DistillConfig:
+    return DistillConfig(loss="forward_kl", lr=3e-3, steps=steps, batch_size=4, checkpoint_every=1, parallel=parallel)
 
 
 if __name__ == "__main__":
+    # OUT [STEPS [PARALLEL [STOP_AFTER]]]: PARALLEL ddp|fsdp|auto; STOP_AFTER ends the run early (its checkpoint kept)
     out, steps = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 6
+    parallel = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    stop_after = int(sys.argv[4]) if len(sys.argv) > 4 else None
     _, student, train, topk = setup()
     torch.set_num_threads(1)
-    distill(student.model, train, topk, config(steps), out)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    from shrink.compress.distill.parallel import world
+
+    current = world()
+    report = distill(student.model, train, topk, config(steps, parallel), out, stop_after=stop_after, current=current)
+    if current.is_main:
         torch.save(student.model.state_dict(), out / "final.pt")
+        (out / "report.json").write_text(__import__("json").dumps(__import__("dataclasses").asdict(report)))
+    current.finish()

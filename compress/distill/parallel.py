@@ -1,8 +1,9 @@
 """Data parallelism for the distillation loop: the same command single-process or under torchrun.
 
-Under `torchrun --nproc_per_node N` (gloo on CPU, NCCL on GPUs) every rank holds the whole model,
-takes its share of each step's sequences, and DistributedDataParallel averages the gradients, so N
-ranks compute the step a single process computes. Rank 0 alone writes checkpoints and prints.
+Under `torchrun --nproc_per_node N` (gloo on CPU, NCCL on GPUs) every rank takes its share of each
+step's sequences, so N ranks compute the step a single process computes. With DDP every rank holds
+the whole student and DistributedDataParallel averages the gradients; with FSDP2 (`shard`) each holds
+1/N of the weights, gradients and optimizer state. Rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -64,6 +65,43 @@ def main_rank_first(current: World) -> Iterator[None]:
     yield
     if current.is_main:
         current.barrier()
+
+
+def choose_parallel(setting: str, model: Any, current: World) -> str:
+    """none (one process), ddp or fsdp; `auto` shards (FSDP2) when the student's training state in float32
+    (weights, gradients, two AdamW moments: 16 bytes a parameter) would take more than a quarter of one
+    process's memory (the GPU's, or the host's divided among the processes on this node)."""
+    if current.size <= 1:
+        return "none"
+    if setting != "auto":
+        return setting
+    import torch
+
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(current.rank % torch.cuda.device_count()).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", current.size))
+    state = 16 * sum(p.numel() for p in model.parameters())
+    return "fsdp" if state > memory / 4 else "ddp"
+
+
+def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> None:
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over `current`'s processes: each decoder layer of
+    `student` is one unit, `root` (the module whose forward the trainer calls) holds the rest (embedding,
+    final norm, head). Parameters, gradients and optimizer state live 1/N per process; a layer's whole
+    weights exist only while it runs. bf16: weights gathered in bf16, gradients reduced in float32."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(kind, (current.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    body = getattr(student, student.base_model_prefix, student)
+    for layer in getattr(body, "layers", []):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
 
 
 def wrap(model: Any, current: World) -> Any:

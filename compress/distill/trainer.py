@@ -11,8 +11,13 @@ before the bad step touches the weights, so the last checkpoint stays good.
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import ctypes.util
 import json
 import math
+import os
+import shutil
 import random
 import time
 from contextlib import nullcontext
@@ -23,13 +28,14 @@ from typing import Any, Callable
 from shrink.compress.distill.evaluate import evaluate
 from shrink.compress.distill.chunked import StudentLoss
 from shrink.compress.distill.losses import TAIDState, get_loss
-from shrink.compress.distill.parallel import World, world, wrap
+from shrink.compress.distill.parallel import World, choose_parallel, shard, world, wrap
 from shrink.errors import ShrinkError
 from shrink.storage import atomic_directory, atomic_write_text
 
 CHECKPOINT = "checkpoint"
 PRECISIONS = ("fp32", "bf16")
-HOW_NOT_WHAT = ("logit_chunk", "activation_checkpointing")  # settings a run may resume under changed
+PARALLEL = ("auto", "ddp", "fsdp")
+HOW_NOT_WHAT = ("logit_chunk", "activation_checkpointing", "parallel")  # settings a run may resume under changed
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class DistillConfig:
     seed: int = 0
     logit_chunk: int = 64  # positions per slice of the student's output projection in the loss; 0: full logits
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    parallel: str = "auto"  # under torchrun: ddp (whole student per process), fsdp (sharded), auto: by size
 
     def check(self) -> None:
         get_loss(self.loss)  # unknown loss names fail before any work
@@ -61,6 +68,8 @@ class DistillConfig:
             raise ShrinkError("Distillation needs at least one step, a batch size of at least 1 and --grad-accum >= 1.")
         if self.precision not in PRECISIONS:
             raise ShrinkError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'.")
+        if self.parallel not in PARALLEL:
+            raise ShrinkError(f"--parallel must be one of {', '.join(PARALLEL)}, not '{self.parallel}'.")
         if self.logit_chunk < 0:
             raise ShrinkError("--logit-chunk must be 0 (full logits) or a positive number of positions.")
         if self.lr <= 0 or self.clip_norm <= 0:
@@ -81,6 +90,8 @@ class DistillReport:
     evals: list[dict] = field(default_factory=list)  # periodic: {"step", "kl", "perplexity"}
     resumed_from: int = 0
     tokens_per_second: float = 0.0  # measured over this process's steps
+    parallel: str = "none"  # none (one process), ddp or fsdp
+    processes: int = 1
 
 
 def _lr_factor(config: DistillConfig) -> Callable[[int], float]:
@@ -140,25 +151,41 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         teacher.to(device).eval()
         alignment = HiddenAlignment(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
                                     _width(student), _width(teacher)).to(device)
-    parameters = [p for p in student.parameters() if p.requires_grad] + (list(alignment.parameters()) if alignment else [])
-    # fused: one pass over each tensor, no temporaries the size of the largest one (the vocabulary)
-    fused = True if all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters) else None
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     taid_state = TAIDState()
     report = DistillReport(steps=config.steps, tokens=0)
     evaluating = evaluation is not None and current.is_main
+    mode = choose_parallel(config.parallel, student, current)
+    report.parallel, report.processes = mode, current.size
+    if mode == "fsdp" and config.eval_every:
+        raise ShrinkError("--eval-every is not available with --parallel fsdp yet; evaluation runs before and after.")
     if evaluating:
         report.eval_before = evaluate(student, evaluation, *eval_topk).to_dict()
-    start = _resume(out / CHECKPOINT, student, optimizer, scheduler, alignment, taid_state, report, config)
+    trained, buffers = student, None
+    if mode == "fsdp":  # a sharded copy trains; the caller's module waits on the meta device for the result
+        buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
+        trained = copy.deepcopy(student)
+        student.to("meta")
+    loss_module = StudentLoss(trained, config, taid_state, config.logit_chunk)
+    if mode == "fsdp":
+        shard(loss_module, trained, current, config.precision)
+    model = wrap(loss_module, current) if mode == "ddp" else loss_module
+    state = torch.nn.Module()  # what a checkpoint holds: the student and the hidden-state projection
+    state.student = trained
+    if alignment is not None:
+        state.alignment = alignment
+    parameters = [p for p in state.parameters() if p.requires_grad]
+    # fused: one pass over each tensor, no temporaries the size of the largest one (the vocabulary)
+    fused = mode != "fsdp" and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    start = _resume(out / CHECKPOINT, state, optimizer, scheduler, taid_state, report, config)
     if start == 0:
         torch.manual_seed(config.seed)  # a resumed run continues from the checkpoint's RNG state instead
-    model = wrap(StudentLoss(student, config, taid_state, config.logit_chunk), current)
     if config.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     release_freed_memory()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
-    student.train()
+    trained.train()
     started, tokens_here = time.perf_counter(), 0
     for step in range(start, config.steps):
         rows = current.shard(_batch_rows(step, train.shape[0], config.batch_size, config.seed))
@@ -169,7 +196,10 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
             ids = train[chunk].to(device)
             # DDP averages gradients over ranks: weight each micro-batch so the sum is the global mean
             weight = len(chunk) / config.batch_size * current.size
-            sync = nullcontext() if current.size == 1 or m == len(micro) - 1 else model.no_sync()
+            last = m == len(micro) - 1
+            if mode == "fsdp":
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if mode == "ddp" and not last else nullcontext()
             with sync:
                 with autocast:
                     loss, hidden_states = model(ids, values[chunk].to(device), indices[chunk].to(device),
@@ -185,6 +215,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
 
             dist.all_reduce(step_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
         _stop_if_diverged(step + 1, step_loss.item(), float(grad_norm), report, out / CHECKPOINT, config)
         optimizer.step()
         scheduler.step()
@@ -199,16 +230,20 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
             progress(done, step_loss.item(), report.tokens_per_second)
         if evaluating and config.eval_every and done % config.eval_every == 0 and done != config.steps:
             report.evals.append({"step": done, **evaluate(student, evaluation, *eval_topk).to_dict()})
-        if current.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-            _save_checkpoint(out / CHECKPOINT, student, optimizer, scheduler, alignment, taid_state, report, config, done)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            _save_checkpoint(out / CHECKPOINT, state, optimizer, scheduler, taid_state, report, config, done, current)
         if stop_after is not None and done >= stop_after:
-            current.barrier()
-            return report  # used by tests to simulate a killed run
+            break  # used by tests to simulate a killed run
     current.barrier()  # no rank reads the final weights before rank 0 has written them
     if config.activation_checkpointing:
-        student.gradient_checkpointing_disable()
+        trained.gradient_checkpointing_disable()
     optimizer.zero_grad(set_to_none=True)  # the last step's gradients are not needed by the evaluation
+    if mode == "fsdp":
+        _gather_into(student, trained, buffers, device)
+        del trained, loss_module, model, state, optimizer
     student.eval()
+    if stop_after is not None and stop_after < config.steps:
+        return report
     if evaluating:
         report.eval_after = evaluate(student, evaluation, *eval_topk).to_dict()
         report.evals.append({"step": config.steps, **report.eval_after})
@@ -220,9 +255,6 @@ def release_freed_memory() -> None:
     logits goes back to the system at once instead of staying in the heap: glibc's threshold otherwise
     rises to 32 MiB after the first large free, and the heap kept ~0.4 GB of freed tensors between
     steps when distilling the embedded model (benchmarks/distill_memory.py). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -252,20 +284,46 @@ def _stop_if_diverged(step: int, loss: float, grad_norm: float, report: DistillR
                       "lower --lr or --clip-norm and run again.")
 
 
-def _save_checkpoint(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment: Any, taid_state: TAIDState,
-                     report: DistillReport, config: DistillConfig, step: int) -> None:
+def _save_checkpoint(path: Path, state: Any, optimizer: Any, scheduler: Any, taid_state: TAIDState,
+                     report: DistillReport, config: DistillConfig, step: int, current: World) -> None:
+    """Model and optimizer as a torch.distributed.checkpoint (each process writes its shards; any number
+    of processes, sharded or not, reads it back), the rest as small files from rank 0; atomic."""
     import torch
-    from safetensors.torch import save_model
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    with atomic_directory(path) as tmp:
-        save_model(student, str(tmp / "student.safetensors"))  # handles tied (shared) tensors
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "alignment": alignment.state_dict() if alignment is not None else None,
-                    "rng": torch.get_rng_state()}, tmp / "state.pt")
-        atomic_write_text(tmp / "progress.json", json.dumps({
-            "step": step, "config": asdict(config), "taid": taid_state.to_dict(),
-            "losses": report.losses, "tokens": report.tokens, "evals": report.evals,
-        }))
+    model_state, optimizer_state = get_state_dict(state, optimizer)
+    tmp = path.with_name(f".{path.name}.writing")
+    if current.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    current.barrier()
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "state"),
+             no_dist=current.size == 1)
+    current.barrier()
+    if current.is_main:
+        with atomic_directory(path) as final:
+            os.replace(tmp / "state", final / "state")
+            torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "processes": current.size},
+                       final / "run.pt")
+            atomic_write_text(final / "progress.json", json.dumps({
+                "step": step, "config": asdict(config), "taid": taid_state.to_dict(),
+                "losses": report.losses, "tokens": report.tokens, "evals": report.evals,
+            }))
+        shutil.rmtree(tmp, ignore_errors=True)
+    current.barrier()
+
+
+def _gather_into(student: Any, trained: Any, buffers: dict, device: Any) -> None:
+    """The sharded copy's full weights into the caller's module (on the meta device while it trained)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
+    student.to_empty(device=device)
+    student.load_state_dict(full)
+    for name, buffer in buffers.items():
+        student.get_buffer(name).copy_(buffer)
+    student.tie_weights()
 
 
 def _result_settings(settings: dict) -> dict:
@@ -273,10 +331,11 @@ def _result_settings(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in HOW_NOT_WHAT}
 
 
-def _resume(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment: Any, taid_state: TAIDState,
-            report: DistillReport, config: DistillConfig) -> int:
+def _resume(path: Path, state: Any, optimizer: Any, scheduler: Any, taid_state: TAIDState, report: DistillReport,
+            config: DistillConfig) -> int:
     import torch
-    from safetensors.torch import load_model
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     progress_file = path / "progress.json"
     if not progress_file.is_file():
@@ -285,14 +344,18 @@ def _resume(path: Path, student: Any, optimizer: Any, scheduler: Any, alignment:
     if _result_settings(saved["config"]) != _result_settings(asdict(config)):
         raise ShrinkError(f"The checkpoint in '{path}' was made with other settings; use another output directory "
                           "or the same settings to resume.")
-    device = next(student.parameters()).device
-    load_model(student, str(path / "student.safetensors"), strict=True, device=str(device))
-    state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if alignment is not None:
-        alignment.load_state_dict(state["alignment"])
-    torch.set_rng_state(state["rng"])
+    if not (path / "state").is_dir():
+        raise ShrinkError(f"The checkpoint in '{path}' was written by an older shrink (no sharded state); use another "
+                          "output directory.")
+    model_state, optimizer_state = get_state_dict(state, optimizer)
+    whole = {"model": model_state, "optimizer": optimizer_state}
+    import torch.distributed as dist
+
+    dcp.load(whole, checkpoint_id=str(path / "state"), no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_state_dict(state, optimizer, model_state_dict=whole["model"], optim_state_dict=whole["optimizer"])
+    run = torch.load(path / "run.pt", weights_only=True)
+    scheduler.load_state_dict(run["scheduler"])
+    torch.set_rng_state(run["rng"])
     for key, value in saved["taid"].items():
         setattr(taid_state, key, value)
     report.losses = saved["losses"]

@@ -1,0 +1,58 @@
+"""FSDP2 under torchrun (CPU, gloo, 2 processes): the sharded student is the single-process student, and
+a sharded checkpoint resumes on another number of processes (2 -> 1, 1 -> 2) to the same weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shrink.compress.distill.trainer import distill
+
+WORKER = str(Path(__file__).parent / "distill_worker.py")
+
+
+def _run(tmp_path, processes, steps, stop_after=None, parallel="fsdp"):
+    env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    if processes > 1:
+        torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+        command = [torchrun, "--standalone", "--nproc_per_node", str(processes), WORKER]
+    else:
+        command = [sys.executable, WORKER]
+    args = [str(tmp_path / "run"), str(steps), parallel] + ([str(stop_after)] if stop_after else [])
+    done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (report["parallel"], report["processes"]) == ((parallel, processes) if processes > 1 else ("none", 1))
+    return torch.load(tmp_path / "run" / "final.pt", weights_only=True), report
+
+
+def _single(tmp_path, steps):
+    import distill_worker
+
+    _, student, train, topk = distill_worker.setup()
+    distill(student.model, train, topk, distill_worker.config(steps), tmp_path / "single")
+    return student.model.state_dict()
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.allclose(value, b[name], atol=1e-5), name
+
+
+def test_fsdp_two_processes_give_the_single_process_student(tmp_path):
+    _same(_run(tmp_path, 2, 4)[0], _single(tmp_path, 4))
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, then):
+    _run(tmp_path, first, 5, stop_after=2)  # a checkpoint after each step; this run ends after step 2
+    assert (tmp_path / "run" / "checkpoint" / "state").is_dir()
+    weights, report = _run(tmp_path, then, 5)
+    assert report["resumed_from"] == 2
+    _same(weights, _single(tmp_path, 5))
