@@ -4,8 +4,9 @@ The training is flows/steps.py's `distill`, the function a recipe's distill step
 
 from __future__ import annotations
 
+import gc
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import typer
@@ -17,7 +18,7 @@ from shrink.compress.data import local_file, read_texts
 from shrink.compress.distill.parallel import world
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
-from shrink.flows.steps import distill, distill_config, load_model, prepare_split
+from shrink.flows.steps import distill, distill_config, load_model, prepare_split, teacher_logits
 from shrink.flows.resources import check as check_resources
 from shrink.flows.resources import distill_needs
 from shrink.model import load_spec, save_loaded
@@ -44,6 +45,9 @@ def distill_command(
     hidden_weight: float = typer.Option(0.0, help="Weight of a hidden-state term (student layers matched to the teacher's at the same relative depth; runs the teacher live)."),
     eval_every: int = typer.Option(0, help="Steps between held-out evaluations (0: before and after only)."),
     checkpoint_every: int = typer.Option(None, help=f"Steps between checkpoints; default: {defaults.CHECKPOINTS_PER_RUN} checkpoints per run."),
+    parallel: str = typer.Option("auto", help="Under torchrun: ddp (the whole student in every process), fsdp (FSDP2: weights, gradients and optimizer state 1/N per process) or auto (fsdp when the training state would take over a quarter of one process's memory)."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute each layer's activations in the backward pass (less memory, same result, slower)."),
+    logit_chunk: int = typer.Option(64, help="Positions per slice of the student's output projection in the loss (full-vocabulary logits are never held for more); 0: full logits."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Distill a student towards a teacher on its logits, resumable after an interruption.
@@ -60,7 +64,8 @@ def distill_command(
     config = distill_config(seq_len=seq_len, loss=loss, temperature=temperature, lr=lr, batch_size=batch_size,
                             steps=steps, top_k=top_k, ce_weight=ce_weight, hidden_weight=hidden_weight,
                             warmup_steps=warmup_steps, clip_norm=clip_norm, grad_accum=grad_accum, precision=precision,
-                            eval_every=eval_every, checkpoint_every=checkpoint_every)
+                            eval_every=eval_every, checkpoint_every=checkpoint_every, parallel=parallel,
+                            activation_checkpointing=activation_checkpointing, logit_chunk=logit_chunk)
     if data and local_file(data) is not None:
         read_texts(data)  # a missing, unreadable or empty data file fails before two models load
     check_resources(distill_needs(load_spec(teacher), load_spec(student), batch_size, seq_len), output,
@@ -70,8 +75,13 @@ def distill_command(
         teacher_model = load_model(teacher, hooks)
         student_model = load_model(student, hooks)
         split = prepare_split(teacher_model, data, seq_len, hooks, current, student=student_model)
+        topk = teacher_logits(student_model, teacher_model, split, config, hooks, current)
+        if not config.hidden_weight:  # training reads the cached logits only: the teacher leaves memory
+            teacher_model = replace(teacher_model, model=None, tokenizer=None)
+            gc.collect()
         started = time.perf_counter()
-        report = distill(student_model, teacher_model, split, config, Path(f"{output}.checkpoints"), hooks, current)
+        report = distill(student_model, teacher_model, split, config, Path(f"{output}.checkpoints"), hooks, current,
+                         topk=topk)
     seconds = time.perf_counter() - started
     if current.is_main:
         save_loaded(student_model, output)
@@ -86,6 +96,7 @@ def distill_command(
     console.print(f"[bold]Distilled[/] {student} towards {teacher} -> {output}")
     console.print(f"{report.steps} steps, {report.tokens:,} tokens ({split.source}), {seconds:.0f} s measured, "
                   f"{report.tokens_per_second:,.0f} tokens/s measured on {current.size} process(es)"
+                  + (f" ({report.parallel})" if current.size > 1 else "")
                   + (f", resumed from step {report.resumed_from}" if report.resumed_from else ""))
     console.print(f"held-out, measured on {split.evaluation.shape[0]} sequences of {seq_len} tokens: "
                   f"KL(teacher || student) {before['kl']:.4f} -> {after['kl']:.4f}, "

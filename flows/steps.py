@@ -147,21 +147,34 @@ def distill_config(tokens: int = defaults.DISTILL_TOKENS, seq_len: int = default
     return config
 
 
-def distill(student: Any, teacher: Any, split: Any, config: Any, checkpoints: Path, hooks: Hooks,
-            current: Any = None, topk: tuple[Any, Any] | None = None) -> Any:
-    """Distill `student` (a LoadedModel, changed in place) towards `teacher` on its cached top-k
-    logits; resumes from `checkpoints`. `topk` (train, evaluation) reuses logits already cached."""
-    current = current or world()
+def _teacher_for(student: Any, teacher: Any) -> Any:
     if teacher.spec.vocab_size != student.spec.vocab_size:
         trim = trim_of(student.model)
         if trim is None or trim.original_size != teacher.spec.vocab_size:
             raise ShrinkError("Teacher and student have different vocabularies; logit distillation needs the same one.")
-        teacher = replace(teacher, model=kept_view(teacher.model, trim))  # the teacher over the kept tokens
+        if teacher.model is not None:
+            teacher = replace(teacher, model=kept_view(teacher.model, trim))  # the teacher over the kept tokens
+    return teacher
+
+
+def teacher_logits(student: Any, teacher: Any, split: Any, config: Any, hooks: Hooks, current: Any = None) -> Any:
+    """The teacher's cached top-k (train, evaluation) for distilling `student`; written once, by rank 0."""
+    teacher = _teacher_for(student, teacher)
+    with main_rank_first(current or world()):  # rank 0 writes the teacher cache, the others read it
+        hooks.status("Caching the teacher's top-k logits")
+        return (teacher_topk(teacher.model, split.train, config.top_k),
+                teacher_topk(teacher.model, split.evaluation, config.top_k))
+
+
+def distill(student: Any, teacher: Any, split: Any, config: Any, checkpoints: Path, hooks: Hooks,
+            current: Any = None, topk: tuple[Any, Any] | None = None) -> Any:
+    """Distill `student` (a LoadedModel, changed in place) towards `teacher` on its cached top-k
+    logits; resumes from `checkpoints`. `topk` (train, evaluation) reuses logits already cached; with
+    it, `teacher` may be a LoadedModel without weights (model None) unless the hidden-state term is on."""
+    current = current or world()
+    teacher = _teacher_for(student, teacher)
     if topk is None:
-        with main_rank_first(current):  # rank 0 writes the teacher cache, the others read it
-            hooks.status("Caching the teacher's top-k logits")
-            topk = (teacher_topk(teacher.model, split.train, config.top_k),
-                    teacher_topk(teacher.model, split.evaluation, config.top_k))
+        topk = teacher_logits(student, teacher, split, config, hooks, current)
     return train(hooks, student.model, split, *topk, config, checkpoints,
                  teacher=teacher.model if config.hidden_weight else None, current=current)
 
