@@ -152,8 +152,9 @@ def _teacher_for(student: Any, teacher: Any) -> Any:
         trim = trim_of(student.model)
         if trim is None or trim.original_size != teacher.spec.vocab_size:
             raise ShrinkError("Teacher and student have different vocabularies; logit distillation needs the same one.")
-        if teacher.model is not None:
-            teacher = replace(teacher, model=kept_view(teacher.model, trim))  # the teacher over the kept tokens
+        # the teacher over the kept tokens (its spec says so, so that a second call leaves it as it is)
+        teacher = replace(teacher, model=kept_view(teacher.model, trim) if teacher.model is not None else None,
+                          spec=replace(teacher.spec, vocab_size=trim.size))
     return teacher
 
 
