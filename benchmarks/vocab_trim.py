@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="Default: the embedded model; a tiny directory checks the script.")
     parser.add_argument("--sizes", default="16384")
     parser.add_argument("--quant", default="q8_0")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, default=8192, help="Distillation tokens; 0: the trimmed model as sliced.")
     parser.add_argument("--lr", type=float, default=1e-5,
                         help="Distillation peak learning rate (shrink's default 1e-4, tuned for pruned students, took the "
                              "trimmed model from KL 0.107 to 0.598 in 8 steps: it is near its teacher already).")
@@ -138,13 +139,18 @@ def main() -> None:
         before_again = again["decode_s_measured"]  # machine's load drifts between runs
         gguf_before = timed("llama.cpp KL, trimmed", in_llama_cpp, original, trim, small_gguf, held)
 
-        student = load(str(directory))
-        config = distill_config(args.tokens, args.seq_len, lr=args.lr)
-        report = timed(f"distillation ({args.tokens:,} tokens, lr {args.lr:g})", distill, student, original, split, config,
-                       args.work / f"distill-{size}-{args.tokens}-{args.lr:g}.checkpoints", Hooks())
-        distilled_gguf = args.work / f"distilled-{size}-{args.tokens}-{args.lr:g}-{args.quant}.gguf"
-        timed("GGUF export of the distilled model", export_gguf, student, distilled_gguf, args.quant)
-        gguf_after = timed("llama.cpp KL, distilled", in_llama_cpp, original, trim, distilled_gguf, held)
+        if args.tokens:
+            student = load(str(directory))
+            config = distill_config(args.tokens, args.seq_len, lr=args.lr)
+            report = timed(f"distillation ({args.tokens:,} tokens, lr {args.lr:g})", distill, student, original, split,
+                           config, args.work / f"distill-{size}-{args.tokens}-{args.lr:g}.checkpoints", Hooks())
+            distilled_gguf = args.work / f"distilled-{size}-{args.tokens}-{args.lr:g}-{args.quant}.gguf"
+            timed("GGUF export of the distilled model", export_gguf, student, distilled_gguf, args.quant)
+            gguf_after = timed("llama.cpp KL, distilled", in_llama_cpp, original, trim, distilled_gguf, held)
+        else:  # --tokens 0: the trimmed model as sliced
+            report = SimpleNamespace(eval_before={"kl": None}, eval_after={"kl": None}, steps=0, tokens=0,
+                                     tokens_per_second=None)
+            gguf_after = gguf_before
         results["sizes"].append({
             "kept_vocab": trim.size, "selection": selection, "outside_mass_measured": mass,
             "decode_target_estimated": estimates, "decode_host_estimated": host, "trimmed": after,
@@ -183,8 +189,9 @@ def main() -> None:
     console.print(table)
     for row in results["sizes"]:
         kl = row["kl_pytorch_topk_measured"]
-        console.print(f"{row['kept_vocab']:,} tokens: PyTorch top-k KL (measured) {kl['before']:.4f} -> {kl['after']:.4f} "
-                      f"after {row['distill']['tokens']:,} tokens at lr {row['distill_lr']:g}; calibration-token coverage "
+        distilled = (f"PyTorch top-k KL (measured) {kl['before']:.4f} -> {kl['after']:.4f} after {row['distill']['tokens']:,} "
+                     f"tokens at lr {row['distill_lr']:g}" if row["distill"]["tokens"] else "not distilled (--tokens 0)")
+        console.print(f"{row['kept_vocab']:,} tokens: {distilled}; calibration-token coverage "
                       f"{row['selection']['calibration_token_coverage']:.2%} (measured); held-out sizes "
                       f"{row['selection']['held_out']['held_out_tokens']:,} tokens / {row['selection']['held_out']['held_out_documents']} "
                       f"documents; tokenizer parity: {row['tokenizer_parity']['detail']}")
