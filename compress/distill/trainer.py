@@ -293,7 +293,7 @@ def _save_checkpoint(path: Path, state: Any, optimizer: Any, scheduler: Any, tai
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(state, optimizer)
-    tmp = path.with_name(f".{path.name}.writing")
+    tmp = path.with_name(f".{path.name}.shards.tmp")  # a killed write leaves litter storage.remove_leftovers knows
     if current.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
