@@ -67,7 +67,7 @@ class VocabTrim:
         return cls(tuple(int(i) for i in data["kept"]), int(data["original_size"]),
                    tuple(int(i) for i in data.get("mapped", ())))
 
-    def composed(self, inner: "VocabTrim") -> "VocabTrim":
+    def composed(self, inner: VocabTrim) -> VocabTrim:
         """This trim applied to a model already trimmed by `inner`: ids in the first original space."""
         if self.original_size != inner.size:
             raise ShrinkError("A vocabulary trim does not fit the vocabulary it is applied to.")

@@ -54,6 +54,7 @@ from shrink.compress.data import pack, read_texts, teacher_texts
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 from shrink.storage import cache_dir
+from shrink.tokenizerjson import bpe_tokenizer_json
 from shrink.vocabmap import VocabTrim, record, trim_of
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -73,15 +74,10 @@ class _BPE:
 
 
 def _bpe(tokenizer: Any) -> _BPE:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ShrinkError("This tokenizer has no tokenizer.json (a slow, Python-only tokenizer); vocabulary trimming "
-                          "rewrites tokenizer.json, so it needs a fast tokenizer.")
-    spec = json.loads(backend.to_str())
+    spec = bpe_tokenizer_json(tokenizer, "vocabulary trimming rewrites tokenizer.json, so it needs a fast tokenizer.",
+                              "vocabulary trimming supports BPE tokenizers (SentencePiece-style with byte fallback, "
+                              "or byte-level).")
     model = spec["model"]
-    if model.get("type") != "BPE":
-        raise ShrinkError(f"The tokenizer is a {model.get('type')} model; vocabulary trimming supports BPE tokenizers "
-                          "(SentencePiece-style with byte fallback, or byte-level).")
     if model.get("byte_fallback"):
         kind = "byte_fallback"
     elif "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.tokenizerjson import bpe_tokenizer_json
 
 # gguf.TokenType values (kept here so that describing a vocabulary does not import gguf)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -93,15 +94,10 @@ def gguf_vocabulary(tokenizer: Any, rows: int) -> GGUFVocabulary:
 def vocabulary_from_hf(tokenizer: Any) -> GGUFVocabulary:
     """The GGUF vocabulary of a Hugging Face fast tokenizer, or a ShrinkError naming what llama.cpp
     cannot reproduce."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ShrinkError("This tokenizer has no tokenizer.json (a slow, Python-only tokenizer); llama.cpp's "
-                          "tokenizers are converted from tokenizer.json only: export it as ONNX instead.")
-    spec = json.loads(backend.to_str())
+    spec = bpe_tokenizer_json(tokenizer, "llama.cpp's tokenizers are converted from tokenizer.json only: export it "
+                              "as ONNX instead.", "shrink converts BPE tokenizers (SentencePiece-style or byte-level) "
+                              "to GGUF only: export it as ONNX instead.")
     model = spec["model"]
-    if model.get("type") != "BPE":
-        raise ShrinkError(f"The tokenizer is a {model.get('type')} model; shrink converts BPE tokenizers "
-                          "(SentencePiece-style or byte-level) to GGUF only: export it as ONNX instead.")
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
     vocab = _dense_vocabulary(model["vocab"], added, len(tokenizer))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]

@@ -122,9 +122,8 @@ def logits_kept(spec: ArchSpec, logits: str | None) -> str:
     """Which positions' logits the graph returns: "all" (verify compares every position from one call) or
     "last" (a deployment's prefill needs no more; the vocabulary projection over a long prompt is then one
     row). A SingleInputKV model returns the last only: its layers from k on run the last token alone."""
+    check_logits("onnx", logits)
     logits = logits or ("last" if spec.single_input_kv is not None else "all")
-    if logits not in LOGITS:
-        raise ShrinkError(f"Unknown --logits '{logits}'; choose one of: {', '.join(LOGITS)}.")
     if logits == "all" and spec.single_input_kv is not None:
         raise ShrinkError(f"A SingleInputKV model's graph returns the last position's logits only: from layer "
                           f"{spec.single_input_kv} on the prompt's other tokens are not computed (use --logits last).")

@@ -224,8 +224,9 @@ def kv_variants(spec: Any, runtime: str, budget: TargetBudget) -> list[tuple[str
     variants: list[tuple[str | None, Any]] = [(None, spec)]
     if runtime != "onnx" or (budget.ttft_s is None and budget.memory_bytes is None):
         return variants
-    if spec.family in kvshare.SUPPORTED_FAMILIES and kvshare.every_pair(spec):
-        variants.append(("kv-share", kvshare.shared_spec(spec, kvshare.every_pair(spec))))
+    pairs = kvshare.every_pair(spec) if spec.family in kvshare.SUPPORTED_FAMILIES else []
+    if pairs:
+        variants.append(("kv-share", kvshare.shared_spec(spec, pairs)))
     if spec.family in swiftkv.SUPPORTED_FAMILIES and spec.num_layers > 1 and spec.single_input_kv is None:
         variants.append(("single-input-kv", swiftkv.single_input_spec(spec)))
     return variants
