@@ -58,11 +58,37 @@ def open_llama(path: Path, *, n_ctx: int, n_batch: int, threads: int | None = No
 
     threads = threads or os.cpu_count() or 1
     try:
-        with quiet_stderr():
+        with quiet_stderr(), extra_buffers_off_on_amx():
             return Llama(model_path=str(path), logits_all=logits_all, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                          n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False)
     except (ValueError, RuntimeError) as err:
         raise ShrinkError(f"llama.cpp could not load '{path}': the file is corrupt, truncated or of an unsupported kind ({err}).") from None
+
+
+@contextlib.contextmanager
+def extra_buffers_off_on_amx():
+    """Models opened inside keep their weights in plain CPU buffers where llama.cpp was built with AMX.
+    llama.cpp's AMX buffers crash the process (SIGSEGV in decode) with the pinned llama-cpp-python
+    0.3.36 on an AMX Xeon, on Q8_0 files of the embedded model and of tiny models alike (measured; with
+    the extra buffer types off the same files decode). Elsewhere llama.cpp's defaults stay, its
+    repacked kernels included."""
+    import llama_cpp.llama_cpp as bindings
+
+    if b"AMX_INT8 = 1" not in bindings.llama_print_system_info():
+        yield
+        return
+    defaults = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 @contextlib.contextmanager
