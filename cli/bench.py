@@ -46,3 +46,8 @@ def bench_command(
     console.print(table)
     if e is None:
         console.print("[yellow]no manifest beside the artifact: no estimate to compare with[/]")
+    elif e.runtime is None:
+        console.print(f"the estimate uses this machine's bandwidth and compute, not {result.runtime}'s own kernels: "
+                      "`shrink profiles calibrate` measures those (once) for estimates that match", highlight=False)
+    else:
+        console.print(f"the estimate uses {e.runtime}'s kernels per format as calibrated on this machine", highlight=False)

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from shrink.numformats import resolve_weights, runtime_for
 from shrink.cli.inspect import MODEL_HELP
-from shrink.cli.render import console, handle_user_errors, print_json
+from shrink.cli.render import console, err_console, handle_user_errors, print_json
+from shrink.flows.calibrate import calibrated_host
 from shrink.units import fmt_bytes, fmt_count, fmt_rate, fmt_time
 from shrink.errors import ShrinkError
 from shrink.hardware.plot import roofline_chart
@@ -50,6 +51,9 @@ def estimate_command(
     if plot is not None and target == "all":
         raise ShrinkError("--plot draws one target's roofline; pass a single --target with it.")
     profiles = resolve_targets(target)
+    if target == "host":  # this machine: its runtime's kernels calibrated (once, cached)
+        with err_console.status("Calibrating") as spinner:
+            profiles = [calibrated_host(lambda message: spinner.update(message))]
     spec = load_spec(model)
     changes = {k: v for k, v in dict(weights=weights, embeddings=embeddings, activations=activations, kv_cache=kv).items() if v}
     results = [estimate(_with_formats(spec, changes, profile), profile, workload) for profile in profiles]
@@ -62,6 +66,9 @@ def estimate_command(
         e = results[0]
         console.print(f"[bold]Estimated (roofline)[/]: {e.model} on {e.target} ({e.target_title})", highlight=False)
         console.print(_header(e), highlight=False)
+        kernels = profiles[0].calibration(e.runtime)
+        if kernels is not None:
+            console.print(f"costed with {kernels.runtime}'s kernels per format, measured ({kernels.source})", highlight=False)
         console.print(_summary_table(e))
         if ops:
             console.print(_ops_table(results[0]))

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
 from shrink.cli.render import console, handle_user_errors, print_json
-from shrink.hardware.profiles import ALIASES, get_profile, known_targets
+from shrink.errors import ShrinkError
+from shrink.flows.calibrate import LLAMA_CPP_FORMATS, cache_host_kernels, calibrate_runtimes
+from shrink.hardware.profiles import ALIASES, get_profile, known_targets, profile_toml
+from shrink.storage import atomic_write_text
 
 profiles_app = typer.Typer(
     help="List the hardware targets shrink can estimate for, or show one with the source of every number.",
@@ -69,6 +75,69 @@ def show_profile(
     for section, source in profile.sources.items():
         table.add_row(f"source: {section}", source)
     table.add_row("why these efficiencies", profile.reasoning)
+    for runtime, kernels in profile.calibrations.items():
+        rates = ", ".join(f"{fmt} {r.decode_GBps:.1f} GB/s / {r.prefill_TFLOPS * 1e3:.0f} GFLOP/s" for fmt, r in kernels.formats.items())
+        table.add_row(f"{runtime} kernels (decode / prefill)", rates)
+        table.add_row(f"{runtime} fixed costs", f"{kernels.decode_token_s * 1e6:.0f} us + {kernels.decode_layer_s * 1e6:.1f} us/layer "
+                      f"per decode step; {kernels.prefill_call_s * 1e3:.2f} ms + {kernels.prefill_layer_s * 1e3:.3f} ms/layer per prefill")
+        table.add_row(f"source: {runtime} kernels", kernels.source)
     if profile.path:
         table.add_row("file", profile.path)
     console.print(table)
+
+
+@profiles_app.command("calibrate")
+@handle_user_errors
+def calibrate_profile(
+    output: Path = typer.Option(None, "--output", "-o", help="Write the calibrated profile here (a .toml that --target takes); default: only cache it for --target host."),
+    name: str = typer.Option(None, help="The profile's name in the file (default: the file's stem)."),
+    formats: str = typer.Option(None, help=f"Comma-separated formats to measure (default: all of {', '.join(LLAMA_CPP_FORMATS)})."),
+    threads: int = typer.Option(None, help="Threads the runtime uses (default: every CPU, as `shrink bench`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the calibration as JSON on stdout."),
+) -> None:
+    """Measure llama.cpp's own kernels on this machine, per stored format, for estimates that match it.
+
+    Times synthetic models (random weights) in every format as `shrink bench` does and fits per format the rate weights stream at in a decode step and the rate a prefill computes at, plus the fixed costs per token and per layer. The result is cached for `--target host`: `shrink estimate -t host`, `shrink bench` and `shrink run --target host` then cost each format with its own kernels. With -o it is also written as a profile file: run on a Jetson, a phone or a RISC-V board, that is the device's own profile.
+
+    A calibration taken while other work runs is flagged and not cached. About 5 minutes on 2 cores.
+
+    Examples:
+
+      shrink profiles calibrate
+
+      shrink profiles calibrate -o orin-nano-measured.toml && shrink estimate gemma-3-270m -t orin-nano-measured.toml
+    """
+    if output is not None and output.suffix != ".toml":
+        raise ShrinkError(f"The profile file must end in .toml, not '{output.name}'.")
+    chosen = tuple(f.strip().lower() for f in formats.split(",")) if formats else LLAMA_CPP_FORMATS
+    host = get_profile("host", refresh_host=True)  # this machine's bandwidth and compute, measured now
+    with console.status("calibrating") as spinner:
+        calibrations = calibrate_runtimes(host, threads=threads, formats=chosen,
+                                          status=lambda message: spinner.update(message))
+    cached = cache_host_kernels(calibrations)
+    profile = replace(host, calibrations=calibrations)
+    if output is not None:
+        stem = name or output.stem
+        atomic_write_text(output, profile_toml(profile, stem, f"{host.title}, kernels calibrated"))
+    if json_out:
+        print_json({"runtime": {n: c.to_table() for n, c in calibrations.items()}, "cached": cached,
+                    "output": str(output) if output else None})
+        return
+    for runtime, calibration in calibrations.items():
+        table = Table(title=f"{runtime} on this machine (measured; spread of repeated runs up to {calibration.spread:.1%})",
+                      title_justify="left")
+        for column in ("format", "decode: weights streamed", "prefill: compute"):
+            table.add_column(column, justify="left" if column == "format" else "right")
+        for fmt, rate in calibration.formats.items():
+            table.add_row(fmt, f"{rate.decode_GBps:.2f} GB/s", f"{rate.prefill_TFLOPS * 1e3:.1f} GFLOP/s")
+        console.print(table)
+        console.print(f"fixed costs (measured): {calibration.decode_token_s * 1e6:.0f} us per decode step + "
+                      f"{calibration.decode_layer_s * 1e6:.1f} us per layer; {calibration.prefill_call_s * 1e3:.2f} ms "
+                      f"per prefill + {calibration.prefill_layer_s * 1e3:.3f} ms per layer", highlight=False)
+        if calibration.busy:
+            console.print(f"[yellow]warning[/]: {calibration.source.rsplit('; ', 1)[-1]}; not cached: run it again "
+                          "on a quiet machine", highlight=False)
+    if cached:
+        console.print("cached for --target host", highlight=False)
+    if output is not None:
+        console.print(f"profile written to {output} (use it with --target {output})", highlight=False)

@@ -164,14 +164,12 @@ def _ranked(candidates: list[dict], chosen_label: str) -> list[dict]:
 
 
 def _print_plan(plan: dict, top: int = 0) -> None:
-    factors = plan.get("host_calibration")
+    kernels = plan.get("host_kernels") or {}
     console.print(f"[bold]Plan[/] for {plan['model']} on {plan['target']} ({plan['target_title']}) within "
                   f"{budget_text(plan['budget'])}; workload {plan['workload']}", highlight=False)
-    if factors:
-        console.print(f"host estimates scaled by measured/estimated {factors['decode']:.2f}x (decode) and "
-                      f"{factors['prefill']:.2f}x (prefill): the original as F16 GGUF took "
-                      f"{fmt_time(factors['measured_decode_s'])}/token measured against "
-                      f"{fmt_time(factors['estimated_decode_s'])} estimated", highlight=False)
+    for runtime, table in kernels.items():
+        console.print(f"host estimates use {runtime}'s kernels as calibrated here, per format ({table['source']})",
+                      highlight=False)
     ranked = _ranked(plan["candidates"], plan["chosen"]["label"])
     shown = ranked[:top] if top > 0 else ranked
     table = _candidates_table(shown, plan["chosen"]["label"],
@@ -242,7 +240,9 @@ def _print_report(report: dict) -> None:
     bench = next((s["metrics"] for s in report["steps"] if s["name"] == "bench"), None)
     if bench is not None and bench.get("estimate"):
         console.print(f"on this machine: {fmt_time(bench['measured']['decode_s_per_token'])}/token measured, "
-                      f"{fmt_time(bench['estimate']['tpot_s'])} estimated (host roofline, uncalibrated)", highlight=False)
+                      f"{fmt_time(bench['estimate']['tpot_s'])} estimated (host roofline"
+                      + (f", {bench['estimate']['runtime']}'s kernels as calibrated here)" if bench["estimate"].get("runtime")
+                         else ", no calibrated kernels)"), highlight=False)
     check = report.get("budget_check") or {}
     for line in check.get("lines", []):
         mark = "[bold green]meets[/]" if line["passed"] else "[bold red]misses[/]"

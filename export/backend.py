@@ -61,6 +61,11 @@ def backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def runtime_of(kind: str) -> str:
+    """The runtime that executes an artifact kind ('gguf' -> 'llama.cpp'); another name is its own."""
+    return BACKENDS[kind].runtime if kind in BACKENDS else kind
+
+
 def backend_for(path: str | Path) -> Backend:
     """The backend of an artifact on disk: a .gguf file or a directory holding model.onnx."""
     path = Path(path)

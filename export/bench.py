@@ -13,7 +13,7 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.export.backend import artifact_costing, backend_for
-from shrink.hardware.profiles import get_profile
+from shrink.hardware.profiles import Profile, get_profile
 from shrink.hardware.roofline import Workload, estimate
 
 
@@ -63,8 +63,9 @@ def token_ids(count: int, vocab: int) -> list[int]:
 
 
 def bench(artifact: str | Path, threads: int | None = None, *, prompt_len: int, gen_len: int,
-          repeats: int) -> BenchResult:
-    """Time the artifact in its runtime here (the lengths' defaults: flows/defaults.py)."""
+          repeats: int, host: Profile | None = None) -> BenchResult:
+    """Time the artifact in its runtime here (the lengths' defaults: flows/defaults.py), beside its
+    estimate on `host` (default: the cached host profile) with the runtime's kernels where calibrated."""
     artifact = Path(artifact)
     kind = backend_for(artifact)
     Workload(batch=1, prompt_len=prompt_len, gen_len=gen_len)  # validates the numbers
@@ -77,6 +78,7 @@ def bench(artifact: str | Path, threads: int | None = None, *, prompt_len: int, 
     prefill, decode = kind.time(artifact, threads, prompt, gen, repeats)
     est = None
     if spec is not None:
-        est = estimate(spec.with_formats(**formats), get_profile("host"), Workload(1, prompt_len, gen_len))
+        est = estimate(spec.with_formats(**formats), host or get_profile("host"), Workload(1, prompt_len, gen_len),
+                       kind.runtime)
     return BenchResult(str(artifact), kind.runtime, threads, prompt_len, gen_len, repeats, _timing(prefill),
                        _timing(decode), est)

@@ -31,7 +31,7 @@ from shrink.compress.quant.ptq import calibrate
 from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.compress.search import Budget, apply, rank_by_proxy
 from shrink.errors import ShrinkError
-from shrink.export.backend import costed_spec
+from shrink.export.backend import costed_spec, runtime_of
 from shrink.export.costing import op_row_lengths
 from shrink.flows.gguf_search import narrowest_vocabulary
 from shrink.hardware.roofline import Workload, estimate
@@ -161,7 +161,7 @@ def _fallback(spec: Any, costed: Any) -> str | None:
 
 
 def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: TargetBudget,
-         host_factor: tuple[float, float] = (1.0, 1.0), vocabulary: str | None = None) -> Candidate:
+         vocabulary: str | None = None) -> Candidate:
     """Fill in the candidate's roofline figures on the target and the budget lines it misses
     (`vocabulary`: the embedding and output projection costed in that format instead)."""
     try:
@@ -171,9 +171,9 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
         return candidate
     if vocabulary is not None:
         costed = replace(costed, formats=replace(costed.formats, embeddings=vocabulary, lm_head=None))
-    est = estimate(costed, profile, workload)
-    candidate.tpot_s = est.tpot_s * host_factor[0]
-    candidate.ttft_s = est.ttft_s * host_factor[1]
+    est = estimate(costed, profile, workload, runtime_of(candidate.runtime))  # with its runtime's kernels where measured
+    candidate.tpot_s = est.tpot_s
+    candidate.ttft_s = est.ttft_s
     candidate.memory_bytes = est.memory.total_bytes
     candidate.weights_bytes = est.memory.weights_bytes
     candidate.rejected = _fallback(spec, costed)
@@ -189,14 +189,13 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
 
 
 def enumerate_candidates(loaded: Any, importance: Any, profile: Any, workload: Any, budget: TargetBudget,
-                         host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES) -> list[Candidate]:
+                         keeps=KEEPS, axes=AXES) -> list[Candidate]:
     ranking = importance.layers.argsort(descending=True).tolist()
-    return candidates_for(loaded.spec, ranking, profile, workload, budget, host_factor, keeps, axes)
+    return candidates_for(loaded.spec, ranking, profile, workload, budget, keeps, axes)
 
 
 def candidates_for(model_spec: Any, ranking: list[int], profile: Any, workload: Any, budget: TargetBudget,
-                   host_factor: tuple[float, float] = (1.0, 1.0), keeps=KEEPS, axes=AXES,
-                   vocabulary: str | None = None) -> list[Candidate]:
+                   keeps=KEEPS, axes=AXES, vocabulary: str | None = None) -> list[Candidate]:
     """Every candidate costed on the target, the layers ranked by `ranking` (most important first)."""
     runtime = target_runtime(profile)
     shapes: list[tuple[float, str, Any]] = [(1.0, "-", None)]
@@ -213,7 +212,7 @@ def candidates_for(model_spec: Any, ranking: list[int], profile: Any, workload: 
         for kv, spec in kv_variants(model_spec if plan is None else plan.spec, runtime, budget):
             for family in runtime_families(runtime):
                 candidates.append(cost(Candidate(keep, axis, family, runtime, plan, kv=kv), spec, profile, workload,
-                                       budget, host_factor, vocabulary))
+                                       budget, vocabulary))
     return candidates
 
 

@@ -43,7 +43,7 @@ def target_cost(spec: Any, profile: Any, workload: Workload) -> Callable[[Path],
 
     def cost(path: Path) -> Cost:
         stored, formats = gguf.stored_formats(path, spec)
-        est = estimate(replace(stored, formats=formats), profile, workload)
+        est = estimate(replace(stored, formats=formats), profile, workload, gguf.runtime)
         if not profile.measured:
             return Cost(est.tpot_s, "estimated", est.ttft_s, est.memory.total_bytes)
         # timed as the run's bench step will judge it: its prompt, decoded tokens and repeats

@@ -3,22 +3,20 @@ proxy measured here, the choice written as a recipe; then, after the run, the ex
 costed on the target and each budget line checked against it (or, on `host`, against its measured time).
 
 The candidates, their costing and the quality proxy are flows/candidates.py's; this module composes
-them, calibrates `host` estimates by a measurement, and owns the plan's dictionary.
+them, costs `host` candidates with the kernels calibrated here, and owns the plan's dictionary.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shrink.compress.data import prepare
 from shrink.compress.importance import cached_score
 from shrink.errors import ShrinkError
-from shrink.export.backend import artifact_costing
-from shrink.export.bench import bench
-from shrink.export.workflow import export_artifact
+from shrink.export.backend import artifact_costing, backend_for
+from shrink.flows.calibrate import calibrated_host
 from shrink.flows.candidates import (KV_TRANSFORMS, Candidate, TargetBudget, choose, closest, enumerate_candidates,
                                      hopeless, measure_proxies, no_plan_message, parse_workload, target_runtime)
 from shrink.flows.gguf_quantize import quantizer_candidate
@@ -28,6 +26,7 @@ from shrink.flows import defaults
 from shrink.flows.recipe import (BenchStep, DistillStep, ExportStep, GGUFQuantizeStep, KVShareStep, PruneStep,
                                  QuantizeStep, SingleInputKVStep, VerifyStep, recipe_toml)
 from shrink.flows.steps import Hooks
+from shrink.hardware.calibration import calibrations_from_tables
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load, load_spec
@@ -106,7 +105,7 @@ def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dic
     """A recipe run with a budget: the steps are the recipe's, the budget gates the result."""
     profile = get_profile(target)
     return {"target": profile.name, "target_title": profile.title, "budget": TargetBudget.parse(budget_texts).to_dict(),
-            "workload": vars(parse_workload(workload_text)), "host_calibration": None}
+            "workload": vars(parse_workload(workload_text)), "host_kernels": None}
 
 
 def plan(model: str, target: str, budget_texts: list[str], workload_text: str | None = None, *,
@@ -121,8 +120,8 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     profile = get_profile(target)
     budget = TargetBudget.parse(budget_texts)
     workload = parse_workload(workload_text)
-    # the config alone, before any weight or text: a measured target (host) is scaled by a measurement
-    # taken later, so only the published targets are refused this early
+    # the config alone, before any weight or text: a measured target (host) is costed with kernels
+    # calibrated later, so only the published targets are refused this early
     early = None if profile.measured else hopeless(load_spec(model), profile, workload, budget)
     if early is not None:
         raise NoPlan(early[0], [c.to_dict() for c in early[1]])
@@ -134,8 +133,9 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     split = prepare(loaded, data, seq_len=seq_len)
     hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
     importance = cached_score(loaded, split.calibration)
-    factors = host_factors(model, workload, hooks.status) if profile.measured else None
-    candidates = enumerate_candidates(loaded, importance, profile, workload, budget, factor_pair(factors))
+    if profile.measured:  # host: each format costed with the kernels of the runtime measured here
+        profile = calibrated_host(hooks.status)
+    candidates = enumerate_candidates(loaded, importance, profile, workload, budget)
     if target_runtime(profile) == "gguf":  # llama.cpp's own quantizer, every option made and measured
         tuned = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
         candidates += [tuned] if tuned is not None else []
@@ -145,7 +145,8 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     chosen = choose(candidates)
     steps = recipe_for(chosen, settings)
     return {"model": model, "target": profile.name, "target_title": profile.title, "budget": budget.to_dict(),
-            "workload": vars(workload), "host_calibration": factors, "proxy_steps": proxy_steps,
+            "workload": vars(workload), "proxy_steps": proxy_steps,
+            "host_kernels": {n: c.to_table() for n, c in profile.calibrations.items()} if profile.measured else None,
             "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(),
             "why": why(chosen, candidates), "candidates": [c.to_dict() for c in candidates],
             "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {budget_text(budget)}"),
@@ -182,25 +183,6 @@ def budget_text(budget: TargetBudget | dict) -> str:
     return ", ".join(parts)
 
 
-def host_factors(source: str, workload: Any, status: Callable[[str], None] = lambda m: None) -> dict:
-    """Measured/estimated ratios on this machine (decode, prefill), from the original model exported
-    to an F16 GGUF and timed in llama.cpp: the roofline's peaks are measured too, but a runtime
-    reaches only part of them, and `--target host` budgets are judged by measurement."""
-    with tempfile.TemporaryDirectory(prefix="shrink-host-") as folder:
-        status("Timing the original model on this machine (F16 GGUF in llama.cpp) to calibrate host estimates")
-        artifact = Path(folder) / "original.gguf"
-        export_artifact(load(source), "gguf", artifact, quant="f16", verify=False)  # the manifest costs it
-        result = bench(artifact, prompt_len=min(workload.prompt_len, 128), gen_len=16, repeats=2)
-    est = result.estimate
-    return {"decode": result.decode.median_s / est.tpot_s, "prefill": result.prefill.median_s / est.ttft_s,
-            "measured_decode_s": result.decode.median_s, "estimated_decode_s": est.tpot_s,
-            "measured_prefill_s": result.prefill.median_s, "estimated_prefill_s": est.ttft_s}
-
-
-def factor_pair(factors: dict | None) -> tuple[float, float]:
-    return (factors["decode"], factors["prefill"]) if factors else (1.0, 1.0)
-
-
 # --- after the run ---
 
 def artifact_estimate(report: dict, plan: dict) -> dict | None:
@@ -211,10 +193,13 @@ def artifact_estimate(report: dict, plan: dict) -> dict | None:
     spec, formats = artifact_costing(Path(artifact))
     if spec is None:
         return None
-    est = estimate(spec.with_formats(**formats), get_profile(plan["target"]), Workload(**plan["workload"]))
-    decode, prefill = factor_pair(plan.get("host_calibration"))
-    return {"tpot_s_estimated": est.tpot_s * decode, "ttft_s_estimated": est.ttft_s * prefill,
-            "memory_bytes_estimated": est.memory.total_bytes, "host_factors": [decode, prefill], "formats": formats}
+    profile = get_profile(plan["target"])
+    if plan.get("host_kernels"):  # the kernels the plan was costed with (a busy calibration is not cached)
+        profile = replace(profile, calibrations=calibrations_from_tables(plan["host_kernels"], "the plan"))
+    est = estimate(spec.with_formats(**formats), profile, Workload(**plan["workload"]),
+                   backend_for(Path(artifact)).runtime)
+    return {"tpot_s_estimated": est.tpot_s, "ttft_s_estimated": est.ttft_s,
+            "memory_bytes_estimated": est.memory.total_bytes, "kernels": est.runtime, "formats": formats}
 
 
 def budget_check(plan: dict | None, report: dict, estimated: dict | None = None) -> dict:

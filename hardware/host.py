@@ -12,33 +12,74 @@ import os
 import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Callable
 
 from shrink.storage import atomic_write_text, cache_dir
 
 _REPEATS = 5
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: busy measurements flagged
 
 
 def host_profile_data(refresh: bool = False) -> dict[str, Any]:
-    """This machine as a profile table (the schema of profiles/*.toml), from the cache unless `refresh`."""
-    path = cache_dir("host") / f"{_fingerprint()}.json"
+    """This machine as a profile table (the schema of profiles/*.toml), from the cache unless `refresh`,
+    with the runtimes' kernels where `shrink profiles calibrate` has measured them. A measurement taken
+    while the machine was busy is used once and not cached."""
+    path = cache_dir("host") / f"{fingerprint()}.json"
+    data = None
     if path.is_file() and not refresh:
         data = json.loads(path.read_text())
-        if data.get("version") == _CACHE_VERSION:
-            return _profile_data(data)
-    data = {"version": _CACHE_VERSION, **measure()}
-    atomic_write_text(path, json.dumps(data, indent=2))
-    return _profile_data(data)
+        if data.get("version") != _CACHE_VERSION:
+            data = None
+    if data is None:
+        data = {"version": _CACHE_VERSION, **measure()}
+        if not data["busy"]:
+            atomic_write_text(path, json.dumps(data, indent=2))
+    profile = _profile_data(data)
+    kernels = kernels_cache_path()
+    if kernels.is_file():
+        profile["runtime"] = json.loads(kernels.read_text())
+    return profile
 
 
-def _fingerprint() -> str:
-    try:  # the installed torch's version, read without importing torch (a second on 2 cores)
-        torch_version = version("torch")
-    except PackageNotFoundError:
-        torch_version = "no-torch"
-    cpu = platform.processor() or platform.machine()
-    return "-".join([platform.node(), cpu, str(os.cpu_count()), torch_version]).replace("/", "_").replace(" ", "_")
+def kernels_cache_path() -> Path:
+    """Where this machine's runtime kernels, as calibrated, are cached (`shrink profiles calibrate`)."""
+    return cache_dir("host") / f"kernels-{fingerprint()}.json"
+
+
+def fingerprint() -> str:
+    """This machine and the software that runs models on it: a cached measurement of another CPU, or of
+    another torch, llama.cpp or ONNX Runtime, is not this one's (versions read without importing them)."""
+    parts = [platform.node(), platform.processor() or platform.machine(), str(os.cpu_count())]
+    for package in ("torch", "llama-cpp-python", "onnxruntime"):
+        try:
+            parts.append(version(package))
+        except PackageNotFoundError:
+            parts.append(f"no-{package}")
+    return "-".join(parts).replace("/", "_").replace(" ", "_")
+
+
+BUSY_SHARE = 0.25  # other processes using more of the CPUs than this make a measurement untrustworthy
+
+
+def others_busy_share(window_s: float = 0.5) -> float:
+    """The share of all CPUs that other processes kept busy over `window_s` while this one slept, from
+    /proc/stat (0.0 where there is none). A timing taken beside them measures the neighbours too. (The
+    load average cannot tell: it counts this process, and lags a minute.)"""
+    def busy_ticks() -> int | None:
+        try:
+            with open("/proc/stat") as stat:
+                values = [int(v) for v in stat.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return sum(values) - values[3] - values[4]  # all but idle and iowait
+
+    start, started = busy_ticks(), time.perf_counter()
+    if start is None:
+        return 0.0
+    time.sleep(window_s)
+    end, elapsed = busy_ticks(), time.perf_counter() - started
+    return max(0.0, (end - start) / os.sysconf("SC_CLK_TCK") / (elapsed * (os.cpu_count() or 1)))
 
 
 def _best_rate(work: float, fn: Callable[[], object], repeats: int = _REPEATS) -> float:
@@ -58,6 +99,7 @@ def measure() -> dict:
     import torch  # heavy: imported only when the host is measured, not when its cache is read
 
     threads = torch.get_num_threads()
+    others = others_busy_share()
     bandwidth = _read_bandwidth(torch)
     peaks: dict[str, float] = {}
     for cls, operands in _matmul_operands(torch).items():
@@ -78,6 +120,8 @@ def measure() -> dict:
         "peak_tflops": {k: round(v, 4) for k, v in peaks.items() if v > 0},
         "cpu": platform.processor() or platform.machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "busy": others > BUSY_SHARE,
+        "others_busy_share": round(others, 3),
     }
 
 
@@ -117,7 +161,8 @@ def _profile_data(data: dict) -> dict[str, Any]:
             "bandwidth_GBps": data["bandwidth_GBps"],
             "capacity_GB": data["capacity_GB"],
             "source": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), "
-            f"best of {_REPEATS}",
+            f"best of {_REPEATS}" + (f"; BUSY: other processes used {data['others_busy_share']:.0%} of the CPUs, not cached"
+                                     if data.get("busy") else ""),
         },
         "compute": {
             **data["peak_tflops"],

@@ -34,6 +34,8 @@ class Op:
     flops: float
     bytes: float
     compute: str  # compute class whose peak bounds it
+    weights: float = 0.0  # the share of `bytes` that is stored weights (a matmul's matrix)
+    weight_format: str | None = None  # the format those weights are stored in (registry or mixture name)
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,23 @@ class _Bytes:
     matmul_class: str
     lm_head_class: str
     attention_class: str
-    op_weights: tuple[tuple[str, float, str], ...] = ()  # per-operator (name, bytes per weight, class)
+    weight_format: str = ""
+    lm_head_format: str = ""
+    op_weights: tuple[tuple[str, float, str, str], ...] = ()  # per-operator (name, bytes per weight, class, format)
 
-    def of(self, op: str) -> tuple[float, str]:
-        """(bytes per weight, compute class) of an operator's weights."""
-        return next(((w, c) for name, w, c in self.op_weights if name == op), (self.weight, self.matmul_class))
+    def of(self, op: str) -> tuple[float, str, str]:
+        """(bytes per weight, compute class, format name) of an operator's weights."""
+        return next(((w, c, f) for name, w, c, f in self.op_weights if name == op),
+                    (self.weight, self.matmul_class, self.weight_format))
 
 
 def _bytes_of(spec: ArchSpec) -> _Bytes:
     f = spec.formats
     act = get_format(f.activations)
 
-    def of(name: str) -> tuple[float, str]:
+    def of(name: str) -> tuple[float, str, str]:
         fmt = get_format(name)
-        return fmt.bytes_per_element, matmul_compute_class(fmt, act)
+        return fmt.bytes_per_element, matmul_compute_class(fmt, act), fmt.name
 
     weights, output = of(f.weights), of(f.output)
     return _Bytes(
@@ -77,6 +82,8 @@ def _bytes_of(spec: ArchSpec) -> _Bytes:
         matmul_class=weights[1],
         lm_head_class=output[1],
         attention_class=matmul_compute_class(get_format(f.kv_cache), act),
+        weight_format=weights[2],
+        lm_head_format=output[2],
         op_weights=tuple((op, *of(name)) for op, name in f.ops),
     )
 
@@ -84,9 +91,10 @@ def _bytes_of(spec: ArchSpec) -> _Bytes:
 def _matmul(name: str, tokens: int, d_in: int, d_out: int, b: _Bytes, weight_bytes: float | None = None,
             weight_of: str | None = None) -> Op:
     """A matmul's op; its weights are costed in the format of operator `weight_of` (default: `name`)."""
-    per_weight, compute = b.of(weight_of or name)
+    per_weight, compute, fmt = b.of(weight_of or name)
     weights = d_in * d_out * per_weight if weight_bytes is None else weight_bytes * per_weight
-    return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, compute)
+    return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, compute,
+              weights, fmt)
 
 
 def _norm(name: str, tokens: int, width: int, count: int, b: _Bytes) -> Op:
@@ -203,7 +211,8 @@ def model_edge_ops(spec: ArchSpec, batch: int, new: int, b: _Bytes) -> list[Op]:
     return [
         Op("embedding", "embedding", float(tokens * h), tokens * h * (b.embedding + b.act), "fp32"),
         _norm("final_norm", batch, h, 1 if spec.final_norm else 0, b),
-        Op("lm_head", "matmul", 2.0 * batch * h * v, h * v * b.lm_head + batch * (h + v) * b.act, b.lm_head_class),
+        Op("lm_head", "matmul", 2.0 * batch * h * v, h * v * b.lm_head + batch * (h + v) * b.act, b.lm_head_class,
+           h * v * b.lm_head, b.lm_head_format),
     ]
 
 

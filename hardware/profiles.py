@@ -8,6 +8,7 @@ only what the silicon really does.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.hardware.calibration import RuntimeCalibration, calibrations_from_tables
 from shrink.hardware.host import host_profile_data
 from shrink.numformats import COMPUTE_CLASSES, UPCAST
 
@@ -43,6 +45,11 @@ class Profile:
     reasoning: str = ""  # why the efficiency factors have their values
     measured: bool = False  # True for `host`: numbers measured on this machine
     path: str | None = None
+    calibrations: dict[str, RuntimeCalibration] = field(default_factory=dict)  # runtime -> its kernels measured
+
+    def calibration(self, runtime: str | None) -> RuntimeCalibration | None:
+        """The measured kernels of `runtime` (None: the target's first runtime) on this target, if any."""
+        return self.calibrations.get(runtime or (self.runtimes[0] if self.runtimes else ""))
 
     def peak_for(self, compute_class: str) -> tuple[str, float]:
         """(class actually used, TFLOPS): the class itself if native, else its nearest upcast."""
@@ -66,6 +73,7 @@ class Profile:
             "reasoning": self.reasoning,
             "measured": self.measured,
             "path": self.path,
+            "runtime": {name: c.to_table() for name, c in self.calibrations.items()},
         }
 
 
@@ -105,6 +113,8 @@ def load_profile_file(path: str | Path) -> Profile:
 
 
 def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
+    data = dict(data)
+    calibrations = calibrations_from_tables(data.pop("runtime", {}), where)
     _check(data, _SCHEMA, where, prefix="")
     memory, compute, eff = data["memory"], data["compute"], data["efficiency"]
     if data["kind"] not in ("gpu", "cpu"):
@@ -126,6 +136,7 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
         sources={"memory": memory["source"], "compute": compute["source"]},
         reasoning=eff["reasoning"],
         path=where,
+        calibrations=calibrations,
     )
 
 
@@ -135,7 +146,8 @@ def _check(data: Any, schema: dict[str, Any], where: str, prefix: str) -> None:
     unknown = sorted(set(data) - set(schema))
     if unknown:
         raise ShrinkError(
-            f"Profile '{where}': unknown key '{prefix}{unknown[0]}' (known: {', '.join(schema)})."
+            f"Profile '{where}': unknown key '{prefix}{unknown[0]}' (known: {', '.join(schema)}"
+            + (", runtime)." if not prefix else ").")
         )
     for key, kind in schema.items():
         dotted = prefix + key
@@ -172,3 +184,31 @@ def resolve_targets(target: str) -> list[Profile]:
     if target == "all":
         return [get_profile(name) for name in known_targets()]
     return [get_profile(target)]
+
+
+def profile_toml(profile: Profile, name: str, title: str) -> str:
+    """`profile` as a profile file (the schema above) named `name`: what `shrink profiles calibrate`
+    writes and `--target FILE.toml` reads back."""
+    lines = [f"name = {_toml(name)}", f"title = {_toml(title)}", f"kind = {_toml(profile.kind)}",
+             f"runtimes = [{', '.join(_toml(r) for r in profile.runtimes)}]", "", "[memory]",
+             f"bandwidth_GBps = {profile.bandwidth_GBps!r}", f"capacity_GB = {profile.capacity_GB!r}",
+             f"source = {_toml(profile.sources['memory'])}", "", "[compute]"]
+    lines += [f"{cls} = {value!r}" for cls, value in profile.peak_tflops.items()]
+    lines += [f"source = {_toml(profile.sources['compute'])}", "", "[efficiency]",
+              f"bandwidth = {profile.bandwidth_efficiency!r}", f"compute = {profile.compute_efficiency!r}",
+              f"reasoning = {_toml(profile.reasoning)}"]
+    for runtime, calibration in profile.calibrations.items():
+        table = calibration.to_table()
+        formats = table.pop("formats")
+        lines += ["", f"[runtime.{_toml(runtime)}]"] + [f"{key} = {_toml(value)}" for key, value in table.items()]
+        lines += ["", f"[runtime.{_toml(runtime)}.formats]"]
+        lines += [f"{fmt} = {{ " + ", ".join(f"{k} = {v!r}" for k, v in rate.items()) + " }" for fmt, rate in formats.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, SSMSpec
 from shrink.errors import ShrinkError
+from shrink.hardware.calibration import RuntimeCalibration
 from shrink.hardware.ops import Op, pass_ops, prefill_ops, weight_bytes
 from shrink.hardware.profiles import Profile
 from shrink.numformats import get_format
@@ -55,6 +56,7 @@ class PhaseEstimate:
     bytes: float
     bound: str
     ops: list[OpCost]
+    overhead_s: float = 0.0  # the runtime's fixed costs per call and per layer (measured), inside time_s
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Estimate:
     target_title: str
     workload: Workload
     formats: dict[str, str]
+    runtime: str | None  # whose measured kernels costed it (None: the profile's peaks alone)
     prefill: PhaseEstimate
     decode: PhaseEstimate  # one decode step, averaged over the generated tokens
     memory: MemoryEstimate
@@ -95,15 +98,25 @@ class Estimate:
         return data
 
 
-def _cost(op: Op, profile: Profile) -> tuple[str, float, float]:
+def _cost(op: Op, profile: Profile, kernels: RuntimeCalibration | None) -> tuple[str, float, float]:
+    """(class, compute time, memory time) of one operator. A matmul whose weight format the runtime's
+    kernels were measured for computes at their prefill rate and streams its weights at their decode
+    rate (activations at the profile's bandwidth); everything else at the profile's achievable peaks."""
     cls, tflops = profile.peak_for(op.compute)
+    bandwidth = profile.bandwidth_GBps * 1e9 * profile.bandwidth_efficiency
+    rate = kernels.rate(op.weight_format) if kernels is not None and op.kind == "matmul" else None
+    if rate is not None:
+        return (cls, op.flops / (rate.prefill_TFLOPS * 1e12),
+                op.weights / (rate.decode_GBps * 1e9) + (op.bytes - op.weights) / bandwidth)
     t_compute = op.flops / (tflops * 1e12 * profile.compute_efficiency)
-    t_memory = op.bytes / (profile.bandwidth_GBps * 1e9 * profile.bandwidth_efficiency)
+    t_memory = op.bytes / bandwidth
     return cls, t_compute, t_memory
 
 
-def _phase(name: str, steps: list[list[Op]], profile: Profile) -> PhaseEstimate:
-    """Cost every op of every step; report per-op figures averaged over the steps."""
+def _phase(name: str, steps: list[list[Op]], profile: Profile, kernels: RuntimeCalibration | None = None,
+           overhead_s: float = 0.0) -> PhaseEstimate:
+    """Cost every op of every step; report per-op figures averaged over the steps, plus the runtime's
+    fixed costs (`overhead_s`, measured; 0 without a calibration)."""
     cache: dict[Op, tuple[str, float, float]] = {}
     grouped: dict[str, dict] = defaultdict(lambda: {"count": 0, "flops": 0.0, "bytes": 0.0, "tc": 0.0, "tm": 0.0, "t": 0.0})
     for ops in steps:
@@ -112,7 +125,7 @@ def _phase(name: str, steps: list[list[Op]], profile: Profile) -> PhaseEstimate:
         for key, k in Counter(map(id, ops)).items():
             op = unique[key]
             if op not in cache:
-                cache[op] = _cost(op, profile)
+                cache[op] = _cost(op, profile, kernels)
             cls, tc, tm = cache[op]
             g = grouped[op.name]
             g.update(kind=op.kind, cls=cls)
@@ -140,11 +153,12 @@ def _phase(name: str, steps: list[list[Op]], profile: Profile) -> PhaseEstimate:
     memory_time = sum(g["tm"] for g in grouped.values())
     return PhaseEstimate(
         name=name,
-        time_s=sum(c.time_s for c in costs),
+        time_s=sum(c.time_s for c in costs) + overhead_s,
         flops=sum(c.flops for c in costs),
         bytes=sum(c.bytes for c in costs),
         bound="compute" if compute_time >= memory_time else "memory",
         ops=costs,
+        overhead_s=overhead_s,
     )
 
 
@@ -171,12 +185,18 @@ def memory_needed(spec: ArchSpec, workload: Workload) -> tuple[float, float, flo
     return weights, kv_cache, ssm_state, activations
 
 
-def estimate(spec: ArchSpec, profile: Profile, workload: Workload | None = None) -> Estimate:
+def estimate(spec: ArchSpec, profile: Profile, workload: Workload | None = None, runtime: str | None = None) -> Estimate:
+    """The roofline of `spec` on `profile`, with the measured kernels of `runtime` (default: the target's
+    first runtime) where the profile has them."""
     workload = workload or Workload()
     batch, prompt = workload.batch, workload.prompt_len
-    prefill = _phase("prefill", [prefill_ops(spec, batch, prompt)], profile)
+    kernels = profile.calibration(runtime)
+    layers = len(spec.layers)
+    prefill_fixed = kernels.prefill_call_s + layers * kernels.prefill_layer_s if kernels else 0.0
+    decode_fixed = kernels.decode_token_s + layers * kernels.decode_layer_s if kernels else 0.0
+    prefill = _phase("prefill", [prefill_ops(spec, batch, prompt)], profile, kernels, prefill_fixed)
     decode_steps = [pass_ops(spec, batch, 1, prompt + i) for i in range(workload.gen_len)]
-    decode = _phase("decode", decode_steps, profile)
+    decode = _phase("decode", decode_steps, profile, kernels, decode_fixed)
     weights, kv_cache, ssm_state, activations = memory_needed(spec, workload)
     total = weights + kv_cache + ssm_state + activations
     capacity = profile.capacity_GB * 1e9
@@ -186,6 +206,7 @@ def estimate(spec: ArchSpec, profile: Profile, workload: Workload | None = None)
         target_title=profile.title,
         workload=workload,
         formats=asdict(spec.formats),
+        runtime=kernels.runtime if kernels else None,
         prefill=prefill,
         decode=decode,
         memory=MemoryEstimate(weights, kv_cache, ssm_state, activations, total, capacity, total <= capacity),

@@ -187,8 +187,10 @@ def mixture_name(shares: dict[str, float]) -> str:
     return "+".join(f"{name}*{share:.6f}" for name, share in parts.items())
 
 
-def _mixture(key: str) -> NumberFormat:
-    """A mixture's record: bits weighted by element share, the widest part's compute class."""
+def mixture_parts(key: str) -> list[tuple[NumberFormat, float]]:
+    """(format, share of elements) of each part of a mixture name; a plain format name is one part."""
+    if "+" not in key:
+        return [(get_format(key), 1.0)]
     parts = []
     for item in key.split("+"):
         name, _, share = item.partition("*")
@@ -196,6 +198,12 @@ def _mixture(key: str) -> NumberFormat:
             parts.append((get_format(name), float(share)))
         except ValueError:
             raise ShrinkError(f"'{key}' is not a format mixture (name*share+name*share).") from None
+    return parts
+
+
+def _mixture(key: str) -> NumberFormat:
+    """A mixture's record: bits weighted by element share, the widest part's compute class."""
+    parts = mixture_parts(key)
     order = ["fp4", "int4", "fp8", "int8", "bf16", "fp16", "tf32", "fp32"]
     compute = max((f.compute for f, _ in parts), key=order.index)
     bits = sum(f.bits_per_element * share for f, share in parts)

@@ -26,7 +26,7 @@ _CACHED_HOST = """
 import json
 from shrink.hardware import host
 from shrink.storage import cache_dir
-cache_dir("host").joinpath(host._fingerprint() + ".json").write_text(json.dumps({
+cache_dir("host").joinpath(host.fingerprint() + ".json").write_text(json.dumps({
     "version": host._CACHE_VERSION, "threads": 2, "bandwidth_GBps": 10.0, "capacity_GB": 8.0,
     "peak_tflops": {"fp32": 0.1}, "cpu": "x86_64", "measured_at": "2025-01-01T00:00:00"}))
 """

@@ -1,5 +1,8 @@
 """Profiles: every shipped target validates and cites its numbers; bad files fail naming the key."""
 
+import os
+import time
+
 import pytest
 
 from shrink.errors import ShrinkError
@@ -98,8 +101,41 @@ def test_missing_profile_file():
 
 
 def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
+    from shrink.hardware import host
+
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    monkeypatch.setattr(host, "others_busy_share", lambda: 0.0)
     first = get_profile("host")
     assert first.measured and first.bandwidth_GBps > 1 and first.peak_tflops["fp32"] > 0.001
     assert list((tmp_path / "host").glob("*.json"))
     assert get_profile("host") == first  # second call reads the cache
+
+
+def test_a_host_measurement_taken_beside_other_work_is_flagged_and_not_cached(tmp_path, monkeypatch):
+    from shrink.hardware import host
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    monkeypatch.setattr(host, "others_busy_share", lambda: 0.9)
+    profile = get_profile("host")
+    assert "BUSY" in profile.sources["memory"] and not list((tmp_path / "host").glob("*.json"))
+
+
+def test_others_busy_share_sees_a_spinning_neighbour():
+    import multiprocessing
+
+    from shrink.hardware.host import others_busy_share
+
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(3.0,))
+    spinner.start()
+    try:
+        time.sleep(0.5)  # the child's interpreter starts
+        loaded = others_busy_share(0.5)
+    finally:
+        spinner.join()
+    assert loaded >= 0.8 / (os.cpu_count() or 1)  # the spinner alone keeps one CPU of them busy
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -268,7 +268,7 @@ def test_on_host_the_measured_decode_time_decides_the_budget():
     from shrink.flows.plan import budget_check
 
     plan = {"target": "host", "budget": {"tpot_s": 0.012, "ttft_s": None, "memory_bytes": None},
-            "workload": {"batch": 1, "prompt_len": 512, "gen_len": 128}, "host_calibration": None}
+            "workload": {"batch": 1, "prompt_len": 512, "gen_len": 128}, "host_kernels": None}
     report = {"final": {"artifact": None}, "steps": [
         {"name": "bench", "metrics": {"measured": {"decode_s_per_token": 0.0131}}}]}
     check = budget_check(plan, report)

@@ -1,0 +1,284 @@
+"""`shrink profiles calibrate`: measure a runtime's own kernels on this machine, per stored format.
+
+Synthetic Llama models (random weights: timing does not depend on their values) are written in each
+format and timed in the runtime as `shrink bench` times an artifact:
+- a narrow model (every matrix a few KB, so bytes and FLOPs cost next to nothing) at two depths gives
+  the fixed costs per call and per layer of a decode step and of a prefill;
+- a wide model, its weights hundreds of MB as a deployed model's are, gives per format the rate the
+  runtime streams weights at in a decode step and computes at over a prompt, once the fixed costs and
+  the roofline's own figures for everything but the weight matrices are taken off.
+The rates are solved through the roofline itself (hardware/roofline.py), so an estimate made with
+them reproduces the measurements it came from. Each timing repeats until two runs agree
+within 5% (their spread is recorded); other work on the machine during a measurement is detected and
+flags the result, which is then not cached.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+from shrink.archspec import ArchSpec
+from shrink.compress.quant.plan import make_plan
+from shrink.compress.quant.student import fake_quantize, materialize
+from shrink.errors import ShrinkError
+from shrink.families import spec_from_model
+from shrink.hardware.calibration import KernelRate, RuntimeCalibration
+from shrink.hardware.host import BUSY_SHARE, kernels_cache_path, others_busy_share
+from shrink.hardware.profiles import Profile, get_profile
+from shrink.hardware.roofline import Workload, estimate
+from shrink.model import LoadedModel
+from shrink.numformats.filetypes import FILE_TYPES
+from shrink.numformats.registry import get_format
+from shrink.storage import atomic_write_text
+
+# Formats a llama.cpp artifact of shrink stores (llama.cpp's file types and shrink's own grids, the
+# fallbacks of 640-wide rows included); the quick set covers the common ones.
+LLAMA_CPP_FORMATS = ("fp32", "fp16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q4_k", "q4_0", "iq4_nl", "mxfp4",
+                     "nvfp4_gguf", "tq2_0")
+UNQUANTIZED = ("fp32", "fp16", "bf16")  # cast by shrink's exporter
+SHRINK_GRIDS = {"nvfp4_gguf": "nvfp4"}  # packed by shrink (a family's grid); the rest by llama.cpp's quantizer
+
+NARROW = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
+WIDE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4,
+        "head_dim": 128}
+NARROW_DEPTHS = (2, 26)
+WIDE_DEPTH = 8  # 361M parameters: 722 MB in fp16, 203 MB in q4_0
+VOCAB = 512
+PROMPT, GEN = 64, 16
+AGREE = 0.05  # two timing runs within this of each other end a measurement
+MAX_RUNS = 6
+
+
+@dataclass
+class Timed:
+    decode_s: float  # median seconds per decoded token
+    prefill_s: float  # median seconds per prefill of PROMPT tokens
+    spread: float  # relative spread of the agreeing runs' medians
+
+
+def synthetic_model(shape: dict, layers: int):
+    """A random Llama of `shape` and depth, in the shrink model wrapper the exporters take."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=512,
+                         tie_word_embeddings=False, **shape)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, None, spec_from_model(model), f"synthetic-{shape['hidden_size']}x{layers}")
+
+
+def write_gguf(loaded, fmt: str, folder: Path, f16: Path | None) -> Path:
+    """`loaded` as a GGUF whose every matrix is stored in `fmt` (no fallbacks: the widths divide every block)."""
+    from shrink.export.backend import backend
+    from shrink.export.llamacpp_quantize import quantize_gguf, tensor_rows
+
+    path = folder / f"{loaded.source}-{fmt}.gguf"
+    if fmt in UNQUANTIZED:
+        backend("gguf").export(loaded, path, fmt)
+        return path
+    if fmt in SHRINK_GRIDS:
+        return _grid_gguf(loaded, SHRINK_GRIDS[fmt], path)
+    kind = next((t.name for t in FILE_TYPES.values() if t.weights == fmt and not t.needs_imatrix), "Q8_0")
+    rows = tensor_rows(f16)
+    return quantize_gguf(f16, path, kind, overrides={name: fmt for name in rows}, rows=rows)
+
+
+def _grid_gguf(loaded, family: str, path: Path) -> Path:
+    """A copy of `loaded` put on `family`'s GGUF grid (PTQ, max calibration) and exported as packed."""
+    from shrink.export.backend import backend
+
+    student = copy.deepcopy(loaded)
+    plan = make_plan(student.model, family, "gguf")
+    fake_quantize(student.model, plan)
+    materialize(student.model, plan)
+    backend("gguf").export(student, path, None)
+    return path
+
+
+def time_artifact(path: Path, threads: int, vocab: int) -> Timed:
+    """Prefill and decode of `path`, repeated until two runs' medians agree within AGREE."""
+    from shrink.export.backend import backend_for
+    from shrink.export.bench import token_ids
+
+    prompt, gen = token_ids(PROMPT, vocab), token_ids(GEN, vocab)
+    runs: list[tuple[float, float]] = []
+    for _ in range(MAX_RUNS):
+        prefill, decode = backend_for(path).time(path, threads, prompt, gen, 2)
+        runs.append((statistics.median(decode), statistics.median(prefill)))
+        agreeing = _agreeing(runs)
+        if agreeing:
+            break
+    agreeing = _agreeing(runs) or runs
+    decode_s = min(d for d, _ in agreeing)
+    prefill_s = min(p for _, p in agreeing)
+    spread = max(_spread([d for d, _ in agreeing]), _spread([p for _, p in agreeing]))
+    return Timed(decode_s, prefill_s, spread)
+
+
+def _agreeing(runs: list[tuple[float, float]]) -> list[tuple[float, float]] | None:
+    """Two runs whose decode and prefill medians both agree within AGREE, if any."""
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            if _spread([a[0], b[0]]) <= AGREE and _spread([a[1], b[1]]) <= AGREE:
+                return [a, b]
+    return None
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / min(values)
+
+
+def stored_spec(path: Path, spec: ArchSpec) -> ArchSpec:
+    """`spec` in the formats the file really stores (read from its tensor types, as bench costs it)."""
+    from shrink.export.backend import backend_for
+
+    costed, stored = backend_for(path).stored_formats(path, spec)
+    return costed.with_formats(**{k: v for k, v in vars(stored).items() if k != "ssm_state"})
+
+
+def calibrate_llama_cpp(profile: Profile, formats: tuple[str, ...] = LLAMA_CPP_FORMATS, threads: int | None = None,
+                        status: Callable[[str], None] = lambda message: None) -> RuntimeCalibration:
+    """llama.cpp's kernels on this machine (`profile`: its generic bandwidth and compute, for what the
+    kernels do not cover)."""
+    unknown = [f for f in formats if f not in LLAMA_CPP_FORMATS]
+    if unknown:
+        raise ShrinkError(f"Cannot calibrate llama.cpp for '{unknown[0]}'; it calibrates {', '.join(LLAMA_CPP_FORMATS)}.")
+    threads = threads or os.cpu_count() or 1
+    others = [others_busy_share()]
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with tempfile.TemporaryDirectory(prefix="shrink-calibrate-") as tmp:
+        folder = Path(tmp)
+        narrow = {}
+        for layers in NARROW_DEPTHS:
+            loaded = synthetic_model(NARROW, layers)
+            status(f"llama.cpp fixed costs: narrow model, {layers} layers")
+            narrow[layers] = (loaded.spec, time_artifact(write_gguf(loaded, "fp16", folder, None), threads, VOCAB))
+        fixed = _fixed_costs(narrow, profile, threads)
+        loaded = synthetic_model(WIDE, WIDE_DEPTH)
+        f16 = write_gguf(loaded, "fp16", folder, None)
+        rates, spreads = {}, [t.spread for _, t in narrow.values()]
+        for i, fmt in enumerate(formats, 1):
+            status(f"llama.cpp {fmt} kernels ({i}/{len(formats)}): {WIDE['hidden_size']}-wide model, {WIDE_DEPTH} layers")
+            path = f16 if fmt == "fp16" else write_gguf(loaded, fmt, folder, f16)
+            timed = time_artifact(path, threads, VOCAB)
+            spec = stored_spec(path, loaded.spec)
+            if path != f16:
+                path.unlink()
+            spreads.append(timed.spread)
+            name = get_format(fmt).name
+            rates[name] = _rate(spec, timed, profile, name, fixed)
+        others.append(others_busy_share())
+    busy = max(others) > BUSY_SHARE
+    source = (f"measured {started} by shrink profiles calibrate: llama-cpp-python {_version('llama-cpp-python')}, "
+              f"{threads} threads; fixed costs from a {NARROW['hidden_size']}-wide model at {NARROW_DEPTHS[0]} and "
+              f"{NARROW_DEPTHS[1]} layers, rates from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer model per format; "
+              f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}")
+    if busy:
+        source += f"; BUSY: other processes used up to {max(others):.0%} of the CPUs"
+    return replace(fixed, formats=rates, source=source, spread=max(spreads), busy=busy)
+
+
+def _fixed_costs(narrow: dict[int, tuple[ArchSpec, Timed]], profile: Profile, threads: int) -> RuntimeCalibration:
+    """Per-call and per-layer costs from the narrow model's two depths, the roofline's own time for its
+    (tiny) work taken off."""
+    none = RuntimeCalibration("llama.cpp", {}, 0.0, 0.0, 0.0, 0.0, threads, "fixed costs")
+    (short, (spec_s, t_s)), (deep, (spec_d, t_d)) = sorted(narrow.items())
+    left = {}
+    for layers, spec, timed in ((short, spec_s, t_s), (deep, spec_d, t_d)):
+        est = estimate(spec, replace(profile, calibrations={}), Workload(1, PROMPT, GEN))
+        left[layers] = (timed.decode_s - est.tpot_s, timed.prefill_s - est.ttft_s)
+    per_layer = [max(0.0, (left[deep][i] - left[short][i]) / (deep - short)) for i in (0, 1)]
+    per_call = [max(0.0, left[short][i] - short * per_layer[i]) for i in (0, 1)]
+    return replace(none, decode_token_s=per_call[0], decode_layer_s=per_layer[0], prefill_call_s=per_call[1],
+                   prefill_layer_s=per_layer[1])
+
+
+def _rate(spec: ArchSpec, timed: Timed, profile: Profile, fmt: str, fixed: RuntimeCalibration) -> KernelRate:
+    """The rates at which the roofline, costing `spec` with `fmt`'s kernels at them and the fixed costs,
+    gives the measured decode and prefill times: each solved in turn with the other held (a decode step
+    depends on the weight stream, a prefill on the compute, and each a little on the other)."""
+    def times(rate: KernelRate) -> tuple[float, float]:
+        kernels = replace(fixed, formats={fmt: rate})
+        est = estimate(spec, replace(profile, calibrations={fixed.runtime: kernels}), Workload(1, PROMPT, GEN),
+                       fixed.runtime)
+        return est.tpot_s, est.ttft_s
+
+    fastest = times(KernelRate(_FASTEST, _FASTEST))
+    if timed.decode_s <= fastest[0] or timed.prefill_s <= fastest[1]:
+        raise ShrinkError(f"The {fmt} timings ({timed.decode_s * 1e3:.2f} ms/token, prefill {timed.prefill_s * 1e3:.1f} ms) "
+                          "are shorter than the fixed costs measured before them: the machine's speed changed during "
+                          "calibration; run it again on a quiet machine.")
+    rate = KernelRate(_FASTEST, _FASTEST)
+    for _ in range(3):
+        rate = replace(rate, decode_GBps=_solve(lambda gbps: times(replace(rate, decode_GBps=gbps))[0], timed.decode_s))
+        rate = replace(rate, prefill_TFLOPS=_solve(lambda tflops: times(replace(rate, prefill_TFLOPS=tflops))[1],
+                                                    timed.prefill_s))
+    return rate
+
+
+_FASTEST = 1e9  # a rate (GB/s, TFLOPS) at which the matrices take no time worth counting
+
+
+def _solve(time_at: Callable[[float], float], measured: float) -> float:
+    """The rate at which `time_at` (falling as the rate rises) gives `measured`: bisection on its logarithm."""
+    low, high = 1e-9, _FASTEST
+    for _ in range(80):
+        middle = (low * high) ** 0.5
+        if time_at(middle) > measured:
+            low = middle
+        else:
+            high = middle
+    return (low * high) ** 0.5
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def calibrate_runtimes(profile: Profile, runtimes: tuple[str, ...] = ("llama.cpp",), threads: int | None = None,
+                       formats: tuple[str, ...] | None = None,
+                       status: Callable[[str], None] = lambda message: None) -> dict[str, RuntimeCalibration]:
+    """Each of `runtimes` calibrated on this machine (llama.cpp is the one shrink can measure so far)."""
+    found = {}
+    for runtime in runtimes:
+        if runtime != "llama.cpp":
+            raise ShrinkError(f"shrink cannot calibrate '{runtime}' yet; it calibrates llama.cpp (ONNX Runtime "
+                              "artifacts are costed with the profile's bandwidth and compute).")
+        found[runtime] = calibrate_llama_cpp(profile, formats or LLAMA_CPP_FORMATS, threads, status)
+    return found
+
+
+def cache_host_kernels(calibrations: dict[str, RuntimeCalibration]) -> bool:
+    """Cache this machine's calibration for `host` (what `--target host` then uses); a busy one is not
+    cached. Returns whether it was."""
+    if any(c.busy for c in calibrations.values()):
+        return False
+    atomic_write_text(kernels_cache_path(), json.dumps({name: c.to_table() for name, c in calibrations.items()}, indent=2))
+    return True
+
+
+def calibrated_host(status: Callable[[str], None] = lambda message: None) -> Profile:
+    """The `host` profile with llama.cpp's kernels measured here: from the cache, else calibrated now
+    (minutes, once per machine and software versions; a busy measurement is used for this run only)."""
+    profile = get_profile("host")
+    if profile.calibration("llama.cpp") is None:
+        status("Calibrating llama.cpp's kernels on this machine (once; `shrink profiles calibrate` redoes it)")
+        calibrations = calibrate_runtimes(profile, status=status)
+        if not cache_host_kernels(calibrations):
+            status("Other work ran during the calibration: its figures are used for this run and not cached")
+        profile = replace(profile, calibrations=calibrations)
+    return profile

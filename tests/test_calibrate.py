@@ -1,0 +1,129 @@
+"""Runtime calibration: profile tables, the roofline with measured kernels, the fit, `shrink profiles calibrate`."""
+
+import json
+import tomllib
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+import shrink.flows.calibrate as calibrate
+from shrink.cli.app import app
+from shrink.errors import ShrinkError
+from shrink.hardware.calibration import KernelRate, RuntimeCalibration, calibrations_from_tables
+from shrink.hardware.profiles import get_profile, profile_from_dict, profile_toml
+from shrink.hardware.roofline import Workload, estimate
+from shrink.model import load_spec
+
+KERNELS = RuntimeCalibration("llama.cpp", {"q8_0": KernelRate(10.0, 0.2), "q6_k": KernelRate(5.0, 0.1)},
+                             decode_token_s=1e-4, decode_layer_s=2e-5, prefill_call_s=1e-3, prefill_layer_s=1e-4,
+                             threads=2, source="test figures")
+
+
+def test_a_format_is_costed_with_its_kernel_and_the_fixed_costs_are_added():
+    profile = get_profile("jetson-orin-nano")
+    spec = load_spec("gemma-3-270m").with_formats(weights="q8_0", embeddings="q8_0")
+    plain = estimate(spec, profile, Workload(1, 64, 8))
+    calibrated = estimate(spec, replace(profile, calibrations={"llama.cpp": KERNELS}), Workload(1, 64, 8))
+    assert plain.runtime is None and calibrated.runtime == "llama.cpp"
+    lm_head = next(op for op in calibrated.decode.ops if op.name == "lm_head")
+    # 262,144 x 640 weights at 1.0625 bytes each, streamed at 10 GB/s, beside its activations at the profile's rate
+    weights = 262_144 * 640 * 1.0625
+    assert lm_head.time_s == pytest.approx(weights / 10e9, rel=0.02)
+    assert calibrated.decode.overhead_s == pytest.approx(1e-4 + 18 * 2e-5)
+    assert calibrated.prefill.overhead_s == pytest.approx(1e-3 + 18 * 1e-4)
+    assert calibrated.tpot_s > plain.tpot_s  # 10 GB/s is slower than the Orin's 68 x 0.7
+    # a runtime without measured kernels is costed as before
+    onnx = estimate(spec, replace(profile, calibrations={"llama.cpp": KERNELS}), Workload(1, 64, 8), "onnxruntime")
+    assert onnx.tpot_s == pytest.approx(plain.tpot_s) and onnx.runtime is None
+
+
+def test_a_mixture_takes_its_parts_rates_by_share():
+    rate = KERNELS.rate("q6_k*0.500000+q8_0*0.500000")
+    bits = 0.5 * 6.5625 + 0.5 * 8.5
+    seconds_per_byte = (0.5 * 6.5625 / bits) / 5.0 + (0.5 * 8.5 / bits) / 10.0
+    assert rate.decode_GBps == pytest.approx(1 / seconds_per_byte)
+    assert rate.prefill_TFLOPS == pytest.approx(1 / (0.5 / 0.1 + 0.5 / 0.2))
+    assert KERNELS.rate("q4_0") is None and KERNELS.rate("q4_0*0.5+q8_0*0.5") is None
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"llama.cpp": {**KERNELS.to_table(), "decode_layer_s": -1.0}}, "decode_layer_s' must be a number >= 0"),
+    ({"llama.cpp": {**KERNELS.to_table(), "formats": {"q9_9": {"decode_GBps": 1.0, "prefill_TFLOPS": 1.0}}}}, "Unknown number format 'q9_9'"),
+    ({"llama.cpp": {**KERNELS.to_table(), "formats": {"q8_0": {"decode_GBps": 0, "prefill_TFLOPS": 1.0}}}}, "must be a positive number"),
+    ({"llama.cpp": {k: v for k, v in KERNELS.to_table().items() if k != "source"}}, "missing key 'runtime.llama.cpp.source'"),
+    ({"llama.cpp": {**KERNELS.to_table(), "speed": 3}}, "unknown key 'runtime.llama.cpp.speed'"),
+])
+def test_a_bad_runtime_table_is_one_sentence(table, words):
+    with pytest.raises(ShrinkError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        calibrations_from_tables(table, "p.toml")
+
+
+def test_a_calibrated_profile_round_trips_through_its_toml():
+    profile = replace(get_profile("jetson-orin-nano"), calibrations={"llama.cpp": KERNELS})
+    again = profile_from_dict(tomllib.loads(profile_toml(profile, "orin-measured", "Orin, measured")), "again")
+    assert again.calibrations == profile.calibrations and again.bandwidth_GBps == profile.bandwidth_GBps
+    assert again.name == "orin-measured"
+
+
+def _fake_timing(monkeypatch):
+    """Timings that follow the file's size (a machine streaming 4 GB/s plus fixed costs), so the fit is exact
+    arithmetic on real artifacts without timing noise."""
+    def timed(path, threads, vocab):
+        size = path.stat().st_size
+        return calibrate.Timed(decode_s=3e-4 + size / 4e9, prefill_s=2e-3 + size / 1e9, spread=0.01)
+
+    monkeypatch.setattr(calibrate, "time_artifact", timed)
+    monkeypatch.setattr(calibrate, "WIDE", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2,
+                                            "num_key_value_heads": 1, "head_dim": 128})
+    monkeypatch.setattr(calibrate, "WIDE_DEPTH", 2)
+    monkeypatch.setattr(calibrate, "others_busy_share", lambda: 0.0)
+
+
+def test_the_fitted_kernels_reproduce_the_timings_they_came_from(monkeypatch, tmp_path):
+    _fake_timing(monkeypatch)
+    profile = get_profile("sg2042")
+    kernels = calibrate.calibrate_llama_cpp(profile, ("q8_0", "q4_0"), threads=2)
+    assert set(kernels.formats) == {"q8_0", "q4_0"} and not kernels.busy
+    assert kernels.decode_layer_s > 0 and kernels.decode_token_s > 0
+    calibrated = replace(profile, calibrations={"llama.cpp": kernels})
+    loaded = calibrate.synthetic_model(calibrate.WIDE, calibrate.WIDE_DEPTH)
+    for fmt in ("q8_0", "q4_0"):
+        path = calibrate.write_gguf(loaded, fmt, tmp_path, calibrate.write_gguf(loaded, "fp16", tmp_path, None))
+        expected = calibrate.time_artifact(path, 2, calibrate.VOCAB)
+        est = estimate(calibrate.stored_spec(path, loaded.spec), calibrated, Workload(1, calibrate.PROMPT, calibrate.GEN))
+        assert est.tpot_s == pytest.approx(expected.decode_s, rel=1e-6)
+        assert est.ttft_s == pytest.approx(expected.prefill_s, rel=1e-6)
+
+
+def test_cli_calibrate_writes_a_profile_that_target_takes_and_caches_host(monkeypatch, tmp_path):
+    _fake_timing(monkeypatch)
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    from shrink.hardware import host
+
+    monkeypatch.setattr(host, "others_busy_share", lambda: 0.0)
+    runner = CliRunner()
+    out = tmp_path / "here.toml"
+    result = runner.invoke(app, ["profiles", "calibrate", "--formats", "q8_0", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["cached"] and list(report["runtime"]["llama.cpp"]["formats"]) == ["q8_0"]
+    assert get_profile("host").calibration("llama.cpp").formats.keys() == {"q8_0"}  # cached for --target host
+    result = runner.invoke(app, ["estimate", "gemma-3-270m", "-t", str(out), "--weights", "q8_0", "--embeddings", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp's kernels per format, measured" in result.output
+
+    result = runner.invoke(app, ["profiles", "calibrate", "--formats", "q3_x"])
+    assert result.exit_code != 0 and "Cannot calibrate llama.cpp for 'q3_x'" in result.output
+    result = runner.invoke(app, ["profiles", "calibrate", "-o", str(tmp_path / "x.json")])
+    assert result.exit_code != 0 and "must end in .toml" in result.output
+
+
+def test_a_busy_calibration_is_flagged_and_not_cached(monkeypatch, tmp_path):
+    _fake_timing(monkeypatch)
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "others_busy_share", lambda: 0.9)
+    kernels = calibrate.calibrate_llama_cpp(get_profile("sg2042"), ("q8_0",), threads=2)
+    assert kernels.busy and "BUSY" in kernels.source
+    assert not calibrate.cache_host_kernels({"llama.cpp": kernels})
+    assert not list(tmp_path.glob("host/kernels-*.json"))
