@@ -10,7 +10,7 @@ from rich.table import Table
 
 from shrink.cli.render import console, handle_user_errors, print_json
 from shrink.errors import ShrinkError
-from shrink.flows.calibrate import LLAMA_CPP_FORMATS, cache_host_kernels, calibrate_runtimes
+from shrink.flows.calibrate import RUNTIMES, cache_host_kernels, calibrate_runtimes
 from shrink.hardware.profiles import ALIASES, get_profile, known_targets, profile_toml
 from shrink.storage import atomic_write_text
 
@@ -91,15 +91,17 @@ def show_profile(
 def calibrate_profile(
     output: Path = typer.Option(None, "--output", "-o", help="Write the calibrated profile here (a .toml that --target takes); default: only cache it for --target host."),
     name: str = typer.Option(None, help="The profile's name in the file (default: the file's stem)."),
-    formats: str = typer.Option(None, help=f"Comma-separated formats to measure (default: all of {', '.join(LLAMA_CPP_FORMATS)})."),
+    runtime: str = typer.Option(",".join(RUNTIMES), help="Comma-separated runtimes to calibrate."),
+    formats: str = typer.Option(None, help="Comma-separated formats to measure, with one --runtime (default: every format it stores: "
+                                + "; ".join(f"{k.name}: {', '.join(k.formats)}" for k in RUNTIMES.values()) + ")."),
     threads: int = typer.Option(None, help="Threads the runtime uses (default: every CPU, as `shrink bench`)."),
     json_out: bool = typer.Option(False, "--json", help="Print the calibration as JSON on stdout."),
 ) -> None:
-    """Measure llama.cpp's own kernels on this machine, per stored format, for estimates that match it.
+    """Measure llama.cpp's and ONNX Runtime's own kernels on this machine, per stored format, for estimates that match them.
 
     Times synthetic models (random weights) in every format as `shrink bench` does and fits per format the rate weights stream at in a decode step and the rate a prefill computes at, plus the fixed costs per token and per layer. The result is cached for `--target host`: `shrink estimate -t host`, `shrink bench` and `shrink run --target host` then cost each format with its own kernels. With -o it is also written as a profile file: run on a Jetson, a phone or a RISC-V board, that is the device's own profile.
 
-    A calibration taken while other work runs is flagged and not cached. About 5 minutes on 2 cores.
+    A calibration taken while other work runs is flagged and not cached. Minutes on 2 cores (each ONNX artifact is a trace).
 
     Examples:
 
@@ -109,13 +111,17 @@ def calibrate_profile(
     """
     if output is not None and output.suffix != ".toml":
         raise ShrinkError(f"The profile file must end in .toml, not '{output.name}'.")
-    chosen = tuple(f.strip().lower() for f in formats.split(",")) if formats else LLAMA_CPP_FORMATS
+    runtimes = tuple(r.strip() for r in runtime.split(",") if r.strip())
+    if formats and len(runtimes) != 1:
+        raise ShrinkError("--formats names the formats of one runtime; give one --runtime with it.")
+    chosen = tuple(f.strip().lower() for f in formats.split(",")) if formats else None
     host = get_profile("host", refresh_host=True)  # this machine's bandwidth and compute, measured now
     with console.status("calibrating") as spinner:
-        calibrations = calibrate_runtimes(host, threads=threads, formats=chosen,
+        calibrations = calibrate_runtimes(host, runtimes, threads=threads, formats=chosen,
                                           status=lambda message: spinner.update(message))
-    cached = cache_host_kernels(calibrations)
-    profile = replace(host, calibrations=calibrations)
+    # a partial calibration keeps the cached figures of the runtimes it did not measure
+    cached = cache_host_kernels({**host.calibrations, **calibrations})
+    profile = replace(host, calibrations={**host.calibrations, **calibrations})
     if output is not None:
         stem = name or output.stem
         atomic_write_text(output, profile_toml(profile, stem, f"{host.title}, kernels calibrated"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -37,13 +38,13 @@ from shrink.hardware.profiles import Profile, get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import LoadedModel
 from shrink.numformats.filetypes import FILE_TYPES
-from shrink.numformats.registry import get_format
 from shrink.storage import atomic_write_text
 
 # Formats a llama.cpp artifact of shrink stores (llama.cpp's file types and shrink's own grids, the
 # fallbacks of 640-wide rows included); the quick set covers the common ones.
 LLAMA_CPP_FORMATS = ("fp32", "fp16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q4_k", "q4_0", "iq4_nl", "mxfp4",
                      "nvfp4_gguf", "tq2_0")
+ONNX_FORMATS = ("f32", "int8", "int4")  # as `shrink export -f onnx --quant` names them
 UNQUANTIZED = ("fp32", "fp16", "bf16")  # cast by shrink's exporter
 SHRINK_GRIDS = {"nvfp4_gguf": "nvfp4"}  # packed by shrink (a family's grid); the rest by llama.cpp's quantizer
 
@@ -147,13 +148,44 @@ def stored_spec(path: Path, spec: ArchSpec) -> ArchSpec:
     return costed.with_formats(**{k: v for k, v in vars(stored).items() if k != "ssm_state"})
 
 
-def calibrate_llama_cpp(profile: Profile, formats: tuple[str, ...] = LLAMA_CPP_FORMATS, threads: int | None = None,
-                        status: Callable[[str], None] = lambda message: None) -> RuntimeCalibration:
-    """llama.cpp's kernels on this machine (`profile`: its generic bandwidth and compute, for what the
-    kernels do not cover)."""
-    unknown = [f for f in formats if f not in LLAMA_CPP_FORMATS]
+def write_onnx(loaded, quant: str, folder: Path, f16: Path | None = None) -> Path:
+    """`loaded` as an ONNX directory with `quant` weights, its graph returning the last position's logits
+    (what the roofline costs; a prompt's other positions need no vocabulary projection)."""
+    from shrink.export.backend import backend
+
+    path = folder / f"{loaded.source}-onnx-{quant}"
+    backend("onnx").export(loaded, path, quant, logits="last")
+    return path
+
+
+@dataclass(frozen=True)
+class Calibratable:
+    """A runtime shrink can calibrate: the package that is it, the formats to measure (as export names
+    them), the unquantized one the fixed costs are measured in, and how an artifact is written."""
+    name: str
+    package: str
+    formats: tuple[str, ...]
+    plain: str
+    write: Callable[..., Path]
+
+
+RUNTIMES = {
+    "llama.cpp": Calibratable("llama.cpp", "llama-cpp-python", LLAMA_CPP_FORMATS, "fp16", write_gguf),
+    "onnxruntime": Calibratable("onnxruntime", "onnxruntime", ONNX_FORMATS, "f32", write_onnx),
+}
+
+
+def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tuple[str, ...] | None = None,
+                      threads: int | None = None, status: Callable[[str], None] = lambda message: None) -> RuntimeCalibration:
+    """`runtime`'s kernels on this machine (`profile`: its generic bandwidth and compute, for what the
+    kernels do not cover), keyed by the format each artifact stores its matrices in."""
+    if runtime not in RUNTIMES:
+        raise ShrinkError(f"shrink cannot calibrate '{runtime}'; it calibrates {', '.join(RUNTIMES)}.")
+    kind = RUNTIMES[runtime]
+    formats = formats or kind.formats
+    unknown = [f for f in formats if f not in kind.formats]
     if unknown:
-        raise ShrinkError(f"Cannot calibrate llama.cpp for '{unknown[0]}'; it calibrates {', '.join(LLAMA_CPP_FORMATS)}.")
+        raise ShrinkError(f"Cannot calibrate {runtime} for '{unknown[0]}'; it calibrates {', '.join(kind.formats)}.")
     threads = threads or os.cpu_count() or 1
     others = [others_busy_share()]
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -162,25 +194,24 @@ def calibrate_llama_cpp(profile: Profile, formats: tuple[str, ...] = LLAMA_CPP_F
         narrow = {}
         for layers in NARROW_DEPTHS:
             loaded = synthetic_model(NARROW, layers)
-            status(f"llama.cpp fixed costs: narrow model, {layers} layers")
-            narrow[layers] = (loaded.spec, time_artifact(write_gguf(loaded, "fp16", folder, None), threads, VOCAB))
-        fixed = _fixed_costs(narrow, profile, threads)
+            status(f"{runtime} fixed costs: narrow model, {layers} layers")
+            narrow[layers] = (loaded.spec, time_artifact(kind.write(loaded, kind.plain, folder, None), threads, VOCAB))
+        fixed = _fixed_costs(runtime, narrow, profile, threads)
         loaded = synthetic_model(WIDE, WIDE_DEPTH)
-        f16 = write_gguf(loaded, "fp16", folder, None)
+        plain = kind.write(loaded, kind.plain, folder, None)
         rates, spreads = {}, [t.spread for _, t in narrow.values()]
         for i, fmt in enumerate(formats, 1):
-            status(f"llama.cpp {fmt} kernels ({i}/{len(formats)}): {WIDE['hidden_size']}-wide model, {WIDE_DEPTH} layers")
-            path = f16 if fmt == "fp16" else write_gguf(loaded, fmt, folder, f16)
+            status(f"{runtime} {fmt} kernels ({i}/{len(formats)}): {WIDE['hidden_size']}-wide model, {WIDE_DEPTH} layers")
+            path = plain if fmt == kind.plain else kind.write(loaded, fmt, folder, plain)
             timed = time_artifact(path, threads, VOCAB)
             spec = stored_spec(path, loaded.spec)
-            if path != f16:
-                path.unlink()
+            if path != plain:
+                _remove(path)
             spreads.append(timed.spread)
-            name = get_format(fmt).name
-            rates[name] = _rate(spec, timed, profile, name, fixed)
+            rates[spec.formats.weights] = _rate(spec, timed, profile, spec.formats.weights, fixed)
         others.append(others_busy_share())
     busy = max(others) > BUSY_SHARE
-    source = (f"measured {started} by shrink profiles calibrate: llama-cpp-python {_version('llama-cpp-python')}, "
+    source = (f"measured {started} by shrink profiles calibrate: {kind.package} {_version(kind.package)}, "
               f"{threads} threads; fixed costs from a {NARROW['hidden_size']}-wide model at {NARROW_DEPTHS[0]} and "
               f"{NARROW_DEPTHS[1]} layers, rates from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer model per format; "
               f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}")
@@ -189,10 +220,15 @@ def calibrate_llama_cpp(profile: Profile, formats: tuple[str, ...] = LLAMA_CPP_F
     return replace(fixed, formats=rates, source=source, spread=max(spreads), busy=busy)
 
 
-def _fixed_costs(narrow: dict[int, tuple[ArchSpec, Timed]], profile: Profile, threads: int) -> RuntimeCalibration:
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _fixed_costs(runtime: str, narrow: dict[int, tuple[ArchSpec, Timed]], profile: Profile,
+                 threads: int) -> RuntimeCalibration:
     """Per-call and per-layer costs from the narrow model's two depths, the roofline's own time for its
     (tiny) work taken off."""
-    none = RuntimeCalibration("llama.cpp", {}, 0.0, 0.0, 0.0, 0.0, threads, "fixed costs")
+    none = RuntimeCalibration(runtime, {}, 0.0, 0.0, 0.0, 0.0, threads, "fixed costs")
     (short, (spec_s, t_s)), (deep, (spec_d, t_d)) = sorted(narrow.items())
     left = {}
     for layers, spec, timed in ((short, spec_s, t_s), (deep, spec_d, t_d)):
@@ -249,17 +285,11 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def calibrate_runtimes(profile: Profile, runtimes: tuple[str, ...] = ("llama.cpp",), threads: int | None = None,
+def calibrate_runtimes(profile: Profile, runtimes: tuple[str, ...] = tuple(RUNTIMES), threads: int | None = None,
                        formats: tuple[str, ...] | None = None,
                        status: Callable[[str], None] = lambda message: None) -> dict[str, RuntimeCalibration]:
-    """Each of `runtimes` calibrated on this machine (llama.cpp is the one shrink can measure so far)."""
-    found = {}
-    for runtime in runtimes:
-        if runtime != "llama.cpp":
-            raise ShrinkError(f"shrink cannot calibrate '{runtime}' yet; it calibrates llama.cpp (ONNX Runtime "
-                              "artifacts are costed with the profile's bandwidth and compute).")
-        found[runtime] = calibrate_llama_cpp(profile, formats or LLAMA_CPP_FORMATS, threads, status)
-    return found
+    """Each of `runtimes` calibrated on this machine (`formats`: a subset, for one runtime)."""
+    return {runtime: calibrate_runtime(profile, runtime, formats, threads, status) for runtime in runtimes}
 
 
 def cache_host_kernels(calibrations: dict[str, RuntimeCalibration]) -> bool:
@@ -272,12 +302,13 @@ def cache_host_kernels(calibrations: dict[str, RuntimeCalibration]) -> bool:
 
 
 def calibrated_host(status: Callable[[str], None] = lambda message: None) -> Profile:
-    """The `host` profile with llama.cpp's kernels measured here: from the cache, else calibrated now
+    """The `host` profile with its runtimes' kernels measured here: from the cache, else calibrated now
     (minutes, once per machine and software versions; a busy measurement is used for this run only)."""
     profile = get_profile("host")
-    if profile.calibration("llama.cpp") is None:
-        status("Calibrating llama.cpp's kernels on this machine (once; `shrink profiles calibrate` redoes it)")
-        calibrations = calibrate_runtimes(profile, status=status)
+    missing = tuple(runtime for runtime in RUNTIMES if profile.calibration(runtime) is None)
+    if missing:
+        status(f"Calibrating {' and '.join(missing)} on this machine (once; `shrink profiles calibrate` redoes it)")
+        calibrations = {**profile.calibrations, **calibrate_runtimes(profile, missing, status=status)}
         if not cache_host_kernels(calibrations):
             status("Other work ran during the calibration: its figures are used for this run and not cached")
         profile = replace(profile, calibrations=calibrations)

@@ -83,7 +83,7 @@ def _fake_timing(monkeypatch):
 def test_the_fitted_kernels_reproduce_the_timings_they_came_from(monkeypatch, tmp_path):
     _fake_timing(monkeypatch)
     profile = get_profile("sg2042")
-    kernels = calibrate.calibrate_llama_cpp(profile, ("q8_0", "q4_0"), threads=2)
+    kernels = calibrate.calibrate_runtime(profile, "llama.cpp", ("q8_0", "q4_0"), threads=2)
     assert set(kernels.formats) == {"q8_0", "q4_0"} and not kernels.busy
     assert kernels.decode_layer_s > 0 and kernels.decode_token_s > 0
     calibrated = replace(profile, calibrations={"llama.cpp": kernels})
@@ -104,7 +104,7 @@ def test_cli_calibrate_writes_a_profile_that_target_takes_and_caches_host(monkey
     monkeypatch.setattr(host, "others_busy_share", lambda: 0.0)
     runner = CliRunner()
     out = tmp_path / "here.toml"
-    result = runner.invoke(app, ["profiles", "calibrate", "--formats", "q8_0", "-o", str(out), "--json"])
+    result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "llama.cpp", "--formats", "q8_0", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["cached"] and list(report["runtime"]["llama.cpp"]["formats"]) == ["q8_0"]
@@ -113,8 +113,12 @@ def test_cli_calibrate_writes_a_profile_that_target_takes_and_caches_host(monkey
     assert result.exit_code == 0, result.output
     assert "llama.cpp's kernels per format, measured" in result.output
 
-    result = runner.invoke(app, ["profiles", "calibrate", "--formats", "q3_x"])
+    result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "llama.cpp", "--formats", "q3_x"])
     assert result.exit_code != 0 and "Cannot calibrate llama.cpp for 'q3_x'" in result.output
+    result = runner.invoke(app, ["profiles", "calibrate", "--formats", "q8_0"])  # two runtimes by default
+    assert result.exit_code != 0 and "give one --runtime" in result.output
+    result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "tensorrt"])
+    assert result.exit_code != 0 and "cannot calibrate 'tensorrt'" in result.output
     result = runner.invoke(app, ["profiles", "calibrate", "-o", str(tmp_path / "x.json")])
     assert result.exit_code != 0 and "must end in .toml" in result.output
 
@@ -123,7 +127,19 @@ def test_a_busy_calibration_is_flagged_and_not_cached(monkeypatch, tmp_path):
     _fake_timing(monkeypatch)
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "others_busy_share", lambda: 0.9)
-    kernels = calibrate.calibrate_llama_cpp(get_profile("sg2042"), ("q8_0",), threads=2)
+    kernels = calibrate.calibrate_runtime(get_profile("sg2042"), "llama.cpp", ("q8_0",), threads=2)
     assert kernels.busy and "BUSY" in kernels.source
     assert not calibrate.cache_host_kernels({"llama.cpp": kernels})
     assert not list(tmp_path.glob("host/kernels-*.json"))
+
+
+def test_onnx_runtime_is_calibrated_per_stored_format_too(monkeypatch):
+    _fake_timing(monkeypatch)
+    def timed(path, threads, vocab):  # an ONNX artifact is a directory
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return calibrate.Timed(decode_s=3e-4 + size / 4e9, prefill_s=2e-3 + size / 1e9, spread=0.01)
+
+    monkeypatch.setattr(calibrate, "time_artifact", timed)
+    monkeypatch.setattr(calibrate, "NARROW_DEPTHS", (1, 3))  # each ONNX export is a trace: keep them few and small
+    kernels = calibrate.calibrate_runtime(get_profile("sg2042"), "onnxruntime", ("f32", "int4"), threads=2)
+    assert kernels.runtime == "onnxruntime" and set(kernels.formats) == {"fp32", "onnx_int4_g32"}
