@@ -203,6 +203,9 @@ class ArchSpec:
     # SwiftKV's SingleInputKV: the attention layers from this index on take K/V from one extra norm of
     # this layer's input, so the prompt runs only the layers before it (and the last token all of them)
     single_input_kv: int | None = None
+    # which prompt positions a prefill projects onto the vocabulary: "last" (what generation needs, and
+    # llama.cpp computes) or "all" (an ONNX graph exported with every position's logits)
+    prompt_logits: str = "last"
 
     @property
     def num_layers(self) -> int:
@@ -251,6 +254,8 @@ class ArchSpec:
         formats = _strict(Formats, formats, "formats")
         formats = replace(formats, ops=tuple(tuple(pair) for pair in formats.ops)).validated()  # JSON gives lists
         spec = _strict(cls, {**data, "layers": layers, "formats": formats}, "ArchSpec")
+        if spec.prompt_logits not in ("last", "all"):
+            raise ShrinkError(f"ArchSpec.prompt_logits is 'last' or 'all', not {spec.prompt_logits!r}.")
         if spec.single_input_kv is not None and spec.single_input_kv >= spec.num_layers:
             raise ShrinkError(f"ArchSpec.single_input_kv is a layer index below {spec.num_layers}, "
                               f"not {spec.single_input_kv}.")

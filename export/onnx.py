@@ -261,6 +261,7 @@ def _quantize_weights(directory: Path, stored: NumberFormat, vocabulary: NumberF
 class OnnxFormats:
     formats: Any  # archspec.Formats of what the graph stores
     tied: bool  # the lm_head reads the embedding table itself (no untied copy stored)
+    prompt_logits: str = "all"  # the prompt positions a prefill projects onto the vocabulary ("all" or "last")
 
 
 def onnx_formats(directory: str | Path) -> OnnxFormats:
@@ -275,4 +276,4 @@ def onnx_formats(directory: str | Path) -> OnnxFormats:
     weights = max(read.blocks, key=read.blocks.get) if read.blocks else "fp32"
     formats = Formats(weights=weights, embeddings=read.embedding, activations="fp32", kv_cache="fp32", other="fp32",
                       lm_head=None if read.tied else read.lm_head)
-    return OnnxFormats(formats, read.tied)
+    return OnnxFormats(formats, read.tied, layout.get("logits", "all"))

@@ -76,10 +76,11 @@ class OnnxBackend:
         yield None if tokenizer is None else (lambda text: tokenizer(text).input_ids)
 
     def stored_formats(self, path: Path, spec: ArchSpec) -> tuple[ArchSpec, Formats]:
-        """The formats the graph stores (MatMulNBits scales included) and whether its lm_head and token
-        embedding share one table, so the spec says untied when the file stores two."""
+        """The formats the graph stores (MatMulNBits scales included), whether its lm_head and token
+        embedding share one table (the spec says untied when the file stores two) and which prompt
+        positions its prefill projects onto the vocabulary."""
         read = onnx_formats(path)
-        return replace(spec, tied_embeddings=spec.tied_embeddings and read.tied), read.formats
+        return replace(spec, tied_embeddings=spec.tied_embeddings and read.tied, prompt_logits=read.prompt_logits), read.formats
 
     def costed_spec(self, spec: ArchSpec, family: str | None, lm_head_kept: bool = True) -> ArchSpec:
         """What export/onnx.py writes for `family`: the block weights in its ONNX layout (MatMulNBits or

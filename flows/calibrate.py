@@ -34,6 +34,7 @@ from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 from shrink.hardware.calibration import KernelRate, RuntimeCalibration
 from shrink.hardware.host import BUSY_SHARE, kernels_cache_path, others_busy_share
+from shrink.hardware.ops import pass_ops, prefill_ops
 from shrink.hardware.profiles import Profile, get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import LoadedModel
@@ -51,8 +52,11 @@ SHRINK_GRIDS = {"nvfp4_gguf": "nvfp4"}  # packed by shrink (a family's grid); th
 NARROW = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
 WIDE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4,
         "head_dim": 128}
+SHORT_ROWS = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
+              "head_dim": 128}
 NARROW_DEPTHS = (2, 26)
 WIDE_DEPTH = 8  # 361M parameters: 722 MB in fp16, 203 MB in q4_0
+SHORT_DEPTH = 12  # 46M parameters in rows of 512 (most) and 2048: 4x the outputs per weight byte of WIDE
 VOCAB = 512
 PROMPT, GEN = 64, 16
 AGREE = 0.05  # two timing runs within this of each other end a measurement
@@ -197,23 +201,27 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
             status(f"{runtime} fixed costs: narrow model, {layers} layers")
             narrow[layers] = (loaded.spec, time_artifact(kind.write(loaded, kind.plain, folder, None), threads, VOCAB))
         fixed = _fixed_costs(runtime, narrow, profile, threads)
-        loaded = synthetic_model(WIDE, WIDE_DEPTH)
-        plain = kind.write(loaded, kind.plain, folder, None)
+        models = [synthetic_model(WIDE, WIDE_DEPTH), synthetic_model(SHORT_ROWS, SHORT_DEPTH)]
+        plains = [kind.write(loaded, kind.plain, folder, None) for loaded in models]
         rates, spreads = {}, [t.spread for _, t in narrow.values()]
         for i, fmt in enumerate(formats, 1):
-            status(f"{runtime} {fmt} kernels ({i}/{len(formats)}): {WIDE['hidden_size']}-wide model, {WIDE_DEPTH} layers")
-            path = plain if fmt == kind.plain else kind.write(loaded, fmt, folder, plain)
-            timed = time_artifact(path, threads, VOCAB)
-            spec = stored_spec(path, loaded.spec)
-            if path != plain:
-                _remove(path)
-            spreads.append(timed.spread)
-            rates[spec.formats.weights] = _rate(spec, timed, profile, spec.formats.weights, fixed)
+            status(f"{runtime} {fmt} kernels ({i}/{len(formats)})")
+            measured = []
+            for loaded, plain in zip(models, plains):
+                path = plain if fmt == kind.plain else kind.write(loaded, fmt, folder, plain)
+                timed = time_artifact(path, threads, VOCAB)
+                measured.append((stored_spec(path, loaded.spec), timed))
+                spreads.append(timed.spread)
+                if path != plain:
+                    _remove(path)
+            stored = measured[0][0].formats.weights
+            rates[stored] = _rate(measured, profile, stored, fixed)
         others.append(others_busy_share())
     busy = max(others) > BUSY_SHARE
     source = (f"measured {started} by shrink profiles calibrate: {kind.package} {_version(kind.package)}, "
               f"{threads} threads; fixed costs from a {NARROW['hidden_size']}-wide model at {NARROW_DEPTHS[0]} and "
-              f"{NARROW_DEPTHS[1]} layers, rates from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer model per format; "
+              f"{NARROW_DEPTHS[1]} layers, rates per format from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer and a "
+              f"{SHORT_ROWS['hidden_size']}-wide {SHORT_DEPTH}-layer model; "
               f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}")
     if busy:
         source += f"; BUSY: other processes used up to {max(others):.0%} of the CPUs"
@@ -240,27 +248,53 @@ def _fixed_costs(runtime: str, narrow: dict[int, tuple[ArchSpec, Timed]], profil
                    prefill_layer_s=per_layer[1])
 
 
-def _rate(spec: ArchSpec, timed: Timed, profile: Profile, fmt: str, fixed: RuntimeCalibration) -> KernelRate:
-    """The rates at which the roofline, costing `spec` with `fmt`'s kernels at them and the fixed costs,
-    gives the measured decode and prefill times: each solved in turn with the other held (a decode step
-    depends on the weight stream, a prefill on the compute, and each a little on the other)."""
-    def times(rate: KernelRate) -> tuple[float, float]:
+def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fixed: RuntimeCalibration) -> KernelRate:
+    """The rates (and costs per output element) at which the roofline, costing each spec with `fmt`'s
+    kernels and the fixed costs, gives its measured decode and prefill times. The long-row and the
+    short-row model give two equations per phase (time = bytes / rate + outputs x cost per output;
+    FLOPs in place of bytes for a prefill); the rates are then refined so that the long-row model's
+    times are met exactly (each solved with the other held: a decode step depends a little on the
+    compute, a prefill a little on the weight stream)."""
+    def times(spec: ArchSpec, rate: KernelRate) -> tuple[float, float]:
         kernels = replace(fixed, formats={fmt: rate})
         est = estimate(spec, replace(profile, calibrations={fixed.runtime: kernels}), Workload(1, PROMPT, GEN),
                        fixed.runtime)
         return est.tpot_s, est.ttft_s
 
-    fastest = times(KernelRate(_FASTEST, _FASTEST))
-    if timed.decode_s <= fastest[0] or timed.prefill_s <= fastest[1]:
-        raise ShrinkError(f"The {fmt} timings ({timed.decode_s * 1e3:.2f} ms/token, prefill {timed.prefill_s * 1e3:.1f} ms) "
-                          "are shorter than the fixed costs measured before them: the machine's speed changed during "
-                          "calibration; run it again on a quiet machine.")
-    rate = KernelRate(_FASTEST, _FASTEST)
-    for _ in range(3):
-        rate = replace(rate, decode_GBps=_solve(lambda gbps: times(replace(rate, decode_GBps=gbps))[0], timed.decode_s))
-        rate = replace(rate, prefill_TFLOPS=_solve(lambda tflops: times(replace(rate, prefill_TFLOPS=tflops))[1],
-                                                    timed.prefill_s))
+    instant = KernelRate(_FASTEST, _FASTEST)
+    rows = []
+    for spec, timed in measured:
+        rest = times(spec, instant)
+        if timed.decode_s <= rest[0] or timed.prefill_s <= rest[1]:
+            raise ShrinkError(f"The {fmt} timings ({timed.decode_s * 1e3:.2f} ms/token, prefill {timed.prefill_s * 1e3:.1f} ms) "
+                              "are shorter than the fixed costs measured before them: the machine's speed changed "
+                              "during calibration; run it again on a quiet machine.")
+        decode = [op for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
+        prefill = [op for op in prefill_ops(spec, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
+        rows.append(((sum(op.weights for op in decode), sum(op.outputs for op in decode), timed.decode_s - rest[0]),
+                     (sum(op.flops for op in prefill), sum(op.outputs for op in prefill), timed.prefill_s - rest[1])))
+    (per_byte, per_output_d), (per_flop, per_output_p) = (_two_by_two([row[phase] for row in rows]) for phase in (0, 1))
+    rate = KernelRate(1e-9 / per_byte, 1e-12 / per_flop, per_output_d * 1e9, per_output_p * 1e9)
+    long_rows, timed = measured[0]
+    for _ in range(2):
+        rate = replace(rate, decode_GBps=_solve(lambda gbps: times(long_rows, replace(rate, decode_GBps=gbps))[0],
+                                                timed.decode_s))
+        rate = replace(rate, prefill_TFLOPS=_solve(lambda tflops: times(long_rows, replace(rate, prefill_TFLOPS=tflops))[1],
+                                                   timed.prefill_s))
     return rate
+
+
+def _two_by_two(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(seconds per unit of work, seconds per output) solving work x a + outputs x b = seconds for two
+    models; where the solution is not physical (either negative), the outputs cost nothing and the
+    long-row model alone sets a."""
+    (w1, o1, t1), (w2, o2, t2) = rows
+    determinant = w1 * o2 - w2 * o1
+    if determinant:
+        a, b = (t1 * o2 - t2 * o1) / determinant, (w1 * t2 - w2 * t1) / determinant
+        if a > 0 and b >= 0:
+            return a, b
+    return t1 / w1, 0.0
 
 
 _FASTEST = 1e9  # a rate (GB/s, TFLOPS) at which the matrices take no time worth counting

@@ -21,6 +21,10 @@ from shrink.numformats.registry import get_format, mixture_parts
 class KernelRate:
     decode_GBps: float  # weight bytes per second of the runtime's matrix-vector product, 1e9 bytes/s
     prefill_TFLOPS: float  # FLOPs per second of its matrix product over a prompt, 1e12/s
+    # the cost of each output element beyond its share of bytes or FLOPs (a dot product's setup and final
+    # sum): what makes short rows (a 640-wide model's) slower per byte than long ones
+    decode_output_ns: float = 0.0
+    prefill_output_ns: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,13 @@ class RuntimeCalibration:
         if len(parts) == 1:
             return self.formats[parts[0][0].name]
         bits = sum(part.bits_per_element * share for part, share in parts)
-        seconds_per_byte = sum(part.bits_per_element * share / bits / self.formats[part.name].decode_GBps
-                               for part, share in parts)
-        seconds_per_flop = sum(share / self.formats[part.name].prefill_TFLOPS for part, share in parts)
-        return KernelRate(1 / seconds_per_byte, 1 / seconds_per_flop)
+        rates = [(self.formats[part.name], share) for part, share in parts]
+        seconds_per_byte = sum(part.bits_per_element * share / bits / rate.decode_GBps
+                               for (part, share), (rate, _) in zip(parts, rates))
+        seconds_per_flop = sum(share / rate.prefill_TFLOPS for rate, share in rates)
+        return KernelRate(1 / seconds_per_byte, 1 / seconds_per_flop,
+                          sum(share * rate.decode_output_ns for rate, share in rates),
+                          sum(share * rate.prefill_output_ns for rate, share in rates))
 
     def to_table(self) -> dict[str, Any]:
         """The `[runtime."NAME"]` table of a profile TOML."""
@@ -94,17 +101,22 @@ def calibrations_from_tables(tables: Any, where: str) -> dict[str, RuntimeCalibr
     return found
 
 
+_RATE_KEYS = ("decode_GBps", "prefill_TFLOPS", "decode_output_ns", "prefill_output_ns")
+
+
 def _rates(formats: Any, where: str, prefix: str) -> dict[str, KernelRate]:
     if not isinstance(formats, dict) or not formats:
         raise ShrinkError(f"Profile '{where}': '{prefix}' must be a table of formats with their rates.")
     rates = {}
     for name, rate in formats.items():
         fmt = get_format(name)  # an unknown format is the registry's own sentence
-        if not isinstance(rate, dict) or set(rate) != {"decode_GBps", "prefill_TFLOPS"}:
-            raise ShrinkError(f"Profile '{where}': '{prefix}.{name}' must hold decode_GBps and prefill_TFLOPS.")
+        if not isinstance(rate, dict) or not {"decode_GBps", "prefill_TFLOPS"} <= set(rate) <= set(_RATE_KEYS):
+            raise ShrinkError(f"Profile '{where}': '{prefix}.{name}' must hold decode_GBps and prefill_TFLOPS "
+                              "(and optionally decode_output_ns, prefill_output_ns).")
         for key, value in rate.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            least = 0 if key.endswith("_ns") else None  # a rate must be positive, a per-element cost may be 0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (least is None and value == 0):
                 raise ShrinkError(f"Profile '{where}': '{prefix}.{name}.{key}' must be a positive number, got {value!r}.")
-        rates[fmt.name] = KernelRate(float(rate["decode_GBps"]), float(rate["prefill_TFLOPS"]))
+        rates[fmt.name] = KernelRate(**{key: float(value) for key, value in rate.items()})
     return rates
 

@@ -9,7 +9,8 @@ kernels) and stated once here:
   memory) over the positions it may see: all of them, or the last `sliding_window`; it reads KV
   heads, not query heads (GQA). A layer that shares another layer's KV cache computes no K/V and
   writes no cache, but still reads the cache it attends to.
-- lm_head runs only for the last position of each sequence (what generation needs).
+- lm_head runs only for the last position of each sequence (what generation needs), unless the spec
+  says its prefill projects every prompt position (`prompt_logits` "all": an ONNX graph exported so).
 - MoE weight traffic counts the experts a pass is expected to touch under uniform routing.
 - A Mamba2 scan reads and writes its fp32 state once per pass.
 - SingleInputKV (SwiftKV, `spec.single_input_kv` = k): every pass runs one more norm (of layer k's
@@ -36,6 +37,7 @@ class Op:
     compute: str  # compute class whose peak bounds it
     weights: float = 0.0  # the share of `bytes` that is stored weights (a matmul's matrix)
     weight_format: str | None = None  # the format those weights are stored in (registry or mixture name)
+    outputs: float = 0.0  # elements a matmul writes (tokens x output features): each is one reduction
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def _matmul(name: str, tokens: int, d_in: int, d_out: int, b: _Bytes, weight_byt
     per_weight, compute, fmt = b.of(weight_of or name)
     weights = d_in * d_out * per_weight if weight_bytes is None else weight_bytes * per_weight
     return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, compute,
-              weights, fmt)
+              weights, fmt, float(tokens * d_out))
 
 
 def _norm(name: str, tokens: int, width: int, count: int, b: _Bytes) -> Op:
@@ -205,14 +207,15 @@ def layer_ops(layer: LayerSpec, hidden: int, batch: int, new: int, past: int, b:
 
 
 def model_edge_ops(spec: ArchSpec, batch: int, new: int, b: _Bytes) -> list[Op]:
-    """Embedding lookup, final norm and lm_head (last position of each sequence only)."""
+    """Embedding lookup, final norm and lm_head (last position of each sequence, or every new one)."""
     tokens = batch * new
     h, v = spec.hidden_size, spec.vocab_size
+    rows = tokens if spec.prompt_logits == "all" else batch
     return [
         Op("embedding", "embedding", float(tokens * h), tokens * h * (b.embedding + b.act), "fp32"),
-        _norm("final_norm", batch, h, 1 if spec.final_norm else 0, b),
-        Op("lm_head", "matmul", 2.0 * batch * h * v, h * v * b.lm_head + batch * (h + v) * b.act, b.lm_head_class,
-           h * v * b.lm_head, b.lm_head_format),
+        _norm("final_norm", rows, h, 1 if spec.final_norm else 0, b),
+        Op("lm_head", "matmul", 2.0 * rows * h * v, h * v * b.lm_head + rows * (h + v) * b.act, b.lm_head_class,
+           h * v * b.lm_head, b.lm_head_format, float(rows * v)),
     ]
 
 

@@ -74,9 +74,12 @@ def _fake_timing(monkeypatch):
         return calibrate.Timed(decode_s=3e-4 + size / 4e9, prefill_s=2e-3 + size / 1e9, spread=0.01)
 
     monkeypatch.setattr(calibrate, "time_artifact", timed)
-    monkeypatch.setattr(calibrate, "WIDE", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2,
+    monkeypatch.setattr(calibrate, "WIDE", {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 4,
                                             "num_key_value_heads": 1, "head_dim": 128})
     monkeypatch.setattr(calibrate, "WIDE_DEPTH", 2)
+    monkeypatch.setattr(calibrate, "SHORT_ROWS", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2,
+                                                  "num_key_value_heads": 1, "head_dim": 128})
+    monkeypatch.setattr(calibrate, "SHORT_DEPTH", 2)
     monkeypatch.setattr(calibrate, "others_busy_share", lambda: 0.0)
 
 
@@ -131,6 +134,14 @@ def test_a_busy_calibration_is_flagged_and_not_cached(monkeypatch, tmp_path):
     assert kernels.busy and "BUSY" in kernels.source
     assert not calibrate.cache_host_kernels({"llama.cpp": kernels})
     assert not list(tmp_path.glob("host/kernels-*.json"))
+
+
+def test_two_models_separate_the_cost_per_byte_from_the_cost_per_output():
+    a, b = 1 / 10e9, 5e-9  # 10 GB/s, 5 ns per output
+    rows = [(w, o, w * a + o * b) for w, o in ((300e6, 40_000), (50e6, 30_000))]
+    assert calibrate._two_by_two(rows) == (pytest.approx(a), pytest.approx(b))
+    # outputs that would have to cost negative time: the long-row model alone sets the rate
+    assert calibrate._two_by_two([(300e6, 40_000, 0.03), (50e6, 30_000, 0.004)]) == (pytest.approx(1e-10), 0.0)
 
 
 def test_onnx_runtime_is_calibrated_per_stored_format_too(monkeypatch):

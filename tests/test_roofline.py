@@ -165,3 +165,16 @@ def test_efficiency_scales_time():
     slow = estimate(spec, Profile(**base, bandwidth_efficiency=0.5), Workload(1, 4, 1))
     assert slow.tpot_s == pytest.approx(2 * fast.tpot_s)
     assert fast.tpot_s == pytest.approx(3720 / 1e9)  # memory-bound: every op moves bytes at 1 GB/s
+
+
+def test_a_graph_with_every_prompt_positions_logits_pays_the_vocabulary_projection_per_position():
+    from dataclasses import replace as _replace
+
+    spec = load_spec("gemma-3-270m")
+    profile = get_profile("jetson-orin-nano")
+    last = estimate(spec, profile, Workload(1, 256, 4))
+    every = estimate(_replace(spec, prompt_logits="all"), profile, Workload(1, 256, 4))
+    head_last, head_every = (next(op for op in e.prefill.ops if op.name == "lm_head") for e in (last, every))
+    assert head_every.flops == 256 * head_last.flops
+    assert every.ttft_s > last.ttft_s + 0.9 * (head_every.time_s - head_last.time_s) > last.ttft_s
+    assert every.tpot_s == pytest.approx(last.tpot_s)  # decode: one position either way
