@@ -132,10 +132,11 @@ def calibrate_profile(
     for runtime, calibration in calibrations.items():
         table = Table(title=f"{runtime} on this machine (measured; spread of repeated runs up to {calibration.spread:.1%})",
                       title_justify="left")
-        for column in ("format", "decode: weights streamed", "prefill: compute"):
+        for column in ("format", "decode: weights streamed", "+ per row", "prefill: compute", "+ per output"):
             table.add_column(column, justify="left" if column == "format" else "right")
         for fmt, rate in calibration.formats.items():
-            table.add_row(fmt, f"{rate.decode_GBps:.2f} GB/s", f"{rate.prefill_TFLOPS * 1e3:.1f} GFLOP/s")
+            table.add_row(fmt, f"{rate.decode_GBps:.2f} GB/s", f"{rate.decode_output_ns:.1f} ns",
+                          f"{rate.prefill_TFLOPS * 1e3:.1f} GFLOP/s", f"{rate.prefill_output_ns:.2f} ns")
         console.print(table)
         console.print(f"fixed costs (measured): {calibration.decode_token_s * 1e6:.0f} us per decode step + "
                       f"{calibration.decode_layer_s * 1e6:.1f} us per layer; {calibration.prefill_call_s * 1e3:.2f} ms "

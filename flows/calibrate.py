@@ -271,16 +271,24 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
                               "during calibration; run it again on a quiet machine.")
         decode = [op for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
         prefill = [op for op in prefill_ops(spec, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
-        rows.append(((sum(op.weights for op in decode), sum(op.outputs for op in decode), timed.decode_s - rest[0]),
+        rows.append(((sum(op.weights for op in decode), sum(op.rows for op in decode), timed.decode_s - rest[0]),
                      (sum(op.flops for op in prefill), sum(op.outputs for op in prefill), timed.prefill_s - rest[1])))
     (per_byte, per_output_d), (per_flop, per_output_p) = (_two_by_two([row[phase] for row in rows]) for phase in (0, 1))
     rate = KernelRate(1e-9 / per_byte, 1e-12 / per_flop, per_output_d * 1e9, per_output_p * 1e9)
     long_rows, timed = measured[0]
-    for _ in range(2):
+    for _ in range(3):
         rate = replace(rate, decode_GBps=_solve(lambda gbps: times(long_rows, replace(rate, decode_GBps=gbps))[0],
                                                 timed.decode_s))
+        if rate.decode_GBps > _FASTEST / 10:  # the outputs' cost alone overshoots: they cost nothing here
+            rate = replace(rate, decode_output_ns=0.0)
+            continue
         rate = replace(rate, prefill_TFLOPS=_solve(lambda tflops: times(long_rows, replace(rate, prefill_TFLOPS=tflops))[1],
                                                    timed.prefill_s))
+        if rate.prefill_TFLOPS > _FASTEST / 10:
+            rate = replace(rate, prefill_output_ns=0.0)
+    if max(rate.decode_GBps, rate.prefill_TFLOPS) > _FASTEST / 10:
+        raise ShrinkError(f"The {fmt} timings fit no rate: the machine's speed changed during calibration; run it "
+                          "again on a quiet machine.")
     return rate
 
 

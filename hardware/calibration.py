@@ -22,7 +22,8 @@ class KernelRate:
     decode_GBps: float  # weight bytes per second of the runtime's matrix-vector product, 1e9 bytes/s
     prefill_TFLOPS: float  # FLOPs per second of its matrix product over a prompt, 1e12/s
     # the cost of each output element beyond its share of bytes or FLOPs (a dot product's setup and final
-    # sum): what makes short rows (a 640-wide model's) slower per byte than long ones
+    # sum): what makes short rows (a 640-wide model's) slower per byte than long ones. In a decode step
+    # an output is a weight row streamed; a prefill's matrix product pays it per token and row.
     decode_output_ns: float = 0.0
     prefill_output_ns: float = 0.0
 

@@ -38,6 +38,7 @@ class Op:
     weights: float = 0.0  # the share of `bytes` that is stored weights (a matmul's matrix)
     weight_format: str | None = None  # the format those weights are stored in (registry or mixture name)
     outputs: float = 0.0  # elements a matmul writes (tokens x output features): each is one reduction
+    rows: float = 0.0  # weight rows a matmul streams (output features; once per pass, whatever the tokens)
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,10 @@ def _matmul(name: str, tokens: int, d_in: int, d_out: int, b: _Bytes, weight_byt
             weight_of: str | None = None) -> Op:
     """A matmul's op; its weights are costed in the format of operator `weight_of` (default: `name`)."""
     per_weight, compute, fmt = b.of(weight_of or name)
-    weights = d_in * d_out * per_weight if weight_bytes is None else weight_bytes * per_weight
+    elements = d_in * d_out if weight_bytes is None else weight_bytes
+    weights = elements * per_weight
     return Op(name, "matmul", 2.0 * tokens * d_in * d_out, weights + tokens * (d_in + d_out) * b.act, compute,
-              weights, fmt, float(tokens * d_out))
+              weights, fmt, float(tokens * d_out), elements / d_in)
 
 
 def _norm(name: str, tokens: int, width: int, count: int, b: _Bytes) -> Op:
@@ -215,7 +217,7 @@ def model_edge_ops(spec: ArchSpec, batch: int, new: int, b: _Bytes) -> list[Op]:
         Op("embedding", "embedding", float(tokens * h), tokens * h * (b.embedding + b.act), "fp32"),
         _norm("final_norm", rows, h, 1 if spec.final_norm else 0, b),
         Op("lm_head", "matmul", 2.0 * rows * h * v, h * v * b.lm_head + rows * (h + v) * b.act, b.lm_head_class,
-           h * v * b.lm_head, b.lm_head_format, float(rows * v)),
+           h * v * b.lm_head, b.lm_head_format, float(rows * v), float(v)),
     ]
 
 

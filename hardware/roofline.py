@@ -100,15 +100,15 @@ class Estimate:
 
 def _cost(op: Op, profile: Profile, kernels: RuntimeCalibration | None) -> tuple[str, float, float]:
     """(class, compute time, memory time) of one operator. A matmul whose weight format the runtime's
-    kernels were measured for computes at their prefill rate and streams its weights at their decode
-    rate, each plus their cost per output element (activations at the profile's bandwidth); everything
-    else at the profile's achievable peaks."""
+    kernels were measured for computes at their prefill rate plus their cost per output element, and
+    streams its weights at their decode rate plus their cost per weight row (a decode step's output
+    element; activations at the profile's bandwidth); everything else at the profile's achievable peaks."""
     cls, tflops = profile.peak_for(op.compute)
     bandwidth = profile.bandwidth_GBps * 1e9 * profile.bandwidth_efficiency
     rate = kernels.rate(op.weight_format) if kernels is not None and op.kind == "matmul" else None
     if rate is not None:
         return (cls, op.flops / (rate.prefill_TFLOPS * 1e12) + op.outputs * rate.prefill_output_ns * 1e-9,
-                op.weights / (rate.decode_GBps * 1e9) + op.outputs * rate.decode_output_ns * 1e-9
+                op.weights / (rate.decode_GBps * 1e9) + op.rows * rate.decode_output_ns * 1e-9
                 + (op.bytes - op.weights) / bandwidth)
     t_compute = op.flops / (tflops * 1e12 * profile.compute_efficiency)
     t_memory = op.bytes / bandwidth
