@@ -173,7 +173,7 @@ def _profile_data(data: dict) -> dict[str, Any]:
             "bandwidth": 1.0,
             "compute": 1.0,
             "reasoning": "Measured throughputs are already achievable figures, so both efficiencies are 1.0. "
-            "Runtimes' own kernels (llama.cpp's quantized dot products) may be faster or slower than torch's: "
-            "benchmarks/estimate_vs_measured.py shows the gap.",
+            "Runtimes' own kernels (llama.cpp's quantized dot products) are slower or faster than torch's, each "
+            "format by its own amount: `shrink profiles calibrate` measures them, and estimates use them when cached.",
         },
     }
