@@ -154,3 +154,21 @@ def test_onnx_runtime_is_calibrated_per_stored_format_too(monkeypatch):
     monkeypatch.setattr(calibrate, "NARROW_DEPTHS", (1, 3))  # each ONNX export is a trace: keep them few and small
     kernels = calibrate.calibrate_runtime(get_profile("sg2042"), "onnxruntime", ("f32", "int4"), threads=2)
     assert kernels.runtime == "onnxruntime" and set(kernels.formats) == {"fp32", "onnx_int4_g32"}
+
+
+def test_host_is_calibrated_once_then_read_from_the_cache(monkeypatch, tmp_path):
+    from shrink.hardware import host
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    monkeypatch.setattr(host, "others_busy_share", lambda: 0.0)
+    calls = []
+
+    def calibrate_runtimes(profile, runtimes, status=None, **_):
+        calls.append(runtimes)
+        return {runtime: replace(KERNELS, runtime=runtime) for runtime in runtimes}
+
+    monkeypatch.setattr(calibrate, "calibrate_runtimes", calibrate_runtimes)
+    first = calibrate.calibrated_host()
+    assert calls == [("llama.cpp", "onnxruntime")] and set(first.calibrations) == {"llama.cpp", "onnxruntime"}
+    again = calibrate.calibrated_host()
+    assert len(calls) == 1 and again.calibrations == first.calibrations  # read back, not measured again
