@@ -159,12 +159,13 @@ def _teacher_for(student: Any, teacher: Any) -> Any:
 
 
 def teacher_logits(student: Any, teacher: Any, split: Any, config: Any, hooks: Hooks, current: Any = None) -> Any:
-    """The teacher's cached top-k (train, evaluation) for distilling `student`; written once, by rank 0."""
+    """The teacher's cached top-k (train, evaluation) for distilling `student`: a parallel pass under
+    torchrun, written once, by rank 0."""
     teacher = _teacher_for(student, teacher)
-    with main_rank_first(current or world()):  # rank 0 writes the teacher cache, the others read it
-        hooks.status("Caching the teacher's top-k logits")
-        return (teacher_topk(teacher.model, split.train, config.top_k),
-                teacher_topk(teacher.model, split.evaluation, config.top_k))
+    current = current or world()  # under torchrun each process computes a share; rank 0 writes the cache
+    hooks.status("Caching the teacher's top-k logits")
+    return (teacher_topk(teacher.model, split.train, config.top_k, current=current),
+            teacher_topk(teacher.model, split.evaluation, config.top_k, current=current))
 
 
 def distill(student: Any, teacher: Any, split: Any, config: Any, checkpoints: Path, hooks: Hooks,
