@@ -15,7 +15,7 @@ def _commands() -> dict[str, click.Command]:
     group = typer.main.get_command(app)
     commands = dict(group.commands)
     for name, command in group.commands.items():
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a group (typer vendors its own click: not always a click.Group)
             commands.update({f"{name} {sub}": c for sub, c in command.commands.items()})
     return commands
 
