@@ -63,7 +63,7 @@ class VocabTrim:
         return {"original_size": self.original_size, "kept": list(self.kept), "mapped": list(self.mapped)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VocabTrim":
+    def from_dict(cls, data: dict) -> VocabTrim:
         return cls(tuple(int(i) for i in data["kept"]), int(data["original_size"]),
                    tuple(int(i) for i in data.get("mapped", ())))
 

@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +32,7 @@ from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 from shrink.hardware.calibration import KernelRate, RuntimeCalibration
-from shrink.hardware.host import BUSY_SHARE, kernels_cache_path, others_busy_share
+from shrink.hardware.host import BUSY_SHARE, kernels_cache_path, others_busy_share, package_version
 from shrink.hardware.ops import pass_ops, prefill_ops
 from shrink.hardware.profiles import Profile, get_profile
 from shrink.hardware.roofline import Workload, estimate
@@ -74,7 +73,6 @@ def synthetic_model(shape: dict, layers: int):
     """A random Llama of `shape` and depth, in the shrink model wrapper the exporters take."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=512,
@@ -117,14 +115,16 @@ def time_artifact(path: Path, threads: int, vocab: int) -> Timed:
     from shrink.export.bench import token_ids
 
     prompt, gen = token_ids(PROMPT, vocab), token_ids(GEN, vocab)
+    runtime = backend_for(path)
     runs: list[tuple[float, float]] = []
     for _ in range(MAX_RUNS):
-        prefill, decode = backend_for(path).time(path, threads, prompt, gen, 2)
+        prefill, decode = runtime.time(path, threads, prompt, gen, 2)
         runs.append((statistics.median(decode), statistics.median(prefill)))
         agreeing = _agreeing(runs)
         if agreeing:
             break
-    agreeing = _agreeing(runs) or runs
+    else:  # no two runs agreed: every run counts, and the spread says how far apart they were
+        agreeing = runs
     decode_s = min(d for d, _ in agreeing)
     prefill_s = min(p for _, p in agreeing)
     spread = max(_spread([d for d, _ in agreeing]), _spread([p for _, p in agreeing]))
@@ -218,7 +218,7 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
             rates[stored] = _rate(measured, profile, stored, fixed)
         others.append(others_busy_share())
     busy = max(others) > BUSY_SHARE
-    source = (f"measured {started} by shrink profiles calibrate: {kind.package} {_version(kind.package)}, "
+    source = (f"measured {started} by shrink profiles calibrate: {kind.package} {package_version(kind.package) or 'not installed'}, "
               f"{threads} threads; fixed costs from a {NARROW['hidden_size']}-wide model at {NARROW_DEPTHS[0]} and "
               f"{NARROW_DEPTHS[1]} layers, rates per format from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer and a "
               f"{SHORT_ROWS['hidden_size']}-wide {SHORT_DEPTH}-layer model; "
@@ -318,13 +318,6 @@ def _solve(time_at: Callable[[float], float], measured: float) -> float:
         else:
             high = middle
     return (low * high) ** 0.5
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def calibrate_runtimes(profile: Profile, runtimes: tuple[str, ...] = tuple(RUNTIMES), threads: int | None = None,

@@ -51,12 +51,16 @@ def fingerprint() -> str:
     """This machine and the software that runs models on it: a cached measurement of another CPU, or of
     another torch, llama.cpp or ONNX Runtime, is not this one's (versions read without importing them)."""
     parts = [platform.node(), platform.processor() or platform.machine(), str(os.cpu_count())]
-    for package in ("torch", "llama-cpp-python", "onnxruntime"):
-        try:
-            parts.append(version(package))
-        except PackageNotFoundError:
-            parts.append(f"no-{package}")
+    parts += [package_version(package) or f"no-{package}" for package in ("torch", "llama-cpp-python", "onnxruntime")]
     return "-".join(parts).replace("/", "_").replace(" ", "_")
+
+
+def package_version(package: str) -> str | None:
+    """An installed distribution's version, read from its metadata (no import); None when absent."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 BUSY_SHARE = 0.25  # other processes using more of the CPUs than this make a measurement untrustworthy
