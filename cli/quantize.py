@@ -18,6 +18,7 @@ from rich.table import Table
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks
+from shrink.compress.distill.parallel import world
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
 from shrink.flows.steps import load_model, prepare_split, quantize, quantize_settings
@@ -42,6 +43,7 @@ def quantize_command(
     seq_len: int = typer.Option(defaults.SEQ_LEN, help="Tokens per sequence."),
     batch_size: int = typer.Option(defaults.BATCH_SIZE, help="Sequences per QAD step."),
     lr: float = typer.Option(None, help="QAD peak learning rate; default by grid: 1e-7 for 8-bit grids (Q8_0, INT8, FP8), 1e-5 for 4-bit and lower (where each comes from: compress/quant/run.py, QAD_LR)."),
+    parallel: str = typer.Option("auto", help="QAD under torchrun: ddp (the whole student in every process), fsdp (FSDP2: weights, gradients and optimizer state 1/N per process) or auto (fsdp when the training state would take over a quarter of one process's memory)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Quantize a model's weights on a runtime's grid: PTQ, then optionally QAD, measured before and after.
@@ -53,19 +55,28 @@ def quantize_command(
       shrink quantize gemma-3-270m --format int4 --calibration awq --qad --tokens 32768 -o gemma-q4-qad
 
       shrink export gemma-q4-qad -f gguf -o gemma-q4-qad.gguf   # packs the student's own Q4_0 grid
+
+      torchrun --standalone --nproc_per_node 8 --no-python shrink quantize big-model -f nvfp4 --qad --parallel fsdp -o big-nvfp4
     """
     if qad and ptq_only:
         raise ShrinkError("--qad and --ptq-only exclude each other: QAD starts from the PTQ result.")
+    current = world()
+    if batch_size % current.size:
+        raise ShrinkError(f"--batch-size {batch_size} does not split evenly over {current.size} processes.")
     settings = quantize_settings(format, runtime=runtime, calibration=calibration, qad=qad, tokens=tokens,
                                  batch_size=batch_size, lr=lr, keep=tuple(keep) if keep else None,
-                                 activations=activations)  # an unknown format fails here, before loading
+                                 activations=activations, parallel=parallel)  # an unknown format fails here, before loading
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
         student = load_model(model, hooks)
         teacher_model = load_model(teacher or model, hooks, teacher_load, role="the teacher ")
         split = prepare_split(teacher_model, data, seq_len, hooks)
         result = quantize(student, teacher_model, split, settings, Path(f"{output}.checkpoints"), hooks)
-    save_loaded(student, output)
+    if current.is_main:
+        save_loaded(student, output)
+    current.finish()
+    if not current.is_main:
+        return
     result = {"output": str(output), **result}
     if json_out:
         print_json(result)

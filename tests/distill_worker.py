@@ -4,6 +4,7 @@ python tests/distill_worker.py OUT [STEPS]: distills the tiny pruned student of 
 for STEPS steps (a checkpoint after every step) and writes the final weights to OUT/final.pt.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,11 +24,13 @@ DATA = torch.randint(0, 101, (16, 24), generator=torch.Generator().manual_seed(5
 
 
 def setup():
-    """The tiny teacher, its FFN-pruned student, and the cached top-k of the training rows."""
+    """The tiny teacher (qwen2, tied head, or the family in SHRINK_TEST_FAMILY), its FFN-pruned student, and
+    the cached top-k of the training rows."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    teacher_model = AutoModelForCausalLM.from_config(tiny_configs()["qwen2"]).eval()
+    family = os.environ.get("SHRINK_TEST_FAMILY", "qwen2")
+    teacher_model = AutoModelForCausalLM.from_config(tiny_configs()[family]).eval()
     teacher = LoadedModel(teacher_model, None, spec_from_model(teacher_model), "tiny-teacher")
     student = prune_ffn(teacher, score(teacher, DATA[:4]), 16)
     train = DATA[:12]

@@ -16,8 +16,8 @@ from shrink.compress.distill.trainer import distill
 WORKER = str(Path(__file__).parent / "distill_worker.py")
 
 
-def _run(tmp_path, processes, steps, stop_after=None, parallel="fsdp"):
-    env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def _run(tmp_path, processes, steps, stop_after=None, parallel="fsdp", family="qwen2"):
+    env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "SHRINK_TEST_FAMILY": family}
     if processes > 1:
         torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
         command = [torchrun, "--standalone", "--nproc_per_node", str(processes), WORKER]
@@ -31,9 +31,11 @@ def _run(tmp_path, processes, steps, stop_after=None, parallel="fsdp"):
     return torch.load(tmp_path / "run" / "final.pt", weights_only=True), report
 
 
-def _single(tmp_path, steps):
+def _single(tmp_path, steps, family="qwen2", monkeypatch=None):
     import distill_worker
 
+    if monkeypatch is not None:
+        monkeypatch.setenv("SHRINK_TEST_FAMILY", family)
     _, student, train, topk = distill_worker.setup()
     distill(student.model, train, topk, distill_worker.config(steps), tmp_path / "single")
     return student.model.state_dict()
@@ -45,8 +47,20 @@ def _same(a, b):
         assert torch.allclose(value, b[name], atol=1e-5), name
 
 
-def test_fsdp_two_processes_give_the_single_process_student(tmp_path):
-    _same(_run(tmp_path, 2, 4)[0], _single(tmp_path, 4))
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # tied head in the root unit; untied: embedding and head units
+def test_fsdp_two_processes_give_the_single_process_student(tmp_path, monkeypatch, family):
+    _same(_run(tmp_path, 2, 4, family=family)[0], _single(tmp_path, 4, family, monkeypatch))
+
+
+def test_an_untied_embedding_and_head_are_units_of_their_own():
+    from transformers import AutoModelForCausalLM
+
+    from shrink.compress.distill.parallel import vocabulary_units
+    from tiny_models import tiny_configs
+
+    untied = AutoModelForCausalLM.from_config(tiny_configs()["llama"])
+    assert vocabulary_units(untied) == [untied.model.embed_tokens, untied.lm_head]
+    assert vocabulary_units(AutoModelForCausalLM.from_config(tiny_configs()["qwen2"])) == []
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])

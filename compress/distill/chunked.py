@@ -156,12 +156,26 @@ class _SlicedHead(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+# the name under which FSDP2 (compress/distill/parallel.shard) registers the sliced loss as a forward method
+# of a head that is its own unit: the head's weight is gathered for it and its gradient reduce-scattered
+SHARDED_HEAD_LOSS = "shrink_sliced_loss"
+
+
 def sliced_loss(head: Head, hidden: torch.Tensor, piece: Callable[..., torch.Tensor], chunk: int,
                 dtype: torch.dtype | None = None, into: float | None = None) -> torch.Tensor:
     """sum over slices of `chunk` positions of piece(logits [positions, vocab], rows) where hidden is
     [positions, width]; differentiable with respect to hidden and the head's weight (`into`: see
     _SlicedHead)."""
-    weight = head.head.weight
+    sharded = getattr(head.head, SHARDED_HEAD_LOSS, None)
+    if sharded is not None:
+        return sharded(hidden, head, piece, chunk, dtype, into)
+    return head_loss(head.head, hidden, head, piece, chunk, dtype, into)
+
+
+def head_loss(linear: torch.nn.Linear, hidden: torch.Tensor, head: Head, piece: Callable[..., torch.Tensor],
+              chunk: int, dtype: torch.dtype | None, into: float | None) -> torch.Tensor:
+    """sliced_loss with the weight `linear` holds now (under FSDP2, gathered by the unit's hooks)."""
+    weight = linear.weight
     dtype = dtype or weight.dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _SlicedHead.apply(hidden, weight, head, piece, chunk, dtype, into)

@@ -8,10 +8,20 @@ the whole student and DistributedDataParallel averages the gradients; with FSDP2
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+from shrink.errors import ShrinkError
+
+PARALLEL = ("auto", "ddp", "fsdp")
+
+
+def check_parallel(setting: str) -> None:
+    if setting not in PARALLEL:
+        raise ShrinkError(f"--parallel must be one of {', '.join(PARALLEL)}, not '{setting}'.")
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,16 @@ class World:
 
             dist.barrier()
             dist.destroy_process_group()
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank: a decision only rank 0 can make (from its evaluation, say)."""
+        if self.size <= 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def shard(self, rows: list[int]) -> list[int]:
         """This rank's rows of a step's batch (every rank gets the same count when it divides)."""
@@ -92,7 +112,9 @@ def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> N
     weights exist only while it runs. bf16: weights gathered in bf16, gradients reduced in float32."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from shrink.compress.distill.chunked import SHARDED_HEAD_LOSS, head_loss
 
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(kind, (current.size,))
@@ -101,7 +123,25 @@ def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> N
     body = getattr(student, student.base_model_prefix, student)
     for layer in getattr(body, "layers", []):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+    for unit in vocabulary_units(student):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    head = student.get_output_embeddings()
+    if isinstance(head, FSDPModule):  # the sliced loss reads the head's weight: gather it for that call
+        setattr(head, SHARDED_HEAD_LOSS, functools.partial(head_loss, head))
+        register_fsdp_forward_method(head, SHARDED_HEAD_LOSS)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+
+
+def vocabulary_units(student: Any) -> list[Any]:
+    """The input embedding and an untied output projection, each a unit of its own, so that neither is
+    held whole for the whole step by the root unit (in a small model they are most of the weights). A
+    head tied to the embedding stays in the root: FSDP2 cannot share one parameter between two units."""
+    from shrink.compress.distill.chunked import Head
+
+    embedding, head = student.get_input_embeddings(), student.get_output_embeddings()
+    if embedding is None or head is None or head.weight is embedding.weight:
+        return []
+    return [embedding] + ([head] if Head.splits(student) else [])
 
 
 def wrap(model: Any, current: World) -> Any:

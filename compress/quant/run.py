@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.compress.distill.parallel import World, world
 from shrink.compress.distill.teacher import teacher_topk
 from shrink.compress.quant.plan import KEEP_DEFAULT, make_plan
 from shrink.compress.quant.ptq import calibrate
@@ -43,16 +44,19 @@ class QuantizeSettings:
     lr: float | None = None  # None: qad_lr(grid)
     keep: tuple[str, ...] | None = None
     activations: str | None = None
+    parallel: str = "auto"  # QAD under torchrun: ddp, fsdp or auto (compress/distill/parallel.py)
 
 
 def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSettings, checkpoints: Path,
                    train: Callable[..., Any] | None = None, status: Callable[[str], None] = lambda message: None,
-                   after_ptq: Callable[[Any, Any], None] | None = None) -> dict:
+                   after_ptq: Callable[[Any, Any], None] | None = None, current: World | None = None) -> dict:
     """Plan, calibrate and fake-quantize `student` (a LoadedModel), optionally distill it towards
     `teacher` (a LoadedModel) on its logits, and materialize the on-grid weights; returns the report.
     `train(model, split, train_topk, eval_topk, config, checkpoints, label=...)` runs the distillation
     (default: the trainer without a progress display). `after_ptq(model, plan)` sees the fake-quantized
-    PTQ student before QAD changes it (the benchmark exports it from there)."""
+    PTQ student before QAD changes it (the benchmark exports it from there). Under torchrun every
+    process calibrates the same student (deterministic), the teacher pass and QAD are split over the
+    processes (settings.parallel) and every process ends with the same weights."""
     from shrink.compress.distill.evaluate import evaluate
     from shrink.compress.distill.trainer import DistillConfig
 
@@ -61,11 +65,13 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
     seq_len = split.train.shape[1]
     steps = max(1, settings.tokens // (settings.batch_size * seq_len))
     lr = qad_lr(plan.grid) if settings.lr is None else settings.lr
-    config = DistillConfig(lr=lr, steps=steps, batch_size=settings.batch_size, checkpoint_every=max(1, steps // 4))
+    config = DistillConfig(lr=lr, steps=steps, batch_size=settings.batch_size, checkpoint_every=max(1, steps // 4),
+                           parallel=settings.parallel)
     config.check()
+    current = current or world()
     status("Caching the teacher's top-k logits")
-    eval_topk = teacher_topk(teacher.model, split.evaluation)
-    train_topk = teacher_topk(teacher.model, split.train) if settings.qad else None
+    eval_topk = teacher_topk(teacher.model, split.evaluation, current=current)
+    train_topk = teacher_topk(teacher.model, split.train, current=current) if settings.qad else None
     started = time.perf_counter()
     status(f"PTQ calibration ({settings.calibration})")
     calibration = calibrate(student.model, plan, settings.calibration, split.calibration, student.spec.family,
@@ -79,7 +85,8 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
         train = train or plain_train
         ptq_weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
         report = train(student.model, split, train_topk, eval_topk, config, checkpoints, label="QAD")
-        if report.eval_after["kl"] < ptq["kl"]:
+        # only rank 0 evaluates after training; every rank keeps what it decides
+        if current.from_main(current.is_main and report.eval_after["kl"] < ptq["kl"]):
             kept = "qad"
         else:  # QAD did not help (a fine grid moves under a too-large step): never ship the worse student
             student.model.load_state_dict(ptq_weights)
@@ -93,7 +100,8 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
         "fallbacks": [vars(t) for t in plan.fallbacks], "kept_high_precision": plan.kept,
         "calibration": calibration, "ptq": ptq, "kept": kept, "data": split.source, "seconds": seconds, "measured": True,
         "qad": None if report is None else {"tokens": report.tokens, "steps": report.steps, "lr": lr,
-                                            "after": report.eval_after, "tokens_per_second": report.tokens_per_second},
+                                            "after": report.eval_after, "tokens_per_second": report.tokens_per_second,
+                                            "parallel": report.parallel, "processes": report.processes},
     }
 
 
