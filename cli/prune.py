@@ -17,6 +17,7 @@ from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks
+from shrink.compress.distill.parallel import world
 from shrink.compress.data import local_file
 from shrink.compress.search import check_axis
 from shrink.errors import ShrinkError
@@ -76,6 +77,9 @@ def prune_command(
         raise ShrinkError("Say what to prune: sizes (--ffn, --heads, --kv-groups, --hidden, --layers, --ssm-heads, "
                           "--ssm-head-dim) or a budget "
                           "(--params, --memory, --budget with --target).")
+    current = world()  # under torchrun the processes share the scoring passes; rank 0 saves
+    if search and current.size > 1:
+        raise ShrinkError("--search runs in one process; under torchrun prune by the fixed rule or to sizes.")
     if search and not budgeted:
         raise ShrinkError("--search chooses among shapes that meet a budget: give --params, --memory or --budget.")
     if budgeted:
@@ -96,7 +100,11 @@ def prune_command(
                        search=search, candidates=candidates, proxy_steps=proxy_steps, weights=weights,
                        depth_criterion=depth_criterion)
     pruned, report, importance = result.model, result.report, result.importance
-    save_loaded(pruned, output)
+    if current.is_main:
+        save_loaded(pruned, output)
+    current.finish()
+    if not current.is_main:
+        return
     after = pruned.spec.param_counts().total
     if json_out:
         print_json({"output": str(output), "params_before": before, "params_after": after,

@@ -11,6 +11,7 @@ from rich.table import Table
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks
+from shrink.compress.distill.parallel import world
 from shrink.flows import defaults
 from shrink.flows.puzzle import PuzzleSettings, puzzle
 from shrink.flows.steps import load_model, prepare_split
@@ -44,7 +45,8 @@ def puzzle_command(
     the parent's block (blockwise local distillation), scored by the KL of the parent with only that
     block replaced, costed by the roofline on --target, and one per block is chosen by a mixed-integer
     program under the budget; the result is distilled globally and saved. Rerun the same command to
-    resume after an interruption.
+    resume after an interruption. Under torchrun the processes share the importance pass, the
+    blockwise distillation, the scores and the global distillation.
 
     Examples:
 
@@ -64,7 +66,12 @@ def puzzle_command(
         loaded = load_model(model, hooks)
         split = prepare_split(loaded, data, seq_len, hooks)
         child, report = puzzle(loaded, split, settings, work or output.with_name(output.name + ".work"), hooks)
-    save_loaded(child, output)
+    current = world()
+    if current.is_main:
+        save_loaded(child, output)
+    current.finish()
+    if not current.is_main:
+        return
     report["output"] = str(output)
     if json_out:
         print_json({**report, "spec": child.spec.to_dict()})

@@ -20,6 +20,7 @@ from typing import Any
 
 from shrink import blocks
 from shrink.archspec import AttentionSpec, SSMSpec
+from shrink.compress.distill.parallel import World
 from shrink.errors import ShrinkError
 from shrink.model import weights_hash
 from shrink.progress import ProgressLines
@@ -60,8 +61,10 @@ def _check_family(loaded: Any) -> None:
                           "dense models only.")
 
 
-def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
-    """Run the calibration sequences [n, seq_len] through the model once, collecting every axis."""
+def score(loaded: Any, batches: Any, batch_size: int = 4, current: World = World()) -> Importance:
+    """Run the calibration sequences [n, seq_len] through the model once, collecting every axis. Under
+    torchrun (`current` with several processes) each process runs every size-th batch and the sums
+    (float64) are added over the processes: the single-process scores, to rounding, in 1/size the time."""
     import torch
 
     _check_family(loaded)
@@ -107,17 +110,19 @@ def score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
             handles.append(blocks.ssm(block).out_proj.register_forward_pre_hook(hook))
         handles += [norm.register_forward_hook(hidden_hook) for norm in blocks.hidden_norms(block)]
         handles.append(block.register_forward_hook(block_hook(i)))
-    tokens = 0
+    starts = list(range(0, batches.shape[0], batch_size))[current.rank::current.size]
     try:
-        with torch.no_grad(), ProgressLines("importance scoring", -(-batches.shape[0] // batch_size), "batch") as lines:
-            for start in range(0, batches.shape[0], batch_size):
-                chunk = batches[start:start + batch_size]
-                model(chunk)
-                tokens += chunk.numel()
+        with torch.no_grad(), ProgressLines("importance scoring", len(starts), "batch") as lines:
+            for start in starts:
+                model(batches[start:start + batch_size])
                 lines.advance()
     finally:
         for handle in handles:
             handle.remove()
+    for sums in (*sums_ffn, *sums_heads, *sums_ssm, sums_hidden, influence):
+        if sums is not None:
+            current.sum(sums)
+    tokens = batches.numel()
     if tokens == 0:
         raise ShrinkError("No calibration tokens: the importance pass needs at least one sequence.")
     _check_finite(sums_ffn, sums_heads, sums_ssm, sums_hidden, influence)
@@ -154,10 +159,11 @@ def _zeros(*shape: int) -> Any:
     return torch.zeros(*shape, dtype=torch.float64)
 
 
-def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
+def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4, current: World = World()) -> Any:
     """Second depth criterion: the KL(full || without layer i) on the calibration data, per layer.
     One extra pass per layer; a layer whose removal barely moves the output distribution is the one
-    to drop (higher score = more important, as with Block Influence)."""
+    to drop (higher score = more important, as with Block Influence). Under torchrun each process
+    scores every size-th layer."""
     import torch
     import torch.nn.functional as F
 
@@ -171,10 +177,12 @@ def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
                     for s in range(0, batches.shape[0], batch_size)]
 
     scores = torch.zeros(len(layers), dtype=torch.float64)
-    with ProgressLines("layer KL scoring", len(layers) + 1, "pass") as lines:
+    mine = list(range(len(layers)))[current.rank::current.size]
+    with ProgressLines("layer KL scoring", len(mine) + 1, "pass") as lines:
         reference = logprobs()
         lines.advance()
-        for i, block in enumerate(layers):
+        for i in mine:
+            block = layers[i]
             handle = block.register_forward_hook(lambda _m, args, _out: args[0])  # the layer becomes identity
             try:
                 skipped = logprobs()
@@ -183,12 +191,13 @@ def layer_kl_scores(loaded: Any, batches: Any, batch_size: int = 4) -> Any:
             total = sum(float((ref.exp() * (ref - out)).sum(-1).sum()) for ref, out in zip(reference, skipped))
             scores[i] = total / batches.numel()
             lines.advance()
-    return scores.float()
+    return current.sum(scores).float()
 
 
-def cached_score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
+def cached_score(loaded: Any, batches: Any, batch_size: int = 4, current: World = World()) -> Importance:
     """`score`, cached on disk by the model's weights and the calibration tokens, so several prune
-    targets (or a --search over them) reuse one pass."""
+    targets (or a --search over them) reuse one pass. Under torchrun the pass is split (`score`) and
+    rank 0 writes the cache while the others wait."""
     import torch
 
 
@@ -197,7 +206,9 @@ def cached_score(loaded: Any, batches: Any, batch_size: int = 4) -> Importance:
     if path.is_file():
         data = torch.load(path, weights_only=True)
         return Importance(**{name: data[name] for name in FIELDS})
-    importance = score(loaded, batches, batch_size)
-    with atomic_path(path) as tmp:
-        torch.save({name: getattr(importance, name) for name in FIELDS}, tmp)
+    importance = score(loaded, batches, batch_size, current)
+    if current.is_main:
+        with atomic_path(path) as tmp:
+            torch.save({name: getattr(importance, name) for name in FIELDS}, tmp)
+    current.barrier()  # no process reads a cache rank 0 is still writing
     return importance

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shrink.compress.distill.parallel import world
 from shrink.compress.importance import cached_score
 from shrink.compress.puzzle import bld, scores, solve
 from shrink.compress.puzzle.assemble import assemble
@@ -73,17 +74,20 @@ def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
     fixed, table = solve.costs(costed, lib, profile, settings.workload)
     solve.solve({k: 0.0 for k in table}, table, fixed, limits)  # an impossible budget fails before any training
     hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
-    importance = cached_score(loaded, split.calibration)
+    current = world()  # under torchrun: importance, BLD and the scores are split over the processes
+    importance = cached_score(loaded, split.calibration, current=current)
     errors = bld.run(loaded, split.calibration, lib, importance, work / "bld",
-                     bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr), status=hooks.status)
+                     bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr), current=current, status=hooks.status)
     score_file = work / "scores.json"
-    if score_file.is_file():
+    if current.from_main(score_file.is_file()):  # every process takes the same path (the scores are a collective)
         kl = unkeyed(json.loads(score_file.read_text()))
     else:
         candidates = {(i, v): bld.load_variant(loaded, i, v, work / "bld", importance)
                       for i, variants in enumerate(lib) for v in variants}
-        kl = scores.replace_one_block(loaded, split.evaluation[:SCORE_SEQUENCES], candidates, status=hooks.status)
-        atomic_write_text(score_file, json.dumps(_keyed(kl), indent=1))
+        kl = scores.replace_one_block(loaded, split.evaluation[:SCORE_SEQUENCES], candidates, status=hooks.status,
+                                      current=current)
+        if current.is_main:
+            atomic_write_text(score_file, json.dumps(_keyed(kl), indent=1))
     hooks.status("Choosing one variant per block (mixed-integer program)")
     solutions = solve.solve(kl, table, fixed, limits, alternatives=settings.alternatives)
     child = assemble(loaded, solutions[0].choice, work / "bld", importance)

@@ -117,9 +117,10 @@ def prune(loaded: Any, split: Any, hooks: Hooks, *, sizes: dict | None = None, b
                           "budget (params, memory, latency): one of the two, not both.")
     check_depth_criterion(depth_criterion)
     hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
-    importance = cached_score(loaded, split.calibration)
+    current = world()  # under torchrun the scoring passes are split over the processes
+    importance = cached_score(loaded, split.calibration, current=current)
     if depth_criterion == "kl" and ("layers" in sizes or axis != "width"):
-        importance = replace(importance, layers=layer_kl_scores(loaded, split.calibration))
+        importance = replace(importance, layers=layer_kl_scores(loaded, split.calibration, current=current))
     if budget is None:
         return Pruned(prune_to_sizes(loaded, importance, **sizes), {}, importance)
     hooks.status("Choosing the shape")

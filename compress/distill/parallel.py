@@ -58,6 +58,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def sum(self, tensor: Any) -> Any:
+        """`tensor` summed over every process, in place (each process holding the sums of its share)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
     def shard(self, rows: list[int]) -> list[int]:
         """This rank's rows of a step's batch (every rank gets the same count when it divides)."""
         return rows[self.rank::self.size]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from shrink.compress.distill.parallel import World
 from shrink.compress.puzzle.bld import layer_inputs, swapped
 from shrink.compress.puzzle.library import Variant
 from shrink.progress import ProgressLines
@@ -53,27 +54,35 @@ def kl(model: Any, parent: list[Any], child_hidden: Any) -> float:
 
 
 def replace_one_block(loaded: Any, sequences: Any, candidates: dict[tuple[int, Variant], Any],
-                      batch_size: int = 4, status: Callable[[str], None] = lambda message: None) -> dict[tuple[int, Variant], float]:
+                      batch_size: int = 4, status: Callable[[str], None] = lambda message: None,
+                      current: World = World()) -> dict[tuple[int, Variant], float]:
     """KL per position of the parent with layer i's sub-block replaced by each candidate module
-    ({(i, variant): module}); the parent variant scores 0 without being run."""
+    ({(i, variant): module}); the parent variant scores 0 without being run. Under torchrun each
+    process scores every size-th replacement and the sums are added over the processes."""
     import torch
 
     model = loaded.model.eval()
-    totals = {key: 0.0 for key in candidates}
+    runs = [key for key in candidates if key[1].name != "parent"]
+    mine = set(range(current.rank, len(runs), current.size))  # indices into runs
+    totals = torch.zeros(len(runs), dtype=torch.float64)
     positions = 0
     batches = range(0, sequences.shape[0], batch_size)
-    runs = [key for key in candidates if key[1].name != "parent"]
-    status(f"Scoring {len(runs)} block replacements on {sequences.numel():,} held-out tokens")
-    with ProgressLines("replace-one-block scores", len(batches) * len(runs), "replacement") as progress, torch.no_grad():
+    status(f"Scoring {len(runs)} block replacements on {sequences.numel():,} held-out tokens"
+           + (f" ({len(mine)} in this process)" if current.size > 1 else ""))
+    with ProgressLines("replace-one-block scores", len(batches) * len(mine), "replacement") as progress, torch.no_grad():
         for start in batches:
             inputs, parent_hidden = layer_inputs(model, sequences[start:start + batch_size])  # after the final norm
             parent = parent_log_probs(model, parent_hidden)
-            for key in runs:
+            for n, key in enumerate(runs):
+                if n not in mine:
+                    continue
                 i, variant = key
                 layer = model.model.layers[i]
                 with swapped(layer, **{variant.sub: candidates[key]}):
                     child_hidden = _suffix(model, inputs, i, inputs[i][0])
-                totals[key] += kl(model, parent, child_hidden)
+                totals[n] += kl(model, parent, child_hidden)
                 progress.advance()
             positions += int(parent_hidden.shape[0] * parent_hidden.shape[1])
-    return {key: totals[key] / positions for key in candidates}
+    current.sum(totals)
+    scored = {key: float(totals[n]) / positions for n, key in enumerate(runs)}
+    return {key: scored.get(key, 0.0) for key in candidates}
