@@ -37,6 +37,7 @@ def puzzle_command(
     work: Path = typer.Option(None, help="Where trained variants and scores are kept for resuming (default: OUTPUT.work)."),
     data: str = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(defaults.SEQ_LEN, help="Sequence length in tokens."),
+    parallel: str = typer.Option("auto", help="Under torchrun: ddp (each process trains a disjoint share of the variants; data parallel global distillation), fsdp (every variant and the assembled student sharded with FSDP2 over all processes) or auto (fsdp when the training state would take over a quarter of one process's memory)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """Give each layer the attention and FFN variant that buys most quality for its cost on the target.
@@ -59,7 +60,7 @@ def puzzle_command(
         ttft_s=parse_duration(ttft, "--ttft") if ttft else None,
         memory_bytes=parse_size(memory, "--memory") if memory else None, weights=weights,
         bld_steps=bld_steps, distill_tokens=distill_tokens, hidden_weight=hidden_weight, alternatives=alternatives,
-        workload=Workload(prompt_len=prompt_len))
+        workload=Workload(prompt_len=prompt_len), parallel=parallel)
     settings.limits()  # no budget: refused before loading anything
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shrink.compress.distill.parallel import world
+from shrink.compress.distill.parallel import check_parallel, world
 from shrink.compress.importance import cached_score
 from shrink.compress.puzzle import bld, scores, solve
 from shrink.compress.puzzle.assemble import assemble
@@ -40,6 +40,10 @@ class PuzzleSettings:
     hidden_weight: float = 0.0  # Puzzle's hidden-state term beside the KL (normalized MSE per layer; needs the parent live)
     alternatives: int = 1
     workload: Workload = field(default_factory=Workload)
+    parallel: str = "auto"  # under torchrun: how BLD and the global distillation split (bld.BLDConfig.parallel)
+
+    def __post_init__(self) -> None:
+        check_parallel(self.parallel)
 
     def limits(self) -> solve.Limits:
         if self.budget_s is None and self.ttft_s is None and self.memory_bytes is None:
@@ -77,7 +81,8 @@ def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
     current = world()  # under torchrun: importance, BLD and the scores are split over the processes
     importance = cached_score(loaded, split.calibration, current=current)
     errors = bld.run(loaded, split.calibration, lib, importance, work / "bld",
-                     bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr), current=current, status=hooks.status)
+                     bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr, parallel=settings.parallel),
+                     current=current, status=hooks.status)
     score_file = work / "scores.json"
     if current.from_main(score_file.is_file()):  # every process takes the same path (the scores are a collective)
         kl = unkeyed(json.loads(score_file.read_text()))
@@ -113,7 +118,8 @@ def puzzle(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
     parent's cached top-k; Puzzle adds a hidden-state term, which needs the parent live)."""
     child, report = search(loaded, split, settings, work, hooks)
     if settings.distill_tokens > 0:
-        config = distill_config(tokens=settings.distill_tokens, hidden_weight=settings.hidden_weight)
+        config = distill_config(tokens=settings.distill_tokens, hidden_weight=settings.hidden_weight,
+                                parallel=settings.parallel)
         result = distill(child, loaded, split, config, work / "distill", hooks)
         report["distillation"] = asdict(result)
     return child, report

@@ -140,6 +140,16 @@ def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> N
     fully_shard(root, mesh=mesh, mp_policy=policy)
 
 
+def shard_module(module: Any, current: World) -> None:
+    """FSDP2 over `current`'s processes for one module trained alone (a Puzzle variant): its
+    parameters, gradients and optimizer state 1/N per process, gathered while it runs."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (current.size,)))
+
+
 def vocabulary_units(student: Any) -> list[Any]:
     """The input embedding and an untied output projection, each a unit of its own, so that neither is
     held whole for the whole step by the root unit (in a small model they are most of the weights). A

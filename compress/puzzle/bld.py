@@ -6,7 +6,9 @@ what its attention and its FFN add to the residual stream (each measured with th
 decoder layer, the other sub-block switched off, so norms and residual conventions are the family's).
 Attention and FFN variants train decoupled on that one stream. Each trained variant is written to
 `out/<layer>-<sub>-<name>.safetensors` as soon as it finishes, so a killed run resumes where it
-stopped; under torchrun each process trains a disjoint share of the variants.
+stopped. Under torchrun each process trains a disjoint share of the variants (ddp), or, for blocks
+whose training state outgrows one process, every process trains every variant with its state sharded
+by FSDP2 and each step's sequences split (fsdp).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shrink import blocks
-from shrink.compress.distill.parallel import World, world
+from shrink.compress.distill.parallel import World, choose_parallel, shard_module, world
 from shrink.compress.puzzle.library import Variant, build
 from shrink.errors import ShrinkError
 from shrink.progress import ProgressLines
@@ -32,6 +34,11 @@ class BLDConfig:
     lr: float = 1e-3  # Puzzle trains blocks at a higher rate than global distillation
     batch_size: int = 4  # sequences per step
     seed: int = 0
+    # under torchrun: ddp, each process trains whole variants, a disjoint share of them; fsdp, every process
+    # trains every variant together, its weights, gradients and optimizer state sharded (FSDP2) and each
+    # step's sequences split (for blocks whose training state outgrows one process); auto: fsdp when the
+    # largest block's training state would take over a quarter of one process's memory
+    parallel: str = "auto"
 
 
 @dataclass
@@ -134,9 +141,27 @@ def evaluate(block: Any, module: Any, variant: Variant, stream: LayerStream, lay
         return err / max(sum(float(t.pow(2).sum()) for t in target), 1e-12)
 
 
+def _rows(value: Any, rows: Any, batch: int) -> Any:
+    """`value` (a layer call's argument) restricted to the sequences `rows` of a batch of `batch`:
+    tensors of two or more dimensions whose first is the batch are sliced (hidden states, masks,
+    position embeddings; a 1-D cache_position is per position, never per sequence), containers are
+    walked, the rest is shared (what broadcasts over a batch of one)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() >= 2 and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, batch) for v in value)
+    return value
+
+
 def train_variant(block: Any, module: Any, variant: Variant, stream: LayerStream, layer_idx: int,
-                  config: BLDConfig) -> list[float]:
-    """Train `module` in place on the stream; returns the loss of every step."""
+                  config: BLDConfig, current: World = World()) -> list[float]:
+    """Train `module` in place on the stream; returns the loss of every step. With several processes
+    (`module` sharded by FSDP2) each process takes its share of each step's sequences; the loss is
+    scaled so that the gradients FSDP2 averages are those of the whole batch's normalized MSE."""
     import torch
 
     target = stream.attention if variant.sub == "attention" else stream.ffn
@@ -150,16 +175,20 @@ def train_variant(block: Any, module: Any, variant: Variant, stream: LayerStream
     losses = []
     for _ in range(config.steps):
         b = int(torch.randint(len(target), (1,), generator=generator))
-        child = branch(block, variant.sub, module, _batch_input(stream, variant.sub, b), stream.kwargs[b], layer_idx)
-        loss = normalized_mse(child, target[b])
+        whole = target[b]
+        rows = current.shard(list(range(whole.shape[0])))
+        x = _rows(_batch_input(stream, variant.sub, b), rows, whole.shape[0])
+        child = branch(block, variant.sub, module, x, _rows(stream.kwargs[b], rows, whole.shape[0]), layer_idx)
+        # this share's squared error over the whole batch's normalizer: the shares add up to normalized_mse
+        loss = (child - whole[rows]).pow(2).sum() / whole.numel() / whole.pow(2).mean().clamp_min(1e-12)
         if not torch.isfinite(loss):
             raise ShrinkError(f"Blockwise distillation of layer {layer_idx}'s {variant.sub} variant '{variant.name}' "
                               f"produced a non-finite loss; lower the learning rate.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * current.size).backward()  # FSDP2 averages gradients over the processes
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(current.sum(loss.detach().double())))
     module.eval()
     for p in params:
         p.requires_grad_(False)
@@ -192,6 +221,9 @@ def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: 
     streams = capture(model, sequences, config.batch_size)
     current = current or world()
     jobs = [(i, v) for i, variants in enumerate(library) for v in variants if v.trained]
+    sharded = choose_parallel(config.parallel, max(model.model.layers, key=_size), current) == "fsdp"
+    if sharded:  # every process trains every variant, sharded
+        return _run_sharded(loaded, streams, library, jobs, importance, out, config, current)
     mine = [job for n, job in enumerate(jobs) if n % current.size == current.rank]
     errors: dict[int, dict[str, float]] = {i: {} for i in range(len(library))}
     torch.manual_seed(config.seed)
@@ -203,11 +235,48 @@ def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: 
     for i, variant in jobs:
         if variant.key not in errors[i]:
             errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
+    return _untrained_errors(library, errors)
+
+
+def _size(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _untrained_errors(library: list[list[Variant]], errors: dict[int, dict[str, float]]) -> dict:
     for i, variants in enumerate(library):
         for v in variants:
             if not v.trained:
                 errors[i][v.key] = 0.0 if v.name == "parent" else 1.0
     return errors
+
+
+def _run_sharded(loaded: Any, streams: list[LayerStream], library: list[list[Variant]], jobs: list, importance: Any,
+                 out: Path, config: BLDConfig, current: World) -> dict:
+    """BLD with each variant sharded by FSDP2 over every process; rank 0 writes each finished variant."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    errors: dict[int, dict[str, float]] = {i: {} for i in range(len(library))}
+    torch.manual_seed(config.seed)
+    with ProgressLines("blockwise distillation (sharded)", len(jobs), "variant") as progress:
+        for i, variant in jobs:
+            path = variant_file(out, i, variant)
+            if not current.from_main(path.exists()):
+                layer = loaded.model.model.layers[i]
+                module = _built(loaded, i, variant, importance)
+                shard_module(module, current)
+                losses = train_variant(layer, module, variant, streams[i], i, config, current)
+                full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if current.is_main:
+                    atomic_write_text(path.with_suffix(".json"), json.dumps({"losses": losses, "config": asdict(config)}))
+                    with atomic_path(path) as tmp:
+                        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp))
+                del module, full
+                current.barrier()  # every process reads the variant rank 0 has just written
+            errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
+            progress.advance()
+    return _untrained_errors(library, errors)
 
 
 def _trained(loaded: Any, stream: LayerStream, i: int, variant: Variant, importance: Any, out: Path,
