@@ -7,9 +7,10 @@ process.
 The student is a random Llama (untied, vocabulary 32,000) sized so that its training state dominates a
 process's memory; the teacher's top-k comes from a random teacher of the same shape (the figures are
 about memory and speed, not quality). Each N runs `torchrun --nproc_per_node N` on this script; every
-process samples its resident memory (/proc, every 20 ms) from the end of the first step to the end of
-the run, so the figure is the training loop's steady state, not the loading (every process loads the
-whole student before sharding it, as `shrink distill` does). "state" is that peak minus the process's
+process samples its resident memory (/proc, every 20 ms) from the end of its first optimizer step to the
+end of its last, so the figure is the training loop's, not the loading (every process loads the whole
+student before sharding it, as `shrink distill` does) nor the gathering of the full trained student into
+every process after the last step (which `shrink distill` does so that rank 0 can save it). "state" is that peak minus the process's
 resident memory before the student was built. Every figure is measured except the labelled estimate.
 """
 
@@ -75,15 +76,20 @@ def child(args) -> None:
     student = LlamaForCausalLM(config)
     params = sum(p.numel() for p in student.parameters())
 
-    def progress(step, loss, speed):
-        sampler.running = True  # from the end of the first step on
+    steps = []
 
+    def after_step(_optimizer, _args, _kwargs):
+        # every process samples from the end of its first optimizer step to the end of its last: the
+        # training loop, not the loading before it or the gathering of the full student after it
+        steps.append(1)
+        sampler.running = len(steps) < args.steps
+
+    hook = torch.optim.optimizer.register_optimizer_step_post_hook(after_step)
     distill_config = DistillConfig(steps=args.steps, batch_size=4, checkpoint_every=10 ** 9,
                                    parallel="fsdp" if current.size > 1 else "auto")
     report = distill(student, ids, (top.values, top.indices.int()), distill_config, Path(args.work) / f"n{current.size}",
-                     progress=progress if current.is_main else None, current=current)
-    if not current.is_main:
-        sampler.running = True
+                     current=current)
+    hook.remove()
     sampler.stop()
     mine = {"rank": current.rank, "peak": sampler.peak, "baseline": baseline}
     everyone = [mine]
