@@ -18,7 +18,9 @@ from typing import Any, Callable
 from shrink.storage import atomic_write_text, cache_dir
 
 _REPEATS = 5
-_CACHE_VERSION = 3  # 3: busy measurements flagged
+_AGREE = 0.05  # the two fastest runs of a measurement agree within this, or it repeats
+_MAX_REPEATS = 15
+_CACHE_VERSION = 4  # 3: busy measurements flagged; 4: spreads recorded
 
 
 def host_profile_data(refresh: bool = False) -> dict[str, Any]:
@@ -86,16 +88,23 @@ def others_busy_share(window_s: float = 0.5) -> float:
     return max(0.0, (end - start) / os.sysconf("SC_CLK_TCK") / (elapsed * (os.cpu_count() or 1)))
 
 
-def _best_rate(work: float, fn: Callable[[], object], repeats: int = _REPEATS) -> float:
-    """Best of `repeats` after a warm-up: a roofline ceiling is what the machine can reach, and on a
-    shared machine the slower runs measure the neighbours, not the hardware (STREAM reports best too)."""
+def _stable_rate(work: float, fn: Callable[[], object], repeats: int = _REPEATS) -> tuple[float, float]:
+    """(rate of the fastest run, spread) after a warm-up: at least `repeats` runs (and two), more until
+    the two fastest agree within _AGREE (at most _MAX_REPEATS); spread = second fastest / fastest - 1.
+    The fastest, because a roofline ceiling is what the machine can reach, and on a shared machine the
+    slower runs measure the neighbours, not the hardware (STREAM reports best too); the spread says
+    whether that ceiling was reached twice."""
     fn()  # warm-up: page faults, kernel selection
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while True:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return work / min(times)
+        if len(times) >= max(repeats, 2):
+            fastest, second = sorted(times)[:2]
+            spread = second / fastest - 1
+            if spread <= _AGREE or len(times) >= _MAX_REPEATS:
+                return work / fastest, spread
 
 
 def measure() -> dict:
@@ -104,22 +113,24 @@ def measure() -> dict:
 
     threads = torch.get_num_threads()
     others = others_busy_share()
-    bandwidth = _read_bandwidth(torch)
+    bandwidth, spreads = _read_bandwidth(torch), {}
+    spreads["bandwidth"] = bandwidth[1]
     peaks: dict[str, float] = {}
     for cls, operands in _matmul_operands(torch).items():
-        probe = _matmul_rate(operands(256), repeats=1)
+        probe, _ = _matmul_rate(operands(256), repeats=1)
         # A class slower than fp32 on a small probe has no native kernel here (fp16 on most x86
         # CPUs runs a scalar fallback): leave it to its upcast rather than time it at full size.
         if cls != "fp32" and probe < peaks["fp32"] / 4:
             continue
-        peaks[cls] = _matmul_rate(operands(2048), repeats=_REPEATS)
+        peaks[cls], spreads[cls] = _matmul_rate(operands(2048), repeats=_REPEATS)
     for cls in [c for c in peaks if c != "fp32"]:
         if peaks[cls] < peaks["fp32"]:
-            del peaks[cls]
+            del peaks[cls], spreads[cls]
     capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     return {
         "threads": threads,
-        "bandwidth_GBps": round(bandwidth, 2),
+        "bandwidth_GBps": round(bandwidth[0], 2),
+        "spreads": {k: round(v, 4) for k, v in spreads.items()},
         "capacity_GB": round(capacity, 1),
         "peak_tflops": {k: round(v, 4) for k, v in peaks.items() if v > 0},
         "cpu": platform.processor() or platform.machine(),
@@ -129,10 +140,11 @@ def measure() -> dict:
     }
 
 
-def _read_bandwidth(torch) -> float:
-    """GB/s reading 512 MiB of float32, far beyond any cache (freed when this returns)."""
+def _read_bandwidth(torch) -> tuple[float, float]:
+    """(GB/s, spread) reading 512 MiB of float32, far beyond any cache (freed when this returns)."""
     big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
-    return _best_rate(big.numel() * 4, lambda: big.sum()) / 1e9
+    rate, spread = _stable_rate(big.numel() * 4, lambda: big.sum())
+    return rate / 1e9, spread
 
 
 def _matmul_operands(torch) -> dict[str, Callable[[int], tuple]]:
@@ -146,16 +158,26 @@ def _matmul_operands(torch) -> dict[str, Callable[[int], tuple]]:
     return {"fp32": floats(torch.float32), "bf16": floats(torch.bfloat16), "fp16": floats(torch.float16), "int8": ints}
 
 
-def _matmul_rate(operands: tuple, repeats: int) -> float:
+def _matmul_rate(operands: tuple, repeats: int) -> tuple[float, float]:
+    """(TFLOPS or TOPS, spread)."""
     a, b, matmul = operands
     n = a.shape[0]
     try:
-        return _best_rate(2 * n**3, lambda: matmul(a, b), repeats) / 1e12
+        rate, spread = _stable_rate(2 * n**3, lambda: matmul(a, b), repeats)
+        return rate / 1e12, spread
     except RuntimeError:  # no kernel for this dtype on this CPU in this torch build
-        return 0.0
+        return 0.0, 0.0
+
+
+def _repeats(spreads: dict[str, float], names: list[str]) -> str:
+    """How a measurement was repeated and how far its two fastest runs were apart."""
+    how = f"fastest of at least {_REPEATS} runs, repeated until the two fastest agree within {_AGREE:.0%}"
+    known = [spreads[name] for name in names if name in spreads]
+    return how + (f" (largest spread {max(known):.1%})" if known else "")
 
 
 def _profile_data(data: dict) -> dict[str, Any]:
+    spreads = data.get("spreads", {})
     return {
         "name": "host",
         "title": f"This machine ({os.cpu_count()} CPUs, measured with {data['threads']} threads)",
@@ -165,13 +187,14 @@ def _profile_data(data: dict) -> dict[str, Any]:
             "bandwidth_GBps": data["bandwidth_GBps"],
             "capacity_GB": data["capacity_GB"],
             "source": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), "
-            f"best of {_REPEATS}" + (f"; BUSY: other processes used {data['others_busy_share']:.0%} of the CPUs, not cached"
-                                     if data.get("busy") else ""),
+            + _repeats(spreads, ["bandwidth"])
+            + (f"; BUSY: other processes used {data['others_busy_share']:.0%} of the CPUs, not cached"
+               if data.get("busy") else ""),
         },
         "compute": {
             **data["peak_tflops"],
             "source": f"measured {data['measured_at']}: torch 2048x2048 matmul per dtype (torch._int_mm for int8), "
-            f"best of {_REPEATS}",
+            + _repeats(spreads, list(data["peak_tflops"])),
         },
         "efficiency": {
             "bandwidth": 1.0,

@@ -1,5 +1,6 @@
 """Profiles: every shipped target validates and cites its numbers; bad files fail naming the key."""
 
+import json
 import os
 import time
 
@@ -109,6 +110,19 @@ def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
     assert first.measured and first.bandwidth_GBps > 1 and first.peak_tflops["fp32"] > 0.001
     assert list((tmp_path / "host").glob("*.json"))
     assert get_profile("host") == first  # second call reads the cache
+    data = json.loads(next((tmp_path / "host").glob("*.json")).read_text())
+    assert set(data["spreads"]) == {"bandwidth", *data["peak_tflops"]} and all(v >= 0 for v in data["spreads"].values())
+    assert "largest spread" in first.sources["memory"] and "largest spread" in first.sources["compute"]
+
+
+def test_a_host_timing_repeats_until_its_two_fastest_runs_agree(monkeypatch):
+    from shrink.hardware import host
+
+    clock = iter([0, 1.0, 0, 2.0, 0, 1.3, 0, 1.2, 0, 1.5, 0, 1.01])  # (start, end) of each run after the warm-up
+    monkeypatch.setattr(host.time, "perf_counter", lambda: next(clock))
+    rate, spread = host._stable_rate(10.0, lambda: None, repeats=5)
+    # the first five runs' two fastest (1.0 and 1.2) are 20% apart; the sixth (1.01) agrees with the first
+    assert rate == 10.0 and spread == pytest.approx(0.01)
 
 
 def test_a_host_measurement_taken_beside_other_work_is_flagged_and_not_cached(tmp_path, monkeypatch):
