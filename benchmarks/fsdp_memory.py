@@ -55,6 +55,7 @@ class Sampler:
 def child(args) -> None:
     import torch
     import torch.distributed as dist
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from shrink.compress.distill.parallel import world
@@ -84,7 +85,7 @@ def child(args) -> None:
         steps.append(1)
         sampler.running = len(steps) < args.steps
 
-    hook = torch.optim.optimizer.register_optimizer_step_post_hook(after_step)
+    hook = register_optimizer_step_post_hook(after_step)
     distill_config = DistillConfig(steps=args.steps, batch_size=4, checkpoint_every=10 ** 9,
                                    parallel="fsdp" if current.size > 1 else "auto")
     report = distill(student, ids, (top.values, top.indices.int()), distill_config, Path(args.work) / f"n{current.size}",
