@@ -309,6 +309,51 @@ def _nemotron_h(config: Any) -> ArchSpec:
     )
 
 
+_GRANITE_KINDS = {"attention": "attention", "full_attention": "attention", "mamba": "mamba", "linear_attention": "mamba"}
+
+
+def _settle_granite(fields: dict[str, Any]) -> None:
+    """Every layer attention unless layer_types says which are Mamba2 (transformers writes either spelling)."""
+    if fields.get("layer_types") is None:
+        fields["layer_types"] = ["attention"] * fields["num_hidden_layers"]
+
+
+@register("granitemoehybrid", defaults=_defaults(
+    (100352, 1024, 2048, 24, 16, 8, 8192, True), shared_intermediate_size=1024, layer_types=None,
+    num_local_experts=0, mamba_n_heads=128, mamba_d_head="auto", mamba_n_groups=1, mamba_d_state=256,
+    mamba_d_conv=4, mamba_expand=2, mamba_conv_bias=True, mamba_proj_bias=False, attention_bias=False,
+    position_embedding_type="nope"), settle=_settle_granite)
+def _granite_hybrid(config: Any) -> ArchSpec:
+    """IBM's GraniteMoeHybrid with a dense shared MLP: Mamba2 and attention layers, each with the MLP
+    (the host of a Puzzle child with Mamba2 mixers, compress/puzzle/granite.py)."""
+    if getattr(config, "num_local_experts", 0):
+        raise ShrinkError("GraniteMoeHybrid with experts (num_local_experts > 0) is not supported yet; its dense form is.")
+    unknown = sorted(set(config.layer_types) - set(_GRANITE_KINDS))
+    if unknown:
+        raise ShrinkError(f"GraniteMoeHybrid layer types {unknown} are not supported; known: {', '.join(_GRANITE_KINDS)}.")
+    inner = config.mamba_expand * config.hidden_size
+    head_dim = config.mamba_d_head if config.mamba_d_head != "auto" else inner // config.mamba_n_heads
+    ssm = SSMSpec(num_heads=config.mamba_n_heads, head_dim=head_dim, num_groups=config.mamba_n_groups,
+                  state_size=config.mamba_d_state, conv_kernel=config.mamba_d_conv,
+                  proj_bias=bool(config.mamba_proj_bias), conv_bias=bool(config.mamba_conv_bias))
+    bias = bool(getattr(config, "attention_bias", False))
+    attention = AttentionSpec(num_heads=config.num_attention_heads,
+                              num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+                              head_dim=config.hidden_size // config.num_attention_heads, qkv_bias=bias, o_bias=bias)
+    ffn = FFNSpec(kind="gated", width=config.shared_intermediate_size, bias=False)
+    mixers = {"attention": attention, "mamba": ssm}
+    return ArchSpec(
+        family="granitemoehybrid",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        tied_embeddings=bool(config.tie_word_embeddings),
+        layers=tuple(LayerSpec(mixer=mixers[_GRANITE_KINDS[kind]], ffn=ffn, norms=2) for kind in config.layer_types),
+        formats=_formats(config),
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        name=getattr(config, "_name_or_path", "") or "",
+    )
+
+
 def spec_from_model(model: Any) -> ArchSpec:
     """ArchSpec of an instantiated model, read from its tensor shapes so that per-layer widths left
     by pruning (which the config cannot express) are described as they are."""
@@ -330,7 +375,7 @@ def _variant_spec(module: Any, parent: Any) -> Any:
 
 
 def _measured_layer(block: Any, layer: LayerSpec) -> LayerSpec:
-    mixer_module = getattr(block, "self_attn", None) or getattr(block, "mixer", None)
+    mixer_module = getattr(block, "self_attn", None) or getattr(block, "mixer", None) or getattr(block, "mamba", None)
     mixer, ffn = _variant_spec(mixer_module, layer.mixer), _variant_spec(getattr(block, "mlp", None), layer.ffn)
     if isinstance(mixer, AttentionSpec) and getattr(mixer_module, "kv_source", None) is not None:
         # cross-layer KV sharing (blockvariants.SharedKVAttention): the source layer's K/V heads
@@ -344,7 +389,9 @@ def _measured_layer(block: Any, layer: LayerSpec) -> LayerSpec:
     elif isinstance(mixer, SSMSpec):
         heads = mixer_module.A_log.numel()
         mixer = replace(mixer, num_heads=heads, head_dim=mixer_module.out_proj.in_features // heads)
-    if isinstance(ffn, FFNSpec) and not ffn.is_moe:
+    if isinstance(ffn, FFNSpec) and not ffn.is_moe and getattr(block, "shared_mlp", None) is not None:
+        ffn = replace(ffn, width=block.shared_mlp.output_linear.in_features)  # GraniteMoeHybrid: gate and up joined
+    elif isinstance(ffn, FFNSpec) and not ffn.is_moe:
         mlp = getattr(block, "mlp", None) or mixer_module
         ffn = replace(ffn, width=mlp.up_proj.out_features)
     return replace(layer, mixer=mixer, ffn=ffn)

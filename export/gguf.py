@@ -25,6 +25,7 @@ from shrink.archspec import ArchSpec, AttentionSpec
 from shrink.errors import ShrinkError
 from shrink.export.gguf_deci import deci_heads, deci_layers
 from shrink.export.gguf_layout import GGUFLayout, choose_layout, gguf_tensor_name
+from shrink.export.gguf_granite_hybrid import granite_hybrid_state, write_granite_hybrid_metadata
 from shrink.export.gguf_nemotron_h import KEEP_F32, nemotron_h_state, write_nemotron_h_metadata
 from shrink.export.gguf_rope import check_rope, write_rope
 from shrink.export.gguf_tokenizer import gguf_vocabulary
@@ -88,9 +89,11 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     result = GGUFExport(Path(path), layout.arch, plan.stored if plan else quant, {})
     if layout.arch == "nemotron_h":
         state = nemotron_h_state(loaded, state, planned, result.notes)
+    if layout.arch in ("granitehybrid", "granite"):
+        state = granite_hybrid_state(loaded, state)
     if layout.arch == "deci":
         spec = deci_layers(spec, state, result.notes)
-    if pad_to_uniform and not spec.is_uniform and not layout.per_layer_shapes:  # nemotron_h: nothing to pad
+    if pad_to_uniform and not spec.is_uniform and not layout.per_layer_shapes:  # nemotron_h, granitehybrid: nothing to pad
         spec = _pad_ffn_to_uniform(spec, state, result)
     # every tensor's type is decided first, so that one stored as F16 (asked for, or the fallback of a type
     # whose blocks do not fit its rows) is checked against float16's range before anything is written
@@ -209,6 +212,8 @@ def _rope_permute(weights: np.ndarray, heads: int) -> np.ndarray:
 def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any, loaded: Any) -> None:
     if layout.arch == "nemotron_h":
         return write_nemotron_h_metadata(writer, spec, config, loaded)
+    if layout.arch in ("granitehybrid", "granite"):
+        return write_granite_hybrid_metadata(writer, spec, config, loaded)
     attn = [layer.mixer for layer in spec.layers if isinstance(layer.mixer, AttentionSpec)]
     head_dim = attn[0].head_dim if attn else _config_head_dim(config)
     writer.add_name(Path(str(loaded.source)).name or loaded.source)

@@ -84,6 +84,10 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         from shrink.export.gguf_nemotron_h import nemotron_h_layout
 
         return nemotron_h_layout(spec, pad_to_uniform)
+    if spec.family == "granitemoehybrid":
+        from shrink.export.gguf_granite_hybrid import granite_hybrid_layout  # imports this module too
+
+        return granite_hybrid_layout(spec)
     if spec.family not in _FAMILY_LAYOUT:
         raise ShrinkError(
             f"GGUF export of the '{spec.family}' family is not supported; export it as ONNX (--format onnx) instead."
