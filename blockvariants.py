@@ -77,6 +77,21 @@ class LinearFFN(torch.nn.Module):
         return self.down_proj(hidden_states)
 
 
+class Mamba2Mixer(torch.nn.Module):
+    """A Mamba2 mixer (GraniteMoeHybrid's) standing where a decoder layer's attention was, called as the
+    attention is; it keeps no cache here (Puzzle trains and scores it on whole sequences, and the chosen
+    model is rebuilt as a GraniteMoeHybrid, whose layers hold their recurrent state)."""
+
+    variant = "mamba2"
+
+    def __init__(self, mamba: torch.nn.Module) -> None:
+        super().__init__()
+        self.mamba = mamba
+
+    def forward(self, hidden_states: Any, **_: Any) -> tuple[Any, None]:
+        return self.mamba(hidden_states), None
+
+
 def mixer_variant(kind: str, hidden: int, dtype: Any, layer_idx: int | None) -> torch.nn.Module:
     return NoOpMixer(layer_idx) if kind == "none" else LinearMixer(hidden, dtype, layer_idx)
 

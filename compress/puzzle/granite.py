@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from shrink.archspec import AttentionSpec
 from shrink.errors import ShrinkError
 
 SOURCES = ("llama", "mistral")  # no QK norms, no sliding windows: what GraniteMoeHybrid's attention computes
 ATTENTION, MAMBA = "full_attention", "linear_attention"  # GraniteMoeHybrid's layer types
+# the Mamba2 mixer a Puzzle variant gets: a head per attention head over twice the hidden width (llama.cpp's
+# granitehybrid runs an expansion of 2 only), one group, state 64, a 4-wide convolution
+MAMBA_EXPAND, MAMBA_GROUPS, MAMBA_STATE, MAMBA_CONV = 2, 1, 64, 4
 
 
 def granite_config(config: Any, layer_types: list[str] | None = None) -> Any:
@@ -44,7 +48,24 @@ def granite_config(config: Any, layer_types: list[str] | None = None) -> Any:
         logits_scaling=1.0, num_local_experts=0, layer_types=list(layer_types),
         tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, pad_token_id=getattr(config, "pad_token_id", None),
-        mamba_n_heads=config.num_attention_heads, mamba_n_groups=1, mamba_d_state=64, mamba_expand=2)
+        mamba_n_heads=config.num_attention_heads, mamba_n_groups=MAMBA_GROUPS, mamba_d_state=MAMBA_STATE,
+        mamba_d_conv=MAMBA_CONV, mamba_expand=MAMBA_EXPAND)
+
+
+def hosts_mamba2(spec: Any) -> bool:
+    """Whether a Llama-family spec can become a GraniteMoeHybrid (so a layer may take a Mamba2 mixer)."""
+    return spec.family in SOURCES and all(
+        isinstance(l.mixer, AttentionSpec) and not l.mixer.sliding_window and not l.mixer.qkv_bias and
+        not l.mixer.o_bias and l.mixer.num_heads * l.mixer.head_dim == spec.hidden_size for l in spec.layers)
+
+
+def mamba_mixer(config: Any, layer_idx: int) -> Any:
+    """A fresh GraniteMoeHybrid Mamba2 layer for layer `layer_idx` of a Llama-family model with `config`."""
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+
+    layer_types = [ATTENTION] * config.num_hidden_layers
+    layer_types[layer_idx] = MAMBA
+    return GraniteMoeHybridMambaLayer(granite_config(config, layer_types), layer_idx)
 
 
 def granite_from_llama(model: Any, layer_types: list[str] | None = None) -> Any:

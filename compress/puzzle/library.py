@@ -5,7 +5,10 @@ every query head kept); linear (W_o·W_v: a token attending only to itself, exac
 1); no-op. FFN: the parent; a share of its width keeping the channels of largest contribution
 |X_i|·||W_down[:, i]|| (Minitron's activation importance times the channel's output norm); linear
 (W_down·W_up, the gate ignored); no-op. Input and output widths never change, so any variant fits
-any layer. A Mamba2 mixer variant is not in the library yet.
+any layer. Llama-family parents that GraniteMoeHybrid can host (compress/puzzle/granite.py) also get a
+Mamba2 mixer in place of attention (a head per attention head, twice the hidden width), initialised fresh
+and learnt by blockwise distillation alone; a child with Mamba2 mixers is rebuilt as a GraniteMoeHybrid,
+which holds no other variant, so the solver keeps every other sub-block the parent's when it picks one.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from shrink import blocks
-from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec
+from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec, SSMSpec
 from shrink.compress.prune import narrow_mlp
+from shrink.compress.puzzle.granite import MAMBA_CONV, MAMBA_EXPAND, MAMBA_GROUPS, MAMBA_STATE, hosts_mamba2, mamba_mixer
 from shrink.errors import ShrinkError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -26,7 +30,7 @@ FFN_SHARES = (0.75, 0.5, 0.25, 0.1)
 @dataclass(frozen=True)
 class Variant:
     sub: Literal["attention", "ffn"]
-    name: str  # parent | kv<n> | ffn<percent> | linear | none
+    name: str  # parent | kv<n> | ffn<percent> | linear | none | mamba2
 
     @property
     def key(self) -> str:
@@ -47,10 +51,11 @@ def check_family(spec: ArchSpec) -> None:
                           "(this model was already changed by a Puzzle or KV-sharing step).")
 
 
-def attention_variants(layer: LayerSpec) -> list[Variant]:
+def attention_variants(layer: LayerSpec, mamba2: bool = False) -> list[Variant]:
     a = layer.mixer
     fewer = [n for n in range(a.num_kv_heads - 1, 0, -1) if a.num_kv_heads % n == 0]
-    return [Variant("attention", name) for name in ["parent", *(f"kv{n}" for n in fewer), "linear", "none"]]
+    return [Variant("attention", name) for name in ["parent", *(f"kv{n}" for n in fewer), "linear", "none",
+                                                     *(["mamba2"] if mamba2 else [])]]
 
 
 def ffn_variants(shares: tuple[float, ...] = FFN_SHARES) -> list[Variant]:
@@ -60,7 +65,21 @@ def ffn_variants(shares: tuple[float, ...] = FFN_SHARES) -> list[Variant]:
 def library(spec: ArchSpec, shares: tuple[float, ...] = FFN_SHARES) -> list[list[Variant]]:
     """Per layer: its attention variants followed by its FFN variants."""
     check_family(spec)
-    return [attention_variants(layer) + ffn_variants(shares) for layer in spec.layers]
+    mamba2 = hosts_mamba2(spec)
+    return [attention_variants(layer, mamba2) + ffn_variants(shares) for layer in spec.layers]
+
+
+def holds_together(variants: list[Variant]) -> bool:
+    """Whether one model can hold these choices: a GraniteMoeHybrid (any Mamba2 mixer) holds no other variant
+    than the parent's sub-blocks and Mamba2 mixers."""
+    return not any(v.name == "mamba2" for v in variants) or all(v.name in ("parent", "mamba2") for v in variants)
+
+
+def mamba2_spec(attention: AttentionSpec) -> SSMSpec:
+    """The Mamba2 mixer that replaces `attention` (hidden = heads x head_dim, checked by hosts_mamba2)."""
+    inner = MAMBA_EXPAND * attention.num_heads * attention.head_dim
+    return SSMSpec(num_heads=attention.num_heads, head_dim=inner // attention.num_heads, num_groups=MAMBA_GROUPS,
+                   state_size=MAMBA_STATE, conv_kernel=MAMBA_CONV)
 
 
 def ffn_width(parent: FFNSpec, name: str) -> int:
@@ -72,6 +91,8 @@ def variant_layer(parent: LayerSpec, variant: Variant) -> LayerSpec:
     name = variant.name
     if variant.sub == "attention":
         mixer = {"parent": parent.mixer, "linear": LinearSpec(), "none": None}.get(name)
+        if name == "mamba2":
+            mixer = mamba2_spec(parent.mixer)
         if name.startswith("kv"):
             mixer = replace(parent.mixer, num_kv_heads=int(name[2:]))
         return replace(parent, mixer=mixer)
@@ -85,7 +106,7 @@ def build(block: Any, layer: LayerSpec, variant: Variant, layer_idx: int, ffn_im
     """A new module for `variant`, initialised from the parent decoder layer `block` (left unchanged)."""
     import torch
 
-    from shrink.blockvariants import ffn_variant, mixer_variant
+    from shrink.blockvariants import Mamba2Mixer, ffn_variant, mixer_variant
 
     parent = blocks.attention(block) if variant.sub == "attention" else blocks.mlp(block)
     hidden = parent.q_proj.in_features if variant.sub == "attention" else parent.down_proj.out_features
@@ -95,6 +116,11 @@ def build(block: Any, layer: LayerSpec, variant: Variant, layer_idx: int, ffn_im
         return copy.deepcopy(parent)
     if name == "none":
         return mixer_variant("none", hidden, dtype, layer_idx) if variant.sub == "attention" else ffn_variant("none", hidden, dtype)
+    if name == "mamba2":
+        module = Mamba2Mixer(mamba_mixer(parent.config, layer_idx).to(dtype))
+        with torch.no_grad():  # starts as a no-op (normalized MSE 1), not as a random map orders larger
+            module.mamba.out_proj.weight.zero_()
+        return module
     with torch.no_grad():
         if variant.sub == "attention" and name == "linear":
             module = mixer_variant("linear", hidden, dtype, layer_idx)

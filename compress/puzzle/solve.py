@@ -6,7 +6,9 @@ adds to the estimate of the same model with no layer: per-operator costs add up,
 architecture's estimate is the fixed part (embedding, final norm, lm_head, the norms) plus the sum
 of its variants' costs, exactly. The program minimises the summed replace-one-block scores subject
 to time per output token, time to first token and memory (weights, KV cache), with binary x[i, j]:
-layer i's sub-block takes variant j, one per sub-block.
+layer i's sub-block takes variant j, one per sub-block. With Mamba2 mixers in the library a binary h
+says whether the child is a GraniteMoeHybrid: a Mamba2 mixer needs h, any other non-parent variant
+needs 1 - h (library.holds_together).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 from dataclasses import dataclass, replace
 
 from shrink.archspec import ArchSpec, LayerSpec
-from shrink.compress.puzzle.library import Variant, variant_layer
+from shrink.compress.puzzle.library import Variant, holds_together, variant_layer
 from shrink.errors import ShrinkError
 from shrink.hardware.profiles import Profile
 from shrink.hardware.roofline import Workload, estimate
@@ -109,10 +111,18 @@ def solve(scores: dict[tuple[int, Variant], float], table: dict[tuple[int, Varia
             rows.append([getattr(table[k], field) / limit for k in keys])
             lower.append(-np.inf)
             upper.append((limit - getattr(fixed, field)) / limit)
-    objective = np.array([scores[k] for k in keys])
+    objective = [scores[k] for k in keys]
+    if any(v.name == "mamba2" for _, v in keys):  # one more column: h, the child is a GraniteMoeHybrid
+        rows = [row + [0.0] for row in rows]
+        for n, (_, v) in enumerate(keys):
+            if v.name != "parent":  # x - h <= 0 for a Mamba2 mixer, x + h <= 1 for any other variant
+                rows.append([1.0 if m == n else 0.0 for m in range(len(keys))] + [-1.0 if v.name == "mamba2" else 1.0])
+                lower.append(-np.inf)
+                upper.append(0.0 if v.name == "mamba2" else 1.0)
+        objective.append(0.0)
     found: list[Solution] = []
     for _ in range(alternatives):
-        result = milp(objective, integrality=np.ones(len(keys)), bounds=Bounds(0, 1),
+        result = milp(np.array(objective), integrality=np.ones(len(objective)), bounds=Bounds(0, 1),
                       constraints=LinearConstraint(np.array(rows), lower, upper))
         if result.x is None:
             if not found:
@@ -120,7 +130,7 @@ def solve(scores: dict[tuple[int, Variant], float], table: dict[tuple[int, Varia
             break
         chosen = [k for k, x in zip(keys, result.x) if x > 0.5]
         found.append(_solution(chosen, scores, table, fixed))
-        rows.append([1.0 if k in chosen else 0.0 for k in keys])
+        rows.append([1.0 if k in chosen else 0.0 for k in keys] + [0.0] * (len(objective) - len(keys)))
         lower.append(-np.inf)
         upper.append(float(int(max_overlap * len(groups))))
     return found
@@ -156,6 +166,8 @@ def brute_force(scores: dict, table: dict, fixed: Cost, limits: Limits) -> Solut
         groups.setdefault((i, v.sub), []).append((i, v))
     best = None
     for combo in itertools.product(*groups.values()):
+        if not holds_together([v for _, v in combo]):
+            continue
         s = _solution(list(combo), scores, table, fixed)
         ok = all(getattr(limits, f) is None or getattr(s.cost, f) <= getattr(limits, f) + 1e-12
                  for f in ("decode_s", "prefill_s", "memory_bytes"))
