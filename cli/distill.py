@@ -29,6 +29,7 @@ def distill_command(
     student: str = typer.Argument(..., help="The student: " + MODEL_HELP),
     teacher: str = typer.Option(..., help="The teacher (usually the unpruned model)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the distilled student; checkpoints go to OUTPUT.checkpoints."),
+    teacher_load: str = typer.Option(None, help="Load the teacher through bitsandbytes: 8bit or nf4 (a teacher larger than memory; it only computes the cached top-k, or the hidden-state term)."),
     data: str = typer.Option(None, help="Training text: .txt/.jsonl/.parquet or a Hugging Face dataset; default: text the teacher writes itself (cached)."),
     loss: str = typer.Option(defaults.DISTILL_LOSS, help="forward_kl, reverse_kl, jsd, skew_kl or taid."),
     steps: int = typer.Option(None, help=f"Optimizer steps; default: {defaults.DISTILL_TOKENS:,} tokens' worth (batch size x sequence length per step)."),
@@ -72,7 +73,7 @@ def distill_command(
                     "This distillation")
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
-        teacher_model = load_model(teacher, hooks)
+        teacher_model = load_model(teacher, hooks, teacher_load, role="the teacher ")
         student_model = load_model(student, hooks)
         split = prepare_split(teacher_model, data, seq_len, hooks, current, student=student_model)
         topk = teacher_logits(student_model, teacher_model, split, config, hooks, current)

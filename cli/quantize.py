@@ -43,6 +43,8 @@ def quantize_command(
     seq_len: int = typer.Option(defaults.SEQ_LEN, help="Tokens per sequence."),
     batch_size: int = typer.Option(defaults.BATCH_SIZE, help="Sequences per QAD step."),
     lr: float = typer.Option(None, help="QAD peak learning rate; default by grid: 1e-7 for 8-bit grids (Q8_0, INT8, FP8), 1e-5 for 4-bit and lower (where each comes from: compress/quant/run.py, QAD_LR)."),
+    precision: str = typer.Option("fp32", help="QAD's precision: fp32, or bf16 autocast (faster on GPUs and CPUs with native bf16; with --parallel fsdp the weights are gathered in bf16)."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="QAD recomputes each layer's activations in the backward pass (less memory, same result, slower)."),
     parallel: str = typer.Option("auto", help="QAD under torchrun: ddp (the whole student in every process), fsdp (FSDP2: weights, gradients and optimizer state 1/N per process) or auto (fsdp when the training state would take over a quarter of one process's memory)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
@@ -65,7 +67,8 @@ def quantize_command(
         raise ShrinkError(f"--batch-size {batch_size} does not split evenly over {current.size} processes.")
     settings = quantize_settings(format, runtime=runtime, calibration=calibration, qad=qad, tokens=tokens,
                                  batch_size=batch_size, lr=lr, keep=tuple(keep) if keep else None,
-                                 activations=activations, parallel=parallel)  # an unknown format fails here, before loading
+                                 activations=activations, parallel=parallel, precision=precision,
+                                 activation_checkpointing=activation_checkpointing)  # an unknown format fails here, before loading
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
         student = load_model(model, hooks)

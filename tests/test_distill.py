@@ -227,3 +227,22 @@ def test_cli_distills_and_torchrun_gives_the_same_student(tiny_text_model_dir, t
     assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     for name, value in one.items():
         assert torch.allclose(value, two[name], atol=1e-5), name
+
+
+def test_distill_loads_the_teacher_in_8_bit_when_asked(tiny_text_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from shrink.cli.app import app
+    from shrink.flows import steps
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    loaded_as, real = [], steps.load_bitsandbytes
+    monkeypatch.setattr(steps, "load_bitsandbytes", lambda source, mode: loaded_as.append(mode) or real(source, mode))
+    model_dir, text = tiny_text_model_dir
+    result = CliRunner().invoke(app, ["distill", str(model_dir), "--teacher", str(model_dir), "--teacher-load", "8bit",
+                                      "--data", str(text), "--seq-len", "16", "--steps", "2", "--lr", "1e-4",
+                                      "-o", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert loaded_as == ["8bit"] and json.loads(result.stdout)["report"]["tokens"] == 2 * 4 * 16

@@ -45,6 +45,8 @@ class QuantizeSettings:
     keep: tuple[str, ...] | None = None
     activations: str | None = None
     parallel: str = "auto"  # QAD under torchrun: ddp, fsdp or auto (compress/distill/parallel.py)
+    precision: str = "fp32"  # QAD's: fp32, or bf16 autocast (FSDP2 gathers weights in bf16)
+    activation_checkpointing: bool = False  # QAD recomputes each layer's activations in the backward pass
 
 
 def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSettings, checkpoints: Path,
@@ -66,7 +68,8 @@ def quantize_model(student: Any, teacher: Any, split: Any, settings: QuantizeSet
     steps = max(1, settings.tokens // (settings.batch_size * seq_len))
     lr = qad_lr(plan.grid) if settings.lr is None else settings.lr
     config = DistillConfig(lr=lr, steps=steps, batch_size=settings.batch_size, checkpoint_every=max(1, steps // 4),
-                           parallel=settings.parallel)
+                           parallel=settings.parallel, precision=settings.precision,
+                           activation_checkpointing=settings.activation_checkpointing)
     config.check()
     current = current or world()
     status("Caching the teacher's top-k logits")
