@@ -339,7 +339,8 @@ def _granite_hybrid(config: Any) -> ArchSpec:
     bias = bool(getattr(config, "attention_bias", False))
     attention = AttentionSpec(num_heads=config.num_attention_heads,
                               num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
-                              head_dim=config.hidden_size // config.num_attention_heads, qkv_bias=bias, o_bias=bias)
+                              head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                              qkv_bias=bias, o_bias=bias)
     ffn = FFNSpec(kind="gated", width=config.shared_intermediate_size, bias=False)
     mixers = {"attention": attention, "mamba": ssm}
     return ArchSpec(

@@ -13,10 +13,9 @@ import typer
 
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
-from shrink.cli.training import cli_hooks
+from shrink.cli.training import cli_hooks, saved_by_main
 from shrink.compress.data import local_file, read_texts
 from shrink.compress.distill.parallel import world
-from shrink.errors import ShrinkError
 from shrink.flows import defaults
 from shrink.flows.steps import distill, distill_config, load_model, prepare_split, teacher_logits
 from shrink.flows.resources import check as check_resources
@@ -60,8 +59,7 @@ def distill_command(
     Example: shrink distill gemma-pruned --teacher gemma-3-270m --steps 200 -o gemma-pruned-distilled
     """
     current = world()
-    if batch_size % current.size:
-        raise ShrinkError(f"--batch-size {batch_size} does not split evenly over {current.size} processes.")
+    current.check_batch(batch_size)
     config = distill_config(seq_len=seq_len, loss=loss, temperature=temperature, lr=lr, batch_size=batch_size,
                             steps=steps, top_k=top_k, ce_weight=ce_weight, hidden_weight=hidden_weight,
                             warmup_steps=warmup_steps, clip_norm=clip_norm, grad_accum=grad_accum, precision=precision,
@@ -84,10 +82,7 @@ def distill_command(
         report = distill(student_model, teacher_model, split, config, Path(f"{output}.checkpoints"), hooks, current,
                          topk=topk)
     seconds = time.perf_counter() - started
-    if current.is_main:
-        save_loaded(student_model, output)
-    current.finish()
-    if not current.is_main:
+    if not saved_by_main(current, lambda: save_loaded(student_model, output)):
         return
     if json_out:
         print_json({"output": str(output), "config": asdict(config), "report": asdict(report), "seconds": seconds,

@@ -16,7 +16,7 @@ from rich.table import Table
 from shrink.archspec import AttentionSpec, SSMSpec
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
-from shrink.cli.training import cli_hooks
+from shrink.cli.training import cli_hooks, saved_by_main
 from shrink.compress.distill.parallel import world
 from shrink.compress.data import local_file
 from shrink.compress.search import check_axis
@@ -100,10 +100,7 @@ def prune_command(
                        search=search, candidates=candidates, proxy_steps=proxy_steps, weights=weights,
                        depth_criterion=depth_criterion)
     pruned, report, importance = result.model, result.report, result.importance
-    if current.is_main:
-        save_loaded(pruned, output)
-    current.finish()
-    if not current.is_main:
+    if not saved_by_main(current, lambda: save_loaded(pruned, output)):
         return
     after = pruned.spec.param_counts().total
     if json_out:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
-from shrink.cli.training import cli_hooks
+from shrink.cli.training import cli_hooks, saved_by_main
 from shrink.compress.distill.parallel import world
 from shrink.flows import defaults
 from shrink.flows.puzzle import PuzzleSettings, puzzle
@@ -62,16 +62,14 @@ def puzzle_command(
         bld_steps=bld_steps, distill_tokens=distill_tokens, hidden_weight=hidden_weight, alternatives=alternatives,
         workload=Workload(prompt_len=prompt_len), parallel=parallel)
     settings.limits()  # no budget: refused before loading anything
+    current = world()
+    current.check_batch(defaults.BATCH_SIZE)  # the global distillation's batch
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
         loaded = load_model(model, hooks)
         split = prepare_split(loaded, data, seq_len, hooks)
         child, report = puzzle(loaded, split, settings, work or output.with_name(output.name + ".work"), hooks)
-    current = world()
-    if current.is_main:
-        save_loaded(child, output)
-    current.finish()
-    if not current.is_main:
+    if not saved_by_main(current, lambda: save_loaded(child, output)):
         return
     report["output"] = str(output)
     if json_out:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
-from shrink.cli.training import cli_hooks
+from shrink.cli.training import cli_hooks, saved_by_main
 from shrink.compress.distill.parallel import world
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
@@ -63,8 +63,8 @@ def quantize_command(
     if qad and ptq_only:
         raise ShrinkError("--qad and --ptq-only exclude each other: QAD starts from the PTQ result.")
     current = world()
-    if batch_size % current.size:
-        raise ShrinkError(f"--batch-size {batch_size} does not split evenly over {current.size} processes.")
+    if qad:
+        current.check_batch(batch_size)
     settings = quantize_settings(format, runtime=runtime, calibration=calibration, qad=qad, tokens=tokens,
                                  batch_size=batch_size, lr=lr, keep=tuple(keep) if keep else None,
                                  activations=activations, parallel=parallel, precision=precision,
@@ -75,10 +75,7 @@ def quantize_command(
         teacher_model = load_model(teacher or model, hooks, teacher_load, role="the teacher ")
         split = prepare_split(teacher_model, data, seq_len, hooks)
         result = quantize(student, teacher_model, split, settings, Path(f"{output}.checkpoints"), hooks)
-    if current.is_main:
-        save_loaded(student, output)
-    current.finish()
-    if not current.is_main:
+    if not saved_by_main(current, lambda: save_loaded(student, output)):
         return
     result = {"output": str(output), **result}
     if json_out:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -31,3 +31,12 @@ def _bar(spinner: Spinner, label: str, total: int, visible: bool) -> Iterator[An
                   TimeRemainingColumn(), console=err_console, transient=True, disable=not visible) as bar:
         task = bar.add_task(label, total=total, loss=float("nan"), speed=0.0)
         yield lambda step, value, speed: bar.update(task, completed=step, loss=value, speed=speed)
+
+
+def saved_by_main(current: Any, save: Callable[[], None]) -> bool:
+    """Under torchrun rank 0 alone writes the result; every process then waits for it and leaves the process
+    group. True on the process that goes on to report (rank 0, or the only one)."""
+    if current.is_main:
+        save()
+    current.finish()
+    return current.is_main

@@ -203,7 +203,7 @@ def cached_score(loaded: Any, batches: Any, batch_size: int = 4, current: World 
 
     digest = hashlib.sha256(CACHE_VERSION + weights_hash(loaded.model).encode() + batches.contiguous().numpy().tobytes()).hexdigest()[:24]
     path = cache_dir("importance") / f"{digest}.pt"
-    if path.is_file():
+    if current.from_main(path.is_file()):  # every process takes the same path (the pass is a collective)
         data = torch.load(path, weights_only=True)
         return Importance(**{name: data[name] for name in FIELDS})
     importance = score(loaded, batches, batch_size, current)

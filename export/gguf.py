@@ -90,7 +90,7 @@ def export_gguf(loaded: Any, path: str | Path, quant: str = "f16", pad_to_unifor
     if layout.arch == "nemotron_h":
         state = nemotron_h_state(loaded, state, planned, result.notes)
     if layout.arch in ("granitehybrid", "granite"):
-        state = granite_hybrid_state(loaded, state)
+        state = granite_hybrid_state(loaded, state, planned)
     if layout.arch == "deci":
         spec = deci_layers(spec, state, result.notes)
     if pad_to_uniform and not spec.is_uniform and not layout.per_layer_shapes:  # nemotron_h, granitehybrid: nothing to pad

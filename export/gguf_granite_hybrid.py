@@ -90,8 +90,10 @@ def _epsilon(model: Any) -> float:
     return found.pop()
 
 
-def granite_hybrid_state(loaded: Any, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The Hugging Face state dict with every tensor in the shape and values llama.cpp's granitehybrid reads."""
+def granite_hybrid_state(loaded: Any, state: dict[str, np.ndarray], planned: dict) -> dict[str, np.ndarray]:
+    """The Hugging Face state dict with every tensor in the shape and values llama.cpp's granitehybrid reads;
+    `planned` (a quantized model's grid per tensor) follows the split of gate and up (by rows, so whole
+    blocks stay in either half)."""
     model, config = loaded.model, loaded.model.config
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ShrinkError(f"This GraniteMoeHybrid's MLP uses '{config.hidden_act}' and llama.cpp's granitehybrid SiLU only.")
@@ -99,6 +101,9 @@ def granite_hybrid_state(loaded: Any, state: dict[str, np.ndarray]) -> dict[str,
         p = f"model.layers.{i}."
         joined = state.pop(p + "shared_mlp.input_linear.weight")
         state[p + "shared_mlp.gate.weight"], state[p + "shared_mlp.up.weight"] = np.split(joined, 2)
+        if p + "shared_mlp.input_linear.weight" in planned:
+            planned[p + "shared_mlp.gate.weight"] = planned[p + "shared_mlp.up.weight"] = \
+                planned.pop(p + "shared_mlp.input_linear.weight")
         if getattr(layer, "mamba", None) is None:
             continue
         p += "mamba."

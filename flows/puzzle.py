@@ -94,7 +94,8 @@ def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
         if current.is_main:
             atomic_write_text(score_file, json.dumps(_keyed(kl), indent=1))
     hooks.status("Choosing one variant per block (mixed-integer program)")
-    solutions = solve.solve(kl, table, fixed, limits, alternatives=settings.alternatives)
+    # rank 0's choice for every process: on `host` each process may have measured its own rates
+    solutions = current.from_main(solve.solve(kl, table, fixed, limits, alternatives=settings.alternatives))
     child = assemble(loaded, solutions[0].choice, work / "bld", importance)
     parent = estimate(costed, profile, settings.workload)
     chosen = estimate(solve.assembled_spec(costed, solutions[0].choice), profile, settings.workload)

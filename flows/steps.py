@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from shrink.compress.data import prepare
-from shrink.compress.distill.parallel import check_parallel, main_rank_first, world
+from shrink.compress.distill.parallel import check_parallel, check_precision, main_rank_first, world
 from shrink.compress.distill.teacher import teacher_topk
 from shrink.compress.importance import cached_score, layer_kl_scores
 from shrink.compress.pruning import prune_to_budget, prune_to_sizes
@@ -199,4 +199,5 @@ def quantize_settings(format: str, **settings: Any) -> QuantizeSettings:
             settings[name] = value
     grid_for(format, settings["runtime"])
     check_parallel(settings.get("parallel", "auto"))
+    check_precision(settings.get("precision", "fp32"))
     return QuantizeSettings(format=format, **settings)

@@ -15,25 +15,28 @@ from safetensors.torch import load_file
 WORKER = str(Path(__file__).parent / "bld_worker.py")
 
 
-def _torchrun(out, family, parallel):
+def _torchrun(out, family, parallel, sequences=4):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", WORKER, str(out), family, parallel],
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", WORKER, str(out), family, parallel,
+                           str(sequences)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window masks and two rotary sets in the kwargs
-def test_sharded_blockwise_distillation_gives_the_single_process_variants(tmp_path, family):
+# gemma3: sliding-window masks and two rotary sets in the kwargs; one sequence: the second process has none
+# in any step and runs one at weight 0
+@pytest.mark.parametrize("family,sequences", [("llama", 4), ("gemma3", 4), ("llama", 1)])
+def test_sharded_blockwise_distillation_gives_the_single_process_variants(tmp_path, family, sequences):
     import bld_worker
 
     from shrink.compress.distill.parallel import World
 
-    _torchrun(tmp_path / "two", family, "fsdp")
+    _torchrun(tmp_path / "two", family, "fsdp", sequences)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        bld_worker.train(tmp_path / "one", family, "fsdp", World())  # one process: nothing to shard
+        bld_worker.train(tmp_path / "one", family, "fsdp", World(), sequences)  # one process: nothing to shard
     finally:
         torch.set_num_threads(threads)
     files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))

@@ -17,11 +17,17 @@ from typing import Any, Iterator
 from shrink.errors import ShrinkError
 
 PARALLEL = ("auto", "ddp", "fsdp")
+PRECISIONS = ("fp32", "bf16")
 
 
 def check_parallel(setting: str) -> None:
     if setting not in PARALLEL:
         raise ShrinkError(f"--parallel must be one of {', '.join(PARALLEL)}, not '{setting}'.")
+
+
+def check_precision(setting: str) -> None:
+    if setting not in PRECISIONS:
+        raise ShrinkError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{setting}'.")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,12 @@ class World:
         """This rank's rows of a step's batch (every rank gets the same count when it divides)."""
         return rows[self.rank::self.size]
 
+    def check_batch(self, batch_size: int) -> None:
+        """Refuse, before any work, a training batch that does not split evenly over the processes (a
+        process with no sequence in a step would have nothing to run its collectives with)."""
+        if batch_size % self.size:
+            raise ShrinkError(f"--batch-size {batch_size} does not split evenly over {self.size} processes.")
+
 
 def world() -> World:
     """The process group torchrun set up (joined on first call), or a single process."""
@@ -80,8 +92,13 @@ def world() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            # each process its own GPU (object collectives use the current device); gloo beside NCCL for
+            # the collectives on CPU tensors (scores, losses summed in float64)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 
@@ -115,8 +132,8 @@ def choose_parallel(setting: str, model: Any, current: World) -> str:
 
 def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> None:
     """FSDP2 (torch.distributed.fsdp.fully_shard) over `current`'s processes: each decoder layer of
-    `student` is one unit, `root` (the module whose forward the trainer calls) holds the rest (embedding,
-    final norm, head). Parameters, gradients and optimizer state live 1/N per process; a layer's whole
+    `student` is one unit, so are an untied embedding and head (vocabulary_units), and `root` (the
+    module whose forward the trainer calls) holds the rest (the final norm; a tied embedding and head). Parameters, gradients and optimizer state live 1/N per process; a layer's whole
     weights exist only while it runs. bf16: weights gathered in bf16, gradients reduced in float32."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
@@ -142,12 +159,13 @@ def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> N
 
 def shard_module(module: Any, current: World) -> None:
     """FSDP2 over `current`'s processes for one module trained alone (a Puzzle variant): its
-    parameters, gradients and optimizer state 1/N per process, gathered while it runs."""
-    import torch
+    parameters, gradients and optimizer state 1/N per process, gathered while it runs, on the device
+    the module is on (BLD trains where the parent's recorded streams are)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(module, mesh=init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (current.size,)))
+    kind = next(module.parameters()).device.type
+    fully_shard(module, mesh=init_device_mesh(kind, (current.size,)))
 
 
 def vocabulary_units(student: Any) -> list[Any]:

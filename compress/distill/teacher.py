@@ -42,7 +42,7 @@ def teacher_topk(teacher: Any, sequences: Any, k: int = 64, batch_size: int = 4,
     digest.update(str(k).encode())
     digest.update(LAYOUT.encode())
     path = cache_dir("teacher") / f"topk-{digest.hexdigest()[:24]}.safetensors"
-    if path.is_file():
+    if current.from_main(path.is_file()):  # every process takes the same path (the pass is a collective)
         cached = load_file(str(path))
         return cached["values"], cached["indices"]
     starts = list(range(0, sequences.shape[0], batch_size))

@@ -28,12 +28,11 @@ from typing import Any, Callable
 from shrink.compress.distill.evaluate import evaluate
 from shrink.compress.distill.chunked import StudentLoss
 from shrink.compress.distill.losses import TAIDState, get_loss
-from shrink.compress.distill.parallel import World, check_parallel, choose_parallel, shard, world, wrap
+from shrink.compress.distill.parallel import World, check_parallel, check_precision, choose_parallel, shard, world, wrap
 from shrink.errors import ShrinkError
 from shrink.storage import atomic_directory, atomic_write_text
 
 CHECKPOINT = "checkpoint"
-PRECISIONS = ("fp32", "bf16")
 HOW_NOT_WHAT = ("logit_chunk", "activation_checkpointing", "parallel")  # settings a run may resume under changed
 
 
@@ -65,8 +64,7 @@ class DistillConfig:
         get_loss(self.loss)  # unknown loss names fail before any work
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ShrinkError("Distillation needs at least one step, a batch size of at least 1 and --grad-accum >= 1.")
-        if self.precision not in PRECISIONS:
-            raise ShrinkError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'.")
+        check_precision(self.precision)
         check_parallel(self.parallel)
         if self.logit_chunk < 0:
             raise ShrinkError("--logit-chunk must be 0 (full logits) or a positive number of positions.")

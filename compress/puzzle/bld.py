@@ -177,18 +177,22 @@ def train_variant(block: Any, module: Any, variant: Variant, stream: LayerStream
         b = int(torch.randint(len(target), (1,), generator=generator))
         whole = target[b]
         rows = current.shard(list(range(whole.shape[0])))
+        # a process with no sequence in this batch runs one at weight 0: FSDP2's collectives need every process
+        weight = 1.0 if rows else 0.0
+        rows = rows or [0]
         x = _rows(_batch_input(stream, variant.sub, b), rows, whole.shape[0])
         child = branch(block, variant.sub, module, x, _rows(stream.kwargs[b], rows, whole.shape[0]), layer_idx)
         # this share's squared error over the whole batch's normalizer: the shares add up to normalized_mse
-        loss = (child - whole[rows]).pow(2).sum() / whole.numel() / whole.pow(2).mean().clamp_min(1e-12)
-        if not torch.isfinite(loss):
+        loss = weight * (child - whole[rows]).pow(2).sum() / whole.numel() / whole.pow(2).mean().clamp_min(1e-12)
+        total = current.sum(loss.detach().double())  # every process decides on the same number
+        if not torch.isfinite(total):
             raise ShrinkError(f"Blockwise distillation of layer {layer_idx}'s {variant.sub} variant '{variant.name}' "
                               f"produced a non-finite loss; lower the learning rate.")
         optimizer.zero_grad(set_to_none=True)
         (loss * current.size).backward()  # FSDP2 averages gradients over the processes
         optimizer.step()
         schedule.step()
-        losses.append(float(current.sum(loss.detach().double())))
+        losses.append(float(total))
     module.eval()
     for p in params:
         p.requires_grad_(False)
@@ -254,7 +258,6 @@ def _run_sharded(loaded: Any, streams: list[LayerStream], library: list[list[Var
                  out: Path, config: BLDConfig, current: World) -> dict:
     """BLD with each variant sharded by FSDP2 over every process; rank 0 writes each finished variant."""
     import torch
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     errors: dict[int, dict[str, float]] = {i: {} for i in range(len(library))}
@@ -269,9 +272,7 @@ def _run_sharded(loaded: Any, streams: list[LayerStream], library: list[list[Var
                 losses = train_variant(layer, module, variant, streams[i], i, config, current)
                 full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 if current.is_main:
-                    atomic_write_text(path.with_suffix(".json"), json.dumps({"losses": losses, "config": asdict(config)}))
-                    with atomic_path(path) as tmp:
-                        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp))
+                    _write_variant(path, losses, full, config)
                 del module, full
                 current.barrier()  # every process reads the variant rank 0 has just written
             errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
@@ -282,7 +283,7 @@ def _run_sharded(loaded: Any, streams: list[LayerStream], library: list[list[Var
 def _trained(loaded: Any, stream: LayerStream, i: int, variant: Variant, importance: Any, out: Path,
              config: BLDConfig) -> float:
     """Train one variant (or load it when a previous run finished it); its normalized MSE."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     layer = loaded.model.model.layers[i]
     module = _built(loaded, i, variant, importance)
@@ -290,12 +291,17 @@ def _trained(loaded: Any, stream: LayerStream, i: int, variant: Variant, importa
     if path.exists():
         module.load_state_dict(load_file(str(path)))
     else:
-        losses = train_variant(layer, module, variant, stream, i, config)
-        # the losses first: the weights file is what marks the variant finished
-        atomic_write_text(path.with_suffix(".json"), json.dumps({"losses": losses, "config": asdict(config)}))
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+        _write_variant(path, train_variant(layer, module, variant, stream, i, config), module.state_dict(), config)
     return evaluate(layer, module, variant, stream, i)
+
+
+def _write_variant(path: Path, losses: list[float], weights: dict, config: BLDConfig) -> None:
+    """The losses first: the weights file is what marks the variant finished (a resumed run skips it)."""
+    from safetensors.torch import save_file
+
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"losses": losses, "config": asdict(config)}))
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
 
 
 def load_variant(loaded: Any, layer_idx: int, variant: Variant, out: Path, importance: Any) -> Any:

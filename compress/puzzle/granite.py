@@ -56,7 +56,8 @@ def hosts_mamba2(spec: Any) -> bool:
     """Whether a Llama-family spec can become a GraniteMoeHybrid (so a layer may take a Mamba2 mixer)."""
     return spec.family in SOURCES and all(
         isinstance(l.mixer, AttentionSpec) and not l.mixer.sliding_window and not l.mixer.qkv_bias and
-        not l.mixer.o_bias and l.mixer.num_heads * l.mixer.head_dim == spec.hidden_size for l in spec.layers)
+        not l.mixer.o_bias and l.mixer.num_heads * l.mixer.head_dim == spec.hidden_size and
+        l.ffn is not None and not l.ffn.bias for l in spec.layers)  # GraniteMoeHybrid's MLP has no biases
 
 
 def mamba_mixer(config: Any, layer_idx: int) -> Any:
