@@ -3,25 +3,18 @@ trained by both processes, sharded, each on half of every step's sequences, and 
 single-process variant; with ddp each process trains a disjoint share."""
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_worker import torchrun
 
 WORKER = str(Path(__file__).parent / "bld_worker.py")
 
 
 def _torchrun(out, family, parallel, sequences=4):
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", WORKER, str(out), family, parallel,
-                           str(sequences)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(WORKER, out, family, parallel, sequences)
 
 
 # gemma3: sliding-window masks and two rotary sets in the kwargs; one sequence: the second process has none

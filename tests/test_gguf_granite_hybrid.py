@@ -12,7 +12,7 @@ from shrink.export.runtimes import LlamaCppRunner, TorchRunner
 from shrink.export.verify import compare
 from shrink.families import spec_from_config, spec_from_model
 from shrink.model import LoadedModel
-from test_gguf_nemotron_h import IDS, TOLERANCE, metadata
+from test_gguf_nemotron_h import IDS, TOLERANCE
 from tiny_models import build, peaked
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shrink.compress.importance import score
-from shrink.compress.puzzle import bld, library, scores, solve
+from shrink.compress.puzzle import bld, library, solve
 from shrink.compress.puzzle.assemble import assemble
 from shrink.compress.puzzle.library import Variant, holds_together
 from shrink.errors import ShrinkError

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 

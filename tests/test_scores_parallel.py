@@ -2,13 +2,11 @@
 (CPU, gloo, 2 processes): each process runs its share, and the scores are the single-process ones."""
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_worker import torchrun
 
 WORKER = str(Path(__file__).parent / "scores_worker.py")
 
@@ -18,11 +16,7 @@ def test_two_processes_score_what_one_process_scores(tmp_path, monkeypatch):
 
     from shrink.compress.distill.parallel import World
 
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
-    env = {**os.environ, "SHRINK_CACHE": str(tmp_path / "two"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", WORKER, str(tmp_path / "two.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(WORKER, tmp_path / "two.pt", env={"SHRINK_CACHE": str(tmp_path / "two")})
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     ran = [json.loads((tmp_path / f"two.pt.rank{rank}").read_text()) for rank in (0, 1)]
 
