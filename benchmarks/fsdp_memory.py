@@ -4,7 +4,7 @@ process.
 
     python benchmarks/fsdp_memory.py [--processes 1,2,4] [--steps 4] [--hidden 768] [--layers 8]
 
-The student is a random Llama (untied, vocabulary 32,000) sized so that its training state dominates a
+The student is a random Llama (untied, vocabulary --vocab, 32,000 by default) sized so that its training state dominates a
 process's memory; the teacher's top-k comes from a random teacher of the same shape (the figures are
 about memory and speed, not quality). Each N runs `torchrun --nproc_per_node N` on this script; every
 process samples its resident memory (/proc, every 20 ms) from the end of its first optimizer step to the
@@ -65,12 +65,12 @@ def child(args) -> None:
     current = world()
     sampler = Sampler()
     baseline = sampler.rss()
-    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=4,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 32000, (8, args.seq_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, args.vocab, (8, args.seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         top = torch.log_softmax(teacher(ids).logits, -1).topk(64, -1)
     del teacher
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--work", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -123,7 +124,7 @@ def main() -> None:
         shutil.rmtree(Path(work) / f"n{n}", ignore_errors=True)
         launch = [torchrun, "--standalone", "--nproc_per_node", str(n)] if n > 1 else [sys.executable]
         command = [*launch, __file__, "--child", "--steps", str(args.steps), "--hidden", str(args.hidden),
-                   "--layers", str(args.layers), "--seq-len", str(args.seq_len), "--work", work]
+                   "--layers", str(args.layers), "--vocab", str(args.vocab), "--seq-len", str(args.seq_len), "--work", work]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:
