@@ -66,7 +66,10 @@ def main() -> None:
     profile = get_profile(args.target)
     everything = enumerate_candidates(loaded, importance, profile, Workload(), TargetBudget(tpot_s=10.0))
     by_key = {(c.keep, c.axis, c.format): c for c in everything if c.rejected is None}
-    chosen = [by_key[key] for key in CHOSEN[:args.count]]
+    refused = [key for key in CHOSEN if key not in by_key]
+    if refused:  # the planner never proposes them on this target (a depth cut out of Gemma 3's GGUF pattern)
+        console.print(f"not candidates on {args.target}: {refused}")
+    chosen = [by_key[key] for key in CHOSEN if key in by_key][:args.count]
     saved = work / "proxies.json"  # the proxies of an interrupted benchmark are not measured again
     proxies = json.loads(saved.read_text()) if saved.is_file() else {}
     for name, steps, calibration in (("now", args.proxy_steps, defaults.CALIBRATION), ("before", 0, "max")):

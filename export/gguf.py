@@ -242,7 +242,6 @@ def _write_metadata(writer: Any, layout: GGUFLayout, spec: ArchSpec, config: Any
             raise ShrinkError("This Gemma 3 model scales attention by query_pre_attn_scalar, which differs from its "
                               "head_dim, and llama.cpp assumes they are equal; export it as ONNX instead.")
         writer.add_sliding_window(int(config.sliding_window))
-        _check_gemma3_window_pattern(spec)
     elif windows - {None}:
         raise ShrinkError(f"Sliding-window attention in a '{layout.arch}' GGUF is not supported by llama.cpp; export it as ONNX instead.")
 
@@ -251,13 +250,6 @@ def _config_head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def _check_gemma3_window_pattern(spec: ArchSpec) -> None:
-    # llama.cpp derives Gemma 3's local/global layers from a fixed pattern: every 6th layer is global.
-    expected = [None if (i + 1) % 6 == 0 else "local" for i in range(spec.num_layers)]
-    actual = [None if layer.mixer.sliding_window is None else "local" for layer in spec.layers]
-    if actual != expected:
-        raise ShrinkError("This Gemma 3 model's sliding-window layers do not follow the 5-local / 1-global pattern "
-                          "llama.cpp assumes; export it as ONNX instead.")
 
 
 def _write_tokenizer(writer: Any, loaded: Any, spec: ArchSpec) -> None:

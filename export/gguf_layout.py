@@ -104,6 +104,8 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         )
     if any(layer.mixer_kind != "attention" or layer.ffn is None for layer in spec.layers):
         raise ShrinkError("GGUF export needs attention and an FFN in every layer; export it as ONNX instead.")
+    if spec.family == "gemma3":
+        _check_gemma3_window_pattern(spec)
     if spec.is_uniform or pad_to_uniform:
         return LAYOUTS[_FAMILY_LAYOUT[spec.family]]
     if spec.family in _LLAMA_SHAPED:
@@ -113,6 +115,16 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         f"non-uniform {spec.family} model cannot be a GGUF: prune it uniformly, export it as ONNX (--format onnx), "
         f"or pass --pad-to-uniform (zero padding: same outputs, no speed gain)."
     )
+
+
+def _check_gemma3_window_pattern(spec: ArchSpec) -> None:
+    # llama.cpp derives Gemma 3's local/global layers from a fixed pattern: every 6th layer is global, so a
+    # depth-pruned Gemma 3 whose kept layers break it would run with the wrong attention in llama.cpp
+    expected = [None if (i + 1) % 6 == 0 else "local" for i in range(spec.num_layers)]
+    actual = [None if layer.mixer.sliding_window is None else "local" for layer in spec.layers]
+    if actual != expected:
+        raise ShrinkError("This Gemma 3 model's sliding-window layers do not follow the 5-local / 1-global pattern "
+                          "llama.cpp assumes (depth pruning removed layers out of it); export it as ONNX instead.")
 
 
 # llama.cpp shares a KV cache only where an architecture defines it, as a suffix of layers reading earlier ones

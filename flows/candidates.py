@@ -33,6 +33,7 @@ from shrink.compress.search import Budget, apply, rank_by_proxy
 from shrink.errors import ShrinkError
 from shrink.export.backend import costed_spec, runtime_of
 from shrink.export.costing import op_row_lengths
+from shrink.export.gguf_layout import choose_layout
 from shrink.flows.gguf_search import narrowest_vocabulary
 from shrink.hardware.roofline import Workload, estimate
 from shrink.model import load
@@ -169,6 +170,12 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
     except ShrinkError as err:  # rows no format of the runtime's fallback chain takes (ONNX blocks have none)
         candidate.rejected = str(err)
         return candidate
+    if candidate.runtime == "gguf":
+        try:  # what llama.cpp cannot run is no candidate (a depth cut out of Gemma 3's window pattern, say)
+            choose_layout(spec, pad_to_uniform=False)
+        except ShrinkError as err:
+            candidate.rejected = str(err)
+            return candidate
     if vocabulary is not None:
         costed = replace(costed, formats=replace(costed.formats, embeddings=vocabulary, lm_head=None))
     est = estimate(costed, profile, workload, runtime_of(candidate.runtime))  # with its runtime's kernels where measured

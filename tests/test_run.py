@@ -373,3 +373,25 @@ def test_a_gguf_quantize_step_makes_the_artifact_with_llama_cpps_quantizer(tiny_
     # choosing among file types needs a budget to choose under
     with pytest.raises(ShrinkError, match="give --target and --budget"):
         gguf_quantize_step(state, GGUFQuantizeStep(), tmp_path / "03-gguf-quantize")
+
+
+def test_a_depth_cut_out_of_gemma_3s_window_pattern_is_no_gguf_candidate():
+    from transformers import Gemma3TextConfig
+
+    from shrink.families import spec_from_config
+    from shrink.flows.candidates import candidates_for
+    from shrink.hardware.profiles import get_profile
+    from shrink.hardware.roofline import Workload
+    from tiny_models import COMMON
+
+    # layers 5 and 11 global, as llama.cpp assumes
+    spec = spec_from_config(Gemma3TextConfig(num_hidden_layers=12, head_dim=16, sliding_window=8,
+                                             query_pre_attn_scalar=16, **COMMON))
+    ranking = list(range(11, -1, -1))  # the last layers ranked first: every depth cut keeps a suffix, off the pattern
+    gguf = {(c.keep, c.axis, c.format): c
+            for c in candidates_for(spec, ranking, get_profile("jetson-orin-nano"), Workload(), TargetBudget(tpot_s=1.0))}
+    depth = [c for key, c in gguf.items() if key[1] == "depth"]
+    assert depth and all(c.rejected and "5-local / 1-global" in c.rejected for c in depth)
+    assert all(c.rejected is None for key, c in gguf.items() if key[1] == "width" and key[2] is None)
+    onnx = candidates_for(spec, ranking, get_profile("h100-sxm"), Workload(), TargetBudget(tpot_s=1.0))
+    assert not any(c.rejected and "5-local" in c.rejected for c in onnx)  # ONNX runs any layer order
