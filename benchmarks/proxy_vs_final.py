@@ -74,13 +74,14 @@ def main() -> None:
     saved = work / "proxies.json"  # the proxies of an interrupted benchmark are not measured again
     proxies = json.loads(saved.read_text()) if saved.is_file() else {}
     for name, steps, calibration in (("now", args.proxy_steps, defaults.CALIBRATION), ("before", 0, "max")):
-        if all(c.label in proxies.get(name, {}) for c in chosen):
+        missing = [c for c in chosen if c.label not in proxies.get(name, {})]  # only what no earlier run measured
+        if not missing:
             continue
         started = time.perf_counter()
-        measured = copy.deepcopy(chosen)
+        measured = copy.deepcopy(missing)
         measure_proxies(measured, MODEL, importance, split, steps, calibration, lambda m: console.print(m))
-        proxies[name] = {c.label: c.predicted_kl for c in measured}
-        proxies[f"{name}_seconds"] = time.perf_counter() - started
+        proxies[name] = {**proxies.get(name, {}), **{c.label: c.predicted_kl for c in measured}}
+        proxies[f"{name}_seconds"] = proxies.get(f"{name}_seconds", 0.0) + time.perf_counter() - started
         saved.write_text(json.dumps(proxies, indent=2))
 
     settings = RunSettings(distill_tokens=args.distill_tokens, qad_tokens=args.qad_tokens, bench=False)
