@@ -21,7 +21,7 @@ from shrink.families import spec_from_model
 def assemble(loaded: Any, choice: dict[int, dict[str, Variant]], bld_dir: Path, importance: Any) -> Any:
     modules = {(i, v.sub): load_variant(loaded, i, v, bld_dir, importance)
                for i, subs in choice.items() for v in subs.values() if v.name != "parent"}
-    if any(subs.get("attention", Variant("attention", "parent")).name == "mamba2" for subs in choice.values()):
+    if any(v.name == "mamba2" for subs in choice.values() for v in subs.values()):
         return _hybrid(loaded, modules)
     model = copy.deepcopy(loaded.model)
     for (i, sub), module in modules.items():
