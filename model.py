@@ -240,8 +240,10 @@ def _named(spec: ArchSpec, where: _Source, source: str) -> ArchSpec:
     return replace(spec, name=source)
 
 
-def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> LoadedModel:
-    """Load weights and tokenizer; the ArchSpec is read from the instantiated model's shapes."""
+def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False, weights: bool = True) -> LoadedModel:
+    """Load weights and tokenizer; the ArchSpec is read from the instantiated model's shapes.
+    `weights=False`: the same model on the meta device, its structure without reading a weight (an
+    FSDP2 process other than rank 0, which receives its shards from rank 0)."""
     import torch  # heavy: only commands that load weights import torch and transformers
     from transformers import AutoModelForCausalLM
 
@@ -249,6 +251,8 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
     where = _resolve(source)
     if where.kind == "json":
         raise ShrinkError(f"'{source}' is a config file without weights; pass a model directory or a .gguf file.")
+    if not weights:
+        return _structure(source, where, dtype, trust_remote_code)
     if where.kind == "gguf":
         return _load_gguf(where.location, where.gguf_file, dtype=dtype, source=source)
     location = str(embedded_model_dir(where.location)) if where.kind == "embedded" else where.location
@@ -265,6 +269,25 @@ def load(source: str, *, dtype: Any = None, trust_remote_code: bool = False) -> 
     model.eval()
     check_finite(model, source)
     return LoadedModel(model, _tokenizer(location), _named(spec_from_model(model), where, source), source,
+                       _gguf_tokenizer(where, source))
+
+
+def _structure(source: str, where: _Source, dtype: Any, trust_remote_code: bool) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = where.kind == "gguf"
+    config = load_config(str(Path(where.location, where.gguf_file)) if gguf else source, trust_remote_code=trust_remote_code)
+    spec_from_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if layershapes.shapes_of(config):
+            layershapes.narrow(model, layershapes.shapes_of(config))
+    normeps.apply(model)
+    model.eval()
+    location = str(embedded_model_dir(where.location)) if where.kind == "embedded" else where.location
+    tokenizer = None if gguf else _tokenizer(location)  # a GGUF's tokenizer is read through its weights' loader
+    return LoadedModel(model, tokenizer, _named(spec_from_model(model), where, source), source,
                        _gguf_tokenizer(where, source))
 
 

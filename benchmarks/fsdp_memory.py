@@ -1,6 +1,7 @@
 """Per-process memory of the student's training state under FSDP2 with N processes (CPU, gloo), beside the
-estimate 16 bytes a parameter / N (float32 weights, gradients and AdamW's two moments), and tokens/s per
-process.
+estimate 16 bytes a parameter / N (float32 weights, gradients and AdamW's two moments), the same plus the
+largest FSDP2 unit held whole while it runs (compress/distill/parallel.sharded_state_bytes), and tokens/s
+per process.
 
     python benchmarks/fsdp_memory.py [--processes 1,2,4] [--steps 4] [--hidden 768] [--layers 8]
 
@@ -8,8 +9,8 @@ The student is a random Llama (untied, vocabulary --vocab, 32,000 by default) si
 process's memory; the teacher's top-k comes from a random teacher of the same shape (the figures are
 about memory and speed, not quality). Each N runs `torchrun --nproc_per_node N` on this script; every
 process samples its resident memory (/proc, every 20 ms) from the end of its first optimizer step to the
-end of its last, so the figure is the training loop's, not the loading (every process loads the whole
-student before sharding it, as `shrink distill` does) nor the gathering of the full trained student into
+end of its last, so the figure is the training loop's, not the loading (every process builds the whole
+student, as `shrink distill` loads it, and cuts its shards from it) nor the gathering of the full trained student into
 every process after the last step (which `shrink distill` does so that rank 0 can save it). "state" is that peak minus the process's
 resident memory before the student was built. Every figure is measured except the labelled estimate.
 """
@@ -58,9 +59,11 @@ def child(args) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shrink.compress.distill.parallel import world
+    from shrink.allocator import map_large_allocations
+    from shrink.compress.distill.parallel import sharded_state_bytes, world
     from shrink.compress.distill.trainer import DistillConfig, distill
 
+    map_large_allocations()  # as the shrink command does first
     torch.set_num_threads(1)
     current = world()
     sampler = Sampler()
@@ -76,6 +79,7 @@ def child(args) -> None:
     del teacher
     student = LlamaForCausalLM(config)
     params = sum(p.numel() for p in student.parameters())
+    estimate = sharded_state_bytes(student, current.size)
 
     steps = []
 
@@ -98,7 +102,7 @@ def child(args) -> None:
         everyone = [None] * current.size
         dist.all_gather_object(everyone, mine)
     if current.is_main:
-        print(json.dumps({"processes": current.size, "params": params, "parallel": report.parallel,
+        print(json.dumps({"processes": current.size, "params": params, "estimate": estimate, "parallel": report.parallel,
                           "tokens_per_s": report.tokens_per_second, "ranks": everyone}))
     current.finish()
 
@@ -132,11 +136,12 @@ def main() -> None:
         result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
         rows.append(result)
         state = max(r["peak"] - r["baseline"] for r in result["ranks"])
-        estimate = 16 * result["params"] / n
+        sharded_only = 16 * result["params"] / n
         print(f"N={n} ({result['parallel']}): {result['params'] / 1e6:.1f}M parameters; per-process training state "
               f"{state / 1e9:.2f} GB measured (largest over ranks; peak RSS {max(r['peak'] for r in result['ranks']) / 1e9:.2f} GB), "
-              f"{estimate / 1e9:.2f} GB estimated (16 B/parameter / N); {result['tokens_per_s'] / n:,.0f} tokens/s per "
-              f"process measured", flush=True)
+              f"{sharded_only / 1e9:.2f} GB estimated for 16 B/parameter / N alone, {result['estimate'] / 1e9:.2f} GB "
+              f"estimated with the largest unit held whole (compress/distill/parallel.sharded_state_bytes); "
+              f"{result['tokens_per_s'] / n:,.0f} tokens/s per process measured", flush=True)
 
 
 if __name__ == "__main__":

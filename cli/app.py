@@ -20,6 +20,7 @@ from rich.logging import RichHandler
 from typer.core import TyperGroup
 
 from shrink import __version__
+from shrink.allocator import map_large_allocations
 from shrink.cli.render import err_console
 
 # command -> (module, attribute): a command function, or a Typer app for a command with subcommands
@@ -99,6 +100,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what shrink is doing."),
 ) -> None:
+    map_large_allocations()  # before any model is loaded: freed tensors then leave the process (allocator.py)
     handler = RichHandler(console=err_console, show_path=False, show_time=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     # Progress on one-off slow work (converting the embedded model) is worth showing by default.

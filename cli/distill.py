@@ -15,7 +15,7 @@ from shrink.cli.inspect import MODEL_HELP
 from shrink.cli.render import Spinner, console, handle_user_errors, print_json
 from shrink.cli.training import cli_hooks, saved_by_main
 from shrink.compress.data import local_file, read_texts
-from shrink.compress.distill.parallel import world
+from shrink.compress.distill.parallel import choose_parallel, world
 from shrink.flows import defaults
 from shrink.flows.steps import distill, distill_config, load_model, prepare_split, teacher_logits
 from shrink.flows.resources import check as check_resources
@@ -72,7 +72,9 @@ def distill_command(
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
         teacher_model = load_model(teacher, hooks, teacher_load, role="the teacher ")
-        student_model = load_model(student, hooks)
+        # sharded: only rank 0 reads the student's weights; the others receive their shards from it
+        sharded = choose_parallel(parallel, load_spec(student).param_counts().total, current) == "fsdp"
+        student_model = load_model(student, hooks, weights=current.is_main or not sharded)
         split = prepare_split(teacher_model, data, seq_len, hooks, current, student=student_model)
         topk = teacher_logits(student_model, teacher_model, split, config, hooks, current)
         if not config.hidden_weight:  # training reads the cached logits only: the teacher leaves memory

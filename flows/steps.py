@@ -45,10 +45,11 @@ class Hooks:
 
 # --- shared pieces ---
 
-def load_model(source: str, hooks: Hooks, mode: str | None = None, role: str = "") -> Any:
-    """A LoadedModel; `mode` 8bit or nf4 loads it through bitsandbytes (teachers larger than memory)."""
+def load_model(source: str, hooks: Hooks, mode: str | None = None, role: str = "", weights: bool = True) -> Any:
+    """A LoadedModel; `mode` 8bit or nf4 loads it through bitsandbytes (teachers larger than memory);
+    `weights=False` its structure only, on the meta device (model.load)."""
     hooks.status(f"Loading {role}{source}")
-    return load(source) if mode is None else load_bitsandbytes(source, mode)
+    return load(source, weights=weights) if mode is None else load_bitsandbytes(source, mode)
 
 
 def prepare_split(loaded: Any, data: str | None, seq_len: int, hooks: Hooks, current: Any = None,

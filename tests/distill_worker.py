@@ -2,6 +2,7 @@
 
 python tests/distill_worker.py OUT [STEPS]: distills the tiny pruned student of test_distill.py
 for STEPS steps (a checkpoint after every step) and writes the final weights to OUT/final.pt.
+SHRINK_TEST_STRUCTURE_ONLY=1: every process but rank 0 holds the student on the meta device only.
 """
 
 import os
@@ -51,7 +52,12 @@ if __name__ == "__main__":
     from shrink.compress.distill.parallel import world
 
     current = world()
+    structure_only = os.environ.get("SHRINK_TEST_STRUCTURE_ONLY") == "1" and not current.is_main
+    if structure_only:  # as model.load(weights=False) leaves it: shapes on the meta device, no value
+        student.model.to("meta")
     report = distill(student.model, train, topk, config(steps, parallel), out, stop_after=stop_after, current=current)
+    if structure_only:
+        assert all(p.is_meta for p in student.model.parameters()), "a structure-only student received weights"
     if current.is_main:
         torch.save(student.model.state_dict(), out / "final.pt")
         (out / "report.json").write_text(__import__("json").dumps(__import__("dataclasses").asdict(report)))

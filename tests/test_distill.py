@@ -218,10 +218,12 @@ def test_cli_distills_and_torchrun_gives_the_same_student(tiny_text_model_dir, t
     assert report["report"]["eval_after"]["kl"] < report["report"]["eval_before"]["kl"]
     assert report["report"]["eval_after"]["perplexity"] > 1
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    # sharded: rank 1 loads the student's structure only and receives its shards from rank 0
     parallel = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", shrink, *common,
-                               "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+                               "--parallel", "fsdp", "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert parallel.returncode == 0, parallel.stderr
     assert json.loads(parallel.stdout)["processes"] == 2
+    assert json.loads(parallel.stdout)["report"]["parallel"] == "fsdp"
     one, two = load(str(tmp_path / "one")).model.state_dict(), load(str(tmp_path / "two")).model.state_dict()
     start = load(str(student)).model.state_dict()
     assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])

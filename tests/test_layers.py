@@ -22,7 +22,8 @@ HEAVY = {"torch", "transformers", "numpy", "gguf", "llama_cpp", "onnx", "onnxrun
 # rank of each top-level name: a module may import from its own rank (same package) or below
 RANKS = {"cli": 5, "__main__": 5, "flows": 4, "compress": 3, "export": 3, "model": 2, "hardware": 2, "families": 2,
          "ggufmeta": 2, "layershapes": 2, "normeps": 2, "blocks": 2, "blockvariants": 2, "archspec": 1, "numformats": 1, "storage": 1,
-         "errors": 1, "units": 1, "typecheck": 1, "vocabmap": 1, "tokenizerjson": 1, "progress": 1, "__init__": 1}
+         "errors": 1, "units": 1, "typecheck": 1, "vocabmap": 1, "tokenizerjson": 1, "progress": 1, "allocator": 1,
+         "__init__": 1}
 SIBLINGS_APART = {frozenset({"compress", "export"})}
 
 

@@ -8,6 +8,7 @@ the whole student and DistributedDataParallel averages the gradients; with FSDP2
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from contextlib import contextmanager
@@ -112,10 +113,15 @@ def main_rank_first(current: World) -> Iterator[None]:
         current.barrier()
 
 
-def choose_parallel(setting: str, model: Any, current: World) -> str:
-    """none (one process), ddp or fsdp; `auto` shards (FSDP2) when the student's training state in float32
-    (weights, gradients, two AdamW moments: 16 bytes a parameter) would take more than a quarter of one
-    process's memory (the GPU's, or the host's divided among the processes on this node)."""
+TRAINING_STATE = 16  # bytes a trained parameter: float32 weights, gradient and AdamW's two moments
+UNSHARDED = 12  # bytes a parameter of the FSDP2 unit running (sharded_state_bytes)
+
+
+def choose_parallel(setting: str, params: int, current: World) -> str:
+    """none (one process), ddp or fsdp for a student of `params` parameters; `auto` shards (FSDP2) when
+    its training state in float32 (weights, gradients, two AdamW moments: 16 bytes a parameter) would take
+    more than a quarter of one process's memory (the GPU's, or the host's divided among the processes on
+    this node)."""
     if current.size <= 1:
         return "none"
     if setting != "auto":
@@ -126,8 +132,7 @@ def choose_parallel(setting: str, model: Any, current: World) -> str:
         memory = torch.cuda.get_device_properties(current.rank % torch.cuda.device_count()).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // int(os.environ.get("LOCAL_WORLD_SIZE", current.size))
-    state = 16 * sum(p.numel() for p in model.parameters())
-    return "fsdp" if state > memory / 4 else "ddp"
+    return "fsdp" if TRAINING_STATE * params > memory / 4 else "ddp"
 
 
 def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> None:
@@ -145,16 +150,43 @@ def shard(root: Any, student: Any, current: World, precision: str = "fp32") -> N
     mesh = init_device_mesh(kind, (current.size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
-    body = getattr(student, student.base_model_prefix, student)
-    for layer in getattr(body, "layers", []):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    for unit in vocabulary_units(student):
+    for unit in units(student):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     head = student.get_output_embeddings()
     if isinstance(head, FSDPModule):  # the sliced loss reads the head's weight: gather it for that call
         setattr(head, SHARDED_HEAD_LOSS, functools.partial(head_loss, head))
         register_fsdp_forward_method(head, SHARDED_HEAD_LOSS)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+
+
+def meta_skeleton(module: Any) -> Any:
+    """A copy of `module` whose parameters and buffers are on the meta device: its structure without
+    its memory (tied parameters stay tied). FSDP2 shards it, then fill_shards gives it values."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def fill_shards(sharded: Any, full: Any, device: Any) -> None:
+    """Each process's shards of `sharded` (a meta_skeleton FSDP2 has sharded), on `device`, from rank
+    0's `full` weights (the other processes' `full` may be on the meta device: structure only, never
+    read); buffers (non-persistent ones too, such as rotary frequencies) broadcast whole."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    sharded.to_empty(device=device)
+    weights = full.state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(sharded, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    mine = dict(full.named_buffers())
+    for name, buffer in sharded.named_buffers():
+        if dist.get_rank() == 0:
+            buffer.copy_(mine[name])
+        dist.broadcast(buffer, src=0)
 
 
 def shard_module(module: Any, current: World) -> None:
@@ -166,6 +198,21 @@ def shard_module(module: Any, current: World) -> None:
 
     kind = next(module.parameters()).device.type
     fully_shard(module, mesh=init_device_mesh(kind, (current.size,)))
+
+
+def units(student: Any) -> list[Any]:
+    """The modules FSDP2 shards as units of their own: each decoder layer and the vocabulary units."""
+    body = getattr(student, student.base_model_prefix, student)
+    return [*getattr(body, "layers", []), *vocabulary_units(student)]
+
+
+def sharded_state_bytes(student: Any, processes: int) -> int:
+    """Estimated training state of one process under FSDP2: TRAINING_STATE bytes a parameter / N, plus
+    the largest unit held whole while it runs (UNSHARDED bytes a parameter: its gathered weights, its
+    whole gradient and FSDP2's flat copy of that gradient for the reduce-scatter)."""
+    params = sum(p.numel() for p in student.parameters())
+    largest = max((sum(p.numel() for p in unit.parameters()) for unit in units(student)), default=0)
+    return TRAINING_STATE * params // processes + (UNSHARDED * largest if processes > 1 else 0)
 
 
 def vocabulary_units(student: Any) -> list[Any]:

@@ -11,9 +11,6 @@ before the bad step touches the weights, so the last checkpoint stays good.
 
 from __future__ import annotations
 
-import copy
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -25,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from shrink.allocator import return_freed_memory
 from shrink.compress.distill.evaluate import evaluate
 from shrink.compress.distill.chunked import StudentLoss
 from shrink.compress.distill.losses import TAIDState, get_loss
-from shrink.compress.distill.parallel import World, check_parallel, check_precision, choose_parallel, shard, world, wrap
+from shrink.compress.distill.parallel import (World, check_parallel, check_precision, choose_parallel, fill_shards,
+                                              meta_skeleton, shard, world, wrap)
 from shrink.errors import ShrinkError
 from shrink.storage import atomic_directory, atomic_write_text
 
@@ -137,7 +136,14 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         raise ShrinkError("The hidden-state term needs the teacher model itself, not only its cached logits.")
     current = current or world()
     device = _device(current)
-    student.to(device)
+    mode = choose_parallel(config.parallel, sum(p.numel() for p in student.parameters()), current)
+    # a process other than rank 0 may hold only the structure (model.load(weights=False)): then every
+    # process trains sharded, from rank 0's weights, and that process ends as it came
+    arrived_empty = any(p.is_meta for p in student.parameters())
+    if current.size > 1 and current.sum(torch.tensor([float(arrived_empty)], dtype=torch.float64)).item():
+        mode = "fsdp"
+    if mode != "fsdp":  # under FSDP2 only each process's shards go to the device
+        student.to(device)
     out = Path(out)
     values, indices = train_topk
     alignment = None
@@ -150,7 +156,6 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
     taid_state = TAIDState()
     report = DistillReport(steps=config.steps, tokens=0)
     evaluating = evaluation is not None and current.is_main
-    mode = choose_parallel(config.parallel, student, current)
     report.parallel, report.processes = mode, current.size
     if mode == "fsdp" and config.eval_every:
         raise ShrinkError("--eval-every is not available with --parallel fsdp yet; evaluation runs before and after.")
@@ -159,11 +164,12 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
     trained, buffers = student, None
     if mode == "fsdp":  # a sharded copy trains; the caller's module waits on the meta device for the result
         buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
-        trained = copy.deepcopy(student)
-        student.to("meta")
+        trained = meta_skeleton(student)  # never a second whole copy: shards are cut from the caller's weights
     loss_module = StudentLoss(trained, config, taid_state, config.logit_chunk)
     if mode == "fsdp":
         shard(loss_module, trained, current, config.precision)
+        fill_shards(trained, student, device)
+        student.to("meta")
     model = wrap(loss_module, current) if mode == "ddp" else loss_module
     state = torch.nn.Module()  # what a checkpoint holds: the student and the hidden-state projection
     state.student = trained
@@ -171,7 +177,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         state.alignment = alignment
     parameters = [p for p in state.parameters() if p.requires_grad]
     # fused: one pass over each tensor, no temporaries the size of the largest one (the vocabulary)
-    fused = mode != "fsdp" and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     start = _resume(out / CHECKPOINT, state, optimizer, scheduler, taid_state, report, config)
@@ -179,7 +185,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         torch.manual_seed(config.seed)  # a resumed run continues from the checkpoint's RNG state instead
     if config.activation_checkpointing:
         trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    release_freed_memory()
+    return_freed_memory()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     trained.train()
     started, tokens_here = time.perf_counter(), 0
@@ -235,7 +241,7 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         trained.gradient_checkpointing_disable()
     optimizer.zero_grad(set_to_none=True)  # the last step's gradients are not needed by the evaluation
     if mode == "fsdp":
-        _gather_into(student, trained, buffers, device)
+        _gather_into(student, trained, buffers, device, arrived_empty)
         del trained, loss_module, model, state, optimizer
     student.eval()
     if stop_after is not None and stop_after < config.steps:
@@ -244,21 +250,6 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
         report.eval_after = evaluate(student, evaluation, *eval_topk).to_dict()
         report.evals.append({"step": config.steps, **report.eval_after})
     return report
-
-
-def release_freed_memory() -> None:
-    """Allocations of 1 MiB and more are mapped on their own (glibc), so a freed activation or slice of
-    logits goes back to the system at once instead of staying in the heap: glibc's threshold otherwise
-    rises to 32 MiB after the first large free, and the heap kept ~0.4 GB of freed tensors between
-    steps when distilling the embedded model (benchmarks/distill_memory.py). No-op without glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-            libc.malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _width(model: Any) -> int:
@@ -310,11 +301,15 @@ def _save_checkpoint(path: Path, state: Any, optimizer: Any, scheduler: Any, tai
     current.barrier()
 
 
-def _gather_into(student: Any, trained: Any, buffers: dict, device: Any) -> None:
-    """The sharded copy's full weights into the caller's module (on the meta device while it trained)."""
+def _gather_into(student: Any, trained: Any, buffers: dict, device: Any, structure_only: bool) -> None:
+    """The sharded copy's full weights into the caller's module (on the meta device while it trained);
+    a process whose student came without weights takes part in the gathering and keeps none."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
+    # the gathering is one collective per tensor either way; cpu_offload keeps the result on rank 0 only
+    full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=structure_only))
+    if structure_only:
+        return
     student.to_empty(device=device)
     student.load_state_dict(full)
     for name, buffer in buffers.items():

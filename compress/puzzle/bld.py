@@ -225,7 +225,7 @@ def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: 
     streams = capture(model, sequences, config.batch_size)
     current = current or world()
     jobs = [(i, v) for i, variants in enumerate(library) for v in variants if v.trained]
-    sharded = choose_parallel(config.parallel, max(model.model.layers, key=_size), current) == "fsdp"
+    sharded = choose_parallel(config.parallel, max(map(_size, model.model.layers)), current) == "fsdp"
     if sharded:  # every process trains every variant, sharded
         return _run_sharded(loaded, streams, library, jobs, importance, out, config, current)
     mine = [job for n, job in enumerate(jobs) if n % current.size == current.rank]
