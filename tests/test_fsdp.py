@@ -99,3 +99,12 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path, f
     weights, report = _run(tmp_path, then, 5)
     assert report["resumed_from"] == 2
     _same(weights, _single(tmp_path, 5))
+
+
+def test_processes_under_torchrun_map_smaller_allocations(monkeypatch):
+    from shrink import allocator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert allocator.threshold() == allocator.SHARDED < allocator.ALONE
+    monkeypatch.delenv("WORLD_SIZE")
+    assert allocator.threshold() == allocator.ALONE
