@@ -13,7 +13,7 @@ from shrink.archspec import ArchSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.costing import fallback_ops, planned_weights
 from shrink.export.gguf import export_gguf, quant_format
-from shrink.export.runtimes import LlamaCppRunner, Runner, open_llama, timed_runs
+from shrink.export.runtimes import LlamaCppRunner, Runner, as_if_from_disk, open_llama, timed_runs
 from shrink.ggufmeta import gguf_formats
 from shrink.numformats import gguf_activations, vocabulary_format
 
@@ -43,6 +43,7 @@ class GGUFBackend:
 
     def time(self, path: Path, threads: int, prompt: list[int], gen: list[int],
              repeats: int) -> tuple[list[float], list[float]]:
+        as_if_from_disk(path)
         llm = open_llama(path, n_ctx=len(prompt) + len(gen) + 8, n_batch=len(prompt), threads=threads)
 
         def prefill() -> None:

@@ -15,7 +15,7 @@ from shrink.errors import ShrinkError
 from shrink.export.costing import fallback_ops, onnx_vocabulary, planned_weights
 from shrink.export.onnx import export_onnx, onnx_format, onnx_formats
 from shrink.export.onnx_runtime import OnnxRunner
-from shrink.export.runtimes import Runner, timed_runs
+from shrink.export.runtimes import Runner, as_if_from_disk, timed_runs
 
 
 class OnnxBackend:
@@ -44,6 +44,7 @@ class OnnxBackend:
 
     def time(self, path: Path, threads: int, prompt: list[int], gen: list[int],
              repeats: int) -> tuple[list[float], list[float]]:
+        as_if_from_disk(path)
         runner = OnnxRunner(path, threads)
 
         def prefill() -> dict:
