@@ -1,0 +1,83 @@
+"""`shrink run MODEL --target host --budget B` at fractions of the original F16 export's measured decode
+time: does each planned artifact meet its budget on measurement, and how close was its estimate?
+
+First the F16 GGUF of the model is timed here as `shrink bench` times it (prompt 128, 32 decoded tokens,
+median of 3 runs after a warm-up); then, per fraction, the user's command runs end to end (plan, quantize,
+export, verify, bench) into --work, and its report gives the chosen plan, the artifact's decode time
+measured by the run's own bench step and estimated on `host` with the calibrated kernels. Run on a quiet
+machine after `shrink profiles calibrate` (the host cache; `shrink run --target host` calibrates on
+first use otherwise). Each run takes about a quarter of an hour on 2 cores; a finished run is resumed,
+not repeated.
+
+    python benchmarks/host_budgets.py [--model gemma-3-270m] [--fractions 0.6,0.75,0.9] [--f16 FILE] [--work DIR]
+
+Target (issue 15): every budget met on measurement, each estimate within 10% of its measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from shrink.export.bench import bench
+
+
+def shrink(*args: str) -> subprocess.CompletedProcess:
+    command = shutil.which("shrink")
+    if command is None:
+        raise SystemExit("the shrink command is not installed (pip install -e .)")
+    return subprocess.run([command, *args], capture_output=True, text=True)
+
+
+def f16_export(model: str, work: Path) -> Path:
+    path = work / "f16.gguf"
+    if not path.is_file():
+        done = shrink("export", model, "--format", "gguf", "--quant", "fp16", "--no-verify", "-o", str(path))
+        if done.returncode:
+            raise SystemExit(done.stderr[-2000:])
+    return path
+
+
+def planned_run(model: str, budget_s: float, out: Path) -> dict:
+    args = ["run", model, "--target", "host", "--budget", f"{budget_s * 1e3:.2f}ms", "-o", str(out), "--json"]
+    done = shrink(*args, *(["--resume"] if out.exists() else []))
+    if "{" not in done.stdout:  # no report: the run itself failed
+        raise SystemExit(f"shrink {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--fractions", default="0.6,0.75,0.9")
+    parser.add_argument("--f16", type=Path, default=None, help="the model's F16 GGUF (default: exported into --work)")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="host-budgets-"))
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = args.f16 or f16_export(args.model, work)
+    reference = bench(f16, prompt_len=128, gen_len=32, repeats=3).decode.median_s
+    print(f"{args.model} as F16 GGUF: {reference * 1e3:.2f} ms/token measured", flush=True)
+    rows = []
+    for fraction in (float(x) for x in args.fractions.split(",")):
+        budget = reference * fraction
+        report = planned_run(args.model, budget, work / f"run-{round(fraction * 100)}")
+        line = next(item for item in report["budget_check"]["lines"] if item["what"] == "time per token")
+        measured, estimated = line["value"], report["artifact_on_target"]["tpot_s_estimated"]
+        row = {"fraction": fraction, "budget_s": budget, "chosen": report["planned"]["chosen"]["label"], "measured_s": measured,
+               "estimated_s": estimated, "met": line["passed"], "estimate_error": estimated / measured - 1}
+        rows.append(row)
+        print(f"budget {fraction:.0%} = {budget * 1e3:.2f} ms: chosen {row['chosen']}; {measured * 1e3:.2f} ms/token "
+              f"measured ({'meets' if row['met'] else 'MISSES'} the budget), {estimated * 1e3:.2f} ms estimated "
+              f"({row['estimate_error']:+.1%})", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"reference_s": reference, "rows": rows}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
