@@ -15,7 +15,7 @@ point (and on GPUs the host allocates little), 1 MiB in a single process. No-op 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 
 M_MMAP_THRESHOLD = -3
@@ -23,13 +23,13 @@ ALONE = 1 << 20
 SHARDED = 128 << 10  # glibc's own starting threshold, kept instead of letting it rise
 
 
+@functools.cache
 def _libc():
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "mallopt") else None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def threshold() -> int:

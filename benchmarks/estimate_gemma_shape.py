@@ -19,6 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from shrink.allocator import map_large_allocations
 from shrink.export.bench import bench
 from shrink.export.manifest import write_manifest
 from shrink.flows.calibrate import write_gguf
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=None, help="estimate_vs_measured.py's --work directory")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    map_large_allocations()  # as the shrink command does
     host = get_profile("host")
     kernels = host.calibration("llama.cpp")
     print("llama.cpp kernels: " + (kernels.source if kernels else "NOT calibrated: run shrink profiles calibrate first"))

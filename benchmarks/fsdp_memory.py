@@ -9,9 +9,9 @@ The student is a random Llama (untied, vocabulary --vocab, 32,000 by default) si
 process's memory; the teacher's top-k comes from a random teacher of the same shape (the figures are
 about memory and speed, not quality). Each N runs `torchrun --nproc_per_node N` on this script; every
 process samples its resident memory (/proc, every 20 ms) from the end of its first optimizer step to the
-end of its last, so the figure is the training loop's, not the loading (every process builds the whole
-student, as `shrink distill` loads it, and cuts its shards from it) nor the gathering of the full trained student into
-every process after the last step (which `shrink distill` does so that rank 0 can save it). "state" is that peak minus the process's
+end of its last, so the figure is the training loop's, not the loading (here every process builds the
+whole random student; `shrink distill` loads it on rank 0 only, the others its structure) nor the
+gathering of the trained student after the last step (which rank 0 keeps and saves). "state" is that peak minus the process's
 resident memory before the student was built. Every figure is measured except the labelled estimate.
 """
 

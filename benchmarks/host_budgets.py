@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from shrink.allocator import map_large_allocations
 from shrink.export.bench import bench
 
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    map_large_allocations()  # as the shrink command does, whose bench the reference is compared with
     work = args.work or Path(tempfile.mkdtemp(prefix="host-budgets-"))
     work.mkdir(parents=True, exist_ok=True)
     f16 = args.f16 or f16_export(args.model, work)
@@ -67,7 +69,9 @@ def main() -> None:
     for fraction in (float(x) for x in args.fractions.split(",")):
         budget = reference * fraction
         report = planned_run(args.model, budget, work / f"run-{round(fraction * 100)}")
-        line = next(item for item in report["budget_check"]["lines"] if item["what"] == "time per token")
+        line = next((item for item in report.get("budget_check", {}).get("lines", []) if item["what"] == "time per token"), None)
+        if line is None or line["by"] != "measured" or not report.get("artifact_on_target"):
+            raise SystemExit(f"the run for {fraction:.0%} reports no measured time per token and estimate: {report.get('budget_check')}")
         measured, estimated = line["value"], report["artifact_on_target"]["tpot_s_estimated"]
         row = {"fraction": fraction, "budget_s": budget, "chosen": report["planned"]["chosen"]["label"], "measured_s": measured,
                "estimated_s": estimated, "met": line["passed"], "estimate_error": estimated / measured - 1}

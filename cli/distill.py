@@ -72,8 +72,12 @@ def distill_command(
     with Spinner() as spinner:
         hooks = cli_hooks(spinner)
         teacher_model = load_model(teacher, hooks, teacher_load, role="the teacher ")
-        # sharded: only rank 0 reads the student's weights; the others receive their shards from it
-        sharded = choose_parallel(parallel, load_spec(student).param_counts().total, current) == "fsdp"
+        # sharded: only rank 0 reads the student's weights; the others receive their shards from it.
+        # Rank 0 decides (auto reads each process's memory), and the trainer is told, so that it cannot
+        # count its way to another mode
+        sharded = current.from_main(choose_parallel(parallel, load_spec(student).param_counts().total, current) == "fsdp")
+        if sharded:
+            config = replace(config, parallel="fsdp")
         student_model = load_model(student, hooks, weights=current.is_main or not sharded)
         split = prepare_split(teacher_model, data, seq_len, hooks, current, student=student_model)
         topk = teacher_logits(student_model, teacher_model, split, config, hooks, current)

@@ -109,17 +109,22 @@ def as_if_from_disk(path: Path) -> None:
     to disk first, so that the runtime timed next reads it as a deployment loads it. The same bytes
     decode at different speeds by how their pages came into the cache: the embedded model's F16 GGUF
     took 34-35 ms a token from a copy made hours earlier and 31.6-32.8 ms once its pages were dropped and
-    read back (llama.cpp mmaps its weights; measured here, 2 threads). A page another process maps
-    stays; no-op where the system has no posix_fadvise."""
+    read back (llama.cpp mmaps its weights; measured here, 2 threads). A page some process still maps
+    stays; best effort: no-op where the system has no posix_fadvise or the filesystem refuses."""
     if not hasattr(os, "posix_fadvise"):
         return
     for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if not file.is_file():
             continue
-        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            descriptor = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue  # the runtime's own open says what is wrong with the file
         try:
             os.fsync(descriptor)  # a dirty page cannot be dropped
             os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # a filesystem without fsync (squashfs, some FUSE mounts): timed as cached
         finally:
             os.close(descriptor)
 

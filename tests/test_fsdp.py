@@ -55,12 +55,13 @@ def test_fsdp_two_processes_give_the_single_process_student(tmp_path, monkeypatc
     _same(_run(tmp_path, 2, 4, family=family)[0], _single(tmp_path, 4, family, monkeypatch))
 
 
-def test_processes_holding_only_the_structure_train_from_rank_0s_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied; tied embedding and head
+def test_processes_holding_only_the_structure_train_from_rank_0s_weights(tmp_path, monkeypatch, family):
     # rank 1's student is on the meta device (as `shrink distill` loads it there): its shards and buffers
     # come from rank 0, the result is the single-process student, and rank 1 keeps no whole copy (asserted
     # in the worker)
-    weights, _ = _run(tmp_path, 2, 4, parallel="auto", family="llama", structure_only=True)
-    _same(weights, _single(tmp_path, 4, "llama", monkeypatch))
+    weights, _ = _run(tmp_path, 2, 4, parallel="auto", family=family, structure_only=True)
+    _same(weights, _single(tmp_path, 4, family, monkeypatch))
 
 
 def test_a_structure_only_load_has_the_loaded_models_shapes(tiny_text_model_dir, tmp_path):

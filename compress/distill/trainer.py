@@ -138,10 +138,18 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
     device = _device(current)
     mode = choose_parallel(config.parallel, sum(p.numel() for p in student.parameters()), current)
     # a process other than rank 0 may hold only the structure (model.load(weights=False)): then every
-    # process trains sharded, from rank 0's weights, and that process ends as it came
+    # process trains sharded, from rank 0's weights, and that process ends as it came. Every process
+    # takes the same mode: sharded when any of them arrived empty or chose it (`auto` reads each
+    # process's own memory, which may differ between nodes)
     arrived_empty = any(p.is_meta for p in student.parameters())
-    if current.size > 1 and current.sum(torch.tensor([float(arrived_empty)], dtype=torch.float64)).item():
-        mode = "fsdp"
+    if arrived_empty and current.is_main:
+        raise ShrinkError("Rank 0's student has no weights: it is the process every other one receives them from.")
+    if current.size > 1:
+        wants_shards = torch.tensor([float(arrived_empty or mode == "fsdp")], dtype=torch.float64)
+        mode = "fsdp" if current.sum(wants_shards).item() else mode
+    if mode == "fsdp" and config.hidden_weight:
+        raise ShrinkError("The hidden-state term is not available with --parallel fsdp yet (its projection "
+                          "would not be kept in step across the processes); use --parallel ddp or drop it.")
     if mode != "fsdp":  # under FSDP2 only each process's shards go to the device
         student.to(device)
     out = Path(out)
@@ -160,7 +168,11 @@ def distill(student: Any, train: Any, train_topk: tuple[Any, Any], config: Disti
     if mode == "fsdp" and config.eval_every:
         raise ShrinkError("--eval-every is not available with --parallel fsdp yet; evaluation runs before and after.")
     if evaluating:
-        report.eval_before = evaluate(student, evaluation, *eval_topk).to_dict()
+        if mode == "fsdp":  # evaluated on the device as after training; the shards are cut on the host
+            report.eval_before = evaluate(student.to(device), evaluation, *eval_topk).to_dict()
+            student.to("cpu")
+        else:
+            report.eval_before = evaluate(student, evaluation, *eval_topk).to_dict()
     trained, buffers = student, None
     if mode == "fsdp":  # a sharded copy trains; the caller's module waits on the meta device for the result
         buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
