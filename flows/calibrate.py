@@ -40,11 +40,14 @@ from shrink.model import LoadedModel
 from shrink.numformats.filetypes import FILE_TYPES
 from shrink.storage import atomic_write_text
 
-# Formats a llama.cpp artifact of shrink stores (llama.cpp's file types and shrink's own grids, the
-# fallbacks of 640-wide rows included); the quick set covers the common ones.
-LLAMA_CPP_FORMATS = ("fp32", "fp16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q4_k", "q4_0", "iq4_nl", "mxfp4",
-                     "nvfp4_gguf", "tq2_0")
+# Formats a llama.cpp artifact of shrink stores: every one the planner's GGUF search can choose (the
+# weights of numformats' COMMON file types and gguf_search's vocabulary types; an artifact in a format
+# not measured here is costed at the profile's generic peaks, far too fast: a plan storing its vocabulary
+# in q4_1 was estimated 24% under its measurement), shrink's own grids, the 640-wide rows' fallbacks.
+LLAMA_CPP_FORMATS = ("fp32", "fp16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_nl",
+                     "iq4_xs", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "mxfp4", "nvfp4_gguf", "tq2_0")
 ONNX_FORMATS = ("f32", "int8", "int4")  # as `shrink export -f onnx --quant` names them
+ONNX_STORED = ("fp32", "onnx_int8_g32", "onnx_int4_g32")  # the same, as the registry (and the rates) name them
 UNQUANTIZED = ("fp32", "fp16", "bf16")  # cast by shrink's exporter
 SHRINK_GRIDS = {"nvfp4_gguf": "nvfp4"}  # packed by shrink (a family's grid); the rest by llama.cpp's quantizer
 
@@ -171,11 +174,17 @@ class Calibratable:
     formats: tuple[str, ...]
     plain: str
     write: Callable[..., Path]
+    stored: tuple[str, ...]  # `formats` as the registry names them: the keys a complete calibration holds
+
+    def complete(self, calibration: RuntimeCalibration | None) -> bool:
+        """Whether `calibration` measured every format this shrink measures (a cache written by an
+        earlier shrink with fewer formats is not)."""
+        return calibration is not None and set(self.stored) <= set(calibration.formats)
 
 
 RUNTIMES = {
-    "llama.cpp": Calibratable("llama.cpp", "llama-cpp-python", LLAMA_CPP_FORMATS, "fp16", write_gguf),
-    "onnxruntime": Calibratable("onnxruntime", "onnxruntime", ONNX_FORMATS, "f32", write_onnx),
+    "llama.cpp": Calibratable("llama.cpp", "llama-cpp-python", LLAMA_CPP_FORMATS, "fp16", write_gguf, LLAMA_CPP_FORMATS),
+    "onnxruntime": Calibratable("onnxruntime", "onnxruntime", ONNX_FORMATS, "f32", write_onnx, ONNX_STORED),
 }
 
 
@@ -340,7 +349,7 @@ def calibrated_host(status: Callable[[str], None] = lambda message: None) -> Pro
     """The `host` profile with its runtimes' kernels measured here: from the cache, else calibrated now
     (minutes, once per machine and software versions; a busy measurement is used for this run only)."""
     profile = get_profile("host")
-    missing = tuple(runtime for runtime in RUNTIMES if profile.calibration(runtime) is None)
+    missing = tuple(runtime for runtime, kind in RUNTIMES.items() if not kind.complete(profile.calibration(runtime)))
     if missing:
         status(f"Calibrating {' and '.join(missing)} on this machine (once; `shrink profiles calibrate` redoes it)")
         calibrations = {**profile.calibrations, **calibrate_runtimes(profile, missing, status=status)}

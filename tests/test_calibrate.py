@@ -172,3 +172,21 @@ def test_host_is_calibrated_once_then_read_from_the_cache(monkeypatch, tmp_path)
     assert calls == [("llama.cpp", "onnxruntime")] and set(first.calibrations) == {"llama.cpp", "onnxruntime"}
     again = calibrate.calibrated_host()
     assert len(calls) == 1 and again.calibrations == first.calibrations  # read back, not measured again
+
+
+def test_every_format_the_gguf_search_can_store_is_calibrated():
+    # a format without measured kernels is costed at the profile's generic peaks, far too fast
+    from shrink.flows.gguf_search import VOCABULARY_TYPES
+    from shrink.numformats.filetypes import COMMON, file_type
+
+    searched = {file_type(kind).weights for kind in COMMON} | set(VOCABULARY_TYPES)
+    assert searched <= set(calibrate.LLAMA_CPP_FORMATS), searched - set(calibrate.LLAMA_CPP_FORMATS)
+
+
+def test_a_cached_calibration_missing_a_format_is_measured_again():
+    kind = calibrate.RUNTIMES["llama.cpp"]
+    rate = KernelRate(10.0, 0.1)
+    whole = RuntimeCalibration("llama.cpp", {name: rate for name in kind.stored}, 1e-5, 1e-5, 1e-4, 1e-4, 2, "test")
+    assert kind.complete(whole)
+    older = replace(whole, formats={name: rate for name in kind.stored if name != "q4_1"})
+    assert not kind.complete(older) and not kind.complete(None)
