@@ -165,7 +165,10 @@ def test_host_is_calibrated_once_then_read_from_the_cache(monkeypatch, tmp_path)
 
     def calibrate_runtimes(profile, runtimes, status=None, **_):
         calls.append(runtimes)
-        return {runtime: replace(KERNELS, runtime=runtime) for runtime in runtimes}
+        # what a real calibration returns: a rate for every format the runtime stores
+        return {runtime: replace(KERNELS, runtime=runtime, formats={name: KernelRate(10.0, 0.2)
+                                                                    for name in calibrate.RUNTIMES[runtime].stored})
+                for runtime in runtimes}
 
     monkeypatch.setattr(calibrate, "calibrate_runtimes", calibrate_runtimes)
     first = calibrate.calibrated_host()
