@@ -46,6 +46,7 @@ def run_command(
     proxy_calibration: str = typer.Option(defaults.PROXY_CALIBRATION, help="PTQ calibration behind the planner's format proxy; default: the quantize step's --calibration (max is instant, awq costs a minute or more per format)."),
     data: str = typer.Option(None, help="Text for calibration, training and held-out checks; default: text the model writes itself (cached)."),
     seq_len: int = typer.Option(defaults.SEQ_LEN, help="Tokens per sequence."),
+    puzzle: bool = typer.Option(False, "--puzzle", help="Planner: weigh Puzzle architectures too (a variant per layer: pooled KV heads, narrower FFNs, linear maps, no-ops), each format's choice a candidate. Trains and scores every variant first (the embedded model: about 45 min on 2 cores), kept in the run directory for the run's puzzle step."),
     top: int = typer.Option(12, help="Planned runs: candidates shown, best first (within budget by predicted KL, then the rest by estimated time); 0 shows all. plan.json holds them all."),
     json_out: bool = typer.Option(False, "--json", help="Print the run report as JSON on stdout."),
 ) -> None:
@@ -66,6 +67,8 @@ def run_command(
       shrink run gemma-3-270m --target jetson-orin-nano --budget 8ms --dry-run --plot pareto.png
 
       shrink run gemma-3-270m --target host --budget 13ms,mem=1GB -o runs/host
+
+      shrink run gemma-3-270m --target h100-sxm --budget 0.5ms --puzzle -o runs/h100   # Puzzle among the candidates
 
       shrink run gemma-3-270m --target host --budget 13ms -o runs/host --resume   # after an interruption
     """
@@ -89,7 +92,8 @@ def run_command(
     else:
         plan = _plan(model, target, budget, workload, plot, proxy_steps=proxy_steps,
                      proxy_calibration=proxy_calibration, data=data, seq_len=seq_len,
-                     settings=RunSettings(tokens, qad_tokens, calibration))
+                     settings=RunSettings(tokens, qad_tokens, calibration),
+                     puzzle_work=run_dir.resolve() / "puzzle-search" if puzzle else None)
         steps = plan.pop("steps")
         if not json_out:
             _print_plan(plan, top)
@@ -177,6 +181,9 @@ def _print_plan(plan: dict, top: int = 0) -> None:
     if len(shown) < len(ranked):
         table.caption = f"{len(shown)} of {len(ranked)} candidates shown, best first; --top 0 shows all, plan.json holds all"
     console.print(table)
+    offer = plan.get("puzzle")
+    if offer and "why" in offer:
+        console.print(f"Puzzle: {offer['why']}", highlight=False)
     console.print(f"chosen: [bold]{plan['chosen']['label']}[/], {plan['why']}", highlight=False)
     console.print(plan["recipe_toml"], highlight=False, markup=False)
     if plan.get("plot"):

@@ -60,7 +60,8 @@ class Plan:
                 "layers": len(self.kept_layers), "kept_layers": list(self.kept_layers), **self.figures}
 
 
-def _round(value: float, full: int) -> int:
+def round_width(value: float, full: int) -> int:
+    """A pruned width near `value` out of `full`: what Minitron's shapes and Puzzle's narrow FFNs keep."""
     quantum = 32 if full >= 256 else 4  # multiples of 32 keep kernels and quant blocks happy
     return max(quantum, int(round(value / quantum)) * quantum) if full >= quantum else full
 
@@ -98,9 +99,9 @@ def grid(spec: ArchSpec, layer_ranking: list[int], axis: str) -> list[tuple[int,
     check_axis(axis)
     ffn, group = _dense_widths(spec)
     width = axis in ("width", "both")
-    ffns = sorted({_round(ffn * f, ffn) for f in FRACTIONS}) if width and ffn else [ffn]
+    ffns = sorted({round_width(ffn * f, ffn) for f in FRACTIONS}) if width and ffn else [ffn]
     heads = list(range(1, group + 1)) if width and group else [group]
-    hiddens = sorted({_round(spec.hidden_size * f, spec.hidden_size) for f in HIDDEN_FRACTIONS}) if width else [spec.hidden_size]
+    hiddens = sorted({round_width(spec.hidden_size * f, spec.hidden_size) for f in HIDDEN_FRACTIONS}) if width else [spec.hidden_size]
     total = spec.num_layers
     counts = range(1, total + 1) if axis == "depth" else range(max(1, total // 2), total + 1) if axis == "both" else [total]
     return [(f, h, d, tuple(sorted(layer_ranking[:n]))) for f in ffns for h in heads for d in hiddens for n in counts]
@@ -195,20 +196,27 @@ class ProxyResult:
                 "proxy_tokens": self.tokens}
 
 
-def rank_by_proxy(plans: list[Plan], loaded: Any, importance: Any, split: Any, train_topk: Any, eval_topk: Any,
-                  steps: int, batch_size: int, workdir: Any, on_result: Any = None) -> list[ProxyResult]:
-    """Prune to each plan, distil `steps` steps, and rank by held-out KL to the teacher (lowest first)."""
+def recovered_kl(model: Any, split: Any, train_topk: Any, eval_topk: Any, steps: int, batch_size: int,
+                 workdir: Any) -> tuple[float, float, int]:
+    """(held-out KL to the teacher before, after `steps` of distillation, tokens trained): how well a
+    changed model recovers, the proxy every architecture the planner weighs is ranked by."""
     from shrink.compress.distill.evaluate import evaluate
     from shrink.compress.distill.trainer import DistillConfig, distill
 
-    results = []
+    before = evaluate(model, split.evaluation, *eval_topk).kl
     config = DistillConfig(steps=steps, batch_size=batch_size, checkpoint_every=10 ** 9, warmup_steps=0)
+    report = distill(model, split.train, train_topk, config, workdir, split.evaluation, eval_topk)
+    return before, report.eval_after["kl"], report.tokens
+
+
+def rank_by_proxy(plans: list[Plan], loaded: Any, importance: Any, split: Any, train_topk: Any, eval_topk: Any,
+                  steps: int, batch_size: int, workdir: Any, on_result: Any = None) -> list[ProxyResult]:
+    """Prune to each plan, distil `steps` steps, and rank by held-out KL to the teacher (lowest first)."""
+    results = []
     for i, plan in enumerate(plans):
         pruned = apply(plan, loaded, importance)
-        before = evaluate(pruned.model, split.evaluation, *eval_topk).kl
-        report = distill(pruned.model, split.train, train_topk, config, workdir / f"candidate-{i}",
-                         split.evaluation, eval_topk)
-        result = ProxyResult(plan, before, report.eval_after["kl"], report.tokens)
+        result = ProxyResult(plan, *recovered_kl(pruned.model, split, train_topk, eval_topk, steps, batch_size,
+                                                 workdir / f"candidate-{i}"))
         results.append(result)
         if on_result is not None:
             on_result(result)

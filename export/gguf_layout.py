@@ -73,7 +73,7 @@ _FAMILY_LAYOUT = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3
 # deci is Llama's graph per layer: Qwen2 fits too (the same RoPE once q/k are permuted, and deci loads q/k/v
 # biases and ties the output to the embedding when output.weight is absent: checked in llama.cpp,
 # tests/test_export_variants.py); Qwen3's q/k norms and Gemma 3's extra norms it does not load.
-_LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
+LLAMA_SHAPED = {"llama", "mistral", "qwen2"}
 
 
 def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
@@ -93,7 +93,7 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
             f"GGUF export of the '{spec.family}' family is not supported; export it as ONNX (--format onnx) instead."
         )
     variants = has_variants(spec)
-    if variants and spec.family in _LLAMA_SHAPED:
+    if variants and spec.family in LLAMA_SHAPED:
         _check_deci_variants(spec)
         return LAYOUTS["deci"]
     if variants:
@@ -108,7 +108,7 @@ def choose_layout(spec: ArchSpec, pad_to_uniform: bool) -> GGUFLayout:
         _check_gemma3_window_pattern(spec)
     if spec.is_uniform or pad_to_uniform:
         return LAYOUTS[_FAMILY_LAYOUT[spec.family]]
-    if spec.family in _LLAMA_SHAPED:
+    if spec.family in LLAMA_SHAPED:
         return LAYOUTS["deci"]
     raise ShrinkError(
         f"llama.cpp builds per-layer shapes only for Llama-shaped models (its 'deci' architecture), so this "

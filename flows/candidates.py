@@ -29,7 +29,7 @@ from shrink.compress.pruning import ranked_shape
 from shrink.compress.quant.plan import make_plan
 from shrink.compress.quant.ptq import calibrate
 from shrink.compress.quant.student import fake_quantize, materialize
-from shrink.compress.search import Budget, apply, rank_by_proxy
+from shrink.compress.search import Budget, apply, recovered_kl
 from shrink.errors import ShrinkError
 from shrink.export.backend import costed_spec, runtime_of
 from shrink.export.costing import op_row_lengths
@@ -99,10 +99,10 @@ def parse_workload(text: str | None) -> Any:
 @dataclass
 class Candidate:
     keep: float
-    axis: str  # width, depth, or "-" for the unpruned model
+    axis: str  # width, depth, puzzle (flows/puzzle_plan.py), or "-" for the unpruned model
     format: str | None  # a quantization family (compress/quant/plan.py), None: unquantized
     runtime: str  # gguf or onnx
-    shape: Any = None  # compress.search.Plan, None for the unpruned model
+    shape: Any = None  # compress.search.Plan (flows.puzzle.PuzzleShape for puzzle), None for the unpruned model
     tpot_s: float = 0.0
     ttft_s: float = 0.0
     memory_bytes: float = 0.0
@@ -118,6 +118,8 @@ class Candidate:
     @property
     def label(self) -> str:
         shape = "unpruned" if self.shape is None else f"{self.axis} {self.keep:.0%}"
+        if self.axis == "puzzle":
+            shape = self.shape.label
         if self.quantizer is not None:
             return f"{shape}, llama.cpp {self.quantizer['label']}"
         kv = f" + {KV_TRANSFORMS[self.kv]}" if self.kv else ""
@@ -278,17 +280,19 @@ def measure_proxies(candidates: list[Candidate], loaded_source: str, importance:
     shapes = {}
     for c in live:
         if c.shape is not None:
-            shapes.setdefault(id(c.shape), c.shape)
+            shapes.setdefault(id(c.shape), c)
     shape_kl: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="shrink-plan-") as workdir:
-        for n, (key, plan) in enumerate(shapes.items(), 1):
-            status(f"Quality proxy: shape {n}/{len(shapes)} ({plan.label})")
+        for n, (key, c) in enumerate(shapes.items(), 1):
+            status(f"Quality proxy: shape {n}/{len(shapes)} ({c.shape.label})")
+            # a Puzzle architecture is assembled from its trained variants, a prune shape cut from the teacher
+            built = c.shape.build(teacher, importance) if c.axis == "puzzle" else apply(c.shape, teacher, importance)
             if proxy_steps:
-                result = rank_by_proxy([plan], teacher, importance, split, train_topk, eval_topk, proxy_steps, 4,
-                                       Path(workdir) / str(n))[0]
-                shape_kl[key] = result.kl_proxy
+                shape_kl[key] = recovered_kl(built.model, split, train_topk, eval_topk, proxy_steps, 4,
+                                             Path(workdir) / str(n))[1]
             else:
-                shape_kl[key] = evaluate(apply(plan, teacher, importance).model, split.evaluation, *eval_topk).kl
+                shape_kl[key] = evaluate(built.model, split.evaluation, *eval_topk).kl
+            del built
     format_kl: dict[str | None, float] = {None: 0.0}
     kv_kl = measure_kv_transforms({c.kv for c in live if c.kv}, teacher, split, eval_topk, status)
     for n, family in enumerate(sorted({c.format for c in live if c.format}), 1):

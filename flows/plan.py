@@ -23,8 +23,9 @@ from shrink.flows.gguf_quantize import quantizer_candidate
 from shrink.flows.gguf_search import overrides_text
 from shrink.flows.preflight import check_gguf_export
 from shrink.flows import defaults
+from shrink.flows.puzzle_plan import puzzle_candidates
 from shrink.flows.recipe import (BenchStep, DistillStep, ExportStep, GGUFQuantizeStep, KVShareStep, PruneStep,
-                                 QuantizeStep, SingleInputKVStep, VerifyStep, recipe_toml)
+                                 PuzzleStep, QuantizeStep, SingleInputKVStep, VerifyStep, recipe_toml)
 from shrink.flows.steps import Hooks
 from shrink.hardware.calibration import calibrations_from_tables
 from shrink.hardware.profiles import get_profile
@@ -61,7 +62,11 @@ def recipe_for(candidate: Candidate, settings: RunSettings) -> list[tuple[str, A
                                                         overrides=overrides_text(option["overrides"]))))
         steps.append(("verify", verify_gate(candidate)))
         return steps + ([("bench", BenchStep())] if settings.bench else [])
-    if candidate.shape is not None:
+    if candidate.axis == "puzzle":  # the step reads the planner's trained variants and scores, and chooses again
+        steps.append(("puzzle", PuzzleStep(weights=candidate.format, export=candidate.runtime,
+                                           work=str(candidate.shape.work))))
+        steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
+    elif candidate.shape is not None:
         steps.append(("prune", PruneStep(params=candidate.keep, axis=candidate.axis)))
         steps.append(("distill", DistillStep(tokens=settings.distill_tokens)))
     if candidate.kv == "kv-share":  # after pruning: its pairs are chosen among the layers kept
@@ -90,7 +95,9 @@ def verify_gate(candidate: Candidate) -> VerifyStep:
     if candidate.shape is None and candidate.kv is None:
         return VerifyStep(min_top1=gate.min_top1, max_kl=gate.max_kl, reason=f"registry gate of {stored.name}")
     parts = []
-    if candidate.shape is not None:
+    if candidate.axis == "puzzle":
+        parts.append(("the Puzzle architecture's", candidate.kl_shape or 0.0))
+    elif candidate.shape is not None:
         parts.append((f"the {candidate.axis} {candidate.keep:.0%} shape's", candidate.kl_shape or 0.0))
     if candidate.kv is not None:
         parts.append((f"{KV_TRANSFORMS[candidate.kv]}'s", candidate.kl_kv or 0.0))
@@ -111,9 +118,10 @@ def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dic
 def plan(model: str, target: str, budget_texts: list[str], workload_text: str | None = None, *,
          proxy_steps: int = defaults.PROXY_STEPS, proxy_calibration: str | None = defaults.PROXY_CALIBRATION,
          data: str | None = None, seq_len: int = defaults.SEQ_LEN, settings: RunSettings | None = None,
-         hooks: Hooks | None = None) -> dict:
+         hooks: Hooks | None = None, puzzle_work: Path | None = None) -> dict:
     """The plan: every candidate costed, the chosen one, why, and its recipe (under "steps", and as
-    TOML under "recipe_toml"). Raises NoPlan when no candidate meets the budget."""
+    TOML under "recipe_toml"). Raises NoPlan when no candidate meets the budget. With `puzzle_work`,
+    Puzzle architectures are candidates too, their variants trained and scored there."""
     hooks = hooks or Hooks()
     settings = settings or RunSettings()
     proxy_calibration = proxy_calibration or settings.calibration  # as the executed quantize step calibrates
@@ -122,7 +130,8 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     workload = parse_workload(workload_text)
     # the config alone, before any weight or text: a measured target (host) is costed with kernels
     # calibrated later, so only the published targets are refused this early
-    early = None if profile.measured else hopeless(load_spec(model), profile, workload, budget)
+    # (Puzzle's no-op and linear blocks reach below every prune shape: with it, the full plan decides)
+    early = None if profile.measured or puzzle_work else hopeless(load_spec(model), profile, workload, budget)
     if early is not None:
         raise NoPlan(early[0], [c.to_dict() for c in early[1]])
     if target_runtime(profile) == "gguf":  # a model llama.cpp cannot run is refused before any work
@@ -139,6 +148,10 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     if target_runtime(profile) == "gguf":  # llama.cpp's own quantizer, every option made and measured
         tuned = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
         candidates += [tuned] if tuned is not None else []
+    puzzle_offer = None
+    if puzzle_work is not None:
+        found, puzzle_offer = puzzle_candidates(loaded, split, profile, workload, budget, puzzle_work, hooks)
+        candidates += found
     if not any(c.fits for c in candidates):
         raise NoPlan(no_plan_message(candidates, budget, profile), [c.to_dict() for c in closest(candidates, budget)])
     measure_proxies(candidates, model, importance, split, proxy_steps, proxy_calibration, hooks.status)
@@ -147,7 +160,7 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     return {"model": model, "target": profile.name, "target_title": profile.title, "budget": budget.to_dict(),
             "workload": vars(workload), "proxy_steps": proxy_steps,
             "host_kernels": {n: c.to_table() for n, c in profile.calibrations.items()} if profile.measured else None,
-            "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(),
+            "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(), "puzzle": puzzle_offer,
             "why": why(chosen, candidates), "candidates": [c.to_dict() for c in candidates],
             "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {budget_text(budget)}"),
             "steps": steps}
@@ -185,6 +198,15 @@ def budget_text(budget: TargetBudget | dict) -> str:
 
 # --- after the run ---
 
+def planned_profile(plan: dict) -> Any:
+    """The target as the plan costed it: on `host`, with the kernels calibrated then (a busy calibration
+    is not cached, so the cache may not hold them)."""
+    profile = get_profile(plan["target"])
+    if plan.get("host_kernels"):
+        profile = replace(profile, calibrations=calibrations_from_tables(plan["host_kernels"], "the plan"))
+    return profile
+
+
 def artifact_estimate(report: dict, plan: dict) -> dict | None:
     """The exported artifact itself (its stored tensor types) costed on the target."""
     artifact = report["final"]["artifact"]
@@ -193,10 +215,7 @@ def artifact_estimate(report: dict, plan: dict) -> dict | None:
     spec, formats = artifact_costing(Path(artifact))
     if spec is None:
         return None
-    profile = get_profile(plan["target"])
-    if plan.get("host_kernels"):  # the kernels the plan was costed with (a busy calibration is not cached)
-        profile = replace(profile, calibrations=calibrations_from_tables(plan["host_kernels"], "the plan"))
-    est = estimate(spec.with_formats(**formats), profile, Workload(**plan["workload"]),
+    est = estimate(spec.with_formats(**formats), planned_profile(plan), Workload(**plan["workload"]),
                    backend_for(Path(artifact)).runtime)
     return {"tpot_s_estimated": est.tpot_s, "ttft_s_estimated": est.ttft_s,
             "memory_bytes_estimated": est.memory.total_bytes, "kernels": est.runtime, "formats": formats}

@@ -17,6 +17,8 @@ from shrink.compress.puzzle import bld, scores, solve
 from shrink.compress.puzzle.assemble import assemble
 from shrink.compress.puzzle.library import FFN_SHARES, Variant, library
 from shrink.errors import ShrinkError
+from shrink.export.backend import costed_spec, runtime_of
+from shrink.export.gguf_layout import LLAMA_SHAPED
 from shrink.flows import defaults
 from shrink.flows.steps import Hooks, distill, distill_config
 from shrink.hardware.profiles import get_profile
@@ -41,6 +43,9 @@ class PuzzleSettings:
     alternatives: int = 1
     workload: Workload = field(default_factory=Workload)
     parallel: str = "auto"  # under torchrun: how BLD and the global distillation split (bld.BLDConfig.parallel)
+    # the artifact the child becomes (gguf, onnx): only variants its runtime runs are offered, costed as that
+    # export stores them with its runtime's kernels, `weights` then naming a quantization family (the planner's)
+    export: str | None = None
 
     def __post_init__(self) -> None:
         check_parallel(self.parallel)
@@ -51,8 +56,39 @@ class PuzzleSettings:
         return solve.Limits(self.budget_s, self.ttft_s, self.memory_bytes)
 
 
-def _costed_spec(loaded: Any, settings: PuzzleSettings) -> Any:
-    return loaded.spec.with_formats(weights=settings.weights) if settings.weights else loaded.spec
+def costed_parent(spec: Any, settings: PuzzleSettings) -> Any:
+    """The parent's spec in the formats the variants are costed in."""
+    if settings.export is not None:
+        return costed_spec(spec, settings.weights, settings.export)
+    return spec.with_formats(weights=settings.weights) if settings.weights else spec
+
+
+def kernels(settings: PuzzleSettings) -> str | None:
+    """The runtime whose measured kernels cost the variants (None: the target's first)."""
+    return None if settings.export is None else runtime_of(settings.export)
+
+
+def runnable_library(spec: Any, settings: PuzzleSettings) -> list[list[Variant]]:
+    """The variant library, less what the artifact's runtime cannot run: llama.cpp runs per-layer variants
+    only through `deci` (Llama-shaped models, no linear FFN) or `granitehybrid` (Mamba2 mixers); ONNX
+    graphs carry no recurrent state, so no Mamba2 mixer there."""
+    lib = library(spec, settings.ffn_shares)
+    if settings.export == "gguf":
+        if spec.family not in LLAMA_SHAPED:
+            raise ShrinkError(f"llama.cpp runs per-layer block variants only in Llama-shaped models (its 'deci' "
+                              f"architecture), so a Puzzle child of this {spec.family} model cannot be a GGUF; "
+                              f"target an ONNX Runtime profile (e.g. h100-sxm) instead.")
+        dropped = {"ffn:linear"}
+    elif settings.export == "onnx":
+        dropped = {"attention:mamba2"}
+    else:
+        dropped = set()
+    return [[v for v in variants if v.key not in dropped] for variants in lib]
+
+
+def variant_costs(spec: Any, lib: list[list[Variant]], profile: Any, settings: PuzzleSettings) -> tuple[Any, dict]:
+    """(fixed cost, cost of each (layer, variant)) on `profile` as settings say the child is stored."""
+    return solve.costs(costed_parent(spec, settings), lib, profile, settings.workload, kernels(settings))
 
 
 def _keyed(table: dict[tuple[int, Variant], float]) -> dict[str, float]:
@@ -69,36 +105,23 @@ def unkeyed(data: dict[str, float]) -> dict[tuple[int, Variant], float]:
     return out
 
 
-def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks: Hooks) -> tuple[Any, dict]:
-    """Everything up to the assembled (not yet globally distilled) model; returns it and the report."""
-    lib = library(loaded.spec, settings.ffn_shares)
-    profile = get_profile(settings.target)
+def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks: Hooks,
+           profile: Any = None) -> tuple[Any, dict]:
+    """Everything up to the assembled (not yet globally distilled) model; returns it and the report.
+    `profile`: the target as already resolved (a plan's calibrated host); default: settings.target's."""
+    lib = runnable_library(loaded.spec, settings)
+    profile = profile or get_profile(settings.target)
     limits = settings.limits()
-    costed = _costed_spec(loaded, settings)
-    fixed, table = solve.costs(costed, lib, profile, settings.workload)
+    fixed, table = variant_costs(loaded.spec, lib, profile, settings)
     solve.solve({k: 0.0 for k in table}, table, fixed, limits)  # an impossible budget fails before any training
-    hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
-    current = world()  # under torchrun: importance, BLD and the scores are split over the processes
-    importance = cached_score(loaded, split.calibration, current=current)
-    errors = bld.run(loaded, split.calibration, lib, importance, work / "bld",
-                     bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr, parallel=settings.parallel),
-                     current=current, status=hooks.status)
-    score_file = work / "scores.json"
-    if current.from_main(score_file.is_file()):  # every process takes the same path (the scores are a collective)
-        kl = unkeyed(json.loads(score_file.read_text()))
-    else:
-        candidates = {(i, v): bld.load_variant(loaded, i, v, work / "bld", importance)
-                      for i, variants in enumerate(lib) for v in variants}
-        kl = scores.replace_one_block(loaded, split.evaluation[:SCORE_SEQUENCES], candidates, status=hooks.status,
-                                      current=current)
-        if current.is_main:
-            atomic_write_text(score_file, json.dumps(_keyed(kl), indent=1))
+    importance, errors, kl = trained_scores(loaded, split, lib, settings, work, hooks)
     hooks.status("Choosing one variant per block (mixed-integer program)")
     # rank 0's choice for every process: on `host` each process may have measured its own rates
-    solutions = current.from_main(solve.solve(kl, table, fixed, limits, alternatives=settings.alternatives))
+    solutions = world().from_main(solve.solve(kl, table, fixed, limits, alternatives=settings.alternatives))
     child = assemble(loaded, solutions[0].choice, work / "bld", importance)
-    parent = estimate(costed, profile, settings.workload)
-    chosen = estimate(solve.assembled_spec(costed, solutions[0].choice), profile, settings.workload)
+    costed = costed_parent(loaded.spec, settings)
+    parent = estimate(costed, profile, settings.workload, kernels(settings))
+    chosen = estimate(solve.assembled_spec(costed, solutions[0].choice), profile, settings.workload, kernels(settings))
     report = {
         "target": profile.name, "formats_costed": costed.formats.weights,
         "library": {f"layer {i}": [v.key for v in variants] for i, variants in enumerate(lib)},
@@ -114,13 +137,71 @@ def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
     return child, report
 
 
-def puzzle(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks: Hooks) -> tuple[Any, dict]:
+def trained_scores(loaded: Any, split: Any, lib: list[list[Variant]], settings: PuzzleSettings, work: Path,
+                   hooks: Hooks) -> tuple[Any, dict, dict[tuple[int, Variant], float]]:
+    """(FFN importance, BLD's normalized MSE per variant, replace-one-block KL per variant): the costly,
+    target-independent part of the search, kept under `work` (the variants under bld/, the scores in
+    scores.json) so a rerun, or a run's puzzle step after the planner made them, reads them back."""
+    hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
+    current = world()  # under torchrun: importance, BLD and the scores are split over the processes
+    importance = cached_score(loaded, split.calibration, current=current)
+    errors = bld.run(loaded, split.calibration, lib, importance, work / "bld",
+                     bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr, parallel=settings.parallel),
+                     current=current, status=hooks.status)
+    score_file = work / "scores.json"
+    wanted = {(i, v) for i, variants in enumerate(lib) for v in variants}
+    kept = unkeyed(json.loads(score_file.read_text())) if current.is_main and score_file.is_file() else {}
+    if current.from_main(wanted <= set(kept)):  # every process takes the same path (the scores are a collective)
+        kl = current.from_main(kept)
+    else:
+        candidates = {(i, v): bld.load_variant(loaded, i, v, work / "bld", importance)
+                      for i, variants in enumerate(lib) for v in variants}
+        kl = scores.replace_one_block(loaded, split.evaluation[:SCORE_SEQUENCES], candidates, status=hooks.status,
+                                      current=current)
+        if current.is_main:
+            atomic_write_text(score_file, json.dumps(_keyed(kl), indent=1))
+    return importance, errors, kl
+
+
+def puzzle(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks: Hooks,
+           profile: Any = None) -> tuple[Any, dict]:
     """Search, assemble, then distil the assembled model globally towards the parent (KL on the
     parent's cached top-k; Puzzle adds a hidden-state term, which needs the parent live)."""
-    child, report = search(loaded, split, settings, work, hooks)
+    child, report = search(loaded, split, settings, work, hooks, profile)
     if settings.distill_tokens > 0:
         config = distill_config(tokens=settings.distill_tokens, hidden_weight=settings.hidden_weight,
                                 parallel=settings.parallel)
         result = distill(child, loaded, split, config, work / "distill", hooks)
         report["distillation"] = asdict(result)
     return child, report
+
+
+@dataclass
+class PuzzleShape:
+    """A Puzzle architecture the planner weighs: one variant per sub-block, built from the variants trained
+    under `work` (what a run's puzzle step, pointed at the same `work`, chooses again)."""
+    choice: dict[int, dict[str, Variant]]
+    solution: dict  # solve.Solution.to_dict(): the variants, summed scores and costs
+    work: Path
+    replaced: int  # sub-blocks not the parent's
+    blocks: int
+
+    @classmethod
+    def of(cls, solution: Any, work: Path) -> "PuzzleShape":
+        chosen = [v for subs in solution.choice.values() for v in subs.values()]
+        return cls(solution.choice, solution.to_dict(), work, sum(v.name != "parent" for v in chosen), len(chosen))
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.solution["layers"])
+
+    @property
+    def label(self) -> str:
+        return f"Puzzle ({self.replaced} of {self.blocks} blocks replaced)"
+
+    def build(self, loaded: Any, importance: Any) -> Any:
+        """The assembled child (a copy: `loaded` is left as it was)."""
+        return assemble(loaded, self.choice, self.work / "bld", importance)
+
+    def to_dict(self) -> dict:
+        return {"puzzle": self.solution, "work": str(self.work), "label": self.label}

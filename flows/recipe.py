@@ -55,6 +55,10 @@ class PuzzleStep:
     budget: str | None = None  # time per output token, e.g. "3ms"; None: the run's budget
     weights: str | None = None  # the format the blocks are costed in; None: the model's own
     bld_steps: int = 60
+    # the artifact the child becomes (gguf, onnx): only variants its runtime runs, costed as that export
+    # stores them (weights then names a quantization family, as the planner writes it); None: any variant
+    export: str | None = None
+    work: str | None = None  # where trained variants and scores are kept (the planner's); None: beside the step's output
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from shrink.flows import steps as flow
 from shrink.flows.candidates import TargetBudget
 from shrink.flows.gguf_quantize import budget_fits, make_option, prepare_search, target_cost, write_choice
 from shrink.flows.gguf_search import parse_overrides, run_search
-from shrink.flows.plan import artifact_estimate, budget_check
+from shrink.flows.plan import artifact_estimate, budget_check, planned_profile
 from shrink.flows.preflight import refuse_early
 from shrink.flows.kvshare import share
 from shrink.flows.puzzle import PuzzleSettings, puzzle
@@ -152,13 +152,20 @@ def trim_vocab_step(state: RunState, config: Any, out: Path) -> dict:
 def puzzle_step(state: RunState, config: Any, out: Path) -> dict:
     plan = state.plan or {}
     target = config.target or plan.get("target")
-    tpot = parse_duration(config.budget, "the puzzle step's budget") if config.budget else plan.get("budget", {}).get("tpot_s")
-    if target is None or tpot is None:
-        raise ShrinkError("A puzzle step needs a target and a time-per-token budget: set target and budget in the step, "
+    limits = dict(plan.get("budget") or {})
+    if config.budget:
+        limits = {"tpot_s": parse_duration(config.budget, "the puzzle step's budget")}
+    if target is None or not any(limits.get(k) is not None for k in ("tpot_s", "ttft_s", "memory_bytes")):
+        raise ShrinkError("A puzzle step needs a target and a budget: set target and budget in the step, "
                           "or give the run --target and --budget.")
-    settings = PuzzleSettings(target=target, budget_s=tpot, weights=config.weights, bld_steps=config.bld_steps,
-                              distill_tokens=0, workload=Workload(**plan["workload"]) if "workload" in plan else Workload())
-    child, report = puzzle(state.student(), state.split(), settings, Path(f"{out}.work"), state.hooks)
+    settings = PuzzleSettings(target=target, budget_s=limits.get("tpot_s"), ttft_s=limits.get("ttft_s"),
+                              memory_bytes=limits.get("memory_bytes"), weights=config.weights,
+                              bld_steps=config.bld_steps, distill_tokens=0, export=config.export,
+                              workload=Workload(**plan["workload"]) if "workload" in plan else Workload())
+    # the profile the plan was costed on (host: with its calibrated kernels), so a planned step chooses as planned
+    profile = planned_profile(plan) if plan.get("target") == target else None
+    work = Path(config.work) if config.work else Path(f"{out}.work")
+    child, report = puzzle(state.student(), state.split(), settings, work, state.hooks, profile)
     metrics = {k: report[k] for k in ("target", "solutions", "parent_estimated", "chosen_estimated", "limits")}
     metrics["held_out_after_assembly"] = flow.evaluate_against(child.model, state.split(), state.teacher_topk("evaluation"))
     return {"outputs": {"model": _save(child, out)}, "metrics": metrics}

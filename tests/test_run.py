@@ -395,3 +395,58 @@ def test_a_depth_cut_out_of_gemma_3s_window_pattern_is_no_gguf_candidate():
     assert all(c.rejected is None for key, c in gguf.items() if key[1] == "width" and key[2] is None)
     onnx = candidates_for(spec, ranking, get_profile("h100-sxm"), Workload(), TargetBudget(tpot_s=1.0))
     assert not any(c.rejected and "5-local" in c.rejected for c in onnx)  # ONNX runs any layer order
+
+
+def test_the_planner_proposes_puzzle_and_the_run_makes_the_architecture_it_costed(planning, tiny_text_model_dir,
+                                                                                  tmp_path, monkeypatch):
+    """With --puzzle, below the fastest prune shape only Puzzle architectures fit: one per format, trained
+    and scored once in the run directory; the chosen one's recipe is puzzle, distill, export, verify, and
+    its puzzle step reads the planner's variants back and builds the architecture the plan costed."""
+    from shrink.compress.puzzle.solve import assembled_spec, choice_from_names
+    from shrink.flows.candidates import enumerate_candidates
+    from shrink.flows.plan import RunSettings, plan
+    from shrink.flows.run import execute
+    from shrink.hardware.profiles import get_profile
+    from shrink.hardware.roofline import Workload
+    from shrink.model import load
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    loaded, _, importance = planning
+    model_dir, text = tiny_text_model_dir
+    shapes = enumerate_candidates(loaded, importance, get_profile("h100-sxm"), Workload(), TargetBudget(tpot_s=1.0))
+    budget = min(c.tpot_s for c in shapes if c.rejected is None) * 0.8
+    work = tmp_path / "run" / "puzzle-search"
+    planned = plan(str(model_dir), "h100-sxm", [f"{budget * 1e3:.9f}ms"], proxy_steps=2, proxy_calibration="max",
+                   data=str(text), seq_len=16, settings=RunSettings(distill_tokens=2048, qad_tokens=0, bench=False),
+                   puzzle_work=work)
+    fitting = [c for c in planned["candidates"] if not c["misses"] and c["rejected"] is None]
+    assert fitting and {c["axis"] for c in fitting} == {"puzzle"}
+    assert planned["puzzle"]["offered"] and (work / "scores.json").is_file()
+    chosen = planned["chosen"]
+    assert chosen["axis"] == "puzzle" and chosen["tpot_s_estimated"] <= budget and chosen["kl_shape_measured"] > 0
+    trained = {p: p.stat().st_mtime_ns for p in (work / "bld").rglob("*") if p.is_file()}
+    steps = planned.pop("steps")
+    names = [name for name, _ in steps]
+    assert names[:2] == ["puzzle", "distill"] and names[-2:] == ["export", "verify"]
+    unquantized = [(n, c) for n, c in steps if n != "quantize"]  # quantizing is covered elsewhere
+    report = execute(str(model_dir), unquantized, tmp_path / "run", data=str(text), seq_len=16, plan=planned)
+    assert [s["status"] for s in report["steps"]] == ["finished"] * len(unquantized)
+    metrics = report["steps"][0]["metrics"]
+    assert metrics["solutions"][0]["layers"] == chosen["shape"]["puzzle"]["layers"]  # chosen again, as planned
+    assert {p: p.stat().st_mtime_ns for p in (work / "bld").rglob("*") if p.is_file()} == trained  # not retrained
+    assert metrics["chosen_estimated"]["decode_s"] == pytest.approx(chosen["tpot_s_estimated"], rel=1e-9)
+    child = load(report["steps"][0]["outputs"]["model"])
+    assert child.spec.layers == assembled_spec(loaded.spec, choice_from_names(metrics["solutions"][0]["layers"])).layers
+    assert child.spec.param_counts().non_embedding < loaded.spec.param_counts().non_embedding
+
+
+def test_puzzle_offers_only_what_the_targets_runtime_runs(tiny_model):
+    from shrink.flows.puzzle import PuzzleSettings, runnable_library
+
+    llama, gemma = tiny_model("llama"), tiny_model("gemma3")
+    gguf, onnx = (PuzzleSettings(target="h100-sxm", budget_s=1.0, export=kind) for kind in ("gguf", "onnx"))
+    names = {v.key for variants in runnable_library(llama.spec, gguf) for v in variants}
+    assert "ffn:linear" not in names and "ffn:none" in names and "attention:linear" in names  # what deci runs
+    assert "ffn:linear" in {v.key for variants in runnable_library(gemma.spec, onnx) for v in variants}
+    with pytest.raises(ShrinkError, match="cannot be a GGUF"):
+        runnable_library(gemma.spec, gguf)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from shrink import blocks
 from shrink.archspec import ArchSpec, AttentionSpec, FFNSpec, LayerSpec, LinearSpec, SSMSpec
 from shrink.compress.prune import narrow_mlp
+from shrink.compress.search import round_width
 from shrink.compress.puzzle.granite import MAMBA_CONV, MAMBA_EXPAND, MAMBA_GROUPS, MAMBA_STATE, hosts_mamba2, mamba_mixer
 from shrink.errors import ShrinkError
 
@@ -83,7 +84,8 @@ def mamba2_spec(attention: AttentionSpec) -> SSMSpec:
 
 
 def ffn_width(parent: FFNSpec, name: str) -> int:
-    return max(1, round(parent.width * int(name[3:]) / 100))
+    # Minitron's width rule (multiples of 32 from 256 wide): a narrowed FFN's rows fill whole quantization blocks
+    return round_width(parent.width * int(name[3:]) / 100, parent.width)
 
 
 def variant_layer(parent: LayerSpec, variant: Variant) -> LayerSpec:

@@ -41,8 +41,8 @@ class Limits:
     memory_bytes: float | None = None
 
 
-def _of(spec: ArchSpec, profile: Profile, workload: Workload) -> Cost:
-    e = estimate(spec, profile, workload)
+def _of(spec: ArchSpec, profile: Profile, workload: Workload, runtime: str | None) -> Cost:
+    e = estimate(spec, profile, workload, runtime)
     return Cost(e.decode.time_s, e.prefill.time_s, e.memory.weights_bytes + e.memory.kv_cache_bytes
                 + e.memory.ssm_state_bytes)
 
@@ -51,19 +51,20 @@ def _minus(a: Cost, b: Cost) -> Cost:
     return Cost(a.decode_s - b.decode_s, a.prefill_s - b.prefill_s, a.memory_bytes - b.memory_bytes)
 
 
-def costs(spec: ArchSpec, library: list[list[Variant]], profile: Profile,
-          workload: Workload = Workload()) -> tuple[Cost, dict[tuple[int, Variant], Cost]]:
-    """(fixed cost, cost of each (layer, variant)) in `spec`'s formats on `profile`."""
-    empty = _of(replace(spec, layers=()), profile, workload)
+def costs(spec: ArchSpec, library: list[list[Variant]], profile: Profile, workload: Workload = Workload(),
+          runtime: str | None = None) -> tuple[Cost, dict[tuple[int, Variant], Cost]]:
+    """(fixed cost, cost of each (layer, variant)) in `spec`'s formats on `profile`, with the measured
+    kernels of `runtime` where the profile has them (default: the target's first runtime)."""
+    empty = _of(replace(spec, layers=()), profile, workload, runtime)
     norms_only = [LayerSpec(mixer=None, ffn=None, norms=layer.norms) for layer in spec.layers]
-    fixed = _of(replace(spec, layers=tuple(norms_only)), profile, workload)
+    fixed = _of(replace(spec, layers=tuple(norms_only)), profile, workload, runtime)
     table = {}
     for i, variants in enumerate(library):
         bare = LayerSpec(mixer=None, ffn=None, norms=0)
         for v in variants:
             sub = variant_layer(replace(spec.layers[i], norms=0), v)
             alone = replace(bare, mixer=sub.mixer) if v.sub == "attention" else replace(bare, ffn=sub.ffn)
-            table[(i, v)] = _minus(_of(replace(spec, layers=(alone,)), profile, workload), empty)
+            table[(i, v)] = _minus(_of(replace(spec, layers=(alone,)), profile, workload, runtime), empty)
     return fixed, table
 
 
@@ -87,6 +88,11 @@ class Solution:
         return {"layers": [{sub: v.name for sub, v in self.choice[i].items()} for i in sorted(self.choice)],
                 "score": self.score, "decode_s": self.cost.decode_s, "prefill_s": self.cost.prefill_s,
                 "memory_bytes": self.cost.memory_bytes}
+
+
+def choice_from_names(layers: list[dict[str, str]]) -> dict[int, dict[str, Variant]]:
+    """Solution.to_dict()'s "layers" read back as a choice."""
+    return {i: {sub: Variant(sub, name) for sub, name in subs.items()} for i, subs in enumerate(layers)}
 
 
 def solve(scores: dict[tuple[int, Variant], float], table: dict[tuple[int, Variant], Cost], fixed: Cost,
