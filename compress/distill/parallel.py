@@ -169,7 +169,14 @@ def meta_skeleton(module: Any) -> Any:
         memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(module, memo)
+    skeleton = copy.deepcopy(module, memo)
+    # a module moved to the meta device with .to("meta") has lost its tie (each module got a new parameter):
+    # tied as its config says, every process's skeleton has the same parameters, so the same shards
+    if getattr(getattr(skeleton, "config", None), "tie_word_embeddings", False):
+        embedding, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+        if embedding is not None and head is not None:
+            head.weight = embedding.weight
+    return skeleton
 
 
 def fill_shards(sharded: Any, full: Any, device: Any) -> None:
