@@ -76,6 +76,9 @@ def run_command(
         raise ShrinkError("Say what to run: --recipe FILE, or --target T with --budget (e.g. --target jetson-orin-nano --budget 8ms).")
     if bool(target) != bool(budget):
         raise ShrinkError("--target and --budget go together: the budget is estimated on the target.")
+    if puzzle and (recipe is not None or resume):
+        raise ShrinkError("--puzzle widens the planner's search; a recipe names its own steps (add a 'puzzle' step to it), "
+                          "and --resume continues the plan the run already has.")
     run_dir = output or Path("runs") / f"{Path(model).name}-{target or (recipe.stem if recipe else 'run')}"
     saved = resumed(run_dir) if resume else None
     if resume and saved is None and recipe is None and not target:

@@ -223,6 +223,13 @@ def test_cli_runs_a_recipe_and_refuses_malformed_recipes_and_impossible_budgets(
                                  "-o", str(tmp_path / "impossible"), *common])
     assert result.exit_code == 2 and "No plan meets the budget" in result.output
     assert not (tmp_path / "impossible").exists()
+    # Puzzle's no-op blocks reach below every prune shape, but not 1 fs: refused before any variant is trained
+    result = runner.invoke(app, ["run", str(model_dir), "--target", "h100-sxm", "--budget", "0.000001us", "--puzzle",
+                                 "-o", str(tmp_path / "impossible"), *common])
+    assert result.exit_code == 2 and "No plan meets the budget" in result.output, result.output
+    assert not (tmp_path / "impossible").exists()
+    result = runner.invoke(app, ["run", str(model_dir), "--recipe", "demo", "--puzzle", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "--puzzle widens the planner's search" in result.output
 
     recipe = _recipe(tmp_path, RECIPE.replace('axis = "depth"', 'axis = "width"') + '\n[[step]]\nname = "bench"\nrepeats = 1\n')
     result = runner.invoke(app, ["run", str(model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "ok"), *common,
