@@ -22,7 +22,7 @@ from pathlib import Path
 from shrink.allocator import map_large_allocations
 from shrink.export.bench import bench
 from shrink.export.manifest import write_manifest
-from shrink.flows.calibrate import write_gguf
+from shrink.flows.calibrate import synthetic_model, write_gguf
 from shrink.hardware.profiles import get_profile
 
 FORMATS = ("fp16", "q8_0")
@@ -31,17 +31,7 @@ GEMMA_WIDTHS = {"hidden_size": 640, "intermediate_size": 2048, "num_attention_he
 
 
 def synthetic(layers: int, vocab: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from shrink.families import spec_from_model
-    from shrink.model import LoadedModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=512,
-                         tie_word_embeddings=True, **GEMMA_WIDTHS)
-    model = LlamaForCausalLM(config).eval()
-    return LoadedModel(model, None, spec_from_model(model), f"gemma-widths-llama-{layers}x{vocab}")
+    return synthetic_model(GEMMA_WIDTHS, layers, vocab, tied=True)
 
 
 def row(label: str, path: Path, args, host) -> None:

@@ -72,16 +72,17 @@ class Timed:
     spread: float  # relative spread of the agreeing runs' medians
 
 
-def synthetic_model(shape: dict, layers: int):
-    """A random Llama of `shape` and depth, in the shrink model wrapper the exporters take."""
+def synthetic_model(shape: dict, layers: int, vocab: int = VOCAB, tied: bool = False):
+    """A random Llama of `shape`, depth and vocabulary, in the shrink model wrapper the exporters take."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=512,
-                         tie_word_embeddings=False, **shape)
+    config = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=512,
+                         tie_word_embeddings=tied, **shape)
     model = LlamaForCausalLM(config).eval()
-    return LoadedModel(model, None, spec_from_model(model), f"synthetic-{shape['hidden_size']}x{layers}")
+    name = f"synthetic-{shape['hidden_size']}x{layers}" + ("" if vocab == VOCAB else f"x{vocab}") + ("-tied" if tied else "")
+    return LoadedModel(model, None, spec_from_model(model), name)
 
 
 def write_gguf(loaded, fmt: str, folder: Path, f16: Path | None) -> Path:
