@@ -89,9 +89,19 @@ def test_blockwise_distillation_lowers_each_variants_error(trained):
 
 
 def test_blockwise_distillation_resumes_from_finished_variants(trained, tmp_path):
+    import shutil
+
     loaded, importance, lib, out, errors = trained
-    again = bld.run(loaded, _ids(n=8, seq=16, seed=1), lib, importance, out, bld.BLDConfig(steps=40, lr=3e-3, batch_size=4))
-    assert again == errors  # every variant was read back, none retrained (training is random-batch)
+    config, said = bld.BLDConfig(steps=40, lr=3e-3, batch_size=4), []
+    # a finished run is read back whole: nothing recorded, nothing trained
+    again = bld.run(loaded, _ids(n=8, seq=16, seed=1), lib, importance, out, config, status=said.append)
+    assert again == errors and not said
+    # with its summary gone, each variant is read back and evaluated on a fresh recording, none retrained
+    # (training is random-batch, so a retrained variant would not give the same error)
+    copy = shutil.copytree(out, tmp_path / "bld")
+    (copy / bld.ERRORS_FILE).unlink()
+    again = bld.run(loaded, _ids(n=8, seq=16, seed=1), lib, importance, copy, config, status=said.append)
+    assert again == errors and said and (copy / bld.ERRORS_FILE).is_file()
 
 
 def test_replace_one_block_scores(trained):

@@ -221,13 +221,16 @@ def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: 
 
     model = loaded.model
     out.mkdir(parents=True, exist_ok=True)
-    status(f"Recording the parent's block inputs and outputs on {sequences.numel():,} tokens")
-    streams = capture(model, sequences, config.batch_size)
     current = current or world()
     jobs = [(i, v) for i, variants in enumerate(library) for v in variants if v.trained]
+    finished = current.from_main(_finished_errors(out, jobs))
+    if finished is not None:  # a rerun (or a planned run's puzzle step) has nothing to record or train
+        return _untrained_errors(library, finished)
+    status(f"Recording the parent's block inputs and outputs on {sequences.numel():,} tokens")
+    streams = capture(model, sequences, config.batch_size)
     sharded = choose_parallel(config.parallel, max(map(_size, model.model.layers)), current) == "fsdp"
     if sharded:  # every process trains every variant, sharded
-        return _run_sharded(loaded, streams, library, jobs, importance, out, config, current)
+        return _kept_errors(out, _run_sharded(loaded, streams, library, jobs, importance, out, config, current), current)
     mine = [job for n, job in enumerate(jobs) if n % current.size == current.rank]
     errors: dict[int, dict[str, float]] = {i: {} for i in range(len(library))}
     torch.manual_seed(config.seed)
@@ -239,7 +242,27 @@ def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: 
     for i, variant in jobs:
         if variant.key not in errors[i]:
             errors[i][variant.key] = _trained(loaded, streams[i], i, variant, importance, out, config)
-    return _untrained_errors(library, errors)
+    return _kept_errors(out, _untrained_errors(library, errors), current)
+
+
+ERRORS_FILE = "errors.json"  # every trained variant's normalized MSE, written once all of them are on disk
+
+
+def _kept_errors(out: Path, errors: dict[int, dict[str, float]], current: World) -> dict:
+    if current.is_main:
+        atomic_write_text(out / ERRORS_FILE, json.dumps({str(i): errs for i, errs in errors.items()}, indent=1))
+    return errors
+
+
+def _finished_errors(out: Path, jobs: list) -> dict[int, dict[str, float]] | None:
+    """The errors of a finished run, when it covered every one of `jobs` and their weights are on disk."""
+    path = out / ERRORS_FILE
+    if not path.is_file():
+        return None
+    errors = {int(i): errs for i, errs in json.loads(path.read_text()).items()}
+    if all(v.key in errors.get(i, {}) and variant_file(out, i, v).exists() for i, v in jobs):
+        return errors
+    return None
 
 
 def _size(module: Any) -> int:
