@@ -223,7 +223,8 @@ def _run(loaded: Any, sequences: Any, library: list[list[Variant]], importance: 
     out.mkdir(parents=True, exist_ok=True)
     current = current or world()
     jobs = [(i, v) for i, variants in enumerate(library) for v in variants if v.trained]
-    finished = current.from_main(_finished_errors(out, jobs))
+    # every process reads the same files (the processes share `out`, as they do to read each other's variants)
+    finished = _finished_errors(out, jobs)
     if finished is not None:  # a rerun (or a planned run's puzzle step) has nothing to record or train
         return _untrained_errors(library, finished)
     status(f"Recording the parent's block inputs and outputs on {sequences.numel():,} tokens")
