@@ -27,7 +27,7 @@ def puzzle_command(
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the chosen model (Hugging Face layout)."),
     budget: str = typer.Option(None, help="Estimated time per output token on --target, e.g. 4ms."),
     ttft: str = typer.Option(None, help="Estimated time to first token on --target for --prompt-len tokens, e.g. 200ms."),
-    memory: str = typer.Option(None, help="Weights plus KV cache at the workload, e.g. 300MB (estimated)."),
+    memory: str = typer.Option(None, help="Memory at the workload as shrink estimate totals it (weights, KV cache or state, activations), e.g. 300MB (estimated)."),
     weights: str = typer.Option(None, help="Weight format the blocks are costed in, e.g. q8_0 (default: the model's dtype)."),
     prompt_len: int = typer.Option(512, help="Prompt tokens of the workload the costs are estimated for."),
     bld_steps: int = typer.Option(PuzzleSettings.bld_steps, help="Blockwise-distillation steps per variant."),

@@ -24,7 +24,7 @@ from shrink.flows import defaults
 from shrink.flows.plan import NoPlan, RunSettings, budget_text, gate, pareto_points
 from shrink.flows.plan import plan as flows_plan
 from shrink.flows.recipe import parse_recipe
-from shrink.flows.run import StepFailed, execute, recipe_path, resumed
+from shrink.flows.run import StepFailed, check_free, execute, recipe_path, resumed
 from shrink.hardware.plot import pareto_chart
 
 
@@ -93,6 +93,8 @@ def run_command(
         if target:  # a recipe with a budget: the steps are the recipe's, the budget gates the result
             plan = gate(target, budget, workload)
     else:
+        if puzzle:  # the planner trains into the run directory: a taken one is refused first, not after it
+            check_free(run_dir)
         plan = _plan(model, target, budget, workload, plot, proxy_steps=proxy_steps,
                      proxy_calibration=proxy_calibration, data=data, seq_len=seq_len,
                      settings=RunSettings(tokens, qad_tokens, calibration),

@@ -15,6 +15,8 @@ flags the result, which is then not cached.
 
 from __future__ import annotations
 
+import numpy as np
+
 import copy
 import json
 import os
@@ -98,7 +100,10 @@ def write_gguf(loaded, fmt: str, folder: Path, f16: Path | None) -> Path:
         return _grid_gguf(loaded, SHRINK_GRIDS[fmt], path)
     kind = next((t.name for t in FILE_TYPES.values() if t.weights == fmt and not t.needs_imatrix), "Q8_0")
     rows = tensor_rows(f16)
-    return quantize_gguf(f16, path, kind, overrides={name: fmt for name in rows}, rows=rows)
+    # llama.cpp makes some types (IQ3_XXS) only with an importance matrix; a flat one times the same kernels
+    flat = ({name: np.ones(length, dtype=np.float32) for name, length in rows.items()}
+            if any(t.weights == fmt and t.needs_imatrix for t in FILE_TYPES.values()) else None)
+    return quantize_gguf(f16, path, kind, overrides={name: fmt for name in rows}, rows=rows, imatrix=flat)
 
 
 def _grid_gguf(loaded, family: str, path: Path) -> Path:

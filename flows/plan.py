@@ -153,7 +153,9 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
         found, puzzle_offer = puzzle_candidates(loaded, split, profile, workload, budget, puzzle_work, hooks)
         candidates += found
     if not any(c.fits for c in candidates):
-        raise NoPlan(no_plan_message(candidates, budget, profile), [c.to_dict() for c in closest(candidates, budget)])
+        puzzle_said = f" Puzzle: {puzzle_offer['why']}." if puzzle_offer and "why" in puzzle_offer else ""
+        raise NoPlan(no_plan_message(candidates, budget, profile) + puzzle_said,
+                     [c.to_dict() for c in closest(candidates, budget)])
     measure_proxies(candidates, model, importance, split, proxy_steps, proxy_calibration, hooks.status)
     chosen = choose(candidates)
     steps = recipe_for(chosen, settings)

@@ -6,8 +6,9 @@ finished stage (trained variants one by one, the scores as one file).
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from shrink.compress.distill.parallel import check_parallel, world
 from shrink.compress.importance import cached_score
 from shrink.compress.puzzle import bld, scores, solve
 from shrink.compress.puzzle.assemble import assemble
-from shrink.compress.puzzle.library import FFN_SHARES, Variant, library
+from shrink.compress.puzzle.library import FFN_SHARES, Variant, library, variant_layer
 from shrink.errors import ShrinkError
 from shrink.export.backend import costed_spec, runtime_of
 from shrink.export.gguf_layout import LLAMA_SHAPED
 from shrink.flows import defaults
 from shrink.flows.steps import Hooks, distill, distill_config
+from shrink.model import weights_hash
 from shrink.hardware.profiles import get_profile
 from shrink.hardware.roofline import Workload, estimate
 from shrink.storage import atomic_write_text
@@ -33,7 +35,7 @@ class PuzzleSettings:
     target: str
     budget_s: float | None = None  # time per output token, estimated on the target
     ttft_s: float | None = None
-    memory_bytes: float | None = None
+    memory_bytes: float | None = None  # as `shrink estimate` totals it: weights, KV cache or state, activations
     weights: str | None = None  # the format the blocks will be stored in (costs); None: the model's own
     ffn_shares: tuple[float, ...] = FFN_SHARES
     bld_steps: int = bld.BLDConfig.steps
@@ -86,9 +88,46 @@ def runnable_library(spec: Any, settings: PuzzleSettings) -> list[list[Variant]]
     return [[v for v in variants if v.key not in dropped] for variants in lib]
 
 
-def variant_costs(spec: Any, lib: list[list[Variant]], profile: Any, settings: PuzzleSettings) -> tuple[Any, dict]:
-    """(fixed cost, cost of each (layer, variant)) on `profile` as settings say the child is stored."""
-    return solve.costs(costed_parent(spec, settings), lib, profile, settings.workload, kernels(settings))
+@dataclass(frozen=True)
+class Program:
+    """What the mixed-integer program chooses from: the fixed cost, each variant's cost, the limits."""
+    fixed: solve.Cost
+    table: dict[tuple[int, Variant], solve.Cost]
+    limits: solve.Limits
+
+    def check(self) -> None:
+        """ShrinkError when no choice meets the limits, whatever the scores: before any training."""
+        solve.solve({key: 0.0 for key in self.table}, self.table, self.fixed, self.limits)
+
+    def solve(self, kl: dict, alternatives: int = 1) -> list[Any]:
+        return solve.solve(kl, self.table, self.fixed, self.limits, alternatives=alternatives)
+
+
+def program(spec: Any, lib: list[list[Variant]], profile: Any, settings: PuzzleSettings) -> Program:
+    """The program on `profile` as settings say the child is stored (`shrink puzzle`, the planner and a
+    planned run's puzzle step all choose from this, so they choose alike). With an export named, a variant
+    whose rows its format's blocks do not divide (a narrowed FFN of 832 in 256-element blocks) is left out:
+    the export would store it in another format than the one it was costed in. The budget's memory line
+    counts activations too (as `shrink estimate`'s total): the parent's, the widest, are set aside."""
+    costed = costed_parent(spec, settings)
+    fixed, table = solve.costs(costed, lib, profile, settings.workload, kernels(settings))
+    if settings.export is not None:
+        table = {(i, v): cost for (i, v), cost in table.items() if not _falls_back(spec, i, v, costed, settings)}
+    limits = settings.limits()
+    if limits.memory_bytes is not None:
+        activations = estimate(costed, profile, settings.workload, kernels(settings)).memory.activation_bytes
+        limits = replace(limits, memory_bytes=limits.memory_bytes - activations)
+    return Program(fixed, table, limits)
+
+
+def _falls_back(spec: Any, i: int, variant: Variant, costed: Any, settings: PuzzleSettings) -> bool:
+    """Whether layer i as `variant` has rows the export's format does not take where the parent's are taken."""
+    alone = replace(spec, layers=(variant_layer(spec.layers[i], variant),))
+    try:
+        ops = set(costed_spec(alone, settings.weights, settings.export).formats.ops)
+    except ShrinkError:  # rows no format of the runtime takes
+        return True
+    return bool(ops - set(costed.formats.ops))
 
 
 def _keyed(table: dict[tuple[int, Variant], float]) -> dict[str, float]:
@@ -111,13 +150,13 @@ def search(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks:
     `profile`: the target as already resolved (a plan's calibrated host); default: settings.target's."""
     lib = runnable_library(loaded.spec, settings)
     profile = profile or get_profile(settings.target)
-    limits = settings.limits()
-    fixed, table = variant_costs(loaded.spec, lib, profile, settings)
-    solve.solve({k: 0.0 for k in table}, table, fixed, limits)  # an impossible budget fails before any training
+    chooser = program(loaded.spec, lib, profile, settings)
+    chooser.check()  # an impossible budget fails before any training
     importance, errors, kl = trained_scores(loaded, split, lib, settings, work, hooks)
     hooks.status("Choosing one variant per block (mixed-integer program)")
     # rank 0's choice for every process: on `host` each process may have measured its own rates
-    solutions = world().from_main(solve.solve(kl, table, fixed, limits, alternatives=settings.alternatives))
+    solutions = world().from_main(chooser.solve(kl, settings.alternatives))
+    limits = chooser.limits
     child = assemble(loaded, solutions[0].choice, work / "bld", importance)
     costed = costed_parent(loaded.spec, settings)
     parent = estimate(costed, profile, settings.workload, kernels(settings))
@@ -142,8 +181,11 @@ def trained_scores(loaded: Any, split: Any, lib: list[list[Variant]], settings: 
     """(FFN importance, BLD's normalized MSE per variant, replace-one-block KL per variant): the costly,
     target-independent part of the search, kept under `work` (the variants under bld/, the scores in
     scores.json) so a rerun, or a run's puzzle step after the planner made them, reads them back."""
-    hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
     current = world()  # under torchrun: importance, BLD and the scores are split over the processes
+    refusal = current.from_main(_claim(work, _fingerprint(loaded, split, settings)) if current.is_main else None)
+    if refusal:
+        raise ShrinkError(refusal)
+    hooks.status(f"Scoring importance on {split.calibration.numel():,} calibration tokens")
     importance = cached_score(loaded, split.calibration, current=current)
     errors = bld.run(loaded, split.calibration, lib, importance, work / "bld",
                      bld.BLDConfig(steps=settings.bld_steps, lr=settings.bld_lr, parallel=settings.parallel),
@@ -161,6 +203,34 @@ def trained_scores(loaded: Any, split: Any, lib: list[list[Variant]], settings: 
         if current.is_main:
             atomic_write_text(score_file, json.dumps(_keyed(kl), indent=1))
     return importance, errors, kl
+
+
+FINGERPRINT = "made-from.json"  # what the variants and scores under a work directory were made from
+
+
+def _fingerprint(loaded: Any, split: Any, settings: PuzzleSettings) -> dict:
+    def digest(tokens: Any) -> str:
+        return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:24]
+
+    return {"weights": weights_hash(loaded.model), "calibration text": digest(split.calibration),
+            "held-out text": digest(split.evaluation[:SCORE_SEQUENCES]),
+            "bld": {"steps": settings.bld_steps, "lr": settings.bld_lr}, "ffn shares": list(settings.ffn_shares)}
+
+
+def _claim(work: Path, made_from: dict) -> str | None:
+    """Why `work` cannot be reused (its variants were made from another model, text or setting), or None
+    after recording what this run makes them from."""
+    path = work / FINGERPRINT
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        differ = [key for key in made_from if kept.get(key) != made_from[key]]
+        if differ:
+            return (f"'{work}' holds Puzzle variants and scores made from another {', '.join(differ)}; remove it or "
+                    f"choose another work directory (-o for shrink run, --work for shrink puzzle).")
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(made_from, indent=1))
+    return None
 
 
 def puzzle(loaded: Any, split: Any, settings: PuzzleSettings, work: Path, hooks: Hooks,

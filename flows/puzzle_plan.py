@@ -18,7 +18,7 @@ from typing import Any
 from shrink.compress.puzzle import solve
 from shrink.errors import ShrinkError
 from shrink.flows.candidates import Candidate, TargetBudget, cost, target_runtime
-from shrink.flows.puzzle import PuzzleSettings, PuzzleShape, runnable_library, trained_scores, variant_costs
+from shrink.flows.puzzle import PuzzleSettings, PuzzleShape, program, runnable_library, trained_scores
 from shrink.flows.steps import Hooks
 from shrink.numformats import runtime_families
 
@@ -33,26 +33,32 @@ def puzzle_candidates(loaded: Any, split: Any, profile: Any, workload: Any, budg
         lib = runnable_library(loaded.spec, base)
     except ShrinkError as err:  # a family Puzzle does not take, or a runtime that cannot run its children
         return [], {"offered": False, "why": str(err)}
-    limits = base.limits()
-    tables = {}
+    programs, why = {}, []
     for family in runtime_families(runtime):
-        try:  # a format no row of the model divides into, or even the cheapest variants missing the budget in it
-            fixed, table = variant_costs(loaded.spec, lib, profile, replace(base, weights=family))
-            solve.solve({key: 0.0 for key in table}, table, fixed, limits)
-        except ShrinkError:
+        try:
+            chooser = program(loaded.spec, lib, profile, replace(base, weights=family))
+        except ShrinkError as err:  # no row of the model divides into this format's blocks
+            why.append(f"{family or 'unquantized'}: {err}")
             continue
-        tables[family] = (fixed, table)
-    if not tables:
-        return [], {"offered": True, "why": "no Puzzle architecture meets the budget in any format (estimated)"}
+        try:
+            chooser.check()
+        except ShrinkError:  # even the cheapest variants miss the budget in this format
+            why.append(f"{family or 'unquantized'}: no choice of variants meets the budget (estimated)")
+            continue
+        programs[family] = chooser
+    if not programs:
+        return [], {"offered": True, "why": "no Puzzle architecture meets the budget in any format: " + "; ".join(why)}
     hooks.status("Puzzle: training every block variant and scoring it (kept for the run's puzzle step)")
     _, _, kl = trained_scores(loaded, split, lib, base, work, hooks)
     shapes: dict[str, PuzzleShape] = {}
     candidates = []
     whole = loaded.spec.param_counts().non_embedding
-    for family, (fixed, table) in tables.items():
-        solution = solve.solve(kl, table, fixed, limits)[0]
-        shape = shapes.setdefault(PuzzleShape.of(solution, work).key, PuzzleShape.of(solution, work))
+    for family, chooser in programs.items():
+        solution = chooser.solve(kl)[0]
+        found = PuzzleShape.of(solution, work)
+        shape = shapes.setdefault(found.key, found)  # formats choosing alike share one shape, measured once
         spec = solve.assembled_spec(loaded.spec, solution.choice)
         keep = spec.param_counts().non_embedding / whole
         candidates.append(cost(Candidate(keep, "puzzle", family, runtime, shape), spec, profile, workload, budget))
-    return candidates, {"offered": True, "formats": [f or "unquantized" for f in tables], "work": str(work)}
+    return candidates, {"offered": True, "formats": [f or "unquantized" for f in programs], "work": str(work),
+                        "without_a_solution": why}

@@ -313,6 +313,12 @@ def _busy(run_dir: Path) -> ShrinkError:
     return ShrinkError(f"'{run_dir}' holds a run already; add --resume to continue it, or choose another --output.")
 
 
+def check_free(run_dir: Path) -> None:
+    """Refuse a run directory that holds a run, before any planning writes into it."""
+    if read_report(run_dir) is not None:
+        raise _busy(run_dir)
+
+
 def run_recipe(model: str, steps: list[tuple[str, Any]], run_dir: str | Path, *, resume: bool = False,
                data: str | None = None, seq_len: int = defaults.SEQ_LEN, hooks: Hooks | None = None,
                extra: dict | None = None, plan: dict | None = None) -> dict:

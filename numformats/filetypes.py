@@ -43,7 +43,7 @@ FILE_TYPES: dict[str, FileType] = {f.name: f for f in (
     FileType("IQ3_M", 27, "iq3_s"),
     FileType("IQ3_S", 26, "iq3_s"),
     FileType("IQ3_XS", 22, "iq3_s"),
-    FileType("IQ3_XXS", 23, "iq3_xxs"),
+    FileType("IQ3_XXS", 23, "iq3_xxs", needs_imatrix=True),  # llama.cpp: "this quantization requires an imatrix"
     FileType("Q2_K", 10, "q2_k"),
     FileType("Q2_K_S", 21, "q2_k", needs_imatrix=True),
     FileType("IQ2_M", 29, "iq2_s"),

@@ -193,3 +193,18 @@ def test_a_cached_calibration_missing_a_format_is_measured_again():
     assert kind.complete(whole)
     older = replace(whole, formats={name: rate for name in kind.stored if name != "q4_1"})
     assert not kind.complete(older) and not kind.complete(None)
+
+
+def test_every_calibrated_llama_cpp_format_can_be_written(tmp_path):
+    # llama.cpp refuses some types without an importance matrix (IQ3_XXS): calibration passes a flat one
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    loaded = calibrate.synthetic_model({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                                        "num_key_value_heads": 2}, 1)
+    f16 = calibrate.write_gguf(loaded, "fp16", tmp_path, None)
+    for fmt in calibrate.LLAMA_CPP_FORMATS:
+        path = calibrate.write_gguf(loaded, fmt, tmp_path, f16)
+        stored = {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) >= 2}
+        ggml = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}.get(fmt, fmt.upper())
+        if ggml in GGMLQuantizationType.__members__:  # a llama.cpp type (shrink's own grids are packed their way)
+            assert ggml in stored, (fmt, stored)

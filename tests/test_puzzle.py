@@ -117,15 +117,25 @@ def test_replace_one_block_scores(trained):
     assert scores.replace_one_block(loaded, held_out, same, batch_size=2)[(3, Variant("ffn", "linear"))] < 1e-9
 
 
-def test_costs_add_up_to_the_assembled_estimate(trained):
+@pytest.mark.parametrize("kernels", [False, True])  # published peaks; a runtime's measured costs per token and layer
+def test_costs_add_up_to_the_assembled_estimate(trained, kernels):
+    import dataclasses
+
+    from shrink.hardware.calibration import KernelRate, RuntimeCalibration
+
     loaded, importance, lib, out, _ = trained
     profile, workload = get_profile("jetson-orin-nano"), Workload(prompt_len=64, gen_len=8)
+    if kernels:  # as on a calibrated host: fixed costs per layer are paid once per layer, whatever it holds
+        measured = RuntimeCalibration("llama.cpp", {loaded.spec.formats.weights: KernelRate(10.0, 0.2)}, 1e-4, 2e-5,
+                                      1e-3, 1e-4, 2, "test figures")
+        profile = dataclasses.replace(profile, calibrations={"llama.cpp": measured})
     fixed, table = solve.costs(loaded.spec, lib, profile, workload)
     assert table[(0, Variant("attention", "none"))] == solve.Cost(0.0, 0.0, 0.0)
     assert table[(0, Variant("attention", "linear"))].memory_bytes < table[(0, Variant("attention", "parent"))].memory_bytes
     choice = {i: {"attention": lib[i][i % 3], "ffn": lib[i][3 + i % 4]} for i in range(len(lib))}
     spec = solve.assembled_spec(loaded.spec, choice)
     e = estimate(spec, profile, workload)
+    assert (e.runtime == "llama.cpp") == kernels
     total = fixed
     for i, subs in choice.items():
         for v in subs.values():

@@ -170,12 +170,11 @@ def meta_skeleton(module: Any) -> Any:
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
     skeleton = copy.deepcopy(module, memo)
-    # a module moved to the meta device with .to("meta") has lost its tie (each module got a new parameter):
-    # tied as its config says, every process's skeleton has the same parameters, so the same shards
-    if getattr(getattr(skeleton, "config", None), "tie_word_embeddings", False):
-        embedding, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
-        if embedding is not None and head is not None:
-            head.weight = embedding.weight
+    # a structure-only module may have lost its ties (.to("meta") gives each module a new parameter): tied
+    # again as transformers ties this model, its skeleton has rank 0's parameters, so the same shards (a
+    # module with weights keeps its own ties through the copy)
+    if any(p.is_meta for p in module.parameters()) and hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()
     return skeleton
 
 

@@ -2,7 +2,8 @@
 (Puzzle App. B).
 
 A variant's cost is what the roofline estimate of a one-layer model holding only that sub-block
-adds to the estimate of the same model with no layer: per-operator costs add up, so the chosen
+adds to the estimate of the same model with one empty layer (a runtime's measured cost per layer is
+then paid once per layer, in the fixed part): per-operator costs add up, so the chosen
 architecture's estimate is the fixed part (embedding, final norm, lm_head, the norms) plus the sum
 of its variants' costs, exactly. The program minimises the summed replace-one-block scores subject
 to time per output token, time to first token and memory (weights, KV cache), with binary x[i, j]:
@@ -55,12 +56,12 @@ def costs(spec: ArchSpec, library: list[list[Variant]], profile: Profile, worklo
           runtime: str | None = None) -> tuple[Cost, dict[tuple[int, Variant], Cost]]:
     """(fixed cost, cost of each (layer, variant)) in `spec`'s formats on `profile`, with the measured
     kernels of `runtime` where the profile has them (default: the target's first runtime)."""
-    empty = _of(replace(spec, layers=()), profile, workload, runtime)
+    bare = LayerSpec(mixer=None, ffn=None, norms=0)
+    empty = _of(replace(spec, layers=(bare,)), profile, workload, runtime)
     norms_only = [LayerSpec(mixer=None, ffn=None, norms=layer.norms) for layer in spec.layers]
     fixed = _of(replace(spec, layers=tuple(norms_only)), profile, workload, runtime)
     table = {}
     for i, variants in enumerate(library):
-        bare = LayerSpec(mixer=None, ffn=None, norms=0)
         for v in variants:
             sub = variant_layer(replace(spec.layers[i], norms=0), v)
             alone = replace(bare, mixer=sub.mixer) if v.sub == "attention" else replace(bare, ffn=sub.ffn)
