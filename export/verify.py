@@ -139,6 +139,13 @@ def _log_softmax32(logits: np.ndarray) -> Any:
     return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=-1)
 
 
+def meets_gate(top1: float, kl: float, positions: int, fmt: str) -> bool:
+    """Whether quality measured on `positions` positions passes the registry's gate for `fmt`, judged as
+    verify judges it (threshold_checks)."""
+    metrics = Metrics(positions, top1, kl, kl, 0.0, 0.0, 0.0)
+    return all(check.passed for check in threshold_checks(metrics, fmt, None, None))
+
+
 def threshold_checks(metrics: Metrics, fmt: str, min_top1: float | None, max_kl: float | None) -> list[Check]:
     """The registry's gate for the stored format `fmt` (numformats/registry.py says why each bound is
     what it is), or the user's bounds. Top-1 fails only when the measured rate is significantly below

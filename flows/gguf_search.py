@@ -22,7 +22,7 @@ from typing import Any, Callable
 from shrink.errors import ShrinkError
 from shrink.export.llamacpp_quantize import quantize_gguf, tensor_rows
 from shrink.export.runtimes import LlamaCppRunner
-from shrink.export.verify import ReferenceLogProbs
+from shrink.export.verify import ReferenceLogProbs, meets_gate
 from shrink.ggufmeta import gguf_formats
 from shrink.numformats.filetypes import COMMON, file_type
 from shrink.numformats.registry import FORMATS
@@ -173,7 +173,10 @@ class Search:
         return best
 
     def best(self) -> Option | None:
-        fitting = [o for o in self.options if o.fits and o.kl is not None]
+        """The lowest measured KL within the budget, among the options whose measured quality would pass
+        their stored format's verify gate (a lower-KL file that fails it ends a run at verify)."""
+        fitting = [o for o in self.options if o.fits and o.kl is not None
+                   and meets_gate(o.top1, o.kl, self.reference.positions, o.weights)]
         return min(fitting, key=lambda o: o.kl) if fitting else None
 
 

@@ -10,7 +10,7 @@ from shrink.errors import ShrinkError
 from shrink.export.gguf import export_gguf
 from shrink.export.llamacpp_quantize import gguf_importance, quantize_gguf, tensor_rows
 from shrink.export.runtimes import LlamaCppRunner, TorchRunner
-from shrink.export.verify import ReferenceLogProbs, compare
+from shrink.export.verify import ReferenceLogProbs, compare, meets_gate
 from shrink.flows.gguf_search import Cost, Search, parse_overrides, overrides_text, run_search
 from shrink.ggufmeta import gguf_formats
 
@@ -122,7 +122,8 @@ def test_search_keeps_the_lowest_measured_kl_within_the_budget(wide, tmp_path):
     chosen = run_search(search, ("Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0"), plain=True)
     fitting = [o for o in search.options if o.fits]
     assert chosen is not None and all(o.kl is not None for o in fitting)
-    assert chosen.kl == min(o.kl for o in fitting) and chosen.cost.tpot_s <= budget
+    passing = [o for o in fitting if meets_gate(o.top1, o.kl, reference.positions, o.weights)]
+    assert chosen.kl == min(o.kl for o in passing) and chosen.cost.tpot_s <= budget
     assert not any(o.fits for o in search.options if o.file_type == "Q8_0" and not o.overrides)
     labels = {o.label for o in search.options}
     assert {"Q4_K_M", "Q4_K_M + imatrix"} <= labels  # llama.cpp's outputs with and without the matrix
@@ -179,7 +180,25 @@ def test_sensitive_layer_groups_are_raised_by_measurement(wide, tmp_path):
     assert all(kind == "q8_0" for o in groups for kind in o.overrides.values())
     # Q2_K -> Q8_0 helps either layer of a random model and the budget is open: both raised together, measured
     assert combined is not None and set(combined.overrides) == set(groups[0].overrides) | set(groups[1].overrides)
-    assert search.best().kl < start.kl
+    assert combined.kl < start.kl
+
+
+def test_an_option_its_verify_gate_would_refuse_is_not_chosen(wide, tmp_path):
+    """A Q4_0 mixture at lower KL but 70% top-1 (its gate needs 80%, judged as verify judges it) loses to one
+    that passes: a run planned with it would stop at verify (measured on the embedded model: 71.4% top-1 on the
+    search's text, 74.1% at verify)."""
+    from types import SimpleNamespace
+
+    from shrink.flows.gguf_search import Option
+
+    _, source, _ = wide
+    search = Search(source, tmp_path, SimpleNamespace(positions=374), lambda path: None, lambda cost: True, None)
+    refused = Option("Q4_0", True, weights="q4_0", kl=0.30, top1=0.70, fits=True)
+    passing = Option("Q4_0", True, {"token_embd.weight": "q8_0"}, weights="q4_0", kl=0.35, top1=0.86, fits=True)
+    search.options += [refused, passing]
+    assert search.best() is passing
+    search.options.remove(passing)
+    assert search.best() is None  # nothing fits that would pass: the planner offers no quantizer candidate
 
 
 def test_the_winner_is_timed_again_and_judged_by_its_slower_time(wide, tmp_path):
