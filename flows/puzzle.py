@@ -253,13 +253,10 @@ class PuzzleShape:
     choice: dict[int, dict[str, Variant]]
     solution: dict  # solve.Solution.to_dict(): the variants, summed scores and costs
     work: Path
-    replaced: int  # sub-blocks not the parent's
-    blocks: int
 
     @classmethod
     def of(cls, solution: Any, work: Path) -> "PuzzleShape":
-        chosen = [v for subs in solution.choice.values() for v in subs.values()]
-        return cls(solution.choice, solution.to_dict(), work, sum(v.name != "parent" for v in chosen), len(chosen))
+        return cls(solution.choice, solution.to_dict(), work)
 
     @property
     def key(self) -> str:
@@ -267,7 +264,8 @@ class PuzzleShape:
 
     @property
     def label(self) -> str:
-        return f"Puzzle ({self.replaced} of {self.blocks} blocks replaced)"
+        chosen = [v for subs in self.choice.values() for v in subs.values()]
+        return f"Puzzle ({sum(v.name != 'parent' for v in chosen)} of {len(chosen)} blocks replaced)"
 
     def build(self, loaded: Any, importance: Any) -> Any:
         """The assembled child (a copy: `loaded` is left as it was)."""
