@@ -73,10 +73,14 @@ def main() -> None:
         if line is None or line["by"] != "measured" or not report.get("artifact_on_target"):
             raise SystemExit(f"the run for {fraction:.0%} reports no measured time per token and estimate: {report.get('budget_check')}")
         measured, estimated = line["value"], report["artifact_on_target"]["tpot_s_estimated"]
-        row = {"fraction": fraction, "budget_s": budget, "chosen": report["planned"]["chosen"]["label"], "measured_s": measured,
+        # A resumed run keeps the budget it was planned for (from an earlier F16 timing): report that one.
+        budget = report["planned"]["budget"]["tpot_s"]
+        row = {"fraction": fraction, "budget_s": budget, "of_reference": budget / reference, "resumed": bool(report.get("resumed")),
+               "chosen": report["planned"]["chosen"]["label"], "measured_s": measured,
                "estimated_s": estimated, "met": line["passed"], "estimate_error": estimated / measured - 1}
         rows.append(row)
-        print(f"budget {fraction:.0%} = {budget * 1e3:.2f} ms: chosen {row['chosen']}; {measured * 1e3:.2f} ms/token "
+        print(f"budget {fraction:.0%} = {budget * 1e3:.2f} ms ({row['of_reference']:.1%} of the F16 time measured now"
+              f"{', a resumed run' if row['resumed'] else ''}): chosen {row['chosen']}; {measured * 1e3:.2f} ms/token "
               f"measured ({'meets' if row['met'] else 'MISSES'} the budget), {estimated * 1e3:.2f} ms estimated "
               f"({row['estimate_error']:+.1%})", flush=True)
     if args.json:

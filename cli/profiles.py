@@ -119,8 +119,10 @@ def calibrate_profile(
     with console.status("calibrating") as spinner:
         calibrations = calibrate_runtimes(host, runtimes, threads=threads, formats=chosen,
                                           status=lambda message: spinner.update(message))
-    # a partial calibration keeps the cached figures of the runtimes it did not measure
-    cached = cache_host_kernels({**host.calibrations, **calibrations})
+    # a partial calibration keeps the cached figures of the runtimes it did not measure, and does not
+    # replace a runtime's complete cached calibration with fewer formats
+    kept = [r for r in calibrations if not RUNTIMES[r].complete(calibrations[r]) and RUNTIMES[r].complete(host.calibration(r))]
+    cached = not kept and cache_host_kernels({**host.calibrations, **calibrations})
     profile = replace(host, calibrations={**host.calibrations, **calibrations})
     if output is not None:
         stem = name or output.stem
@@ -146,5 +148,8 @@ def calibrate_profile(
                           "on a quiet machine", highlight=False)
     if cached:
         console.print("cached for --target host", highlight=False)
+    elif kept:
+        console.print(f"not cached: the cache holds every format of {' and '.join(kept)}, measured before; "
+                      "calibrating without --formats replaces it", highlight=False)
     if output is not None:
         console.print(f"profile written to {output} (use it with --target {output})", highlight=False)

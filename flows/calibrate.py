@@ -6,7 +6,9 @@ format and timed in the runtime as `shrink bench` times an artifact:
   the fixed costs per call and per layer of a decode step and of a prefill;
 - a wide model, its weights hundreds of MB as a deployed model's are, gives per format the rate the
   runtime streams weights at in a decode step and computes at over a prompt, once the fixed costs and
-  the roofline's own figures for everything but the weight matrices are taken off.
+  the roofline's own figures for everything but the weight matrices are taken off;
+- a model of short rows under a large vocabulary (its head, as a small real model's, most of its bytes)
+  separates a cost per output row from the cost per byte.
 The rates are solved through the roofline itself (hardware/roofline.py), so an estimate made with
 them reproduces the measurements it came from. Each timing repeats until two runs agree
 within 5% (their spread is recorded); other work on the machine during a measurement is detected and
@@ -60,7 +62,13 @@ SHORT_ROWS = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_head
               "head_dim": 128}
 NARROW_DEPTHS = (2, 26)
 WIDE_DEPTH = 8  # 361M parameters: 722 MB in fp16, 203 MB in q4_0
-SHORT_DEPTH = 12  # 46M parameters in rows of 512 (most) and 2048: 4x the outputs per weight byte of WIDE
+SHORT_DEPTH = 12
+# The short-row model carries a vocabulary the size of Gemma 3's, tied (171M parameters, 182 MB in q8_0): its
+# 512-long head rows are most of its weights, as a small model's head is. Without it (46M parameters, 49 MB)
+# the short rows sat in this machine's 480 MiB L3 and streamed faster per byte than the wide model's, so the
+# cost per row fitted as zero and Gemma's q8_0 files decoded 12-15% slower than estimated (two thirds of
+# the rows its decode step reads are the head's 262,144).
+SHORT_VOCAB = 262144
 VOCAB = 512
 PROMPT, GEN = 64, 16
 AGREE = 0.05  # two timing runs within this of each other end a measurement
@@ -216,7 +224,7 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
             status(f"{runtime} fixed costs: narrow model, {layers} layers")
             narrow[layers] = (loaded.spec, time_artifact(kind.write(loaded, kind.plain, folder, None), threads, VOCAB))
         fixed = _fixed_costs(runtime, narrow, profile, threads)
-        models = [synthetic_model(WIDE, WIDE_DEPTH), synthetic_model(SHORT_ROWS, SHORT_DEPTH)]
+        models = [synthetic_model(WIDE, WIDE_DEPTH), synthetic_model(SHORT_ROWS, SHORT_DEPTH, SHORT_VOCAB, tied=True)]
         plains = [kind.write(loaded, kind.plain, folder, None) for loaded in models]
         rates, spreads = {}, [t.spread for _, t in narrow.values()]
         for i, fmt in enumerate(formats, 1):
@@ -230,13 +238,13 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
                 if path != plain:
                     _remove(path)
             stored = measured[0][0].formats.weights
-            rates[stored] = _rate(measured, profile, stored, fixed)
+            rates[stored] = _rate(measured, profile, stored, fixed, known=dict(rates))
         others.append(others_busy_share())
     busy = max(others) > BUSY_SHARE
     source = (f"measured {started} by shrink profiles calibrate: {kind.package} {package_version(kind.package) or 'not installed'}, "
               f"{threads} threads; fixed costs from a {NARROW['hidden_size']}-wide model at {NARROW_DEPTHS[0]} and "
               f"{NARROW_DEPTHS[1]} layers, rates per format from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer and a "
-              f"{SHORT_ROWS['hidden_size']}-wide {SHORT_DEPTH}-layer model; "
+              f"{SHORT_ROWS['hidden_size']}-wide {SHORT_DEPTH}-layer model with a tied {SHORT_VOCAB}-word vocabulary; "
               f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}")
     if busy:
         source += f"; BUSY: other processes used up to {max(others):.0%} of the CPUs"
@@ -263,15 +271,17 @@ def _fixed_costs(runtime: str, narrow: dict[int, tuple[ArchSpec, Timed]], profil
                    prefill_layer_s=per_layer[1])
 
 
-def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fixed: RuntimeCalibration) -> KernelRate:
+def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fixed: RuntimeCalibration,
+          known: dict[str, KernelRate] | None = None) -> KernelRate:
     """The rates (and costs per output element) at which the roofline, costing each spec with `fmt`'s
     kernels and the fixed costs, gives its measured decode and prefill times. The long-row and the
     short-row model give two equations per phase (time = bytes / rate + outputs x cost per output;
-    FLOPs in place of bytes for a prefill); the rates are then refined so that the long-row model's
-    times are met exactly (each solved with the other held: a decode step depends a little on the
-    compute, a prefill a little on the weight stream)."""
+    FLOPs in place of bytes for a prefill); the costs are then corrected until the roofline gives both
+    models' measured times (where outputs would cost negative time, they cost nothing and the long-row
+    model's times are met). Matrices an artifact keeps in another format (a
+    vocabulary in q8_0) are costed with `known`, that format's kernels measured before."""
     def times(spec: ArchSpec, rate: KernelRate) -> tuple[float, float]:
-        kernels = replace(fixed, formats={fmt: rate})
+        kernels = replace(fixed, formats={**(known or {}), fmt: rate})
         est = estimate(spec, replace(profile, calibrations={fixed.runtime: kernels}), Workload(1, PROMPT, GEN),
                        fixed.runtime)
         return est.tpot_s, est.ttft_s
@@ -286,25 +296,53 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
                               "during calibration; run it again on a quiet machine.")
         decode = [op for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
         prefill = [op for op in prefill_ops(spec, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
-        rows.append(((sum(op.weights for op in decode), sum(op.rows for op in decode), timed.decode_s - rest[0]),
-                     (sum(op.flops for op in prefill), sum(op.outputs for op in prefill), timed.prefill_s - rest[1])))
-    (per_byte, per_output_d), (per_flop, per_output_p) = (_two_by_two([row[phase] for row in rows]) for phase in (0, 1))
-    rate = KernelRate(1e-9 / per_byte, 1e-12 / per_flop, per_output_d * 1e9, per_output_p * 1e9)
-    long_rows, timed = measured[0]
-    for _ in range(3):
-        rate = replace(rate, decode_GBps=_solve(lambda gbps: times(long_rows, replace(rate, decode_GBps=gbps))[0],
-                                                timed.decode_s))
-        if rate.decode_GBps > _FASTEST / 10:  # the outputs' cost alone overshoots: they cost nothing here
-            rate = replace(rate, decode_output_ns=0.0)
-            continue
-        rate = replace(rate, prefill_TFLOPS=_solve(lambda tflops: times(long_rows, replace(rate, prefill_TFLOPS=tflops))[1],
-                                                   timed.prefill_s))
-        if rate.prefill_TFLOPS > _FASTEST / 10:
-            rate = replace(rate, prefill_output_ns=0.0)
-    if max(rate.decode_GBps, rate.prefill_TFLOPS) > _FASTEST / 10:
+        rows.append((decode, prefill, timed, rest))
+    decode_rows = [(sum(op.weights for op in decode), sum(op.rows for op in decode), timed.decode_s - rest[0])
+                   for decode, _, timed, rest in rows]
+    per_byte, per_output_d = _two_by_two(decode_rows)
+    # A prefill's vocabulary projection runs for the last position only: it streams its weights as a decode
+    # step does (the roofline costs it so), and is not FLOPs and outputs of the prompt's matmuls.
+    prefill_rows = []
+    for _, prefill, timed, rest in rows:
+        streamed = [op for op in prefill if op.outputs <= op.rows]
+        computed = [op for op in prefill if op.outputs > op.rows]
+        streaming = sum(op.weights * per_byte + op.rows * per_output_d for op in streamed)
+        prefill_rows.append((sum(op.flops for op in computed), sum(op.outputs for op in computed),
+                             timed.prefill_s - rest[1] - streaming))
+    per_flop, per_output_p = _two_by_two(prefill_rows)
+    costs = [[per_byte, per_output_d], [per_flop, per_output_p]]
+    # The sums above leave out what the roofline does with them (each op the slower of its compute and its
+    # memory time): correct both phases until the roofline itself gives both models' measured times.
+    for _ in range(8):
+        for phase, system in ((0, decode_rows), (1, prefill_rows)):
+            missing = [(timed.decode_s, timed.prefill_s)[phase] - times(spec, _kernel_rate(costs))[phase]
+                       for spec, timed in measured]
+            costs[phase] = _corrected(costs[phase], [row[:2] for row in system], missing)
+    if min(costs[0][0], costs[1][0]) <= 0:
         raise ShrinkError(f"The {fmt} timings fit no rate: the machine's speed changed during calibration; run it "
                           "again on a quiet machine.")
-    return rate
+    return _kernel_rate(costs)
+
+
+def _kernel_rate(costs: list[list[float]]) -> KernelRate:
+    """[[seconds per byte, per decode row], [seconds per FLOP, per prefill output]] as a KernelRate."""
+    (per_byte, per_row), (per_flop, per_output) = costs
+    return KernelRate(1e-9 / per_byte if per_byte > 0 else _FASTEST, 1e-12 / per_flop if per_flop > 0 else _FASTEST,
+                      per_row * 1e9, per_output * 1e9)
+
+
+def _corrected(costs: list[float], system: list[tuple[float, float]], missing: list[float]) -> list[float]:
+    """(cost per unit of work, per output) moved by what each model's estimate still misses, solved through
+    the same two equations; where that would make outputs cost negative time, they cost nothing and the
+    long-row model alone sets the cost per unit."""
+    (w1, o1), (w2, o2) = system
+    determinant = w1 * o2 - w2 * o1
+    if determinant:
+        step = ((missing[0] * o2 - missing[1] * o1) / determinant, (w1 * missing[1] - w2 * missing[0]) / determinant)
+        if costs[1] + step[1] >= 0:
+            return [costs[0] + step[0], costs[1] + step[1]]
+    # the outputs set to cost nothing: what they were charged in the long-row model goes to its work
+    return [costs[0] + (missing[0] + costs[1] * o1) / w1, 0.0]
 
 
 def _two_by_two(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
@@ -321,18 +359,6 @@ def _two_by_two(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
 
 
 _FASTEST = 1e9  # a rate (GB/s, TFLOPS) at which the matrices take no time worth counting
-
-
-def _solve(time_at: Callable[[float], float], measured: float) -> float:
-    """The rate at which `time_at` (falling as the rate rises) gives `measured`: bisection on its logarithm."""
-    low, high = 1e-9, _FASTEST
-    for _ in range(80):
-        middle = (low * high) ** 0.5
-        if time_at(middle) > measured:
-            low = middle
-        else:
-            high = middle
-    return (low * high) ** 0.5
 
 
 def calibrate_runtimes(profile: Profile, runtimes: tuple[str, ...] = tuple(RUNTIMES), threads: int | None = None,

@@ -21,6 +21,7 @@ _REPEATS = 5
 _AGREE = 0.05  # the two fastest runs of a measurement agree within this, or it repeats
 _MAX_REPEATS = 15
 _CACHE_VERSION = 4  # 3: busy measurements flagged; 4: spreads recorded
+_KERNELS_VERSION = 2  # 2: short rows timed under a real model's vocabulary (flows/calibrate.SHORT_VOCAB)
 
 
 def host_profile_data(refresh: bool = False) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def host_profile_data(refresh: bool = False) -> dict[str, Any]:
 
 def kernels_cache_path() -> Path:
     """Where this machine's runtime kernels, as calibrated, are cached (`shrink profiles calibrate`)."""
-    return cache_dir("host") / f"kernels-{fingerprint()}.json"
+    return cache_dir("host") / f"kernels-v{_KERNELS_VERSION}-{fingerprint()}.json"
 
 
 def fingerprint() -> str:

@@ -80,6 +80,7 @@ def _fake_timing(monkeypatch):
     monkeypatch.setattr(calibrate, "SHORT_ROWS", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2,
                                                   "num_key_value_heads": 1, "head_dim": 128})
     monkeypatch.setattr(calibrate, "SHORT_DEPTH", 2)
+    monkeypatch.setattr(calibrate, "SHORT_VOCAB", 4096)
     monkeypatch.setattr(calibrate, "others_busy_share", lambda: 0.0)
 
 
@@ -116,6 +117,14 @@ def test_cli_calibrate_writes_a_profile_that_target_takes_and_caches_host(monkey
     assert result.exit_code == 0, result.output
     assert "llama.cpp's kernels per format, measured" in result.output
 
+    # once the cache holds every format, a calibration of some formats leaves it whole
+    complete = replace(KERNELS, formats={fmt: KERNELS.formats["q8_0"] for fmt in calibrate.LLAMA_CPP_FORMATS})
+    assert calibrate.cache_host_kernels({"llama.cpp": complete})
+    result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "llama.cpp", "--formats", "q4_0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not json.loads(result.stdout)["cached"]
+    assert get_profile("host").calibration("llama.cpp") == complete
+
     result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "llama.cpp", "--formats", "q3_x"])
     assert result.exit_code != 0 and "Cannot calibrate llama.cpp for 'q3_x'" in result.output
     result = runner.invoke(app, ["profiles", "calibrate", "--formats", "q8_0"])  # two runtimes by default
@@ -142,6 +151,41 @@ def test_two_models_separate_the_cost_per_byte_from_the_cost_per_output():
     assert calibrate._two_by_two(rows) == (pytest.approx(a), pytest.approx(b))
     # outputs that would have to cost negative time: the long-row model alone sets the rate
     assert calibrate._two_by_two([(300e6, 40_000, 0.03), (50e6, 30_000, 0.004)]) == (pytest.approx(1e-10), 0.0)
+
+
+def test_the_fit_recovers_the_kernels_that_made_the_timings(monkeypatch):
+    """Timings made by the roofline from known kernels (a cost per row and per output, the short-row model's
+    vocabulary streamed in its prefill's last position) are fitted back to those kernels."""
+    _fake_timing(monkeypatch)
+    profile = get_profile("sg2042")
+    truth = RuntimeCalibration("llama.cpp", {"q8_0": KernelRate(12.0, 0.2, 5.0, 2.0), "q4_0": KernelRate(7.0, 0.15, 3.0, 1.0)},
+                               decode_token_s=1e-5, decode_layer_s=2e-5, prefill_call_s=1e-4, prefill_layer_s=3e-4,
+                               threads=2, source="truth")
+    specs, made = {}, calibrate.synthetic_model
+
+    def recording(*args, **kwargs):
+        loaded = made(*args, **kwargs)
+        specs[loaded.source] = loaded.spec
+        return loaded
+
+    def timed(path, threads, vocab):
+        source = max((s for s in specs if path.name.startswith(s + "-")), key=len)
+        stored = calibrate.stored_spec(path, specs[source])
+        kernels = truth if stored.formats.weights in truth.formats else replace(truth, formats={})
+        est = estimate(stored, replace(profile, calibrations={"llama.cpp": kernels}),
+                       Workload(1, calibrate.PROMPT, calibrate.GEN), "llama.cpp")
+        return calibrate.Timed(decode_s=est.tpot_s, prefill_s=est.ttft_s, spread=0.0)
+
+    monkeypatch.setattr(calibrate, "synthetic_model", recording)
+    monkeypatch.setattr(calibrate, "time_artifact", timed)
+    fitted = calibrate.calibrate_runtime(profile, "llama.cpp", ("q8_0", "q4_0"), threads=2)
+    assert fitted.decode_layer_s == pytest.approx(truth.decode_layer_s, rel=1e-3)
+    for fmt, rate in truth.formats.items():
+        got = fitted.formats[fmt]
+        assert (got.decode_GBps, got.prefill_TFLOPS) == (pytest.approx(rate.decode_GBps, rel=1e-3),
+                                                         pytest.approx(rate.prefill_TFLOPS, rel=1e-3))
+        assert (got.decode_output_ns, got.prefill_output_ns) == (pytest.approx(rate.decode_output_ns, rel=1e-2),
+                                                                 pytest.approx(rate.prefill_output_ns, rel=1e-2))
 
 
 def test_onnx_runtime_is_calibrated_per_stored_format_too(monkeypatch):
