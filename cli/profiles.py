@@ -127,9 +127,11 @@ def calibrate_profile(
     if output is not None:
         stem = name or output.stem
         atomic_write_text(output, profile_toml(profile, stem, f"{host.title}, kernels calibrated"))
+    why_not = (None if cached else f"the cache holds every format of {' and '.join(kept)}; calibrating without --formats "
+               "replaces it" if kept else "other work ran during the calibration")
     if json_out:
         print_json({"runtime": {n: c.to_table() for n, c in calibrations.items()}, "cached": cached,
-                    "output": str(output) if output else None})
+                    "not_cached_because": why_not, "output": str(output) if output else None})
         return
     for runtime, calibration in calibrations.items():
         table = Table(title=f"{runtime} on this machine (measured; spread of repeated runs up to {calibration.spread:.1%})",
@@ -149,7 +151,6 @@ def calibrate_profile(
     if cached:
         console.print("cached for --target host", highlight=False)
     elif kept:
-        console.print(f"not cached: the cache holds every format of {' and '.join(kept)}, measured before; "
-                      "calibrating without --formats replaces it", highlight=False)
+        console.print(f"not cached: {why_not}", highlight=False)
     if output is not None:
         console.print(f"profile written to {output} (use it with --target {output})", highlight=False)

@@ -186,6 +186,8 @@ def _print_plan(plan: dict, top: int = 0) -> None:
     if len(shown) < len(ranked):
         table.caption = f"{len(shown)} of {len(ranked)} candidates shown, best first; --top 0 shows all, plan.json holds all"
     console.print(table)
+    if (quantizer := plan.get("llama_cpp_quantizer")) is not None:
+        console.print(f"llama.cpp's quantizer: {quantizer['why_none']}", highlight=False)
     offer = plan.get("puzzle")
     if offer and "why" in offer:
         console.print(f"Puzzle: {offer['why']}", highlight=False)

@@ -63,15 +63,16 @@ SHORT_ROWS = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_head
 NARROW_DEPTHS = (2, 26)
 WIDE_DEPTH = 8  # 361M parameters: 722 MB in fp16, 203 MB in q4_0
 SHORT_DEPTH = 12
-# The short-row model carries a vocabulary the size of Gemma 3's, tied (171M parameters, 182 MB in q8_0): its
-# 512-long head rows are most of its weights, as a small model's head is. Without it (46M parameters, 49 MB)
-# the short rows sat in this machine's 480 MiB L3 and streamed faster per byte than the wide model's, so the
-# cost per row fitted as zero and Gemma's q8_0 files decoded 12-15% slower than estimated (two thirds of
-# the rows its decode step reads are the head's 262,144).
+# The short-row model carries a vocabulary the size of Gemma 3's, tied (180M parameters, 191 MB in q8_0): its
+# 512-long head rows are most of its weights and rows, as a small real model's head is. Without it (46M
+# parameters, 49 MB; the 2-core machine reports a 480 MiB L3) it streamed faster per byte than the wide
+# model, every format's cost per row fitted as zero, and Gemma's q8_0 files decoded 12-15% slower than
+# estimated (two thirds of the rows its decode step reads are the head's 262,144).
 SHORT_VOCAB = 262144
 VOCAB = 512
 PROMPT, GEN = 64, 16
 AGREE = 0.05  # two timing runs within this of each other end a measurement
+FIT_TOLERANCE = 0.01  # the fitted kernels must give the long-row model's measured times within this
 MAX_RUNS = 6
 
 
@@ -213,6 +214,8 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
     unknown = [f for f in formats if f not in kind.formats]
     if unknown:
         raise ShrinkError(f"Cannot calibrate {runtime} for '{unknown[0]}'; it calibrates {', '.join(kind.formats)}.")
+    formats = tuple(f for f in kind.formats if f in formats)  # a vocabulary's q8_0 measured before nvfp4 keeps it
+    cached = profile.calibration(runtime)
     threads = threads or os.cpu_count() or 1
     others = [others_busy_share()]
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -238,7 +241,7 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
                 if path != plain:
                     _remove(path)
             stored = measured[0][0].formats.weights
-            rates[stored] = _rate(measured, profile, stored, fixed, known=dict(rates))
+            rates[stored] = _rate(measured, profile, stored, fixed, known={**(cached.formats if cached else {}), **rates})
         others.append(others_busy_share())
     busy = max(others) > BUSY_SHARE
     source = (f"measured {started} by shrink profiles calibrate: {kind.package} {package_version(kind.package) or 'not installed'}, "
@@ -289,6 +292,10 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
     instant = KernelRate(_FASTEST, _FASTEST)
     rows = []
     for spec, timed in measured:
+        others = {op.weight_format for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul"} - {fmt, *(known or {})}
+        if others:
+            raise ShrinkError(f"The {fmt} artifacts keep matrices in {', '.join(sorted(others))}, whose kernels are not "
+                              f"measured: calibrate {', '.join(sorted(others))} with it (--formats).")
         rest = times(spec, instant)
         if timed.decode_s <= rest[0] or timed.prefill_s <= rest[1]:
             raise ShrinkError(f"The {fmt} timings ({timed.decode_s * 1e3:.2f} ms/token, prefill {timed.prefill_s * 1e3:.1f} ms) "
@@ -300,8 +307,9 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
     decode_rows = [(sum(op.weights for op in decode), sum(op.rows for op in decode), timed.decode_s - rest[0])
                    for decode, _, timed, rest in rows]
     per_byte, per_output_d = _two_by_two(decode_rows)
-    # A prefill's vocabulary projection runs for the last position only: it streams its weights as a decode
-    # step does (the roofline costs it so), and is not FLOPs and outputs of the prompt's matmuls.
+    # A matmul a prefill runs for one token (batch 1: the vocabulary projection, last position only)
+    # streams its weights as a decode step does (the roofline costs it so): not FLOPs and outputs of the
+    # prompt's matmuls.
     prefill_rows = []
     for _, prefill, timed, rest in rows:
         streamed = [op for op in prefill if op.outputs <= op.rows]
@@ -313,14 +321,18 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
     costs = [[per_byte, per_output_d], [per_flop, per_output_p]]
     # The sums above leave out what the roofline does with them (each op the slower of its compute and its
     # memory time): correct both phases until the roofline itself gives both models' measured times.
+    def missing(phase: int) -> list[float]:
+        return [(timed.decode_s, timed.prefill_s)[phase] - times(spec, _kernel_rate(costs))[phase] for spec, timed in measured]
+
     for _ in range(8):
         for phase, system in ((0, decode_rows), (1, prefill_rows)):
-            missing = [(timed.decode_s, timed.prefill_s)[phase] - times(spec, _kernel_rate(costs))[phase]
-                       for spec, timed in measured]
-            costs[phase] = _corrected(costs[phase], [row[:2] for row in system], missing)
-    if min(costs[0][0], costs[1][0]) <= 0:
-        raise ShrinkError(f"The {fmt} timings fit no rate: the machine's speed changed during calibration; run it "
-                          "again on a quiet machine.")
+            costs[phase] = _corrected(costs[phase], [row[:2] for row in system], missing(phase))
+    # the long-row model's times are always met; the short-row one's too unless its outputs would cost
+    # negative time (they then cost nothing)
+    worst = max(abs(missing(phase)[0]) / (timed.decode_s, timed.prefill_s)[phase] for phase in (0, 1))
+    if min(costs[0][0], costs[1][0]) <= 0 or worst > FIT_TOLERANCE:
+        raise ShrinkError(f"The {fmt} timings fit no rate (the roofline misses the long-row model by {worst:.1%}): the "
+                          "machine's speed changed during calibration; run it again on a quiet machine.")
     return _kernel_rate(costs)
 
 
@@ -336,10 +348,12 @@ def _corrected(costs: list[float], system: list[tuple[float, float]], missing: l
     the same two equations; where that would make outputs cost negative time, they cost nothing and the
     long-row model alone sets the cost per unit."""
     (w1, o1), (w2, o2) = system
+    if w1 <= 0:
+        raise ShrinkError("The long-row calibration model stores no matrix in the format measured.")
     determinant = w1 * o2 - w2 * o1
     if determinant:
         step = ((missing[0] * o2 - missing[1] * o1) / determinant, (w1 * missing[1] - w2 * missing[0]) / determinant)
-        if costs[1] + step[1] >= 0:
+        if costs[0] + step[0] > 0 and costs[1] + step[1] >= 0:
             return [costs[0] + step[0], costs[1] + step[1]]
     # the outputs set to cost nothing: what they were charged in the long-row model goes to its work
     return [costs[0] + (missing[0] + costs[1] * o1) / w1, 0.0]

@@ -100,21 +100,20 @@ def make_option(search: Search, file_type: str, imatrix: bool, overrides: dict[s
 
 
 def quantizer_candidate(loaded: Any, split: Any, profile: Any, workload: Workload, budget: TargetBudget,
-                        status: Callable[[str], None] = lambda m: None) -> Candidate | None:
+                        status: Callable[[str], None] = lambda m: None) -> tuple[Candidate | None, str | None]:
     """The planner's candidate from llama.cpp's quantizer: the unpruned model, every option made and
-    measured now (its KL is measured, not a proxy), the best within the budget (None: none fits, or
-    the model cannot be written as a GGUF, which the status line says)."""
+    measured now (its KL is measured, not a proxy), the best within the budget; else None and why
+    (none fits or passes its verify gate, or the model cannot be written as a GGUF)."""
     with tempfile.TemporaryDirectory(prefix="shrink-quantizer-") as folder:
         try:
             search = prepare_search(loaded, split, Path(folder), target_cost(loaded.spec, profile, workload),
                                     budget_fits(budget), status=status)
         except ShrinkError as err:
-            status(f"llama.cpp's quantizer is not a candidate: {err}")
-            return None
+            return None, str(err)
         best = run_search(search)
     if best is None:
-        return None
+        return None, search.why_none()
     candidate = Candidate(1.0, "-", None, "gguf", quantizer=best.to_dict(), kl_shape=0.0, kl_format=best.kl)
     candidate.tpot_s, candidate.ttft_s = best.cost.tpot_s, best.cost.ttft_s or 0.0
     candidate.memory_bytes = best.cost.memory_bytes or 0.0
-    return candidate
+    return candidate, None

@@ -172,6 +172,20 @@ class Search:
                 return best
         return best
 
+    def why_none(self) -> str:
+        """Why no option is the best: none fits the budget, or none that fits passes its verify gate."""
+        scored = [o for o in self.options if o.kl is not None and o.cost is not None]
+        if not scored:
+            return "no option could be made"
+        fitting = [o for o in scored if o.fits]
+        if not fitting:
+            fastest = min(scored, key=lambda o: o.cost.tpot_s)
+            return (f"none of its {len(scored)} options fits the budget (the fastest: {fastest.label}, "
+                    f"{fmt_time(fastest.cost.tpot_s)}/token {fastest.cost.by})")
+        closest = min(fitting, key=lambda o: o.kl)
+        return (f"{len(fitting)} of its {len(scored)} options fit the budget but none passes its format's verify gate "
+                f"(the lowest KL: {closest.label}, KL {closest.kl:.3f}, top-1 {closest.top1:.1%})")
+
     def best(self) -> Option | None:
         """The lowest measured KL within the budget, among the options whose measured quality would pass
         their stored format's verify gate (a lower-KL file that fails it ends a run at verify)."""

@@ -145,8 +145,9 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     if profile.measured:  # host: each format costed with the kernels of the runtime measured here
         profile = calibrated_host(hooks.status)
     candidates = enumerate_candidates(loaded, importance, profile, workload, budget)
+    quantizer_missing = None  # why llama.cpp's quantizer offers no candidate
     if target_runtime(profile) == "gguf":  # llama.cpp's own quantizer, every option made and measured
-        tuned = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
+        tuned, quantizer_missing = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
         candidates += [tuned] if tuned is not None else []
     puzzle_offer = None
     if puzzle_work is not None:
@@ -163,6 +164,7 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
             "workload": vars(workload), "proxy_steps": proxy_steps,
             "host_kernels": {n: c.to_table() for n, c in profile.calibrations.items()} if profile.measured else None,
             "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(), "puzzle": puzzle_offer,
+            "llama_cpp_quantizer": {"why_none": quantizer_missing} if quantizer_missing else None,
             "why": why(chosen, candidates), "candidates": [c.to_dict() for c in candidates],
             "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {budget_text(budget)}"),
             "steps": steps}

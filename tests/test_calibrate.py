@@ -122,7 +122,7 @@ def test_cli_calibrate_writes_a_profile_that_target_takes_and_caches_host(monkey
     assert calibrate.cache_host_kernels({"llama.cpp": complete})
     result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "llama.cpp", "--formats", "q4_0", "--json"])
     assert result.exit_code == 0, result.output
-    assert not json.loads(result.stdout)["cached"]
+    assert json.loads(result.stdout)["not_cached_because"].startswith("the cache holds every format of llama.cpp")
     assert get_profile("host").calibration("llama.cpp") == complete
 
     result = runner.invoke(app, ["profiles", "calibrate", "--runtime", "llama.cpp", "--formats", "q3_x"])
@@ -153,20 +153,26 @@ def test_two_models_separate_the_cost_per_byte_from_the_cost_per_output():
     assert calibrate._two_by_two([(300e6, 40_000, 0.03), (50e6, 30_000, 0.004)]) == (pytest.approx(1e-10), 0.0)
 
 
-def test_the_fit_recovers_the_kernels_that_made_the_timings(monkeypatch):
+@pytest.mark.parametrize("vocabulary", ["in the format measured", "in q8_0"])
+def test_the_fit_recovers_the_kernels_that_made_the_timings(monkeypatch, vocabulary):
     """Timings made by the roofline from known kernels (a cost per row and per output, the short-row model's
-    vocabulary streamed in its prefill's last position) are fitted back to those kernels."""
+    vocabulary streamed in its prefill's last position) are fitted back to those kernels; a vocabulary kept
+    in q8_0 is costed with q8_0's kernels, measured first, and q4_0's rows that cost nothing fit as nothing."""
     _fake_timing(monkeypatch)
     profile = get_profile("sg2042")
-    truth = RuntimeCalibration("llama.cpp", {"q8_0": KernelRate(12.0, 0.2, 5.0, 2.0), "q4_0": KernelRate(7.0, 0.15, 3.0, 1.0)},
+    q4_0 = KernelRate(7.0, 0.15, 3.0, 1.0) if vocabulary == "in the format measured" else KernelRate(7.0, 0.15, 0.0, 1.0)
+    truth = RuntimeCalibration("llama.cpp", {"q8_0": KernelRate(12.0, 0.2, 5.0, 2.0), "q4_0": q4_0},
                                decode_token_s=1e-5, decode_layer_s=2e-5, prefill_call_s=1e-4, prefill_layer_s=3e-4,
                                threads=2, source="truth")
-    specs, made = {}, calibrate.synthetic_model
+    specs, made, stored_spec = {}, calibrate.synthetic_model, calibrate.stored_spec
 
     def recording(*args, **kwargs):
         loaded = made(*args, **kwargs)
         specs[loaded.source] = loaded.spec
         return loaded
+
+    def vocabulary_in_q8_0(path, spec):
+        return stored_spec(path, spec).with_formats(embeddings="q8_0")
 
     def timed(path, threads, vocab):
         source = max((s for s in specs if path.name.startswith(s + "-")), key=len)
@@ -178,14 +184,19 @@ def test_the_fit_recovers_the_kernels_that_made_the_timings(monkeypatch):
 
     monkeypatch.setattr(calibrate, "synthetic_model", recording)
     monkeypatch.setattr(calibrate, "time_artifact", timed)
-    fitted = calibrate.calibrate_runtime(profile, "llama.cpp", ("q8_0", "q4_0"), threads=2)
+    if vocabulary == "in q8_0":
+        monkeypatch.setattr(calibrate, "stored_spec", vocabulary_in_q8_0)
+    fitted = calibrate.calibrate_runtime(profile, "llama.cpp", ("q4_0", "q8_0"), threads=2)  # measured q8_0 first
     assert fitted.decode_layer_s == pytest.approx(truth.decode_layer_s, rel=1e-3)
     for fmt, rate in truth.formats.items():
         got = fitted.formats[fmt]
         assert (got.decode_GBps, got.prefill_TFLOPS) == (pytest.approx(rate.decode_GBps, rel=1e-3),
                                                          pytest.approx(rate.prefill_TFLOPS, rel=1e-3))
-        assert (got.decode_output_ns, got.prefill_output_ns) == (pytest.approx(rate.decode_output_ns, rel=1e-2),
+        assert (got.decode_output_ns, got.prefill_output_ns) == (pytest.approx(rate.decode_output_ns, rel=1e-2, abs=1e-3),
                                                                  pytest.approx(rate.prefill_output_ns, rel=1e-2))
+    if vocabulary == "in q8_0":  # without q8_0's kernels the q4_0 artifacts cannot be fitted
+        with pytest.raises(ShrinkError, match="keep matrices in q8_0, whose kernels are not measured"):
+            calibrate.calibrate_runtime(profile, "llama.cpp", ("q4_0",), threads=2)
 
 
 def test_onnx_runtime_is_calibrated_per_stored_format_too(monkeypatch):

@@ -146,15 +146,16 @@ def test_the_planner_gets_the_search_best_as_a_measured_candidate_and_a_recipe_t
     ids = torch.randint(1, 101, (6, 32), generator=torch.Generator().manual_seed(0))
     split = DataSplit(ids[:2], ids[2:4], ids[4:], "random ids")
     profile = get_profile("jetson-orin-nano")
-    roomy = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1.0))
-    assert roomy is not None and roomy.fits and roomy.predicted_kl == roomy.quantizer["kl"]
+    roomy, why_none = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1.0))
+    assert roomy is not None and why_none is None and roomy.fits and roomy.predicted_kl == roomy.quantizer["kl"]
     assert roomy.label.startswith("unpruned, llama.cpp ") and roomy.quantizer["cost"]["by"] == "estimated"
     steps = recipe_for(roomy, RunSettings())
     assert [name for name, _ in steps] == ["gguf-quantize", "verify", "bench"]
     made = steps[0][1]
     assert made.file_type == roomy.quantizer["file_type"] and made.imatrix == roomy.quantizer["imatrix"]
     assert parse_overrides(made.overrides) == roomy.quantizer["overrides"]
-    assert quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1e-9)) is None
+    none, why_none = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1e-9))
+    assert none is None and why_none.startswith("none of its ") and "fits the budget (the fastest: " in why_none
 
 
 def test_overrides_apply_under_an_unquantized_file_type(wide, tmp_path):
@@ -193,12 +194,15 @@ def test_an_option_its_verify_gate_would_refuse_is_not_chosen(wide, tmp_path):
 
     _, source, _ = wide
     search = Search(source, tmp_path, SimpleNamespace(positions=374), lambda path: None, lambda cost: True, None)
-    refused = Option("Q4_0", True, weights="q4_0", kl=0.30, top1=0.70, fits=True)
-    passing = Option("Q4_0", True, {"token_embd.weight": "q8_0"}, weights="q4_0", kl=0.35, top1=0.86, fits=True)
+    refused = Option("Q4_0", True, weights="q4_0", cost=Cost(1e-3, "measured"), kl=0.30, top1=0.70, fits=True)
+    passing = Option("Q4_0", True, {"token_embd.weight": "q8_0"}, weights="q4_0", cost=Cost(1e-3, "measured"), kl=0.35,
+                     top1=0.86, fits=True)
     search.options += [refused, passing]
     assert search.best() is passing
     search.options.remove(passing)
     assert search.best() is None  # nothing fits that would pass: the planner offers no quantizer candidate
+    assert search.why_none() == ("1 of its 1 options fit the budget but none passes its format's verify gate "
+                                 "(the lowest KL: Q4_0 + imatrix, KL 0.300, top-1 70.0%)")
 
 
 def test_the_winner_is_timed_again_and_judged_by_its_slower_time(wide, tmp_path):
