@@ -6,7 +6,8 @@ median of 3 runs after a warm-up); then, per fraction, the user's command runs e
 export, verify, bench) into --work, and its report gives the chosen plan, the artifact's decode time
 measured by the run's own bench step and estimated on `host` with the calibrated kernels. Run on a quiet
 machine after `shrink profiles calibrate` (the host cache; `shrink run --target host` calibrates on
-first use otherwise). Each run takes about a quarter of an hour on 2 cores; a finished run is resumed,
+first use otherwise). Each run takes 25-35 min on 2 cores (proxies for every prune shape, llama.cpp's
+quantizer making and timing every option, then the plan); a finished run is resumed,
 not repeated.
 
     python benchmarks/host_budgets.py [--model gemma-3-270m] [--fractions 0.6,0.75,0.9] [--f16 FILE] [--work DIR]

@@ -225,7 +225,8 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
         for layers in NARROW_DEPTHS:
             loaded = synthetic_model(NARROW, layers)
             status(f"{runtime} fixed costs: narrow model, {layers} layers")
-            narrow[layers] = (loaded.spec, time_artifact(kind.write(loaded, kind.plain, folder, None), threads, VOCAB))
+            path = kind.write(loaded, kind.plain, folder, None)
+            narrow[layers] = (stored_spec(path, loaded.spec), time_artifact(path, threads, VOCAB))  # as the file stores it
         fixed = _fixed_costs(runtime, narrow, profile, threads)
         models = [synthetic_model(WIDE, WIDE_DEPTH), synthetic_model(SHORT_ROWS, SHORT_DEPTH, SHORT_VOCAB, tied=True)]
         plains = [kind.write(loaded, kind.plain, folder, None) for loaded in models]
