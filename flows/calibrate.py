@@ -293,7 +293,8 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
     instant = KernelRate(_FASTEST, _FASTEST)
     rows = []
     for spec, timed in measured:
-        others = {op.weight_format for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul"} - {fmt, *(known or {})}
+        matmuls = [op for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul"]
+        others = {op.weight_format for op in matmuls} - {fmt, *(known or {})}
         if others:
             raise ShrinkError(f"The {fmt} artifacts keep matrices in {', '.join(sorted(others))}, whose kernels are not "
                               f"measured: calibrate {', '.join(sorted(others))} with it (--formats).")
@@ -302,7 +303,7 @@ def _rate(measured: list[tuple[ArchSpec, Timed]], profile: Profile, fmt: str, fi
             raise ShrinkError(f"The {fmt} timings ({timed.decode_s * 1e3:.2f} ms/token, prefill {timed.prefill_s * 1e3:.1f} ms) "
                               "are shorter than the fixed costs measured before them: the machine's speed changed "
                               "during calibration; run it again on a quiet machine.")
-        decode = [op for op in pass_ops(spec, 1, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
+        decode = [op for op in matmuls if op.weight_format == fmt]
         prefill = [op for op in prefill_ops(spec, 1, PROMPT) if op.kind == "matmul" and op.weight_format == fmt]
         rows.append((decode, prefill, timed, rest))
     decode_rows = [(sum(op.weights for op in decode), sum(op.rows for op in decode), timed.decode_s - rest[0])
@@ -363,14 +364,9 @@ def _corrected(costs: list[float], system: list[tuple[float, float]], missing: l
 def _two_by_two(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
     """(seconds per unit of work, seconds per output) solving work x a + outputs x b = seconds for two
     models; where the solution is not physical (either negative), the outputs cost nothing and the
-    long-row model alone sets a."""
-    (w1, o1, t1), (w2, o2, t2) = rows
-    determinant = w1 * o2 - w2 * o1
-    if determinant:
-        a, b = (t1 * o2 - t2 * o1) / determinant, (w1 * t2 - w2 * t1) / determinant
-        if a > 0 and b >= 0:
-            return a, b
-    return t1 / w1, 0.0
+    long-row model alone sets a (a correction from nothing)."""
+    per_unit, per_output = _corrected([0.0, 0.0], [row[:2] for row in rows], [row[2] for row in rows])
+    return per_unit, per_output
 
 
 _FASTEST = 1e9  # a rate (GB/s, TFLOPS) at which the matrices take no time worth counting
