@@ -28,6 +28,7 @@ from shrink.archspec import ArchSpec, AttentionSpec, Formats
 from shrink.errors import ShrinkError
 from shrink.export.costing import onnx_vocabulary
 from shrink.export.numerics import check_weights
+from shrink.export.onnx_attention import traced_with_grouped_attention
 from shrink.export.onnx_weights import read_layout, stored_weight, store_weights
 from shrink.numformats.plan import saved_plan
 from shrink.numformats.registry import FAMILIES, FORMATS, NumberFormat, matmul_nbits_name
@@ -161,8 +162,10 @@ def export_onnx(loaded: Any, directory: str | Path, quant: str = "f32", block_si
     result = OnnxExport(directory, stored.name)
     with atomic_directory(directory) as tmp:
         try:
-            program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamo=True, input_names=["input_ids", "attention_mask", "position_ids", *names],
-                                        output_names=outputs, dynamic_shapes=shapes, report=False, verbose=False)
+            with traced_with_grouped_attention(model):
+                program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamo=True,
+                                            input_names=["input_ids", "attention_mask", "position_ids", *names],
+                                            output_names=outputs, dynamic_shapes=shapes, report=False, verbose=False)
         except Exception as err:  # the exporter raises many types; the user needs the sentence, not the trace
             raise ShrinkError(f"torch.onnx.export could not trace this model ({type(err).__name__}: {str(err).splitlines()[0]}).") from None
         program.save(str(tmp / "model.onnx"), external_data=True)

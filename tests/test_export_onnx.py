@@ -97,3 +97,44 @@ def test_a_nan_weight_is_refused_before_the_graph_is_traced(tmp_path, tiny_model
     with pytest.raises(ShrinkError, match="down_proj.weight holds 1 NaN or infinite"):
         export_onnx(loaded, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_grouped_attention_computes_what_eager_attention_does(mask_heads):
+    from types import SimpleNamespace
+
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    from shrink.export.onnx_attention import grouped_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.zeros(2, mask_heads, 5, 11)  # longer than the keys, as transformers' masks may be
+    mask[..., 3:6] = torch.finfo(torch.float32).min
+    module = SimpleNamespace(num_key_value_groups=2, head_dim=8, training=False)
+    for softcap in (None, 3.0):
+        expected, _ = eager_attention_forward(module, query, key, value, mask[..., :9], scaling=0.3, softcap=softcap)
+        got, _ = grouped_attention(module, query, key, value, mask, scaling=0.3, softcap=softcap)
+        assert got.shape == expected.shape == (2, 5, 4, 8)
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_the_graph_reads_the_kv_cache_without_copying_it_per_query_head(tmp_path, tiny_model):
+    import onnx
+
+    export_onnx(tiny_model("llama"), tmp_path / "m")  # 4 query heads share 2 KV heads
+    graph = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    present = [out.name for out in graph.output if out.name.startswith("present_")]
+    assert present
+    for name in present:  # from the grown cache to its product, only views: no Expand (repeat_kv) on the way
+        frontier, ops = [name], []
+        while frontier:
+            for node in consumers.get(frontier.pop(), []):
+                ops.append(node.op_type)
+                if node.op_type in ("Reshape", "Unsqueeze", "Transpose", "Expand"):
+                    frontier += list(node.output)
+        assert "MatMul" in ops and "Expand" not in ops, (name, ops)
