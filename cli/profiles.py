@@ -11,6 +11,7 @@ from rich.table import Table
 from shrink.cli.render import console, handle_user_errors, print_json
 from shrink.errors import ShrinkError
 from shrink.flows.calibrate import RUNTIMES, cache_host_kernels, calibrate_runtimes
+from shrink.hardware.calibration import RuntimeCalibration
 from shrink.hardware.profiles import ALIASES, get_profile, known_targets, profile_toml
 from shrink.storage import atomic_write_text
 
@@ -119,6 +120,7 @@ def calibrate_profile(
     with console.status("calibrating") as spinner:
         calibrations = calibrate_runtimes(host, runtimes, threads=threads, formats=chosen,
                                           status=lambda message: spinner.update(message))
+    calibrations = {runtime: _flag_unstable(c) for runtime, c in calibrations.items()}
     # a partial calibration keeps the cached figures of the runtimes it did not measure, and does not
     # replace a runtime's complete cached calibration with fewer formats
     kept = [r for r in calibrations if not RUNTIMES[r].complete(calibrations[r]) and RUNTIMES[r].complete(host.calibration(r))]
@@ -131,7 +133,8 @@ def calibrate_profile(
                "replaces it" if kept else "other work ran during the calibration")
     if json_out:
         print_json({"runtime": {n: c.to_table() for n, c in calibrations.items()}, "cached": cached,
-                    "not_cached_because": why_not, "output": str(output) if output else None})
+                    "not_cached_because": why_not, "output": str(output) if output else None,
+                    "unstable": [n for n, c in calibrations.items() if c.spread > UNSTABLE_SPREAD]})
         return
     for runtime, calibration in calibrations.items():
         table = Table(title=f"{runtime} on this machine (measured; spread of repeated runs up to {calibration.spread:.1%})",
@@ -145,6 +148,8 @@ def calibrate_profile(
         console.print(f"fixed costs (measured): {calibration.decode_token_s * 1e6:.0f} us per decode step + "
                       f"{calibration.decode_layer_s * 1e6:.1f} us per layer; {calibration.prefill_call_s * 1e3:.2f} ms "
                       f"per prefill + {calibration.prefill_layer_s * 1e3:.3f} ms per layer", highlight=False)
+        if calibration.spread > UNSTABLE_SPREAD:
+            console.print(f"[yellow]warning[/]: {calibration.source.rsplit('; ', 1)[-1]}", highlight=False)
         if calibration.busy:
             console.print(f"[yellow]warning[/]: {calibration.source.rsplit('; ', 1)[-1]}; not cached: run it again "
                           "on a quiet machine", highlight=False)
@@ -154,3 +159,16 @@ def calibrate_profile(
         console.print(f"not cached: {why_not}", highlight=False)
     if output is not None:
         console.print(f"profile written to {output} (use it with --target {output})", highlight=False)
+
+
+UNSTABLE_SPREAD = 0.15  # repeated runs further apart than this: the machine's speed moved during the calibration
+
+
+def _flag_unstable(calibration: RuntimeCalibration) -> RuntimeCalibration:
+    """A calibration whose repeated runs never agreed is kept (a machine that is never quiet has no better
+    one) but says so where its figures are shown: its source, cached with it, and the command's output."""
+    if calibration.spread <= UNSTABLE_SPREAD:
+        return calibration
+    return replace(calibration, source=f"{calibration.source}; UNSTABLE: repeated runs were up to {calibration.spread:.0%} "
+                   "apart (the machine's speed moved while it was measured: a neighbour on the same host, or a "
+                   "busy moment), so estimates made with it can be off by as much; calibrate again when it is quiet")

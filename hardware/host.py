@@ -7,7 +7,9 @@ profile file. torch is imported only to measure, so a cached host profile costs 
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import platform
 import time
@@ -20,7 +22,8 @@ from shrink.storage import atomic_write_text, cache_dir
 _REPEATS = 5
 _AGREE = 0.05  # the two fastest runs of a measurement agree within this, or it repeats
 _MAX_REPEATS = 15
-_CACHE_VERSION = 4  # 3: busy measurements flagged; 4: spreads recorded
+_CACHE_VERSION = 5  # 3: busy measurements flagged; 4: spreads recorded; 5: a quick probe recorded
+_DRIFT = 0.15  # the quick probe this far from its cached figure: the cache describes another state of the machine
 _KERNELS_VERSION = 2  # 2: short rows timed under a real model's vocabulary (flows/calibrate.SHORT_VOCAB)
 
 
@@ -34,15 +37,62 @@ def host_profile_data(refresh: bool = False) -> dict[str, Any]:
         data = json.loads(path.read_text())
         if data.get("version") != _CACHE_VERSION:
             data = None
+    drift = None
     if data is None:
         data = {"version": _CACHE_VERSION, **measure()}
         if not data["busy"]:
             atomic_write_text(path, json.dumps(data, indent=2))
-    profile = _profile_data(data)
+    else:
+        drift = _drift(data)
+    profile = _profile_data(data, drift)
     kernels = kernels_cache_path()
     if kernels.is_file():
         profile["runtime"] = json.loads(kernels.read_text())
     return profile
+
+
+def _drift(data: dict) -> str | None:
+    """A sentence when this machine now runs the quick probe at another speed than when `data` was
+    measured (a virtual machine moved to other hardware, or neighbours outside it are busy: the host
+    name and CPU model stay the same while the speed moves by a third or more); None when it does not, or
+    the cache holds no probe. Said once per process, as a warning, and kept in the profile's memory source."""
+    cached = data.get("probe_GBps")
+    if not cached:
+        return None
+    now = _probe_GBps()
+    if abs(now / cached - 1) <= _DRIFT:
+        return None
+    sentence = (f"this machine runs a quick probe (numpy summing 32 MiB on one core) at {now:.1f} GB/s now against "
+                f"{cached:.1f} GB/s when `host` was measured ({data['measured_at']}): the cached measurements, the "
+                "calibrated kernels included, describe another state of this machine; run `shrink profiles calibrate` "
+                "to measure again")
+    _warn_once(sentence)
+    return sentence
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(sentence: str) -> None:
+    if sentence not in _warned:
+        _warned.add(sentence)
+        logging.getLogger(__name__).warning(sentence)
+
+
+@functools.cache
+def _probe_GBps() -> float:
+    """How fast one core sums 32 MiB of float32 (GB/s, fastest of 3): about 0.15 s with no torch import,
+    recorded beside each measurement and taken again, once per process, when the cache is read. It follows
+    the core's speed more than the memory's (the rate did not change from 32 to 512 MiB here)."""
+    import numpy as np
+
+    block = np.ones(8 * 1024 * 1024, np.float32)
+    fastest = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        block.sum()
+        fastest = min(fastest, time.perf_counter() - start)
+    return block.nbytes / fastest / 1e9
 
 
 def kernels_cache_path() -> Path:
@@ -136,6 +186,7 @@ def measure() -> dict:
         "peak_tflops": {k: round(v, 4) for k, v in peaks.items() if v > 0},
         "cpu": platform.processor() or platform.machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "probe_GBps": round(_probe_GBps(), 2),
         "busy": others > BUSY_SHARE,
         "others_busy_share": round(others, 3),
     }
@@ -177,7 +228,7 @@ def _repeats(spreads: dict[str, float], names: list[str]) -> str:
     return how + (f" (largest spread {max(known):.1%})" if known else "")
 
 
-def _profile_data(data: dict) -> dict[str, Any]:
+def _profile_data(data: dict, drift: str | None = None) -> dict[str, Any]:
     spreads = data.get("spreads", {})
     return {
         "name": "host",
@@ -190,7 +241,8 @@ def _profile_data(data: dict) -> dict[str, Any]:
             "source": f"measured {data['measured_at']}: torch sum over 512 MiB of float32 (read-only), "
             + _repeats(spreads, ["bandwidth"])
             + (f"; BUSY: other processes used {data['others_busy_share']:.0%} of the CPUs, not cached"
-               if data.get("busy") else ""),
+               if data.get("busy") else "")
+            + (f"; STALE: {drift}" if drift else ""),
         },
         "compute": {
             **data["peak_tflops"],

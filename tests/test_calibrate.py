@@ -112,6 +112,7 @@ def test_cli_calibrate_writes_a_profile_that_target_takes_and_caches_host(monkey
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["cached"] and list(report["runtime"]["llama.cpp"]["formats"]) == ["q8_0"]
+    assert report["unstable"] == []  # the fake timings repeat exactly
     assert get_profile("host").calibration("llama.cpp").formats.keys() == {"q8_0"}  # cached for --target host
     result = runner.invoke(app, ["estimate", "gemma-3-270m", "-t", str(out), "--weights", "q8_0", "--embeddings", "q8_0"])
     assert result.exit_code == 0, result.output
@@ -263,3 +264,12 @@ def test_every_calibrated_llama_cpp_format_can_be_written(tmp_path):
         ggml = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}.get(fmt, fmt.upper())
         if ggml in GGMLQuantizationType.__members__:  # a llama.cpp type (shrink's own grids are packed their way)
             assert ggml in stored, (fmt, stored)
+
+
+def test_a_calibration_whose_runs_never_agreed_says_so_where_its_figures_go():
+    from shrink.cli.profiles import UNSTABLE_SPREAD, _flag_unstable
+
+    steady = replace(KERNELS, spread=UNSTABLE_SPREAD / 2)
+    assert _flag_unstable(steady) == steady
+    flagged = _flag_unstable(replace(KERNELS, spread=0.43))
+    assert "UNSTABLE" in flagged.source and "43%" in flagged.source and flagged.formats == KERNELS.formats

@@ -106,6 +106,7 @@ def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
     monkeypatch.setattr(host, "others_busy_share", lambda: 0.0)
+    monkeypatch.setattr(host, "_probe_GBps", lambda: 10.0)  # a drift between the two calls is another test's
     first = get_profile("host")
     assert first.measured and first.bandwidth_GBps > 1 and first.peak_tflops["fp32"] > 0.001
     assert list((tmp_path / "host").glob("*.json"))
@@ -113,6 +114,25 @@ def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
     data = json.loads(next((tmp_path / "host").glob("*.json")).read_text())
     assert set(data["spreads"]) == {"bandwidth", *data["peak_tflops"]} and all(v >= 0 for v in data["spreads"].values())
     assert "largest spread" in first.sources["memory"] and "largest spread" in first.sources["compute"]
+
+
+@pytest.mark.parametrize("probe_now, stale", [(19.0, False), (12.0, True), (26.0, True)])
+def test_a_cached_host_profile_says_when_the_machine_now_reads_memory_at_another_speed(tmp_path, monkeypatch, caplog,
+                                                                                       probe_now, stale):
+    from shrink.hardware import host
+    from shrink.storage import cache_dir
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    cache_dir("host").joinpath(host.fingerprint() + ".json").write_text(json.dumps({
+        "version": host._CACHE_VERSION, "threads": 2, "bandwidth_GBps": 24.0, "capacity_GB": 8.0, "probe_GBps": 20.0,
+        "peak_tflops": {"fp32": 0.1}, "cpu": "x86_64", "measured_at": "2026-12-05T05:14:48"}))
+    monkeypatch.setattr(host, "_probe_GBps", lambda: probe_now)
+    monkeypatch.setattr(host, "_warned", set())
+    with caplog.at_level("WARNING", logger="shrink"):
+        profile = get_profile("host")
+    assert profile.bandwidth_GBps == 24.0  # the cache is still what estimates use; the user is told to measure again
+    assert ("STALE" in profile.sources["memory"]) is stale
+    assert any("shrink profiles calibrate" in r.getMessage() for r in caplog.records) is stale
 
 
 def test_a_host_timing_repeats_until_its_two_fastest_runs_agree(monkeypatch):
