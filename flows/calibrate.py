@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 import copy
-import json
 import os
 import shutil
 import statistics
@@ -36,7 +35,7 @@ from shrink.compress.quant.student import fake_quantize, materialize
 from shrink.errors import ShrinkError
 from shrink.families import spec_from_model
 from shrink.hardware.calibration import KernelRate, RuntimeCalibration
-from shrink.hardware.host import BUSY_SHARE, kernels_cache_path, others_busy_share, package_version
+from shrink.hardware.host import BUSY_SHARE, kernels_cache_path, kernels_cache_text, others_busy_share, package_version
 from shrink.hardware.ops import pass_ops, prefill_ops
 from shrink.hardware.profiles import Profile, get_profile
 from shrink.hardware.roofline import Workload, estimate
@@ -384,7 +383,7 @@ def cache_host_kernels(calibrations: dict[str, RuntimeCalibration]) -> bool:
     cached. Returns whether it was."""
     if any(c.busy for c in calibrations.values()):
         return False
-    atomic_write_text(kernels_cache_path(), json.dumps({name: c.to_table() for name, c in calibrations.items()}, indent=2))
+    atomic_write_text(kernels_cache_path(), kernels_cache_text({name: c.to_table() for name, c in calibrations.items()}))
     return True
 
 

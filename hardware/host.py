@@ -43,15 +43,28 @@ def host_profile_data(refresh: bool = False) -> dict[str, Any]:
         if not data["busy"]:
             atomic_write_text(path, json.dumps(data, indent=2))
     else:
-        drift = _drift(data)
+        drift = _drift(data, f"`host` was measured ({data['measured_at']})")
     profile = _profile_data(data, drift)
     kernels = kernels_cache_path()
     if kernels.is_file():
-        profile["runtime"] = json.loads(kernels.read_text())
+        runtimes = json.loads(kernels.read_text())
+        stale = _drift({"probe_GBps": runtimes.pop(KERNELS_PROBE, None)}, "its runtimes' kernels were calibrated")
+        for table in runtimes.values():
+            table["source"] += f"; STALE: {stale}" if stale else ""
+        profile["runtime"] = runtimes
     return profile
 
 
-def _drift(data: dict) -> str | None:
+KERNELS_PROBE = "probe_GBps"  # the kernels cache's one key that is not a runtime: the probe when they were measured
+
+
+def kernels_cache_text(runtimes: dict[str, dict]) -> str:
+    """The kernels cache file: each runtime's table and the quick probe taken now, to tell later readers
+    whether the machine still runs at the speed they were measured at."""
+    return json.dumps({**runtimes, KERNELS_PROBE: round(_probe_GBps(), 2)}, indent=2)
+
+
+def _drift(data: dict, when: str) -> str | None:
     """A sentence when this machine now runs the quick probe at another speed than when `data` was
     measured (a virtual machine moved to other hardware, or neighbours outside it are busy: the host
     name and CPU model stay the same while the speed moves by a third or more); None when it does not, or
@@ -63,7 +76,7 @@ def _drift(data: dict) -> str | None:
     if abs(now / cached - 1) <= _DRIFT:
         return None
     sentence = (f"this machine runs a quick probe (numpy summing 32 MiB on one core) at {now:.1f} GB/s now against "
-                f"{cached:.1f} GB/s when `host` was measured ({data['measured_at']}): the cached measurements, the "
+                f"{cached:.1f} GB/s when {when}: the cached measurements, the "
                 "calibrated kernels included, describe another state of this machine; run `shrink profiles calibrate` "
                 "to measure again")
     _warn_once(sentence)

@@ -273,3 +273,21 @@ def test_a_calibration_whose_runs_never_agreed_says_so_where_its_figures_go():
     assert _flag_unstable(steady) == steady
     flagged = _flag_unstable(replace(KERNELS, spread=0.43))
     assert "UNSTABLE" in flagged.source and "43%" in flagged.source and flagged.formats == KERNELS.formats
+
+
+@pytest.mark.parametrize("probe_now, stale", [(19.0, False), (12.0, True)])
+def test_cached_kernels_say_when_the_machine_now_runs_at_another_speed(monkeypatch, tmp_path, probe_now, stale):
+    from shrink.hardware import host
+    from shrink.storage import cache_dir
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    cache_dir("host").joinpath(host.fingerprint() + ".json").write_text(json.dumps({
+        "version": host._CACHE_VERSION, "threads": 2, "bandwidth_GBps": 24.0, "capacity_GB": 8.0,
+        "peak_tflops": {"fp32": 0.1}, "cpu": "x86_64", "measured_at": "2026-12-05T05:14:48"}))  # no probe: not judged
+    monkeypatch.setattr(host, "_probe_GBps", lambda: 20.0)
+    assert calibrate.cache_host_kernels({"llama.cpp": KERNELS})
+    monkeypatch.setattr(host, "_probe_GBps", lambda: probe_now)
+    monkeypatch.setattr(host, "_warned", set())
+    kernels = get_profile("host").calibration("llama.cpp")
+    assert kernels.formats == KERNELS.formats  # still used; the source says whether to trust it
+    assert ("STALE" in kernels.source) is stale
