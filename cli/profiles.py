@@ -10,8 +10,7 @@ from rich.table import Table
 
 from shrink.cli.render import console, handle_user_errors, print_json
 from shrink.errors import ShrinkError
-from shrink.flows.calibrate import RUNTIMES, cache_host_kernels, calibrate_runtimes
-from shrink.hardware.calibration import RuntimeCalibration
+from shrink.flows.calibrate import RUNTIMES, UNSTABLE_SPREAD, cache_host_kernels, calibrate_runtimes
 from shrink.hardware.profiles import ALIASES, get_profile, known_targets, profile_toml
 from shrink.storage import atomic_write_text
 
@@ -120,7 +119,6 @@ def calibrate_profile(
     with console.status("calibrating") as spinner:
         calibrations = calibrate_runtimes(host, runtimes, threads=threads, formats=chosen,
                                           status=lambda message: spinner.update(message))
-    calibrations = {runtime: _flag_unstable(c) for runtime, c in calibrations.items()}
     # a partial calibration keeps the cached figures of the runtimes it did not measure, and does not
     # replace a runtime's complete cached calibration with fewer formats
     kept = [r for r in calibrations if not RUNTIMES[r].complete(calibrations[r]) and RUNTIMES[r].complete(host.calibration(r))]
@@ -160,15 +158,3 @@ def calibrate_profile(
     if output is not None:
         console.print(f"profile written to {output} (use it with --target {output})", highlight=False)
 
-
-UNSTABLE_SPREAD = 0.15  # repeated runs further apart than this: the machine's speed moved during the calibration
-
-
-def _flag_unstable(calibration: RuntimeCalibration) -> RuntimeCalibration:
-    """A calibration whose repeated runs never agreed is kept (a machine that is never quiet has no better
-    one) but says so where its figures are shown: its source, cached with it, and the command's output."""
-    if calibration.spread <= UNSTABLE_SPREAD:
-        return calibration
-    return replace(calibration, source=f"{calibration.source}; UNSTABLE: repeated runs were up to {calibration.spread:.0%} "
-                   "apart (the machine's speed moved while it was measured: a neighbour on the same host, or a "
-                   "busy moment), so estimates made with it can be off by as much; calibrate again when it is quiet")

@@ -5,8 +5,7 @@ transpose the keys before the product. Traced into ONNX, that is an Expand, a Re
 of the whole cache in every layer at every decoded token. On the embedded model's int4 graph (one KV head,
 four query heads, 256 wide; 2 cores) a decode step took 32.3 ms after 128 cached positions and 67.7 ms
 after 512; with this attention 24.9 and 27.8 ms (measured one after the other, session 11). Folding a KV
-head's query heads into the rows
-of one product reads the cache as it is: MatMul(Q, K^T) takes K^T as a transposed operand (ONNX
+head's query heads into the rows of one product reads the cache as it is: MatMul(Q, K^T) takes K^T as a transposed operand (ONNX
 Runtime fuses the Transpose into FusedMatMul) and nothing of the cache's size is written but the cache.
 """
 
@@ -60,7 +59,7 @@ def _register() -> None:
 def traced_with_grouped_attention(model: Any) -> Iterator[None]:
     """Run `model` (and its sub-configs) with grouped_attention inside the block; its own implementation after."""
     _register()
-    configs = [c for c in _configs(model.config)]
+    configs = list(_configs(model.config))
     before = [c._attn_implementation for c in configs]
     for config in configs:
         config._attn_implementation = NAME

@@ -251,7 +251,20 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
               f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}")
     if busy:
         source += f"; BUSY: other processes used up to {max(others):.0%} of the CPUs"
-    return replace(fixed, formats=rates, source=source, spread=max(spreads), busy=busy)
+    return flag_unstable(replace(fixed, formats=rates, source=source, spread=max(spreads), busy=busy))
+
+
+UNSTABLE_SPREAD = 0.15  # repeated runs further apart than this: the machine's speed moved during the calibration
+
+
+def flag_unstable(calibration: RuntimeCalibration) -> RuntimeCalibration:
+    """A calibration whose repeated runs never agreed is kept (a machine that is never quiet has no better
+    one) but says so where its figures are shown: its source, cached with it, and the command's output."""
+    if calibration.spread <= UNSTABLE_SPREAD:
+        return calibration
+    return replace(calibration, source=f"{calibration.source}; UNSTABLE: repeated runs were up to {calibration.spread:.0%} "
+                   "apart (the machine's speed moved while it was measured: a neighbour on the same host, or a "
+                   "busy moment), so estimates made with it can be off by as much; calibrate again when it is quiet")
 
 
 def _remove(path: Path) -> None:

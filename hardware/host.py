@@ -43,12 +43,12 @@ def host_profile_data(refresh: bool = False) -> dict[str, Any]:
         if not data["busy"]:
             atomic_write_text(path, json.dumps(data, indent=2))
     else:
-        drift = _drift(data, f"`host` was measured ({data['measured_at']})")
+        drift = _drift(data.get("probe_GBps"), f"`host` was measured ({data['measured_at']})")
     profile = _profile_data(data, drift)
     kernels = kernels_cache_path()
     if kernels.is_file():
         runtimes = json.loads(kernels.read_text())
-        stale = _drift({"probe_GBps": runtimes.pop(KERNELS_PROBE, None)}, "its runtimes' kernels were calibrated")
+        stale = _drift(runtimes.pop(KERNELS_PROBE, None), "its runtimes' kernels were calibrated")
         for table in runtimes.values():
             table["source"] += f"; STALE: {stale}" if stale else ""
         profile["runtime"] = runtimes
@@ -64,12 +64,12 @@ def kernels_cache_text(runtimes: dict[str, dict]) -> str:
     return json.dumps({**runtimes, KERNELS_PROBE: round(_probe_GBps(), 2)}, indent=2)
 
 
-def _drift(data: dict, when: str) -> str | None:
-    """A sentence when this machine now runs the quick probe at another speed than when `data` was
-    measured (a virtual machine moved to other hardware, or neighbours outside it are busy: the host
-    name and CPU model stay the same while the speed moves by a third or more); None when it does not, or
-    the cache holds no probe. Said once per process, as a warning, and kept in the profile's memory source."""
-    cached = data.get("probe_GBps")
+def _drift(cached: float | None, when: str) -> str | None:
+    """A sentence when this machine now runs the quick probe at another speed than `cached`, its rate when
+    the cached figures were measured (a virtual machine moved to other hardware, or neighbours outside it
+    are busy: the host name and CPU model stay the same while the speed moves by a third or more); None
+    when it does not, or the cache holds no probe. Said once per process, as a warning, and kept in the
+    source of the figures it concerns."""
     if not cached:
         return None
     now = _probe_GBps()

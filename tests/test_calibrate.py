@@ -267,11 +267,9 @@ def test_every_calibrated_llama_cpp_format_can_be_written(tmp_path):
 
 
 def test_a_calibration_whose_runs_never_agreed_says_so_where_its_figures_go():
-    from shrink.cli.profiles import UNSTABLE_SPREAD, _flag_unstable
-
-    steady = replace(KERNELS, spread=UNSTABLE_SPREAD / 2)
-    assert _flag_unstable(steady) == steady
-    flagged = _flag_unstable(replace(KERNELS, spread=0.43))
+    steady = replace(KERNELS, spread=calibrate.UNSTABLE_SPREAD / 2)
+    assert calibrate.flag_unstable(steady) == steady
+    flagged = calibrate.flag_unstable(replace(KERNELS, spread=0.43))
     assert "UNSTABLE" in flagged.source and "43%" in flagged.source and flagged.formats == KERNELS.formats
 
 
