@@ -289,3 +289,26 @@ def test_cached_kernels_say_when_the_machine_now_runs_at_another_speed(monkeypat
     kernels = get_profile("host").calibration("llama.cpp")
     assert kernels.formats == KERNELS.formats  # still used; the source says whether to trust it
     assert ("STALE" in kernels.source) is stale
+
+
+class _ScriptedRuntime:
+    """A runtime whose successive timing runs take the scripted per-token seconds (decode and prefill alike)."""
+    def __init__(self, per_run: list[float]):
+        self.per_run = iter(per_run)
+
+    def time(self, path, threads, prompt, gen, repeats):
+        seconds = next(self.per_run)
+        return [seconds] * repeats, [seconds] * repeats
+
+
+@pytest.mark.parametrize("per_run, expected", [
+    ([1.00, 1.04], 1.02),  # two agreeing runs: their middle, not the faster
+    ([1.0, 1.5, 1.2, 2.0, 1.3, 1.9], 1.4),  # none agree within 5%: the median of all, not the fastest
+])
+def test_a_timing_is_the_typical_run_as_bench_reports_it(monkeypatch, tmp_path, per_run, expected):
+    from shrink.export import backend as backends
+
+    runtime = _ScriptedRuntime(per_run)
+    monkeypatch.setattr(backends, "backend_for", lambda path: runtime)
+    timed = calibrate.time_artifact(tmp_path / "any.gguf", 2, calibrate.VOCAB)
+    assert timed.decode_s == pytest.approx(expected) and timed.prefill_s == pytest.approx(expected)
