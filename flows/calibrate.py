@@ -250,7 +250,7 @@ def calibrate_runtime(profile: Profile, runtime: str = "llama.cpp", formats: tup
               f"{threads} threads; fixed costs from a {NARROW['hidden_size']}-wide model at {NARROW_DEPTHS[0]} and "
               f"{NARROW_DEPTHS[1]} layers, rates per format from a {WIDE['hidden_size']}-wide {WIDE_DEPTH}-layer and a "
               f"{SHORT_ROWS['hidden_size']}-wide {SHORT_DEPTH}-layer model with a tied {SHORT_VOCAB}-word vocabulary; "
-              f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}")
+              f"prompt {PROMPT}, {GEN} decoded tokens, each timing repeated until two runs agree within {AGREE:.0%}, their median kept")
     if busy:
         source += f"; BUSY: other processes used up to {max(others):.0%} of the CPUs"
     return flag_unstable(replace(fixed, formats=rates, source=source, spread=max(spreads), busy=busy))
