@@ -147,8 +147,10 @@ def _candidates_table(candidates: list[dict], chosen_label: str | None, title: s
         else:
             verdict = "within budget"
         kl = row["predicted_kl"]
-        table.add_row(row["label"], fmt_time(row["tpot_s_estimated"]), fmt_time(row["ttft_s_estimated"]),
-                      fmt_bytes(row["memory_bytes_estimated"]), "-" if kl is None else f"{kl:.4f}", verdict)
+        costed = row["tpot_s_estimated"] is not None
+        table.add_row(row["label"], fmt_time(row["tpot_s_estimated"]) if costed else "-",
+                      fmt_time(row["ttft_s_estimated"]) if costed else "-",
+                      fmt_bytes(row["memory_bytes_estimated"]) if costed else "-", "-" if kl is None else f"{kl:.4f}", verdict)
     return table
 
 
@@ -179,6 +181,12 @@ def _print_plan(plan: dict, top: int = 0) -> None:
     for runtime, table in kernels.items():
         console.print(f"host estimates use {runtime}'s kernels as calibrated here, per format ({table['source']})",
                       highlight=False)
+    anchors = {c["anchor"]["label"]: c["anchor"] for c in plan["candidates"] if c.get("anchor")}
+    if anchors:
+        console.print("times of shrink's GGUF exports scaled by the files of this model measured now in the same "
+                      "formats (measured / estimated): " + "; ".join(
+                          f"{a['label']} {fmt_time(a['measured_s'])} / {fmt_time(a['estimated_s'])} = x{a['ratio']:.3f}"
+                          for a in anchors.values()), highlight=False)
     ranked = _ranked(plan["candidates"], plan["chosen"]["label"])
     shown = ranked[:top] if top > 0 else ranked
     table = _candidates_table(shown, plan["chosen"]["label"],

@@ -96,6 +96,9 @@ def parse_workload(text: str | None) -> Any:
 
 # --- candidates ---
 
+TIME_LINE = "time per token"  # the budget line a candidate's decode time misses
+
+
 @dataclass
 class Candidate:
     keep: float
@@ -103,10 +106,13 @@ class Candidate:
     format: str | None  # a quantization family (compress/quant/plan.py), None: unquantized
     runtime: str  # gguf or onnx
     shape: Any = None  # compress.search.Plan (flows.puzzle.PuzzleShape for puzzle), None for the unpruned model
-    tpot_s: float = 0.0
+    tpot_s: float = 0.0  # the figures below hold only once `costed`
     ttft_s: float = 0.0
     memory_bytes: float = 0.0
     weights_bytes: float = 0.0
+    costed: bool = False  # False: rejected before the roofline saw it (llama.cpp cannot run the shape, say)
+    roofline_tpot_s: float | None = None  # the roofline's own time when an anchor (flows/anchors.py) set tpot_s
+    anchor: dict | None = None  # the file of the model measured in this run that tpot_s is scaled by
     misses: list[str] = field(default_factory=list)  # budget lines it misses (estimated)
     rejected: str | None = None  # why it cannot be built as costed
     kl_shape: float | None = None  # measured proxy parts
@@ -138,11 +144,13 @@ class Candidate:
     def to_dict(self) -> dict:
         return {"label": self.label, "keep": self.keep, "axis": self.axis, "format": self.format,
                 "runtime": self.runtime, "shape": self.shape.to_dict() if self.shape else None,
-                "tpot_s_estimated": self.tpot_s, "ttft_s_estimated": self.ttft_s,
-                "memory_bytes_estimated": self.memory_bytes, "weights_bytes_estimated": self.weights_bytes,
+                # null, not 0, for a candidate never costed: a zero would read as an instant model
+                **{f"{name}_estimated": getattr(self, name) if self.costed else None
+                   for name in ("tpot_s", "ttft_s", "memory_bytes", "weights_bytes")},
                 "misses": self.misses, "rejected": self.rejected, "kl_shape_measured": self.kl_shape,
                 "kl_format_measured": self.kl_format, "kv": self.kv, "kl_kv_measured": self.kl_kv,
-                "predicted_kl": self.predicted_kl, "quantizer": self.quantizer}
+                "predicted_kl": self.predicted_kl, "quantizer": self.quantizer,
+                "tpot_s_roofline": self.roofline_tpot_s, "anchor": self.anchor}
 
 
 def target_runtime(profile: Any) -> str:
@@ -185,11 +193,12 @@ def cost(candidate: Candidate, spec: Any, profile: Any, workload: Any, budget: T
     candidate.ttft_s = est.ttft_s
     candidate.memory_bytes = est.memory.total_bytes
     candidate.weights_bytes = est.memory.weights_bytes
+    candidate.costed = True
     candidate.rejected = _fallback(spec, costed)
     if not est.memory.fits:
         candidate.misses.append("memory capacity")
     if budget.tpot_s is not None and candidate.tpot_s > budget.tpot_s:
-        candidate.misses.append("time per token")
+        candidate.misses.append(TIME_LINE)
     if budget.ttft_s is not None and candidate.ttft_s > budget.ttft_s:
         candidate.misses.append("time to first token")
     if budget.memory_bytes is not None and candidate.memory_bytes > budget.memory_bytes:

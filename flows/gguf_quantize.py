@@ -26,6 +26,7 @@ from shrink.export.runtimes import TorchRunner
 from shrink.export.verify import ReferenceLogProbs
 from shrink.export.workflow import export_artifact
 from shrink.flows import defaults
+from shrink.flows.anchors import Anchor
 from shrink.flows.candidates import Candidate, TargetBudget
 from shrink.flows.gguf_search import Cost, Option, Search, run_search
 from shrink.hardware.roofline import Workload, estimate
@@ -50,7 +51,7 @@ def target_cost(spec: Any, profile: Any, workload: Workload) -> Callable[[Path],
         prompt = token_ids(defaults.BENCH_PROMPT_LEN, spec.vocab_size)
         gen = token_ids(defaults.BENCH_GEN_LEN, spec.vocab_size)
         _, decode = gguf.time(path, threads, prompt, gen, defaults.BENCH_REPEATS)
-        return Cost(sorted(decode)[len(decode) // 2], "measured", est.ttft_s, est.memory.total_bytes)
+        return Cost(sorted(decode)[len(decode) // 2], "measured", est.ttft_s, est.memory.total_bytes, est.tpot_s)
     return cost
 
 
@@ -100,20 +101,24 @@ def make_option(search: Search, file_type: str, imatrix: bool, overrides: dict[s
 
 
 def quantizer_candidate(loaded: Any, split: Any, profile: Any, workload: Workload, budget: TargetBudget,
-                        status: Callable[[str], None] = lambda m: None) -> tuple[Candidate | None, str | None]:
+                        status: Callable[[str], None] = lambda m: None) -> tuple[Candidate | None, str | None, list[Anchor]]:
     """The planner's candidate from llama.cpp's quantizer: the unpruned model, every option made and
     measured now (its KL is measured, not a proxy), the best within the budget; else None and why
-    (none fits or passes its verify gate, or the model cannot be written as a GGUF)."""
+    (none fits or passes its verify gate, or the model cannot be written as a GGUF). Beside it, the
+    options whose time was measured, as anchors for the estimated candidates (none off `host`)."""
     with tempfile.TemporaryDirectory(prefix="shrink-quantizer-") as folder:
         try:
             search = prepare_search(loaded, split, Path(folder), target_cost(loaded.spec, profile, workload),
                                     budget_fits(budget), status=status)
         except ShrinkError as err:
-            return None, str(err)
+            return None, str(err), []
         best = run_search(search)
+    anchors = [Anchor(o.label, o.weights, o.vocabulary, o.cost.tpot_s, o.cost.roofline_tpot_s) for o in search.options
+               if o.cost is not None and o.cost.by == "measured" and o.cost.roofline_tpot_s]
     if best is None:
-        return None, search.why_none()
+        return None, search.why_none(), anchors
     candidate = Candidate(1.0, "-", None, "gguf", quantizer=best.to_dict(), kl_shape=0.0, kl_format=best.kl)
     candidate.tpot_s, candidate.ttft_s = best.cost.tpot_s, best.cost.ttft_s or 0.0
     candidate.memory_bytes = best.cost.memory_bytes or 0.0
-    return candidate, None
+    candidate.costed = True
+    return candidate, None, anchors

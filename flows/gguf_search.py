@@ -42,6 +42,7 @@ class Cost:
     by: str  # measured (here) or estimated (roofline on the target)
     ttft_s: float | None = None
     memory_bytes: float | None = None
+    roofline_tpot_s: float | None = None  # a measured file's estimate too: it anchors the estimated candidates
 
 
 @dataclass

@@ -19,6 +19,7 @@ from shrink.export.backend import artifact_costing, backend_for
 from shrink.flows.calibrate import calibrated_host
 from shrink.flows.candidates import (KV_TRANSFORMS, Candidate, TargetBudget, choose, closest, enumerate_candidates,
                                      hopeless, measure_proxies, no_plan_message, parse_workload, target_runtime)
+from shrink.flows.anchors import anchor_candidates
 from shrink.flows.gguf_quantize import quantizer_candidate
 from shrink.flows.gguf_search import overrides_text
 from shrink.flows.preflight import check_gguf_export
@@ -147,7 +148,8 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     candidates = enumerate_candidates(loaded, importance, profile, workload, budget)
     quantizer_missing = None  # why llama.cpp's quantizer offers no candidate
     if target_runtime(profile) == "gguf":  # llama.cpp's own quantizer, every option made and measured
-        tuned, quantizer_missing = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
+        tuned, quantizer_missing, anchors = quantizer_candidate(loaded, split, profile, workload, budget, hooks.status)
+        anchor_candidates(candidates, anchors, loaded.spec, budget)  # on host: the machine as it runs now
         candidates += [tuned] if tuned is not None else []
     puzzle_offer = None
     if puzzle_work is not None:
@@ -174,7 +176,7 @@ def pareto_points(plan: dict) -> list[dict]:
     """The plan's candidates as points for hardware/plot.pareto_chart."""
     return [{"label": c["label"], "tpot_s": c["tpot_s_estimated"], "kl": c["predicted_kl"],
              "fits": not c["misses"] and c["rejected"] is None, "chosen": c["label"] == plan["chosen"]["label"]}
-            for c in plan["candidates"]]
+            for c in plan["candidates"] if c["tpot_s_estimated"] is not None]  # one never costed has no point
 
 
 def why(chosen: Candidate, candidates: list[Candidate]) -> str:
@@ -221,8 +223,11 @@ def artifact_estimate(report: dict, plan: dict) -> dict | None:
         return None
     est = estimate(spec.with_formats(**formats), planned_profile(plan), Workload(**plan["workload"]),
                    backend_for(Path(artifact)).runtime)
-    return {"tpot_s_estimated": est.tpot_s, "ttft_s_estimated": est.ttft_s,
-            "memory_bytes_estimated": est.memory.total_bytes, "kernels": est.runtime, "formats": formats}
+    # the plan's prediction: the roofline scaled by the anchor it chose the artifact with, if any
+    anchor = (plan.get("chosen") or {}).get("anchor")
+    return {"tpot_s_estimated": est.tpot_s * (anchor["ratio"] if anchor else 1.0), "tpot_s_roofline": est.tpot_s,
+            "anchor": anchor, "ttft_s_estimated": est.ttft_s, "memory_bytes_estimated": est.memory.total_bytes,
+            "kernels": est.runtime, "formats": formats}
 
 
 def budget_check(plan: dict | None, report: dict, estimated: dict | None = None) -> dict:

@@ -146,7 +146,7 @@ def test_the_planner_gets_the_search_best_as_a_measured_candidate_and_a_recipe_t
     ids = torch.randint(1, 101, (6, 32), generator=torch.Generator().manual_seed(0))
     split = DataSplit(ids[:2], ids[2:4], ids[4:], "random ids")
     profile = get_profile("jetson-orin-nano")
-    roomy, why_none = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1.0))
+    roomy, why_none, _ = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1.0))
     assert roomy is not None and why_none is None and roomy.fits and roomy.predicted_kl == roomy.quantizer["kl"]
     assert roomy.label.startswith("unpruned, llama.cpp ") and roomy.quantizer["cost"]["by"] == "estimated"
     steps = recipe_for(roomy, RunSettings())
@@ -154,7 +154,7 @@ def test_the_planner_gets_the_search_best_as_a_measured_candidate_and_a_recipe_t
     made = steps[0][1]
     assert made.file_type == roomy.quantizer["file_type"] and made.imatrix == roomy.quantizer["imatrix"]
     assert parse_overrides(made.overrides) == roomy.quantizer["overrides"]
-    none, why_none = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1e-9))
+    none, why_none, _ = quantizer_candidate(loaded, split, profile, Workload(), TargetBudget(tpot_s=1e-9))
     assert none is None and why_none.startswith("none of its ") and "fits the budget (the fastest: " in why_none
 
 

@@ -399,6 +399,14 @@ def test_a_depth_cut_out_of_gemma_3s_window_pattern_is_no_gguf_candidate():
             for c in candidates_for(spec, ranking, get_profile("jetson-orin-nano"), Workload(), TargetBudget(tpot_s=1.0))}
     depth = [c for key, c in gguf.items() if key[1] == "depth"]
     assert depth and all(c.rejected and "5-local / 1-global" in c.rejected for c in depth)
+    # never costed: no figures in the plan's JSON (not a zero time), a dash in the candidates table
+    assert all(c.to_dict()["tpot_s_estimated"] is None and c.to_dict()["memory_bytes_estimated"] is None for c in depth)
+    from shrink.cli.run import _candidates_table
+
+    width = next(c for key, c in gguf.items() if key[1] == "width" and key[2] is None)
+    table = _candidates_table([depth[0].to_dict(), width.to_dict()], None, "t")
+    times = list(table.columns[1].cells)
+    assert times[0] == "-" and times[1] != "-"
     assert all(c.rejected is None for key, c in gguf.items() if key[1] == "width" and key[2] is None)
     onnx = candidates_for(spec, ranking, get_profile("h100-sxm"), Workload(), TargetBudget(tpot_s=1.0))
     assert not any(c.rejected and "5-local" in c.rejected for c in onnx)  # ONNX runs any layer order
