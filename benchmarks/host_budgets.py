@@ -4,7 +4,8 @@ time: does each planned artifact meet its budget on measurement, and how close w
 First the F16 GGUF of the model is timed here as `shrink bench` times it (prompt 128, 32 decoded tokens,
 median of 3 runs after a warm-up); then, per fraction, the user's command runs end to end (plan, quantize,
 export, verify, bench) into --work, and its report gives the chosen plan, the artifact's decode time
-measured by the run's own bench step and estimated on `host` with the calibrated kernels. Run on a quiet
+measured by the run's own bench step and the plan's prediction for it on `host` (the roofline with the
+calibrated kernels, scaled by the file of the model the plan anchored it to). Run on a quiet
 machine after `shrink profiles calibrate` (the host cache; `shrink run --target host` calibrates on
 first use otherwise). Each run takes 25-35 min on 2 cores (proxies for every prune shape, llama.cpp's
 quantizer making and timing every option, then the plan); a finished run is resumed,
@@ -86,6 +87,9 @@ def main() -> None:
         if line is None or line["by"] != "measured" or not report.get("artifact_on_target"):
             raise SystemExit(f"the run for {fraction:.0%} reports no measured time per token and estimate: {report.get('budget_check')}")
         measured, estimated = line["value"], report["artifact_on_target"]["tpot_s_estimated"]
+        # the plan's prediction (the roofline scaled by the file of the model it was anchored to, when it was)
+        roofline = report["artifact_on_target"].get("tpot_s_roofline", estimated)
+        anchor = report["artifact_on_target"].get("anchor")
         # A resumed run keeps the budget it was planned for (from an earlier F16 timing): report that one.
         budget = report["planned"]["budget"]["tpot_s"]
         before, after = references[-1], decode_time(f16)
@@ -94,15 +98,16 @@ def main() -> None:
         row = {"fraction": fraction, "budget_s": budget, "reference_before_s": before, "reference_after_s": after,
                "of_reference": budget / before, "of_reference_after": budget / after, "resumed": bool(report.get("resumed")),
                "chosen": report["planned"]["chosen"]["label"], "measured_s": measured, "measured_again_s": again,
-               "estimated_s": estimated, "met": line["passed"], "met_again": again <= budget,
+               "estimated_s": estimated, "roofline_s": roofline, "anchor": anchor, "met": line["passed"], "met_again": again <= budget,
                "estimate_error": estimated / measured - 1, "estimate_error_again": estimated / again - 1}
         rows.append(row)
         print(f"budget {fraction:.0%} = {budget * 1e3:.2f} ms ({row['of_reference']:.1%} of the F16 time measured before the "
               f"run, {row['of_reference_after']:.1%} of it after{', a resumed run' if row['resumed'] else ''}): chosen "
               f"{row['chosen']}; {measured * 1e3:.2f} ms/token measured by the run ({'meets' if row['met'] else 'MISSES'} "
               f"the budget), {again * 1e3:.2f} ms again after it ({'meets' if row['met_again'] else 'MISSES'}); "
-              f"{estimated * 1e3:.2f} ms estimated ({row['estimate_error']:+.1%}, {row['estimate_error_again']:+.1%})",
-              flush=True)
+              f"{estimated * 1e3:.2f} ms estimated ({row['estimate_error']:+.1%}, {row['estimate_error_again']:+.1%})"
+              + (f" = roofline {roofline * 1e3:.2f} ms x {anchor['ratio']:.3f} ({anchor['label']} measured / estimated)"
+                 if anchor else ""), flush=True)
     spread = max(references) / min(references) - 1
     print(f"the F16 reference measured {', '.join(f'{r * 1e3:.2f}' for r in references)} ms over the benchmark "
           f"(spread {spread:.1%})", flush=True)
