@@ -15,7 +15,8 @@ not repeated.
 
 This machine's speed moves by 10-20% within an hour (the same F16 file measured 32-48 ms in one
 session), as much as the target: so the F16 reference is timed again after every run, and the chosen
-artifact is timed again beside it. Each row reports the budget against the references either side of its
+artifact is timed again beside it. Each budget is its fraction of the reference measured last (before
+its run), as a user would set it. Each row reports the budget against the references either side of its
 run, the run's own measurement and the second one, and the estimate against both; the reference's spread
 over the whole benchmark is printed last.
 
@@ -81,7 +82,7 @@ def main() -> None:
     print(f"{args.model} as F16 GGUF: {reference * 1e3:.2f} ms/token measured", flush=True)
     rows = []
     for fraction in (float(x) for x in args.fractions.split(",")):
-        budget = reference * fraction
+        budget = references[-1] * fraction  # of the reference measured last: the machine as it is now
         report = planned_run(args.model, budget, work / f"run-{round(fraction * 100)}")
         line = next((item for item in report.get("budget_check", {}).get("lines", []) if item["what"] == "time per token"), None)
         if line is None or line["by"] != "measured" or not report.get("artifact_on_target"):
