@@ -50,10 +50,13 @@ def anchor_for(anchors: list[Anchor], weights: str, vocabulary: str) -> Anchor |
 def anchor_candidates(candidates: list[Candidate], anchors: list[Anchor], spec: Any, budget: TargetBudget) -> None:
     """Each costed GGUF candidate of a shrink export (the quantizer's own candidate is measured) gets the
     time per token its anchor predicts, and the budget's time line is judged on that time."""
+    stored: dict[str | None, Any] = {}  # a family's stored formats do not depend on the shape: one lookup each
     for candidate in candidates:
         if not candidate.costed or candidate.runtime != "gguf" or candidate.quantizer is not None:
             continue
-        formats = costed_spec(spec, candidate.format, candidate.runtime).formats
+        if candidate.format not in stored:
+            stored[candidate.format] = costed_spec(spec, candidate.format, candidate.runtime).formats
+        formats = stored[candidate.format]
         anchor = anchor_for(anchors, formats.weights, formats.embeddings)
         if anchor is None:
             continue
