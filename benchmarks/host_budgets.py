@@ -4,8 +4,9 @@ time: does each planned artifact meet its budget on measurement, and how close w
 First the F16 GGUF of the model is timed here as `shrink bench` times it (prompt 128, 32 decoded tokens,
 median of 3 runs after a warm-up); then, per fraction, the user's command runs end to end (plan, quantize,
 export, verify, bench) into --work, and its report gives the chosen plan, the artifact's decode time
-measured by the run's own bench step and the plan's prediction for it on `host` (the roofline with the
-calibrated kernels, scaled by the file of the model the plan anchored it to). Run on a quiet
+measured by the run's own bench step and the plan's prediction for it on `host`: the plan's own
+measurement when it chose a file llama.cpp's quantizer search timed, else the roofline with the
+calibrated kernels scaled by the file of the model the plan anchored it to. Run on a quiet
 machine after `shrink profiles calibrate` (the host cache; `shrink run --target host` calibrates on
 first use otherwise). Each run takes 25-35 min on 2 cores (proxies for every prune shape, llama.cpp's
 quantizer making and timing every option, then the plan); a finished run is resumed,
@@ -17,10 +18,10 @@ This machine's speed moves by 10-20% within an hour (the same F16 file measured 
 session), as much as the target: so the F16 reference is timed again after every run, and the chosen
 artifact is timed again beside it. Each budget is its fraction of the reference measured last (before
 its run), as a user would set it. Each row reports the budget against the references either side of its
-run, the run's own measurement and the second one, and the estimate against both; the reference's spread
+run, the run's own measurement and the second one, and the prediction against both; the reference's spread
 over the whole benchmark is printed last.
 
-Target (issue 15): every budget met on measurement, each estimate within 10% of its measurement.
+Target (issue 15): every budget met on measurement, each prediction within 10% of its measurement.
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ def main() -> None:
         line = next((item for item in report.get("budget_check", {}).get("lines", []) if item["what"] == "time per token"), None)
         if line is None or line["by"] != "measured" or not report.get("artifact_on_target"):
             raise SystemExit(f"the run for {fraction:.0%} reports no measured time per token and estimate: {report.get('budget_check')}")
-        measured, estimated = line["value"], report["artifact_on_target"]["tpot_s_estimated"]
-        # the plan's prediction (the roofline scaled by the file of the model it was anchored to, when it was)
-        roofline = report["artifact_on_target"].get("tpot_s_roofline", estimated)
-        anchor = report["artifact_on_target"].get("anchor")
+        on_target = report["artifact_on_target"]
+        # the plan's prediction: its own measurement of a file the quantizer search timed, else the roofline
+        # scaled by the file of the model it was anchored to, when it was
+        measured, predicted = line["value"], on_target.get("tpot_s_predicted", on_target["tpot_s_estimated"])
+        predicted_by = on_target.get("predicted_by", "estimated")
+        roofline, anchor = on_target.get("tpot_s_roofline", predicted), on_target.get("anchor")
         # A resumed run keeps the budget it was planned for (from an earlier F16 timing): report that one.
         budget = report["planned"]["budget"]["tpot_s"]
         before, after = references[-1], decode_time(f16)
@@ -99,16 +102,16 @@ def main() -> None:
         row = {"fraction": fraction, "budget_s": budget, "reference_before_s": before, "reference_after_s": after,
                "of_reference": budget / before, "of_reference_after": budget / after, "resumed": bool(report.get("resumed")),
                "chosen": report["planned"]["chosen"]["label"], "measured_s": measured, "measured_again_s": again,
-               "estimated_s": estimated, "roofline_s": roofline, "anchor": anchor, "met": line["passed"], "met_again": again <= budget,
-               "estimate_error": estimated / measured - 1, "estimate_error_again": estimated / again - 1}
+               "predicted_s": predicted, "predicted_by": predicted_by, "roofline_s": roofline, "anchor": anchor,
+               "met": line["passed"], "met_again": again <= budget,
+               "prediction_error": predicted / measured - 1, "prediction_error_again": predicted / again - 1}
         rows.append(row)
         print(f"budget {fraction:.0%} = {budget * 1e3:.2f} ms ({row['of_reference']:.1%} of the F16 time measured before the "
               f"run, {row['of_reference_after']:.1%} of it after{', a resumed run' if row['resumed'] else ''}): chosen "
               f"{row['chosen']}; {measured * 1e3:.2f} ms/token measured by the run ({'meets' if row['met'] else 'MISSES'} "
               f"the budget), {again * 1e3:.2f} ms again after it ({'meets' if row['met_again'] else 'MISSES'}); "
-              f"{estimated * 1e3:.2f} ms estimated ({row['estimate_error']:+.1%}, {row['estimate_error_again']:+.1%})"
-              + (f" = roofline {roofline * 1e3:.2f} ms x {anchor['ratio']:.3f} ({anchor['label']} measured / estimated)"
-                 if anchor else ""), flush=True)
+              f"{predicted * 1e3:.2f} ms predicted, {predicted_by} ({row['prediction_error']:+.1%}, "
+              f"{row['prediction_error_again']:+.1%}; roofline alone {roofline * 1e3:.2f} ms)", flush=True)
     spread = max(references) / min(references) - 1
     print(f"the F16 reference measured {', '.join(f'{r * 1e3:.2f}' for r in references)} ms over the benchmark "
           f"(spread {spread:.1%})", flush=True)

@@ -259,6 +259,10 @@ def _print_report(report: dict) -> None:
         console.print(f"estimated on {planned['target']}: {fmt_time(chosen['tpot_s_estimated'])}/token, TTFT "
                       f"{fmt_time(chosen['ttft_s_estimated'])}, memory {fmt_bytes(chosen['memory_bytes_estimated'])}",
                       highlight=False)
+        on_target = report.get("artifact_on_target") or {}
+        if on_target.get("tpot_s_predicted") is not None:  # the artifact as written, in the formats it stores
+            console.print(f"predicted for the artifact on {planned['target']}: "
+                          f"{fmt_time(on_target['tpot_s_predicted'])}/token ({on_target['predicted_by']})", highlight=False)
     bench = next((s["metrics"] for s in report["steps"] if s["name"] == "bench"), None)
     if bench is not None and bench.get("estimate"):
         console.print(f"on this machine: {fmt_time(bench['measured']['decode_s_per_token'])}/token measured, "

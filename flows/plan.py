@@ -223,10 +223,21 @@ def artifact_estimate(report: dict, plan: dict) -> dict | None:
         return None
     est = estimate(spec.with_formats(**formats), planned_profile(plan), Workload(**plan["workload"]),
                    backend_for(Path(artifact)).runtime)
-    # the plan's prediction: the roofline scaled by the anchor it chose the artifact with, if any
-    anchor = (plan.get("chosen") or {}).get("anchor")
-    return {"tpot_s_estimated": est.tpot_s * (anchor["ratio"] if anchor else 1.0), "tpot_s_roofline": est.tpot_s,
-            "anchor": anchor, "ttft_s_estimated": est.ttft_s, "memory_bytes_estimated": est.memory.total_bytes,
+    # the roofline scaled by the anchor the plan chose the artifact with, if any
+    chosen = plan.get("chosen") or {}
+    anchor = chosen.get("anchor")
+    estimated = est.tpot_s * (anchor["ratio"] if anchor else 1.0)
+    # The plan's prediction: a file the quantizer search timed on this very target was chosen on that
+    # measurement, so the measurement is what the plan predicted, not the roofline.
+    cost = (chosen.get("quantizer") or {}).get("cost") or {}
+    if cost.get("by") == "measured":
+        predicted, predicted_by = cost["tpot_s"], "measured while planning"
+    else:
+        predicted, predicted_by = estimated, (f"estimated: roofline x {anchor['ratio']:.3f} ({anchor['label']})"
+                                              if anchor else "estimated: roofline")
+    return {"tpot_s_estimated": estimated, "tpot_s_roofline": est.tpot_s, "anchor": anchor,
+            "tpot_s_predicted": predicted, "predicted_by": predicted_by,
+            "ttft_s_estimated": est.ttft_s, "memory_bytes_estimated": est.memory.total_bytes,
             "kernels": est.runtime, "formats": formats}
 
 

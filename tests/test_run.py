@@ -284,6 +284,30 @@ def test_on_host_the_measured_decode_time_decides_the_budget():
     assert budget_check(plan, report)["passed"]
 
 
+def test_the_prediction_is_the_plans_measurement_of_a_timed_file_else_the_anchored_roofline(tiny_model, tmp_path):
+    from shrink.export.workflow import export_artifact
+    from shrink.flows.plan import artifact_estimate
+
+    export_artifact(tiny_model("llama"), "gguf", tmp_path / "m.gguf", quant="q8_0", verify=False)
+    report = {"final": {"artifact": str(tmp_path / "m.gguf")}, "steps": []}
+    plan = {"target": "jetson-orin", "workload": {"batch": 1, "prompt_len": 512, "gen_len": 128}, "host_kernels": None,
+            "chosen": {"anchor": None, "quantizer": None}}
+    roofline = artifact_estimate(report, plan)
+    assert roofline["tpot_s_predicted"] == roofline["tpot_s_estimated"] == roofline["tpot_s_roofline"] > 0
+    assert roofline["predicted_by"] == "estimated: roofline"
+
+    plan["chosen"]["anchor"] = {"label": "Q8_0", "ratio": 1.25}
+    anchored = artifact_estimate(report, plan)
+    assert anchored["tpot_s_predicted"] == pytest.approx(1.25 * roofline["tpot_s_roofline"])
+    assert "1.250 (Q8_0)" in anchored["predicted_by"]
+
+    # a file the quantizer search timed on the target: the plan chose it on that measurement
+    plan["chosen"] = {"anchor": None, "quantizer": {"cost": {"tpot_s": 0.0123, "by": "measured"}}}
+    timed = artifact_estimate(report, plan)
+    assert timed["tpot_s_predicted"] == 0.0123 and timed["predicted_by"] == "measured while planning"
+    assert timed["tpot_s_estimated"] == roofline["tpot_s_roofline"]  # the estimate stays an estimate
+
+
 def test_the_plan_view_ranks_candidates_best_first():
     from shrink.cli.run import _ranked
 
