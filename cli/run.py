@@ -21,7 +21,7 @@ from shrink.units import fmt_bytes, fmt_time
 from shrink.cli.training import cli_hooks
 from shrink.errors import ShrinkError
 from shrink.flows import defaults
-from shrink.flows.plan import NoPlan, RunSettings, budget_text, gate, pareto_points
+from shrink.flows.plan import NoPlan, RunSettings, budget_text, gate, headroom_said, pareto_points
 from shrink.flows.plan import plan as flows_plan
 from shrink.flows.recipe import parse_recipe
 from shrink.flows.run import StepFailed, check_free, execute, recipe_path, resumed
@@ -178,6 +178,9 @@ def _print_plan(plan: dict, top: int = 0) -> None:
     kernels = plan.get("host_kernels") or {}
     console.print(f"[bold]Plan[/] for {plan['model']} on {plan['target']} ({plan['target_title']}) within "
                   f"{budget_text(plan['budget'])}; workload {plan['workload']}", highlight=False)
+    against = plan.get("planned_against") or {}
+    if against.get("headroom"):
+        console.print(headroom_said(against["tpot_s"], against["headroom"]).strip(), highlight=False)
     for runtime, table in kernels.items():
         console.print(f"host estimates use {runtime}'s kernels as calibrated here, per format ({table['source']})",
                       highlight=False)

@@ -116,6 +116,20 @@ def gate(target: str, budget_texts: list[str], workload_text: str | None) -> dic
             "workload": vars(parse_workload(workload_text)), "host_kernels": None}
 
 
+HEADROOM_CAP = 0.10  # a machine noisier than this cannot be planned to within it: say so, do not plan for 40%
+
+
+def with_headroom(budget: TargetBudget, profile: Any) -> tuple[TargetBudget, float]:
+    """The budget the candidates are judged against. On a measured target the bench step's measurement
+    decides the time line, and repeated runs on the machine differ by up to the spread its calibration
+    recorded: a candidate predicted just under the budget would miss it about every other run, so the
+    time line is judged that spread (at most HEADROOM_CAP) below the budget. Published targets: unchanged."""
+    if not profile.measured or budget.tpot_s is None or not profile.calibrations:
+        return budget, 0.0
+    headroom = min(max(c.spread for c in profile.calibrations.values()), HEADROOM_CAP)
+    return replace(budget, tpot_s=budget.tpot_s * (1 - headroom)), headroom
+
+
 def plan(model: str, target: str, budget_texts: list[str], workload_text: str | None = None, *,
          proxy_steps: int = defaults.PROXY_STEPS, proxy_calibration: str | None = defaults.PROXY_CALIBRATION,
          data: str | None = None, seq_len: int = defaults.SEQ_LEN, settings: RunSettings | None = None,
@@ -145,6 +159,8 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     importance = cached_score(loaded, split.calibration)
     if profile.measured:  # host: each format costed with the kernels of the runtime measured here
         profile = calibrated_host(hooks.status)
+    asked = budget
+    budget, headroom = with_headroom(asked, profile)
     candidates = enumerate_candidates(loaded, importance, profile, workload, budget)
     quantizer_missing = None  # why llama.cpp's quantizer offers no candidate
     if target_runtime(profile) == "gguf":  # llama.cpp's own quantizer, every option made and measured
@@ -157,19 +173,28 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
         candidates += found
     if not any(c.fits for c in candidates):
         puzzle_said = f" Puzzle: {puzzle_offer['why']}." if puzzle_offer and "why" in puzzle_offer else ""
-        raise NoPlan(no_plan_message(candidates, budget, profile) + puzzle_said,
+        raise NoPlan(no_plan_message(candidates, budget, profile) + puzzle_said + headroom_said(budget.tpot_s, headroom),
                      [c.to_dict() for c in closest(candidates, budget)])
     measure_proxies(candidates, model, importance, split, proxy_steps, proxy_calibration, hooks.status)
     chosen = choose(candidates)
     steps = recipe_for(chosen, settings)
-    return {"model": model, "target": profile.name, "target_title": profile.title, "budget": budget.to_dict(),
-            "workload": vars(workload), "proxy_steps": proxy_steps,
+    return {"model": model, "target": profile.name, "target_title": profile.title, "budget": asked.to_dict(),
+            "planned_against": {**budget.to_dict(), "headroom": headroom}, "workload": vars(workload),
+            "proxy_steps": proxy_steps,
             "host_kernels": {n: c.to_table() for n, c in profile.calibrations.items()} if profile.measured else None,
             "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(), "puzzle": puzzle_offer,
             "llama_cpp_quantizer": {"why_none": quantizer_missing} if quantizer_missing else None,
             "why": why(chosen, candidates), "candidates": [c.to_dict() for c in candidates],
-            "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {budget_text(budget)}"),
+            "recipe_toml": recipe_toml(steps, f"planned for {profile.name} within {budget_text(asked)}"),
             "steps": steps}
+
+
+def headroom_said(judged_tpot_s: float | None, headroom: float) -> str:
+    """What a plan or its absence says about the headroom, if it took one."""
+    if not headroom:
+        return ""
+    return (f" Candidates were judged against {fmt_time(judged_tpot_s)}/token: the budget less {headroom:.1%}, "
+            f"the run-to-run spread this machine's calibration recorded, as its bench step's measurement decides.")
 
 
 def pareto_points(plan: dict) -> list[dict]:

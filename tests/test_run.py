@@ -308,6 +308,30 @@ def test_the_prediction_is_the_plans_measurement_of_a_timed_file_else_the_anchor
     assert timed["tpot_s_estimated"] == roofline["tpot_s_roofline"]  # the estimate stays an estimate
 
 
+def test_on_a_measured_target_candidates_are_judged_the_machines_spread_below_the_budget():
+    from dataclasses import replace
+
+    from shrink.flows.plan import HEADROOM_CAP, headroom_said, with_headroom
+    from shrink.hardware.calibration import KernelRate, RuntimeCalibration
+    from shrink.hardware.profiles import get_profile
+
+    def kernels(runtime, spread):
+        return RuntimeCalibration(runtime, {"q8_0": KernelRate(10.0, 0.2)}, 1e-5, 1e-5, 1e-4, 1e-4, 2, "test", spread)
+
+    budget = TargetBudget(tpot_s=0.020, memory_bytes=1e9)
+    published = get_profile("jetson-orin")
+    assert with_headroom(budget, published) == (budget, 0.0)  # an estimate decides there: no run-to-run noise
+    host = replace(published, measured=True, calibrations={"llama.cpp": kernels("llama.cpp", 0.05),
+                                                           "onnxruntime": kernels("onnxruntime", 0.03)})
+    judged, headroom = with_headroom(budget, host)
+    assert headroom == 0.05 and judged.tpot_s == pytest.approx(0.019) and judged.memory_bytes == 1e9
+    assert "19.00 ms" in headroom_said(judged.tpot_s, headroom) and "5.0%" in headroom_said(judged.tpot_s, headroom)
+    noisy = replace(host, calibrations={"llama.cpp": kernels("llama.cpp", 0.43)})
+    assert with_headroom(budget, noisy)[1] == HEADROOM_CAP
+    assert with_headroom(TargetBudget(memory_bytes=1e9), host) == (TargetBudget(memory_bytes=1e9), 0.0)
+    assert headroom_said(0.02, 0.0) == ""
+
+
 def test_the_plan_view_ranks_candidates_best_first():
     from shrink.cli.run import _ranked
 
