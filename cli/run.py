@@ -178,9 +178,8 @@ def _print_plan(plan: dict, top: int = 0) -> None:
     kernels = plan.get("host_kernels") or {}
     console.print(f"[bold]Plan[/] for {plan['model']} on {plan['target']} ({plan['target_title']}) within "
                   f"{budget_text(plan['budget'])}; workload {plan['workload']}", highlight=False)
-    against = plan.get("planned_against") or {}
-    if against.get("headroom"):
-        console.print(headroom_said(against["tpot_s"], against["headroom"]).strip(), highlight=False)
+    if plan.get("headroom"):
+        console.print(headroom_said(plan["planned_against"]["tpot_s"], plan["headroom"]).strip(), highlight=False)
     for runtime, table in kernels.items():
         console.print(f"host estimates use {runtime}'s kernels as calibrated here, per format ({table['source']})",
                       highlight=False)

@@ -4,8 +4,8 @@ On `host` the planner times the unpruned model's llama.cpp files (flows/gguf_sea
 chooses, while every pruned candidate is only estimated with kernels calibrated earlier. Two errors
 separate such an estimate from what the run's bench step will measure: the machine's speed now against
 its speed at calibration (this VM's F16 decode slowed 18% within 80 minutes of a calibration, and its
-memory reads halved within one morning) and what the model's own layers cost beyond the synthetic calibration models. A file of the
-same model in the same formats, measured now, carries both: a candidate's time is its roofline estimate
+memory reads halved within one morning) and what the model's own layers cost beyond the synthetic
+calibration models. A file of the same model in the same formats, measured now, carries both: a candidate's time is its roofline estimate
 times that file's measured / estimated, so the roofline only has to be right in the ratio between two
 shapes of one model, not in absolute time on a machine whose speed moves.
 """

@@ -179,7 +179,7 @@ def plan(model: str, target: str, budget_texts: list[str], workload_text: str | 
     chosen = choose(candidates)
     steps = recipe_for(chosen, settings)
     return {"model": model, "target": profile.name, "target_title": profile.title, "budget": asked.to_dict(),
-            "planned_against": {**budget.to_dict(), "headroom": headroom}, "workload": vars(workload),
+            "planned_against": budget.to_dict(), "headroom": headroom, "workload": vars(workload),
             "proxy_steps": proxy_steps,
             "host_kernels": {n: c.to_table() for n, c in profile.calibrations.items()} if profile.measured else None,
             "proxy_calibration": proxy_calibration, "chosen": chosen.to_dict(), "puzzle": puzzle_offer,

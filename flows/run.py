@@ -223,8 +223,8 @@ def gguf_quantize_step(state: RunState, config: Any, out: Path) -> dict:
     overrides = parse_overrides(config.overrides)
     if state.plan is not None:
         cost = target_cost(loaded.spec, get_profile(state.plan["target"]), Workload(**state.plan["workload"]))
-        judged = state.plan.get("planned_against") or state.plan["budget"]  # with the plan's headroom, if any
-        fits = budget_fits(TargetBudget(**{line: judged[line] for line in ("tpot_s", "ttft_s", "memory_bytes")}))
+        # with the plan's headroom, if it took one
+        fits = budget_fits(TargetBudget(**(state.plan.get("planned_against") or state.plan["budget"])))
     else:
         cost = target_cost(loaded.spec, get_profile("host"), Workload())
         fits = lambda _cost: True  # noqa: E731 — a named file type is made whatever it costs
